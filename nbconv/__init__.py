@@ -1,0 +1,23 @@
+"""nbconv: fast depthwise-separable convolution on the CPU, as parallel Numba kernels on NumPy arrays.
+
+Public API
+----------
+depthwise_conv2d, pointwise_conv2d, separable_conv2d
+    Forward convolutions (Keras weight layouts, NHWC or NCHW).
+get_num_threads, set_num_threads, num_threads
+    Thread control for the kernels.
+"""
+from . import _runtime  # noqa: F401  (threading layer and BLAS symbols, before any kernel compiles)
+from ._threads import get_num_threads, num_threads, set_num_threads
+from .forward import depthwise_conv2d, pointwise_conv2d, separable_conv2d
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "depthwise_conv2d",
+    "pointwise_conv2d",
+    "separable_conv2d",
+    "get_num_threads",
+    "set_num_threads",
+    "num_threads",
+]

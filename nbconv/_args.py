@@ -1,0 +1,314 @@
+"""Argument normalisation, validation and output-shape arithmetic: the one place that owns them.
+
+Every public function (forward and backward) goes through here before any
+kernel runs, so every bad input gets the same clear ``ValueError`` /
+``TypeError`` naming the argument and the value received, in Keras's style
+("Expected .... Received: ...").
+"""
+import numbers
+from typing import NamedTuple
+
+import numpy as np
+
+__all__ = [
+    "DEFAULT",
+    "ACTIVATIONS",
+    "Geometry",
+    "resolve_aliases",
+    "normalize_pair",
+    "normalize_padding",
+    "normalize_data_format",
+    "normalize_activation",
+    "as_float_array",
+    "dtypes_for",
+    "check_bias",
+    "depthwise_geometry",
+    "pointwise_matrix",
+    "same_padding",
+]
+
+
+class _Default(int):
+    """An int default that can be told apart from the same value passed explicitly.
+
+    Lets ``strides=1`` show in the signature while still detecting a caller
+    who passes both ``strides=`` and its alias ``stride=``.
+    """
+
+    def __repr__(self):
+        return int.__repr__(self)
+
+
+DEFAULT = _Default(1)
+
+#: activation name -> code the kernels understand
+ACTIVATIONS = {None: 0, "linear": 0, "relu": 1, "relu6": 2}
+
+_ALIASES = {"stride": "strides", "dilation": "dilation_rate"}
+
+
+def resolve_aliases(func_name, strides, dilation_rate, extra):
+    """Apply the PyTorch-style aliases ``stride=`` / ``dilation=``; reject unknown keywords."""
+    for key in extra:
+        if key not in _ALIASES:
+            raise TypeError(f"{func_name}() got an unexpected keyword argument {key!r}")
+    if "stride" in extra:
+        if strides is not DEFAULT:
+            raise TypeError(
+                f"{func_name}() got both `strides` and its alias `stride`. Pass only one. "
+                f"Received: strides={strides!r}, stride={extra['stride']!r}"
+            )
+        strides = extra["stride"]
+    if "dilation" in extra:
+        if dilation_rate is not DEFAULT:
+            raise TypeError(
+                f"{func_name}() got both `dilation_rate` and its alias `dilation`. Pass only one. "
+                f"Received: dilation_rate={dilation_rate!r}, dilation={extra['dilation']!r}"
+            )
+        dilation_rate = extra["dilation"]
+    return strides, dilation_rate
+
+
+def _is_int(v):
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+
+def normalize_pair(value, name):
+    """``int`` or length-2 sequence of positive ints -> ``(int, int)``."""
+    if _is_int(value):
+        pair = (int(value), int(value))
+    else:
+        try:
+            pair = tuple(value)
+        except TypeError:
+            pair = ()
+        if len(pair) != 2 or not all(_is_int(v) for v in pair):
+            raise ValueError(
+                f"Expected `{name}` to be a positive int or a tuple of 2 positive ints. "
+                f"Received: {name}={value!r}"
+            )
+        pair = (int(pair[0]), int(pair[1]))
+    if pair[0] <= 0 or pair[1] <= 0:
+        raise ValueError(
+            f"Expected `{name}` to be a positive int or a tuple of 2 positive ints. "
+            f"Received: {name}={value!r}"
+        )
+    return pair
+
+
+def normalize_padding(padding):
+    """Return ``"valid"``, ``"same"`` or explicit ``((top, bottom), (left, right))``.
+
+    Explicit forms: ``p``, ``(ph, pw)`` or ``((top, bottom), (left, right))``,
+    non-negative ints (zero padding, as PyTorch's ``padding=1``).
+    """
+    if isinstance(padding, str):
+        mode = padding.lower()
+        if mode in ("valid", "same"):
+            return mode
+        raise ValueError(
+            "Expected `padding` to be 'valid', 'same', a non-negative int, a pair (ph, pw) or "
+            f"((top, bottom), (left, right)). Received: padding={padding!r}"
+        )
+    error = ValueError(
+        "Expected `padding` to be 'valid', 'same', a non-negative int, a pair (ph, pw) or "
+        f"((top, bottom), (left, right)) of non-negative ints. Received: padding={padding!r}"
+    )
+    if _is_int(padding):
+        if padding < 0:
+            raise error
+        p = int(padding)
+        return ((p, p), (p, p))
+    try:
+        items = tuple(padding)
+    except TypeError:
+        raise error from None
+    if len(items) != 2:
+        raise error
+    if all(_is_int(v) for v in items):
+        pairs = ((items[0], items[0]), (items[1], items[1]))
+    else:
+        try:
+            pairs = tuple(tuple(v) for v in items)
+        except TypeError:
+            raise error from None
+        if any(len(p) != 2 or not all(_is_int(v) for v in p) for p in pairs):
+            raise error
+    if any(v < 0 for p in pairs for v in p):
+        raise error
+    return tuple((int(a), int(b)) for a, b in pairs)
+
+
+def normalize_data_format(data_format):
+    """Return True for channels_last (NHWC), False for channels_first (NCHW)."""
+    if isinstance(data_format, str):
+        df = data_format.lower()
+        if df == "channels_last":
+            return True
+        if df == "channels_first":
+            return False
+    raise ValueError(
+        "Expected `data_format` to be 'channels_last' or 'channels_first'. "
+        f"Received: data_format={data_format!r}"
+    )
+
+
+def normalize_activation(activation, name="activation"):
+    """Return the kernel code of a fused activation (None/'linear' -> 0, 'relu' -> 1, 'relu6' -> 2)."""
+    key = activation.lower() if isinstance(activation, str) else activation
+    try:
+        return ACTIVATIONS[key]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"Expected `{name}` to be None, 'linear', 'relu' or 'relu6'. Received: {name}={activation!r}"
+        ) from None
+
+
+_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def as_float_array(value, name):
+    """``np.asarray(value)``, checked to be float16, float32 or float64 (no copy when it already is)."""
+    arr = value if type(value) is np.ndarray else np.asarray(value)
+    if arr.dtype not in _FLOATS:
+        raise TypeError(
+            f"Expected `{name}` to be a floating-point array (float16, float32 or float64). "
+            f"Received: {name} with dtype {arr.dtype}"
+        )
+    return arr
+
+
+def dtypes_for(*arrays):
+    """(compute dtype, result dtype): NumPy promotion; float16 is computed in float32."""
+    result = np.result_type(*[a.dtype for a in arrays if a is not None])
+    compute = np.dtype(np.float32) if result == np.float16 else result
+    return compute, result
+
+
+def check_ndim(arr, name, ndim, what):
+    if arr.ndim != ndim:
+        raise ValueError(f"Expected `{name}` to be a {ndim}-D array {what}. Received: {name} with shape {arr.shape}")
+
+
+def check_bias(bias, name, size):
+    """Validate a bias of shape ``(size,)``; None passes through."""
+    if bias is None:
+        return None
+    bias = as_float_array(bias, name)
+    if bias.shape != (size,):
+        raise ValueError(f"Expected `{name}` of shape ({size},). Received: {name} with shape {bias.shape}")
+    return bias
+
+
+class Geometry(NamedTuple):
+    """Shapes and offsets of one 2-D convolution, all as plain ints.
+
+    Input ``(n, h, w, c)`` whatever the data format, kernel ``(kh, kw)``,
+    depth multiplier ``dm``, strides ``(sh, sw)``, dilation ``(dh, dw)``,
+    zero padding ``pt`` (top), ``pb``, ``pl`` (left), ``pr`` and output ``(oh, ow)``.
+    """
+
+    n: int
+    h: int
+    w: int
+    c: int
+    kh: int
+    kw: int
+    dm: int
+    sh: int
+    sw: int
+    dh: int
+    dw: int
+    pt: int
+    pb: int
+    pl: int
+    pr: int
+    oh: int
+    ow: int
+    channels_last: bool
+
+    def out_shape(self, channels):
+        if self.channels_last:
+            return (self.n, self.oh, self.ow, channels)
+        return (self.n, channels, self.oh, self.ow)
+
+    def in_shape(self):
+        if self.channels_last:
+            return (self.n, self.h, self.w, self.c)
+        return (self.n, self.c, self.h, self.w)
+
+
+def same_padding(size, k, s, d):
+    """Keras/TF 'same' padding (before, after): the odd extra row/column goes at the end."""
+    out = -(-size // s)
+    total = max((out - 1) * s + (k - 1) * d + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def depthwise_geometry(x, kernel, strides, padding, dilation_rate, channels_last, kernel_name="kernel", x_name="x"):
+    """Validate ``x`` (4-D) against a Keras depthwise kernel ``(kh, kw, C, dm)`` and return the :class:`Geometry`."""
+    layout = "(N, H, W, C)" if channels_last else "(N, C, H, W)"
+    check_ndim(x, x_name, 4, f"of shape {layout}")
+    check_ndim(kernel, kernel_name, 4, "of shape (kh, kw, C, depth_multiplier)")
+    if channels_last:
+        n, h, w, c = x.shape
+    else:
+        n, c, h, w = x.shape
+    kh, kw, kc, dm = kernel.shape
+    if kh == 0 or kw == 0 or kc == 0 or dm == 0:
+        raise ValueError(
+            f"Expected `{kernel_name}` of shape (kh, kw, C, depth_multiplier) with no zero dimension. "
+            f"Received: {kernel_name} with shape {kernel.shape}"
+        )
+    if kc != c:
+        raise ValueError(
+            f"Expected `{kernel_name}` to have {c} input channels (axis 2) to match `{x_name}` of shape "
+            f"{x.shape} ({'channels_last' if channels_last else 'channels_first'}). "
+            f"Received: {kernel_name} with shape {kernel.shape}"
+        )
+    sh, sw = normalize_pair(strides, "strides")
+    dh, dw = normalize_pair(dilation_rate, "dilation_rate")
+    pad = normalize_padding(padding)
+    if pad == "valid":
+        (pt, pb), (pl, pr) = (0, 0), (0, 0)
+    elif pad == "same":
+        (pt, pb), (pl, pr) = same_padding(h, kh, sh, dh), same_padding(w, kw, sw, dw)
+    else:
+        (pt, pb), (pl, pr) = pad
+    oh = (h + pt + pb - (kh - 1) * dh - 1) // sh + 1
+    ow = (w + pl + pr - (kw - 1) * dw - 1) // sw + 1
+    if pad == "same":
+        oh, ow = -(-h // sh), -(-w // sw)
+    elif oh <= 0 or ow <= 0:
+        raise ValueError(
+            f"Expected an output of positive size. Received: {x_name} with spatial size {(h, w)}, "
+            f"kernel size {(kh, kw)}, dilation_rate={(dh, dw)}, padding={padding!r}, "
+            f"which give an output of size {(max(oh, 0), max(ow, 0))}"
+        )
+    return Geometry(n, h, w, c, kh, kw, dm, sh, sw, dh, dw, pt, pb, pl, pr, oh, ow, channels_last)
+
+
+def pointwise_matrix(kernel, channels, name="pointwise_kernel"):
+    """Return a Keras pointwise kernel ``(1, 1, K, F)`` or ``(K, F)`` as a ``(K, F)`` view, checked against ``channels``."""
+    if kernel.ndim == 4:
+        if kernel.shape[:2] != (1, 1):
+            raise ValueError(
+                f"Expected `{name}` to be a 1x1 kernel of shape (1, 1, {channels}, filters). "
+                f"Received: {name} with shape {kernel.shape}"
+            )
+        matrix = kernel.reshape(kernel.shape[2], kernel.shape[3])
+    elif kernel.ndim == 2:
+        matrix = kernel
+    else:
+        raise ValueError(
+            f"Expected `{name}` of shape (1, 1, {channels}, filters) or ({channels}, filters). "
+            f"Received: {name} with shape {kernel.shape}"
+        )
+    if matrix.shape[0] != channels:
+        raise ValueError(
+            f"Expected `{name}` to have {channels} input channels to match its input. "
+            f"Received: {name} with shape {kernel.shape}"
+        )
+    if matrix.shape[0] == 0 or matrix.shape[1] == 0:
+        raise ValueError(f"Expected `{name}` to have at least one input channel and one filter. Received: {name} with shape {kernel.shape}")
+    return matrix

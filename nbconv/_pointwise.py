@@ -1,0 +1,149 @@
+"""Pointwise (1x1) convolution kernels and the GEMM tile helpers the fused kernels share.
+
+The product runs in SciPy's BLAS ``sgemm``/``dgemm``, called straight from
+the kernels (see :mod:`nbconv._runtime`) one tile per task, with BLAS kept
+single-threaded while ``prange`` provides the parallelism.  Leading
+dimensions let every tile read its operands and write its result in place,
+in NHWC and in NCHW, with no packing or transposing copies.
+"""
+import numpy as np
+from numba import prange
+
+from ._elementwise import bias_act_inplace, vec_bias_act_inplace
+from ._jit import jit, pjit
+from ._runtime import dgemm, sgemm
+
+#: ``chars`` argument of the GEMM helpers: Fortran 'N' and 'T'
+GEMM_CHARS = np.array([ord("N"), ord("T")], np.uint8)
+
+
+@jit
+def gemm_rm(ta, tb, m, n, k, a, aoff, lda, b, boff, ldb, beta, c, coff, ldc, ibuf, consts, chars):
+    """Row-major ``C = op(A) @ op(B) + beta*C`` on flat offsets into ``a``, ``b``, ``c``.
+
+    ``op(A)`` is ``m x k``, ``op(B)`` is ``k x n``; ``ta``/``tb`` select the
+    transpose.  ``consts`` holds ``[1, 0, 1]`` in the compute dtype (alpha,
+    beta=0, beta=1), ``ibuf`` is a private int32 scratch of length >= 6 (BLAS
+    takes every argument by pointer), ``chars`` is :data:`GEMM_CHARS`.
+    Implemented as the column-major product ``C^T = op(B)^T op(A)^T``.
+    """
+    ibuf[0] = n
+    ibuf[1] = m
+    ibuf[2] = k
+    ibuf[3] = ldb
+    ibuf[4] = lda
+    ibuf[5] = ldc
+    isz = c.itemsize
+    pa = a.ctypes.data + aoff * isz
+    pb = b.ctypes.data + boff * isz
+    pc = c.ctypes.data + coff * isz
+    pib = ibuf.ctypes.data
+    pchars = chars.ctypes.data
+    pconst = consts.ctypes.data
+    pbeta = pconst + (2 if beta else 1) * isz
+    if isz == 4:
+        sgemm(pchars + tb, pchars + ta, pib, pib + 4, pib + 8, pconst, pb, pib + 12, pa, pib + 16, pbeta, pc, pib + 20)
+    else:
+        dgemm(pchars + tb, pchars + ta, pib, pib + 4, pib + 8, pconst, pb, pib + 12, pa, pib + 16, pbeta, pc, pib + 20)
+
+
+@jit
+def epilogue_rows(c, coff, rows, cols, ldc, bias, boff, act):
+    """Bias along columns + activation on a ``rows x cols`` block of flat ``c`` (NHWC output)."""
+    has_bias = bias.shape[0] > 0
+    if not has_bias and act == 0:
+        return
+    for r in range(rows):
+        s = coff + r * ldc
+        vec_bias_act_inplace(c[s:s + cols], bias[boff:boff + cols], has_bias, act)
+
+
+@jit
+def epilogue_cols(c, coff, rows, cols, ldc, bias, boff, act):
+    """Bias along rows (one value per row) + activation on a ``rows x cols`` block of flat ``c`` (NCHW output)."""
+    has_bias = bias.shape[0] > 0
+    if not has_bias and act == 0:
+        return
+    zero = c.dtype.type(0)
+    for r in range(rows):
+        s = coff + r * ldc
+        bias_act_inplace(c[s:s + cols], bias[boff + r] if has_bias else zero, act)
+
+
+@pjit
+def pointwise_nhwc(x2, wmat, bias, act, out2, tile_p, fb, nchunks, ibuf, consts, chars):
+    """Parallel pointwise convolution, NHWC: ``out2 = act(x2 @ wmat + bias)``.
+
+    Parameters
+    ----------
+    x2 : ndarray of shape (P, K)
+        All pixels of all images, C-contiguous.
+    wmat : ndarray of shape (K, F)
+    out2 : ndarray of shape (P, F)
+    ibuf : ndarray of shape (nchunks, 8), int32
+        Per-chunk BLAS argument scratch.
+
+    Notes
+    -----
+    Parallel over tasks ``(tile of tile_p pixels, block of fb filters)``.
+    """
+    p_all, k = x2.shape
+    f = wmat.shape[1]
+    ptiles = (p_all + tile_p - 1) // tile_p
+    fblocks = (f + fb - 1) // fb
+    ntasks = ptiles * fblocks
+    x1 = x2.reshape(-1)
+    w1 = wmat.reshape(-1)
+    o1 = out2.reshape(-1)
+    for chunk in prange(nchunks):
+        t0 = chunk * ntasks // nchunks
+        t1 = (chunk + 1) * ntasks // nchunks
+        ib = ibuf[chunk]
+        for t in range(t0, t1):
+            pt = t // fblocks
+            f0 = (t - pt * fblocks) * fb
+            nf = min(fb, f - f0)
+            p0 = pt * tile_p
+            npx = min(tile_p, p_all - p0)
+            gemm_rm(0, 0, npx, nf, k, x1, p0 * k, k, w1, f0, f, False, o1, p0 * f + f0, f, ib, consts, chars)
+            epilogue_rows(o1, p0 * f + f0, npx, nf, f, bias, f0, act)
+
+
+@pjit
+def pointwise_nchw(x3, wmat, bias, act, out3, tile_p, fb, nchunks, ibuf, consts, chars):
+    """Parallel pointwise convolution, NCHW: ``out3[n] = act(wmat.T @ x3[n] + bias[:, None])``.
+
+    Parameters
+    ----------
+    x3 : ndarray of shape (N, K, HW)
+    wmat : ndarray of shape (K, F)
+    out3 : ndarray of shape (N, F, HW)
+
+    Notes
+    -----
+    Parallel over tasks ``(n, tile of tile_p pixels, block of fb filters)``;
+    BLAS reads the strided pixel tile and writes the strided output tile in place.
+    """
+    n_img, k, hw = x3.shape
+    f = wmat.shape[1]
+    ptiles = (hw + tile_p - 1) // tile_p
+    fblocks = (f + fb - 1) // fb
+    ntasks = n_img * ptiles * fblocks
+    x1 = x3.reshape(-1)
+    w1 = wmat.reshape(-1)
+    o1 = out3.reshape(-1)
+    for chunk in prange(nchunks):
+        t0 = chunk * ntasks // nchunks
+        t1 = (chunk + 1) * ntasks // nchunks
+        ib = ibuf[chunk]
+        for t in range(t0, t1):
+            n = t // (ptiles * fblocks)
+            r = t - n * ptiles * fblocks
+            pt = r // fblocks
+            f0 = (r - pt * fblocks) * fb
+            nf = min(fb, f - f0)
+            p0 = pt * tile_p
+            npx = min(tile_p, hw - p0)
+            coff = n * f * hw + f0 * hw + p0
+            gemm_rm(1, 0, nf, npx, k, w1, f0, f, x1, n * k * hw + p0, hw, False, o1, coff, hw, ib, consts, chars)
+            epilogue_cols(o1, coff, nf, npx, hw, bias, f0, act)

@@ -1,0 +1,145 @@
+"""Process-level set-up done once at import: the threading layer and the BLAS entry points.
+
+Threading layer
+    Numba's default ``omp`` layer (GNU OpenMP) kills a child made with
+    ``fork()`` after the parent ran a parallel kernel, and ``workqueue`` aborts
+    when two Python threads launch kernels at once.  TBB survives both, so we
+    select it.  PyPI's ``tbb`` wheel puts ``libtbb.so.12`` in ``<prefix>/lib``,
+    which Numba's loader does not search, so we preload it with ``ctypes``
+    before the first parallel launch.  A user's explicit
+    ``NUMBA_THREADING_LAYER`` always wins.  Without TBB we fall back to
+    ``workqueue`` and serialise our own launches with a lock
+    (:data:`LAUNCH_LOCK`), which keeps fork and threads safe at some cost.
+
+BLAS
+    The pointwise product calls SciPy's BLAS ``sgemm``/``dgemm`` directly from
+    the kernels (leading dimensions and ``beta`` let tiles write straight into
+    strided outputs).  The function addresses are bound to LLVM symbols here,
+    so kernels that call them can still be cached on disk.
+"""
+import contextlib
+import ctypes
+import os
+import sys
+import threading
+
+import llvmlite.binding as _llvm
+import numba
+from numba import types
+from numba.core.extending import get_cython_function_address
+
+__all__ = ["THREADING_LAYER", "LAUNCH_LOCK", "sgemm", "dgemm"]
+
+
+def _preload_tbb():
+    """Make ``libtbb.so.12`` loadable for Numba; return True on success."""
+    names = {"linux": ["libtbb.so.12"], "darwin": ["libtbb.12.dylib"], "win32": ["tbb12.dll"]}
+    candidates = []
+    for name in names.get(sys.platform, []):
+        for prefix in dict.fromkeys((sys.prefix, sys.base_prefix, sys.exec_prefix)):
+            candidates.append(os.path.join(prefix, "Library", "bin" if sys.platform == "win32" else "lib", name))
+            candidates.append(os.path.join(prefix, "lib", name))
+        candidates.append(name)  # the system loader's own search path
+    for path in candidates:
+        try:
+            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def _choose_threading_layer():
+    from numba.np.ufunc import parallel
+
+    if os.environ.get("NUMBA_THREADING_LAYER") or parallel._is_initialized:
+        # the user chose, or a parallel function already ran: leave it as it is
+        return numba.config.THREADING_LAYER
+    if _preload_tbb():
+        try:
+            from numba.np.ufunc import tbbpool  # noqa: F401  (checks the TBB version too)
+        except Exception:
+            pass
+        else:
+            numba.config.THREADING_LAYER = "tbb"
+            return "tbb"
+    numba.config.THREADING_LAYER = "workqueue"
+    return "workqueue"
+
+
+THREADING_LAYER = _choose_threading_layer()
+
+
+class _NoLock:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+#: held around every parallel launch when the layer is not safe for concurrent launches
+LAUNCH_LOCK = _NoLock() if THREADING_LAYER in ("tbb", "default", "safe", "threadsafe") else threading.RLock()
+
+# --- BLAS -----------------------------------------------------------------
+for _name in ("sgemm", "dgemm"):
+    _llvm.add_symbol("nbconv_" + _name, get_cython_function_address("scipy.linalg.cython_blas", _name))
+
+# Fortran BLAS: every argument, even the chars and ints, is passed by pointer.
+_gemm_sig = types.void(*([types.voidptr] * 13))
+sgemm = types.ExternalFunction("nbconv_sgemm", _gemm_sig)
+dgemm = types.ExternalFunction("nbconv_dgemm", _gemm_sig)
+
+
+class _BlasThreads:
+    """Keeps SciPy's BLAS single-threaded while any nbconv kernel runs.
+
+    The kernels call BLAS from inside ``prange`` workers; BLAS threads of its
+    own there would oversubscribe the cores and stall every call.  Nested and
+    concurrent users are counted so the last one out restores the user's
+    setting.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._saved = None
+        self._controller = None
+        self._found = False
+
+    def _find(self):
+        self._found = True
+        try:
+            import scipy
+            from threadpoolctl import ThreadpoolController
+        except ImportError:
+            return
+        scipy_dir = os.path.dirname(os.path.dirname(os.path.abspath(scipy.__file__)))
+        for ctl in ThreadpoolController().lib_controllers:
+            if ctl.user_api == "blas" and os.path.abspath(ctl.filepath).startswith(
+                os.path.join(scipy_dir, "scipy")
+            ):
+                self._controller = ctl
+                return
+
+    @contextlib.contextmanager
+    def single(self):
+        with self._lock:
+            if not self._found:
+                self._find()
+            ctl = self._controller
+            if ctl is not None and self._depth == 0:
+                self._saved = ctl.get_num_threads()
+                if self._saved != 1:
+                    ctl.set_num_threads(1)
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._depth -= 1
+                if ctl is not None and self._depth == 0 and self._saved not in (None, 1):
+                    ctl.set_num_threads(self._saved)
+
+
+BLAS_THREADS = _BlasThreads()

@@ -1,0 +1,247 @@
+"""Public forward functions: depthwise, pointwise and fused separable 2-D convolution on NumPy arrays.
+
+Each function normalises and validates its arguments (:mod:`nbconv._args`),
+picks the kernel and its tiling, allocates the output and calls the kernel.
+Nothing here loops over data.
+"""
+import numpy as np
+
+from . import _args
+from ._depthwise import depthwise_nchw, depthwise_nhwc
+from ._pointwise import GEMM_CHARS, pointwise_nchw, pointwise_nhwc
+from ._runtime import BLAS_THREADS, LAUNCH_LOCK
+from ._separable import separable_nchw, separable_nhwc
+from ._threads import get_num_threads
+
+__all__ = ["depthwise_conv2d", "pointwise_conv2d", "separable_conv2d"]
+
+#: bytes of one thread-private depthwise tile in the fused kernel (L2 is 1 MiB on the target machines)
+TILE_BYTES = 512 * 1024
+#: fewest pixels per GEMM tile worth splitting down to before splitting filters instead
+MIN_TILE_P = 64
+#: fewest filters per filter block
+MIN_FB = 64
+
+
+def _bias_array(bias, dtype):
+    if bias is None:
+        return np.empty(0, dtype)
+    return np.ascontiguousarray(bias, dtype=dtype)
+
+
+def _plan(n_img, pixels, channels, filters, itemsize, threads):
+    """Tiling of a GEMM-shaped call: ``(tile_p, fb, ntasks)``.
+
+    Pixel tiles are as large as :data:`TILE_BYTES` allows; when there are too
+    few of them to keep every thread busy (batch 1, small spatial size), the
+    tiles shrink down to :data:`MIN_TILE_P` pixels and then the filters are
+    split into blocks, whose tasks share the depthwise tile.
+    """
+    target = 2 * threads
+    tile_p = max(16, min(pixels, TILE_BYTES // max(1, channels * itemsize)))
+    tiles = n_img * -(-pixels // tile_p)
+    if tiles < target and pixels > MIN_TILE_P:
+        per_image = -(-target // max(1, n_img))
+        tile_p = max(MIN_TILE_P, -(-pixels // per_image))
+        tile_p = min(tile_p, pixels)
+        tiles = n_img * -(-pixels // tile_p)
+    fb = filters
+    if tiles < target:
+        blocks = min(-(-target // max(1, tiles)), max(1, filters // MIN_FB))
+        fb = -(-filters // blocks)
+        fb = -(-fb // 16) * 16
+    ntasks = tiles * -(-filters // fb)
+    return tile_p, fb, ntasks
+
+
+def _nchunks(ntasks, threads):
+    return max(1, min(ntasks, 4 * threads))
+
+
+def _finish(out, result_dtype):
+    return out if out.dtype == result_dtype else out.astype(result_dtype)
+
+
+def depthwise_conv2d(x, kernel, bias=None, *, strides=_args.DEFAULT, padding="valid", dilation_rate=_args.DEFAULT,
+                     data_format="channels_last", activation=None, **aliases):
+    """Depthwise 2-D convolution (Keras's ``DepthwiseConv2D`` / ``ops.depthwise_conv``).
+
+    Parameters
+    ----------
+    x : array_like of shape (N, H, W, C) or, channels_first, (N, C, H, W)
+    kernel : array_like of shape (kh, kw, C, depth_multiplier)
+        Keras layout, whatever the data format.
+    bias : array_like of shape (C*depth_multiplier,), optional
+    strides, dilation_rate : int or pair of int
+        PyTorch spellings ``stride=`` and ``dilation=`` are accepted too.
+    padding : {"valid", "same"}, int, (ph, pw) or ((top, bottom), (left, right))
+        "same" follows Keras/TF: the odd extra row/column goes at the end.
+        Integers are explicit zero padding (PyTorch's ``padding=1``).
+    data_format : {"channels_last", "channels_first"}
+    activation : {None, "linear", "relu", "relu6"}
+        Fused into the kernel.
+
+    Returns
+    -------
+    ndarray of shape (N, OH, OW, C*dm) or (N, C*dm, OH, OW)
+        Output channel ``c*dm + m`` comes from input channel ``c``. The dtype
+        follows NumPy promotion of the inputs (float16 is computed in float32).
+    """
+    strides, dilation_rate = _args.resolve_aliases("depthwise_conv2d", strides, dilation_rate, aliases)
+    channels_last = _args.normalize_data_format(data_format)
+    act = _args.normalize_activation(activation)
+    x = _args.as_float_array(x, "x")
+    kernel = _args.as_float_array(kernel, "kernel")
+    g = _args.depthwise_geometry(x, kernel, strides, padding, dilation_rate, channels_last)
+    cm = g.c * g.dm
+    bias = _args.check_bias(bias, "bias", cm)
+    compute, result = _args.dtypes_for(x, kernel, bias)
+
+    xc = np.ascontiguousarray(x, dtype=compute)
+    bc = _bias_array(bias, compute)
+    out = np.empty(g.out_shape(cm), compute)
+    if out.size == 0:
+        return _finish(out, result)
+    threads = get_num_threads()
+    if channels_last:
+        w = np.ascontiguousarray(kernel.reshape(g.kh, g.kw, cm), dtype=compute)
+        ohw = g.oh * g.ow
+        tile_p = max(1, min(ohw, -(-g.n * ohw // (4 * threads))))
+        ntasks = g.n * -(-ohw // tile_p)
+        with LAUNCH_LOCK:
+            depthwise_nhwc(xc, w, bc, act, out.reshape(-1, cm), g.sh, g.sw, g.dh, g.dw, g.pt, g.pl, g.ow,
+                           tile_p, _nchunks(ntasks, threads))
+    else:
+        w = np.ascontiguousarray(kernel.reshape(g.kh, g.kw, cm).transpose(2, 0, 1), dtype=compute)
+        cblock = max(1, min(g.c, -(-g.n * g.c // (4 * threads))))
+        ntasks = g.n * -(-g.c // cblock)
+        with LAUNCH_LOCK:
+            depthwise_nchw(xc, w, bc, act, out.reshape(g.n, cm, -1), g.sh, g.sw, g.dh, g.dw, g.pt, g.pl, g.ow,
+                           cblock, _nchunks(ntasks, threads))
+    return _finish(out, result)
+
+
+def _gemm_buffers(nchunks, compute):
+    return np.empty((nchunks, 8), np.int32), np.array([1, 0, 1], compute)
+
+
+def pointwise_conv2d(x, kernel, bias=None, *, data_format="channels_last", activation=None):
+    """Pointwise (1x1) 2-D convolution.
+
+    Parameters
+    ----------
+    x : array_like of shape (N, H, W, K) or, channels_first, (N, K, H, W)
+    kernel : array_like of shape (1, 1, K, F) or (K, F)
+    bias : array_like of shape (F,), optional
+    data_format : {"channels_last", "channels_first"}
+    activation : {None, "linear", "relu", "relu6"}
+
+    Returns
+    -------
+    ndarray of shape (N, H, W, F) or (N, F, H, W)
+    """
+    channels_last = _args.normalize_data_format(data_format)
+    act = _args.normalize_activation(activation)
+    x = _args.as_float_array(x, "x")
+    kernel = _args.as_float_array(kernel, "kernel")
+    _args.check_ndim(x, "x", 4, "of shape " + ("(N, H, W, C)" if channels_last else "(N, C, H, W)"))
+    k = x.shape[3] if channels_last else x.shape[1]
+    wmat = _args.pointwise_matrix(kernel, k, "kernel")
+    f = wmat.shape[1]
+    bias = _args.check_bias(bias, "bias", f)
+    compute, result = _args.dtypes_for(x, kernel, bias)
+
+    n = x.shape[0]
+    h, w = (x.shape[1], x.shape[2]) if channels_last else (x.shape[2], x.shape[3])
+    out = np.empty((n, h, w, f) if channels_last else (n, f, h, w), compute)
+    if out.size == 0:
+        return _finish(out, result)
+    xc = np.ascontiguousarray(x, dtype=compute)
+    wc = np.ascontiguousarray(wmat, dtype=compute)
+    bc = _bias_array(bias, compute)
+    threads = get_num_threads()
+    if channels_last:
+        tile_p, fb, ntasks = _plan(1, n * h * w, k, f, compute.itemsize, threads)
+        nchunks = _nchunks(ntasks, threads)
+        ibuf, consts = _gemm_buffers(nchunks, compute)
+        with LAUNCH_LOCK, BLAS_THREADS.single():
+            pointwise_nhwc(xc.reshape(-1, k), wc, bc, act, out.reshape(-1, f), tile_p, fb, nchunks, ibuf, consts,
+                           GEMM_CHARS)
+    else:
+        tile_p, fb, ntasks = _plan(n, h * w, k, f, compute.itemsize, threads)
+        nchunks = _nchunks(ntasks, threads)
+        ibuf, consts = _gemm_buffers(nchunks, compute)
+        with LAUNCH_LOCK, BLAS_THREADS.single():
+            pointwise_nchw(xc.reshape(n, k, -1), wc, bc, act, out.reshape(n, f, -1), tile_p, fb, nchunks, ibuf,
+                           consts, GEMM_CHARS)
+    return _finish(out, result)
+
+
+def separable_conv2d(x, depthwise_kernel, pointwise_kernel, bias=None, *, strides=_args.DEFAULT, padding="valid",
+                     dilation_rate=_args.DEFAULT, data_format="channels_last", activation=None, depthwise_bias=None,
+                     depthwise_activation=None, **aliases):
+    """Fused depthwise-separable 2-D convolution (Keras's ``SeparableConv2D`` / ``ops.separable_conv``).
+
+    A depthwise convolution (``depthwise_kernel``, strides, padding, dilation),
+    then ``depthwise_bias`` and ``depthwise_activation`` if given, then a 1x1
+    convolution (``pointwise_kernel``), ``bias`` and ``activation``.  The
+    depthwise result is computed tile by tile in thread-private scratch and
+    never materialised in full.
+
+    Parameters
+    ----------
+    x : array_like of shape (N, H, W, C) or, channels_first, (N, C, H, W)
+    depthwise_kernel : array_like of shape (kh, kw, C, depth_multiplier)
+    pointwise_kernel : array_like of shape (1, 1, C*depth_multiplier, F) or (C*depth_multiplier, F)
+    bias : array_like of shape (F,), optional
+    strides, padding, dilation_rate, data_format, activation
+        As in :func:`depthwise_conv2d` (``stride=`` and ``dilation=`` accepted too).
+    depthwise_bias : array_like of shape (C*depth_multiplier,), optional
+    depthwise_activation : {None, "linear", "relu", "relu6"}
+        Applied to the depthwise result before the pointwise product
+        (MobileNet blocks with batch norm folded in); Keras's layer uses neither.
+
+    Returns
+    -------
+    ndarray of shape (N, OH, OW, F) or (N, F, OH, OW)
+    """
+    strides, dilation_rate = _args.resolve_aliases("separable_conv2d", strides, dilation_rate, aliases)
+    channels_last = _args.normalize_data_format(data_format)
+    act = _args.normalize_activation(activation)
+    dact = _args.normalize_activation(depthwise_activation, "depthwise_activation")
+    x = _args.as_float_array(x, "x")
+    dk = _args.as_float_array(depthwise_kernel, "depthwise_kernel")
+    pk = _args.as_float_array(pointwise_kernel, "pointwise_kernel")
+    g = _args.depthwise_geometry(x, dk, strides, padding, dilation_rate, channels_last, "depthwise_kernel")
+    cm = g.c * g.dm
+    wmat = _args.pointwise_matrix(pk, cm)
+    f = wmat.shape[1]
+    bias = _args.check_bias(bias, "bias", f)
+    dbias = _args.check_bias(depthwise_bias, "depthwise_bias", cm)
+    compute, result = _args.dtypes_for(x, dk, pk, bias, dbias)
+
+    out = np.empty(g.out_shape(f), compute)
+    if out.size == 0:
+        return _finish(out, result)
+    xc = np.ascontiguousarray(x, dtype=compute)
+    wc = np.ascontiguousarray(wmat, dtype=compute)
+    bc = _bias_array(bias, compute)
+    dbc = _bias_array(dbias, compute)
+    threads = get_num_threads()
+    ohw = g.oh * g.ow
+    tile_p, fb, ntasks = _plan(g.n, ohw, cm, f, compute.itemsize, threads)
+    nchunks = _nchunks(ntasks, threads)
+    ibuf, consts = _gemm_buffers(nchunks, compute)
+    if channels_last:
+        dkc = np.ascontiguousarray(dk.reshape(g.kh, g.kw, cm), dtype=compute)
+        scratch = np.empty((nchunks, tile_p, cm), compute)
+        with LAUNCH_LOCK, BLAS_THREADS.single():
+            separable_nhwc(xc, dkc, dbc, dact, wc, bc, act, out.reshape(-1, f), g.sh, g.sw, g.dh, g.dw, g.pt, g.pl,
+                           g.ow, tile_p, fb, nchunks, scratch, ibuf, consts, GEMM_CHARS)
+    else:
+        dkc = np.ascontiguousarray(dk.reshape(g.kh, g.kw, cm).transpose(2, 0, 1), dtype=compute)
+        scratch = np.empty((nchunks, cm, tile_p), compute)
+        with LAUNCH_LOCK, BLAS_THREADS.single():
+            separable_nchw(xc, dkc, dbc, dact, wc, bc, act, out.reshape(g.n, f, -1), g.sh, g.sw, g.dh, g.dw, g.pt,
+                           g.pl, g.ow, tile_p, fb, nchunks, scratch, ibuf, consts, GEMM_CHARS)
+    return _finish(out, result)
