@@ -1,0 +1,45 @@
+"""Shared fixtures for nbconv's tests.
+
+Keras is compared on the jax backend (Keras's default, tensorflow, is not a
+test dependency), so the backend is chosen before anything imports keras.
+"""
+import os
+import sys
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# `from reference import ...` works whatever pytest's import mode or rootdir.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+try:
+    from hypothesis import HealthCheck, settings  # noqa: E402
+
+    settings.register_profile(
+        "nbconv",
+        deadline=None,  # a new signature triggers a Numba compile of a few seconds
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        print_blob=True,
+    )
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "nbconv"))
+except ImportError:  # pragma: no cover
+    pass
+
+
+@pytest.fixture
+def rng():
+    """A fresh, seeded generator per test (reproducible failures)."""
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def keras_ops():
+    """``keras.ops`` (jax backend unless KERAS_BACKEND says otherwise), imported lazily: jax takes seconds to load."""
+    import keras
+
+    return keras.ops

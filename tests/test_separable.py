@@ -1,0 +1,215 @@
+"""nbconv.separable_conv2d against the float64 reference and Keras's ops.separable_conv."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import nbconv
+from reference import (
+    assert_close,
+    output_size,
+    pair,
+    random_array,
+    resolve_padding,
+    separable_ref,
+    tolerance_for,
+)
+
+FORMATS = ["channels_last", "channels_first"]
+
+# (N, H, W, C, dm, F, k, strides, dilation, padding): odd and size-1 dims, every kernel size 1..7,
+# unequal strides and dilations, stride+dilation together and every padding form.
+GEOMETRIES = [
+    (1, 1, 1, 1, 1, 1, 1, 1, 1, "valid"),
+    (1, 1, 1, 3, 1, 2, 3, 1, 1, "same"),
+    (2, 5, 7, 3, 1, 4, 3, 1, 1, "valid"),
+    (2, 5, 7, 3, 2, 4, 3, 1, 1, "same"),
+    (1, 8, 8, 4, 1, 8, 2, 1, 1, "same"),
+    (3, 9, 6, 2, 3, 5, 4, 2, 1, "same"),
+    (1, 11, 9, 5, 1, 3, 5, (2, 1), 1, "valid"),
+    (2, 10, 10, 3, 2, 7, 5, 2, 2, "same"),
+    (1, 13, 12, 2, 1, 4, 6, (1, 3), 1, "same"),
+    (1, 14, 15, 3, 1, 2, 7, 1, (2, 1), "same"),
+    (2, 9, 9, 4, 1, 6, 3, 3, 2, "valid"),
+    (1, 7, 7, 6, 1, 9, 3, (3, 2), (1, 2), "same"),
+    (2, 6, 5, 3, 1, 4, 3, 1, 1, 1),
+    (2, 6, 5, 3, 2, 4, 3, 2, 1, (1, 2)),
+    (1, 5, 8, 2, 1, 3, 3, 1, 1, ((0, 2), (1, 0))),
+    (1, 5, 8, 2, 2, 3, 5, (2, 1), (1, 2), ((2, 1), (3, 0))),
+    (1, 4, 4, 3, 1, 5, 7, 1, 1, 3),
+    (1, 1, 9, 2, 1, 3, (1, 3), 1, 1, "valid"),
+    (1, 3, 3, 1, 4, 2, 3, 1, 1, 0),
+    (2, 12, 11, 17, 1, 33, 3, 2, 1, "same"),
+    (1, 16, 16, 32, 1, 70, 3, 1, 1, "same"),
+]
+
+
+def _geometry_inputs(rng, geom, data_format, dtype=np.float32, pk_2d=False):
+    n, h, w, c, dm, f, k, strides, dilation, padding = geom
+    kh, kw = pair(k)
+    shape = (n, h, w, c) if data_format == "channels_last" else (n, c, h, w)
+    x = random_array(rng, shape, dtype)
+    dk = random_array(rng, (kh, kw, c, dm), dtype)
+    pk = random_array(rng, (c * dm, f) if pk_2d else (1, 1, c * dm, f), dtype)
+    kwargs = dict(strides=strides, padding=padding, dilation_rate=dilation, data_format=data_format)
+    return x, dk, pk, kwargs
+
+
+@pytest.mark.parametrize("data_format", FORMATS)
+@pytest.mark.parametrize("geom", GEOMETRIES, ids=[str(g) for g in GEOMETRIES])
+def test_separable_grid(rng, geom, data_format):
+    x, dk, pk, kwargs = _geometry_inputs(rng, geom, data_format)
+    y = nbconv.separable_conv2d(x, dk, pk, **kwargs)
+    assert y.dtype == np.float32
+    assert_close(y, separable_ref(x, dk, pk, **kwargs))
+
+
+@pytest.mark.parametrize("data_format", FORMATS)
+@pytest.mark.parametrize("activation", [None, "linear", "relu", "relu6"])
+@pytest.mark.parametrize("depthwise_activation", [None, "relu", "relu6"])
+def test_separable_bias_and_activations(rng, data_format, activation, depthwise_activation):
+    geom = (2, 7, 6, 5, 2, 6, 3, (2, 1), 1, "same")
+    x, dk, pk, kwargs = _geometry_inputs(rng, geom, data_format)
+    x *= 4  # outputs well beyond 6 so relu6 clips
+    bias = random_array(rng, (6,), np.float32, -3, 3)
+    dbias = random_array(rng, (10,), np.float32, -2, 2)
+    kwargs.update(activation=activation, depthwise_activation=depthwise_activation)
+    y = nbconv.separable_conv2d(x, dk, pk, bias, depthwise_bias=dbias, **kwargs)
+    assert_close(y, separable_ref(x, dk, pk, bias, depthwise_bias=dbias, **kwargs))
+    y = nbconv.separable_conv2d(x, dk, pk, bias=bias, **kwargs)
+    assert_close(y, separable_ref(x, dk, pk, bias, **kwargs))
+    y = nbconv.separable_conv2d(x, dk, pk, depthwise_bias=dbias, **kwargs)
+    assert_close(y, separable_ref(x, dk, pk, depthwise_bias=dbias, **kwargs))
+
+
+@pytest.mark.parametrize("data_format", FORMATS)
+def test_separable_2d_pointwise_kernel(rng, data_format):
+    geom = (2, 6, 7, 3, 2, 5, 3, 1, 1, "same")
+    x, dk, pk, kwargs = _geometry_inputs(rng, geom, data_format, pk_2d=True)
+    y = nbconv.separable_conv2d(x, dk, pk, **kwargs)
+    assert_close(y, separable_ref(x, dk, pk, **kwargs))
+    assert np.array_equal(y, nbconv.separable_conv2d(x, dk, pk.reshape(1, 1, *pk.shape), **kwargs))
+
+
+@pytest.mark.parametrize("data_format", FORMATS)
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_separable_dtypes(rng, dtype, data_format):
+    geom = (2, 7, 6, 4, 2, 5, 3, 2, 1, "same")
+    x, dk, pk, kwargs = _geometry_inputs(rng, geom, data_format, dtype)
+    bias = random_array(rng, (5,), dtype)
+    y = nbconv.separable_conv2d(x, dk, pk, bias, activation="relu", **kwargs)
+    assert y.dtype == dtype
+    assert_close(y, separable_ref(x, dk, pk, bias, activation="relu", **kwargs))
+
+
+@pytest.mark.parametrize(
+    "dtypes",
+    [
+        (np.float32, np.float64, np.float32, None),
+        (np.float16, np.float32, np.float16, np.float16),
+        (np.float16, np.float16, np.float16, np.float64),
+        (np.float64, np.float32, np.float16, np.float32),
+        (np.float16, np.float16, np.float32, None),
+    ],
+)
+def test_separable_mixed_dtypes(rng, dtypes):
+    xd, dkd, pkd, bd = dtypes
+    x = random_array(rng, (2, 6, 5, 3), xd)
+    dk = random_array(rng, (3, 3, 3, 2), dkd)
+    pk = random_array(rng, (1, 1, 6, 4), pkd)
+    bias = None if bd is None else random_array(rng, (4,), bd)
+    expected_dtype = np.result_type(*[d for d in dtypes if d is not None])
+    y = nbconv.separable_conv2d(x, dk, pk, bias, padding="same")
+    assert y.dtype == expected_dtype
+    assert_close(y, separable_ref(x, dk, pk, bias, padding="same"))
+
+
+def test_separable_depthwise_bias_dtype_promotes(rng):
+    x = random_array(rng, (1, 5, 5, 2), np.float32)
+    dk = random_array(rng, (3, 3, 2, 1), np.float32)
+    pk = random_array(rng, (1, 1, 2, 3), np.float32)
+    dbias = random_array(rng, (2,), np.float64)
+    y = nbconv.separable_conv2d(x, dk, pk, depthwise_bias=dbias)
+    assert y.dtype == np.float64
+    assert_close(y, separable_ref(x, dk, pk, depthwise_bias=dbias))
+
+
+# --- hypothesis ------------------------------------------------------------
+
+PADDINGS = st.one_of(
+    st.sampled_from(["valid", "same", "VALID", "Same"]),
+    st.integers(0, 3),
+    st.tuples(st.integers(0, 3), st.integers(0, 3)),
+    st.tuples(st.tuples(st.integers(0, 3), st.integers(0, 3)), st.tuples(st.integers(0, 3), st.integers(0, 3))),
+)
+INTS_OR_PAIRS = lambda hi: st.one_of(st.integers(1, hi), st.tuples(st.integers(1, hi), st.integers(1, hi)))  # noqa: E731
+DTYPES = st.sampled_from([np.float32, np.float32, np.float64, np.float16])
+ACTS = st.sampled_from([None, "linear", "relu", "relu6"])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 3), h=st.integers(1, 12), w=st.integers(1, 12), c=st.integers(1, 6), dm=st.integers(1, 3),
+    f=st.integers(1, 9), kh=st.integers(1, 7), kw=st.integers(1, 7), strides=INTS_OR_PAIRS(3),
+    dilation=INTS_OR_PAIRS(3), padding=PADDINGS, data_format=st.sampled_from(FORMATS),
+    dtypes=st.tuples(DTYPES, DTYPES, DTYPES), use_bias=st.booleans(), use_dbias=st.booleans(),
+    activation=ACTS, dact=ACTS, pk_2d=st.booleans(), seed=st.integers(0, 2**32 - 1),
+)
+def test_separable_property(n, h, w, c, dm, f, kh, kw, strides, dilation, padding, data_format, dtypes, use_bias,
+                            use_dbias, activation, dact, pk_2d, seed):
+    rng = np.random.default_rng(seed)
+    xd, dkd, pkd = dtypes
+    x = random_array(rng, (n, h, w, c) if data_format == "channels_last" else (n, c, h, w), xd)
+    dk = random_array(rng, (kh, kw, c, dm), dkd)
+    pk = random_array(rng, (c * dm, f) if pk_2d else (1, 1, c * dm, f), pkd)
+    bias = random_array(rng, (f,), xd) if use_bias else None
+    dbias = random_array(rng, (c * dm,), dkd) if use_dbias else None
+    kwargs = dict(strides=strides, padding=padding, dilation_rate=dilation, data_format=data_format,
+                  activation=activation, depthwise_activation=dact, depthwise_bias=dbias)
+    (pt, pb), (pl, pr) = resolve_padding(padding, h, w, kh, kw, strides, dilation)
+    sh, sw = pair(strides)
+    dh, dw = pair(dilation)
+    if output_size(h, kh, sh, dh, pt, pb) == 0 or output_size(w, kw, sw, dw, pl, pr) == 0:
+        with pytest.raises(ValueError, match="positive size"):
+            nbconv.separable_conv2d(x, dk, pk, bias, **kwargs)
+        return
+    y = nbconv.separable_conv2d(x, dk, pk, bias, **kwargs)
+    result_dtype = np.result_type(*[a.dtype for a in (x, dk, pk, bias, dbias) if a is not None])
+    assert y.dtype == result_dtype
+    # the reference reads the same (exactly representable) values; float16 is only rounded at the end
+    assert_close(y, separable_ref(x, dk, pk, bias, **kwargs), tol=tolerance_for(result_dtype))
+
+
+# --- Keras -----------------------------------------------------------------
+
+KERAS_CASES = [
+    # (H, W, C, dm, F, k, strides, dilation, padding)
+    (7, 7, 3, 1, 4, 3, 1, 1, "valid"),
+    (8, 9, 3, 2, 5, 3, 1, 1, "same"),
+    (9, 9, 4, 1, 6, 3, 2, 1, "same"),
+    (8, 8, 4, 1, 6, 3, 2, 1, "same"),
+    (10, 9, 2, 3, 4, 5, (1, 2), 1, "same"),
+    (10, 9, 2, 1, 4, 2, (2, 1), 1, "valid"),
+    (11, 12, 3, 1, 5, 3, 1, 2, "same"),
+    (11, 12, 3, 1, 5, 3, 1, (2, 3), "valid"),
+    (12, 11, 3, 2, 4, 3, 2, 2, "same"),
+    (13, 12, 2, 1, 3, 3, (2, 3), (2, 1), "same"),
+    (13, 12, 2, 1, 3, 4, 3, 2, "valid"),
+    (5, 6, 3, 1, 2, 7, 1, 1, "same"),
+    (1, 1, 3, 1, 2, 3, 1, 1, "same"),
+]
+
+
+@pytest.mark.parametrize("data_format", FORMATS)
+@pytest.mark.parametrize("case", KERAS_CASES, ids=[str(c) for c in KERAS_CASES])
+def test_separable_matches_keras(rng, keras_ops, case, data_format):
+    h, w, c, dm, f, k, strides, dilation, padding = case
+    x = random_array(rng, (2, h, w, c) if data_format == "channels_last" else (2, c, h, w))
+    dk = random_array(rng, (k, k, c, dm))
+    pk = random_array(rng, (1, 1, c * dm, f))
+    kwargs = dict(strides=strides, padding=padding, dilation_rate=dilation, data_format=data_format)
+    expected = np.asarray(keras_ops.convert_to_numpy(keras_ops.separable_conv(x, dk, pk, **kwargs)))
+    y = nbconv.separable_conv2d(x, dk, pk, **kwargs)
+    assert_close(y, expected, tol=2e-5)
+    # and the reference agrees with Keras, so its padding/stride conventions are Keras's
+    assert_close(separable_ref(x, dk, pk, **kwargs), expected, tol=2e-5)
