@@ -1,0 +1,178 @@
+"""nbconv.depthwise_conv2d against the float64 reference and Keras's ops.depthwise_conv."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import nbconv
+from reference import assert_close, depthwise_ref, output_size, pair, random_array, resolve_padding, tolerance_for
+
+FORMATS = ["channels_last", "channels_first"]
+
+# (N, H, W, C, dm, k, strides, dilation, padding)
+GEOMETRIES = [
+    (1, 1, 1, 1, 1, 1, 1, 1, "valid"),
+    (1, 1, 1, 3, 2, 3, 1, 1, "same"),
+    (2, 5, 7, 3, 1, 3, 1, 1, "valid"),
+    (2, 5, 7, 3, 2, 3, 1, 1, "same"),
+    (1, 8, 8, 4, 1, 2, 1, 1, "same"),
+    (3, 9, 6, 2, 3, 4, 2, 1, "same"),
+    (1, 11, 9, 5, 1, 5, (2, 1), 1, "valid"),
+    (2, 10, 10, 3, 2, 5, 2, 2, "same"),
+    (1, 13, 12, 2, 1, 6, (1, 3), 1, "same"),
+    (1, 14, 15, 3, 1, 7, 1, (2, 1), "same"),
+    (2, 9, 9, 4, 1, 3, 3, 2, "valid"),
+    (1, 7, 7, 6, 1, 3, (3, 2), (1, 2), "same"),
+    (2, 6, 5, 3, 1, 3, 1, 1, 1),
+    (2, 6, 5, 3, 2, 3, 2, 1, (1, 2)),
+    (1, 5, 8, 2, 1, 3, 1, 1, ((0, 2), (1, 0))),
+    (1, 5, 8, 2, 2, 5, (2, 1), (1, 2), ((2, 1), (3, 0))),
+    (1, 4, 4, 3, 1, 7, 1, 1, 3),
+    (1, 1, 9, 2, 1, (1, 3), 1, 1, "valid"),
+    (1, 3, 3, 1, 4, 3, 1, 1, 0),
+    (2, 12, 11, 17, 1, 3, 2, 1, "same"),
+    (1, 16, 16, 40, 2, 3, 1, 1, "same"),
+]
+
+
+def _inputs(rng, geom, data_format, dtype=np.float32):
+    n, h, w, c, dm, k, strides, dilation, padding = geom
+    kh, kw = pair(k)
+    x = random_array(rng, (n, h, w, c) if data_format == "channels_last" else (n, c, h, w), dtype)
+    kernel = random_array(rng, (kh, kw, c, dm), dtype)
+    return x, kernel, dict(strides=strides, padding=padding, dilation_rate=dilation, data_format=data_format)
+
+
+@pytest.mark.parametrize("data_format", FORMATS)
+@pytest.mark.parametrize("geom", GEOMETRIES, ids=[str(g) for g in GEOMETRIES])
+def test_depthwise_grid(rng, geom, data_format):
+    x, kernel, kwargs = _inputs(rng, geom, data_format)
+    y = nbconv.depthwise_conv2d(x, kernel, **kwargs)
+    assert y.dtype == np.float32
+    assert_close(y, depthwise_ref(x, kernel, **kwargs))
+
+
+@pytest.mark.parametrize("data_format", FORMATS)
+@pytest.mark.parametrize("activation", [None, "linear", "relu", "relu6"])
+def test_depthwise_bias_and_activation(rng, data_format, activation):
+    x, kernel, kwargs = _inputs(rng, (2, 7, 6, 5, 2, 3, (1, 2), 1, "same"), data_format)
+    x *= 5  # outputs beyond 6 so relu6 clips
+    bias = random_array(rng, (10,), np.float32, -3, 3)
+    y = nbconv.depthwise_conv2d(x, kernel, bias, activation=activation, **kwargs)
+    assert_close(y, depthwise_ref(x, kernel, bias, activation=activation, **kwargs))
+    y = nbconv.depthwise_conv2d(x, kernel, activation=activation, **kwargs)
+    assert_close(y, depthwise_ref(x, kernel, activation=activation, **kwargs))
+
+
+def test_depthwise_channel_order_is_c_times_dm_plus_m(rng):
+    """Output channel c*dm + m comes from input channel c and kernel[..., c, m] (Keras's order)."""
+    c, dm = 3, 2
+    x = np.zeros((1, 3, 3, c), np.float32)
+    x[0, 1, 1, 1] = 1.0  # only input channel 1 is non-zero
+    kernel = np.zeros((1, 1, c, dm), np.float32)
+    kernel[0, 0, 1, 0], kernel[0, 0, 1, 1] = 2.0, 3.0
+    y = nbconv.depthwise_conv2d(x, kernel)
+    expected = np.zeros((1, 3, 3, c * dm))
+    expected[0, 1, 1, 1 * dm + 0], expected[0, 1, 1, 1 * dm + 1] = 2.0, 3.0
+    assert np.array_equal(y, expected)
+    assert_close(y, depthwise_ref(x, kernel))
+
+
+@pytest.mark.parametrize("data_format", FORMATS)
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_depthwise_dtypes(rng, dtype, data_format):
+    x, kernel, kwargs = _inputs(rng, (2, 7, 6, 4, 2, 3, 2, 1, "same"), data_format, dtype)
+    bias = random_array(rng, (8,), dtype)
+    y = nbconv.depthwise_conv2d(x, kernel, bias, activation="relu6", **kwargs)
+    assert y.dtype == dtype
+    assert_close(y, depthwise_ref(x, kernel, bias, activation="relu6", **kwargs))
+
+
+@pytest.mark.parametrize(
+    "dtypes",
+    [
+        (np.float32, np.float64, None),
+        (np.float16, np.float32, None),
+        (np.float16, np.float16, np.float64),
+        (np.float64, np.float16, np.float32),
+        (np.float16, np.float16, np.float32),
+    ],
+)
+def test_depthwise_mixed_dtypes(rng, dtypes):
+    xd, kd, bd = dtypes
+    x = random_array(rng, (2, 6, 5, 3), xd)
+    kernel = random_array(rng, (3, 3, 3, 2), kd)
+    bias = None if bd is None else random_array(rng, (6,), bd)
+    y = nbconv.depthwise_conv2d(x, kernel, bias, padding=1)
+    assert y.dtype == np.result_type(*[d for d in dtypes if d is not None])
+    assert_close(y, depthwise_ref(x, kernel, bias, padding=1))
+
+
+PADDINGS = st.one_of(
+    st.sampled_from(["valid", "same"]),
+    st.integers(0, 3),
+    st.tuples(st.integers(0, 3), st.integers(0, 3)),
+    st.tuples(st.tuples(st.integers(0, 3), st.integers(0, 3)), st.tuples(st.integers(0, 3), st.integers(0, 3))),
+)
+INTS_OR_PAIRS = lambda hi: st.one_of(st.integers(1, hi), st.tuples(st.integers(1, hi), st.integers(1, hi)))  # noqa: E731
+DTYPES = st.sampled_from([np.float32, np.float32, np.float64, np.float16])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 3), h=st.integers(1, 12), w=st.integers(1, 12), c=st.integers(1, 7), dm=st.integers(1, 3),
+    kh=st.integers(1, 7), kw=st.integers(1, 7), strides=INTS_OR_PAIRS(3), dilation=INTS_OR_PAIRS(3),
+    padding=PADDINGS, data_format=st.sampled_from(FORMATS), dtypes=st.tuples(DTYPES, DTYPES),
+    use_bias=st.booleans(), activation=st.sampled_from([None, "linear", "relu", "relu6"]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_depthwise_property(n, h, w, c, dm, kh, kw, strides, dilation, padding, data_format, dtypes, use_bias,
+                            activation, seed):
+    rng = np.random.default_rng(seed)
+    xd, kd = dtypes
+    x = random_array(rng, (n, h, w, c) if data_format == "channels_last" else (n, c, h, w), xd)
+    kernel = random_array(rng, (kh, kw, c, dm), kd)
+    bias = random_array(rng, (c * dm,), kd) if use_bias else None
+    kwargs = dict(strides=strides, padding=padding, dilation_rate=dilation, data_format=data_format,
+                  activation=activation)
+    (pt, pb), (pl, pr) = resolve_padding(padding, h, w, kh, kw, strides, dilation)
+    sh, sw = pair(strides)
+    dh, dw = pair(dilation)
+    if output_size(h, kh, sh, dh, pt, pb) == 0 or output_size(w, kw, sw, dw, pl, pr) == 0:
+        with pytest.raises(ValueError, match="positive size"):
+            nbconv.depthwise_conv2d(x, kernel, bias, **kwargs)
+        return
+    y = nbconv.depthwise_conv2d(x, kernel, bias, **kwargs)
+    assert y.dtype == np.result_type(xd, kd)
+    assert_close(y, depthwise_ref(x, kernel, bias, **kwargs), tol=tolerance_for(y.dtype))
+
+
+KERAS_CASES = [
+    # (H, W, C, dm, k, strides, dilation, padding)
+    (7, 7, 3, 1, 3, 1, 1, "valid"),
+    (8, 9, 3, 2, 3, 1, 1, "same"),
+    (9, 9, 4, 1, 3, 2, 1, "same"),
+    (8, 8, 4, 3, 3, 2, 1, "same"),
+    (10, 9, 2, 3, 5, (1, 2), 1, "same"),
+    (10, 9, 2, 1, 2, (2, 1), 1, "valid"),
+    (11, 12, 3, 1, 3, 1, 2, "same"),
+    (11, 12, 3, 1, 3, 1, (2, 3), "valid"),
+    (12, 11, 3, 2, 3, 2, 2, "same"),
+    (13, 12, 2, 1, 3, (2, 3), (2, 1), "same"),
+    (13, 12, 2, 2, 4, 3, 2, "valid"),
+    (5, 6, 3, 1, 7, 1, 1, "same"),
+    (1, 1, 3, 2, 3, 1, 1, "same"),
+]
+
+
+@pytest.mark.parametrize("data_format", FORMATS)
+@pytest.mark.parametrize("case", KERAS_CASES, ids=[str(c) for c in KERAS_CASES])
+def test_depthwise_matches_keras(rng, keras_ops, case, data_format):
+    h, w, c, dm, k, strides, dilation, padding = case
+    x = random_array(rng, (2, h, w, c) if data_format == "channels_last" else (2, c, h, w))
+    kernel = random_array(rng, (k, k, c, dm))
+    kwargs = dict(strides=strides, padding=padding, dilation_rate=dilation, data_format=data_format)
+    expected = np.asarray(keras_ops.convert_to_numpy(keras_ops.depthwise_conv(x, kernel, **kwargs)))
+    y = nbconv.depthwise_conv2d(x, kernel, **kwargs)
+    assert_close(y, expected, tol=2e-5)
+    assert_close(depthwise_ref(x, kernel, **kwargs), expected, tol=2e-5)
