@@ -4,11 +4,21 @@ Public API
 ----------
 depthwise_conv2d, pointwise_conv2d, separable_conv2d
     Forward convolutions (Keras weight layouts, NHWC or NCHW).
+depthwise_conv2d_backward, pointwise_conv2d_backward, separable_conv2d_backward
+    Their gradients (named tuples DepthwiseConv2DGrads, PointwiseConv2DGrads, SeparableConv2DGrads).
 get_num_threads, set_num_threads, num_threads
     Thread control for the kernels.
 """
 from . import _runtime  # noqa: F401  (threading layer and BLAS symbols, before any kernel compiles)
 from ._threads import get_num_threads, num_threads, set_num_threads
+from .backward import (
+    DepthwiseConv2DGrads,
+    PointwiseConv2DGrads,
+    SeparableConv2DGrads,
+    depthwise_conv2d_backward,
+    pointwise_conv2d_backward,
+    separable_conv2d_backward,
+)
 from .forward import depthwise_conv2d, pointwise_conv2d, separable_conv2d
 
 __version__ = "0.1.0"
@@ -17,6 +27,12 @@ __all__ = [
     "depthwise_conv2d",
     "pointwise_conv2d",
     "separable_conv2d",
+    "depthwise_conv2d_backward",
+    "pointwise_conv2d_backward",
+    "separable_conv2d_backward",
+    "DepthwiseConv2DGrads",
+    "PointwiseConv2DGrads",
+    "SeparableConv2DGrads",
     "get_num_threads",
     "set_num_threads",
     "num_threads",

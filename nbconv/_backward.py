@@ -1,0 +1,591 @@
+"""Backward kernels: gradients of depthwise, pointwise and fused separable convolution, NHWC and NCHW.
+
+Work split
+    Every parallel kernel splits the rows of the *output* (``N*OH`` of them,
+    all images one after the other) into ``nchunks`` contiguous chunks, one
+    ``prange`` iteration each.  A chunk walks its rows in tiles of ``tile_p``
+    pixels (a tile never crosses an image).
+
+Input gradient (row ownership + halo)
+    The input gradient is a transposed depthwise convolution, computed by
+    scattering each output pixel's gradient through the taps that read it.
+    Output rows ``[a, b)`` of image ``n`` read input rows from ``a*sh - pt``
+    downwards, so a chunk *owns* input rows ``[start(a), start(b))`` with
+    ``start(o) = clip(o*sh - pt, 0, H)`` (``start(0) = 0``, ``start(OH) = H``):
+    the owned rows of all chunks partition ``dx``.  A chunk zeroes its own
+    rows first, so rows no tap reaches (strides that skip rows, 'valid'
+    borders) get a zero gradient.  The taps of a chunk's last output rows can
+    reach below its last owned row, into the next chunk's rows; those
+    contributions go to the chunk's private ``halo`` buffer of
+    ``max(1, (KH-1)*dh - sh + 1)`` rows, added to ``dx`` after the parallel
+    loop in chunk order (:func:`add_halos`).  No two chunks ever write the
+    same element, and the result does not depend on thread scheduling.
+
+Weight and bias gradients
+    Reduced over batch and space into per-chunk partial sums
+    (``(nchunks, ...)`` buffers, zero-initialised by the caller), then summed
+    in chunk order by :func:`reduce_chunks`: the same thread count gives the
+    same bits.
+
+Separable backward (recomputation)
+    For each pixel tile the kernel recomputes the depthwise tile
+    ``D = depthwise(x)`` into scratch, accumulates ``dPW += D^T G``, forms
+    ``dD = G PW^T`` (BLAS) into a second scratch tile, then runs the
+    depthwise backward of that tile (``dDK`` partial sums and the ``dx``
+    scatter).  The ``N*OH*OW*C*dm`` intermediate is never stored.
+
+    Scratch bound: ``2 * nchunks * tile_p * C*dm`` elements for the two
+    tiles, plus ``nchunks * (C*dm*F + KH*KW*C*dm + F)`` partial sums and
+    ``nchunks * HR * W * C`` halo rows, all in the compute dtype.
+
+Weights arrive repacked as for the forward kernels: NHWC kernels take the
+depthwise kernel as ``(KH, KW, C*dm)``, NCHW kernels as ``(C*dm, KH, KW)``;
+output channel ``c*dm + m`` comes from input channel ``c``.  ``want_*``
+flags skip the work of gradients nobody asked for; arrays of a gradient not
+wanted may be 1-element dummies of the right rank.
+"""
+import numpy as np
+from numba import prange
+
+from ._depthwise import _first_valid, dw_nchw_tile, dw_nhwc_pixels
+from ._jit import jit, pjit
+from ._pointwise import gemm_rm
+
+
+@jit
+def row_start(o, oh_size, h, sh, pt):
+    """First input row owned by output row ``o`` (see the module notes)."""
+    if o <= 0:
+        return 0
+    if o >= oh_size:
+        return h
+    return min(max(o * sh - pt, 0), h)
+
+
+@jit
+def _chunk_rows(chunk, nchunks, rows):
+    return chunk * rows // nchunks, (chunk + 1) * rows // nchunks
+
+
+@jit
+def _zero_owned_nhwc(dx, r0, r1, oh_size, sh, pt):
+    """Zero the ``dx`` rows owned by output rows ``[r0, r1)``; return ``(n, end row)`` of a spilling chunk or ``(-1, 0)``."""
+    h = dx.shape[1]
+    zero = dx.dtype.type(0)
+    for n in range(r0 // oh_size, (r1 - 1) // oh_size + 1):
+        a = max(r0, n * oh_size) - n * oh_size
+        b = min(r1, (n + 1) * oh_size) - n * oh_size
+        ia = row_start(a, oh_size, h, sh, pt)
+        ib = row_start(b, oh_size, h, sh, pt)
+        dxn = dx[n]
+        for ih in range(ia, ib):
+            r = dxn[ih].reshape(-1)
+            for i in range(r.shape[0]):
+                r[i] = zero
+    if r1 % oh_size != 0:
+        n = (r1 - 1) // oh_size
+        return n, row_start(r1 - n * oh_size, oh_size, h, sh, pt)
+    return -1, 0
+
+
+@jit
+def _zero_owned_nchw(dx, r0, r1, oh_size, sh, pt):
+    """As :func:`_zero_owned_nhwc` for ``dx`` of shape ``(N, C, H, W)``."""
+    c, h = dx.shape[1], dx.shape[2]
+    zero = dx.dtype.type(0)
+    for n in range(r0 // oh_size, (r1 - 1) // oh_size + 1):
+        a = max(r0, n * oh_size) - n * oh_size
+        b = min(r1, (n + 1) * oh_size) - n * oh_size
+        ia = row_start(a, oh_size, h, sh, pt)
+        ib = row_start(b, oh_size, h, sh, pt)
+        for ci in range(c):
+            plane = dx[n, ci]
+            for ih in range(ia, ib):
+                r = plane[ih]
+                for i in range(r.shape[0]):
+                    r[i] = zero
+    if r1 % oh_size != 0:
+        n = (r1 - 1) // oh_size
+        return n, row_start(r1 - n * oh_size, oh_size, h, sh, pt)
+    return -1, 0
+
+
+@jit
+def _zero(a):
+    a1 = a.reshape(-1)
+    zero = a.dtype.type(0)
+    for i in range(a1.shape[0]):
+        a1[i] = zero
+
+
+@jit
+def dwb_nhwc_pixels(xn, w, src, dm, p0, p1, ow_size, sh, sw, dh, dw, pt, pl,
+                    want_dk, dkacc, want_dx, dxn, own_end, halo):
+    """Depthwise backward of output pixels ``p0 .. p1-1`` of one NHWC image, given their gradient ``src``.
+
+    Parameters
+    ----------
+    xn : ndarray of shape (H, W, C)
+    w : ndarray of shape (KH, KW, C*dm)
+    src : ndarray of shape (>= p1 - p0, C*dm)
+        Row ``p - p0``: gradient of the depthwise output at pixel ``p``.
+    dkacc : ndarray of shape (KH, KW, C*dm)
+        Kernel-gradient accumulator (added to).
+    dxn : ndarray of shape (H, W, C)
+        Input gradient of the image (added to), for rows ``< own_end``.
+    halo : ndarray of shape (HR, W, C)
+        Receives (added to) the rows ``own_end .. own_end+HR-1``.
+
+    Notes
+    -----
+    Serial.  Channel loops are innermost and contiguous (they vectorise).
+    """
+    h, wd, c = xn.shape
+    kh_n, kw_n, cm = w.shape
+    for p in range(p0, p1):
+        oh = p // ow_size
+        ow = p - oh * ow_size
+        g = src[p - p0]
+        for kh in range(kh_n):
+            ih = oh * sh - pt + kh * dh
+            if ih < 0 or ih >= h:
+                continue
+            if want_dx:
+                dxr = dxn[ih] if ih < own_end else halo[ih - own_end]
+            for kw in range(kw_n):
+                iw = ow * sw - pl + kw * dw
+                if iw < 0 or iw >= wd:
+                    continue
+                if want_dk:
+                    xr = xn[ih, iw]
+                    acc = dkacc[kh, kw]
+                    if dm == 1:
+                        for j in range(cm):
+                            acc[j] += g[j] * xr[j]
+                    else:
+                        for ci in range(c):
+                            xv = xr[ci]
+                            for m in range(dm):
+                                acc[ci * dm + m] += g[ci * dm + m] * xv
+                if want_dx:
+                    wr = w[kh, kw]
+                    d = dxr[iw]
+                    if dm == 1:
+                        for j in range(cm):
+                            d[j] += g[j] * wr[j]
+                    else:
+                        for ci in range(c):
+                            s = d[ci]
+                            for m in range(dm):
+                                s += g[ci * dm + m] * wr[ci * dm + m]
+                            d[ci] = s
+
+
+@jit
+def dwb_nchw_tile(xn, w, src1, soff, ld, dm, p0, p1, ow_size, sh, sw, dh, dw, pt, pl,
+                  want_dk, dkacc, want_dx, dxn, own_end, halo):
+    """Depthwise backward of output pixels ``p0 .. p1-1`` (all channels) of one NCHW image.
+
+    Parameters
+    ----------
+    xn : ndarray of shape (C, H, W)
+    w : ndarray of shape (C*dm, KH, KW)
+    src1 : 1-D ndarray
+        Gradient of the depthwise output: channel ``j`` at pixel ``p`` is
+        ``src1[soff + j*ld + p - p0]``.
+    dkacc : ndarray of shape (C*dm, KH, KW)
+        Kernel-gradient accumulator (added to).
+    dxn : ndarray of shape (C, H, W)
+        Input gradient of the image (added to), for rows ``< own_end``.
+    halo : ndarray of shape (C, HR, W)
+        Receives (added to) the rows ``own_end .. own_end+HR-1``.
+
+    Notes
+    -----
+    Serial.  Vectorised along output columns; the valid column range of
+    each tap is computed once, so the inner loops have no bounds checks.
+    """
+    c, h, wd = xn.shape
+    _, kh_n, kw_n = w.shape
+    zero = src1.dtype.type(0)
+    for ci in range(c):
+        xc = xn[ci]
+        for m in range(dm):
+            j = ci * dm + m
+            base = soff + j * ld
+            p = p0
+            while p < p1:
+                oh = p // ow_size
+                ow0 = p - oh * ow_size
+                ow1 = min(ow_size, ow0 + (p1 - p))
+                q0 = base + (p - p0) - ow0  # src1[q0 + ow] is pixel (oh, ow)
+                for kh in range(kh_n):
+                    ih = oh * sh - pt + kh * dh
+                    if ih < 0 or ih >= h:
+                        continue
+                    xr = xc[ih]
+                    if want_dx:
+                        dxr = dxn[ci, ih] if ih < own_end else halo[ci, ih - own_end]
+                    for kw in range(kw_n):
+                        off = kw * dw - pl
+                        a, bnd = _first_valid(off, sw, wd, ow0, ow1)
+                        if want_dk:
+                            s = zero
+                            if sw == 1:
+                                for ow in range(a, bnd):
+                                    s += src1[q0 + ow] * xr[ow + off]
+                            else:
+                                for ow in range(a, bnd):
+                                    s += src1[q0 + ow] * xr[ow * sw + off]
+                            dkacc[j, kh, kw] += s
+                        if want_dx:
+                            wv = w[j, kh, kw]
+                            if sw == 1:
+                                for ow in range(a, bnd):
+                                    dxr[ow + off] += wv * src1[q0 + ow]
+                            else:
+                                for ow in range(a, bnd):
+                                    dxr[ow * sw + off] += wv * src1[q0 + ow]
+                p += ow1 - ow0
+
+
+@jit
+def _colsum_rows(g1, off, rows, cols, ld, acc):
+    """``acc[:cols] += sum of rows`` of a ``rows x cols`` block of flat ``g1`` (row stride ``ld``)."""
+    for r in range(rows):
+        s = off + r * ld
+        for j in range(cols):
+            acc[j] += g1[s + j]
+
+
+@jit
+def _rowsum_rows(g1, off, rows, cols, ld, acc):
+    """``acc[r] += sum of row r`` of a ``rows x cols`` block of flat ``g1``."""
+    zero = g1.dtype.type(0)
+    for r in range(rows):
+        s = off + r * ld
+        t = zero
+        for j in range(cols):
+            t += g1[s + j]
+        acc[r] += t
+
+
+@pjit
+def dwsep_backward_nhwc(x, dk, wmat, g2, want_dx, dx, want_dk, dkp, want_pw, dpwp, want_b, dbp,
+                        halo, halo_pos, sh, sw, dh, dw, pt, pl, oh_size, ow_size, tile_p, nchunks,
+                        dscr, ddscr, ibuf, consts, chars):
+    """Parallel backward of depthwise (``wmat`` empty) or fused separable convolution, NHWC.
+
+    Parameters
+    ----------
+    x : ndarray of shape (N, H, W, C)
+    dk : ndarray of shape (KH, KW, C*dm)
+    wmat : ndarray of shape (C*dm, F), or (0, 0) for a plain depthwise backward
+    g2 : ndarray of shape (N*OH*OW, G)
+        Gradient of the output, ``G = F`` (separable) or ``C*dm`` (depthwise).
+    dx : ndarray of shape (N, H, W, C)
+        Written completely when ``want_dx``.
+    dkp : ndarray of shape (nchunks, KH, KW, C*dm), zeros
+    dpwp : ndarray of shape (nchunks, C*dm, F), zeros
+    dbp : ndarray of shape (nchunks, G), zeros
+        Per-chunk partial sums of the kernel, pointwise-kernel and bias gradients.
+    halo : ndarray of shape (nchunks, HR, W, C)
+    halo_pos : ndarray of shape (nchunks, 2), int64
+        Receives ``(n, first row)`` of ``dx`` that ``halo[chunk]`` belongs to, or ``(-1, 0)``.
+    dscr, ddscr : ndarray of shape (nchunks, tile_p, C*dm)
+        Thread-private tiles of ``D`` and ``dD`` (separable only).
+    ibuf : ndarray of shape (nchunks, 8), int32
+
+    Notes
+    -----
+    Parallel over ``nchunks`` chunks of output rows (module notes); a
+    chunk writes only its own ``dx`` rows and its own slices of the
+    partial-sum, halo and scratch buffers.
+    """
+    n_img, h, wd, c = x.shape
+    cm = dk.shape[2]
+    dm = cm // c
+    sep = wmat.shape[0] > 0
+    f = wmat.shape[1]
+    gw = g2.shape[1]
+    ohw = oh_size * ow_size
+    rows = n_img * oh_size
+    g1 = g2.reshape(-1)
+    w1 = wmat.reshape(-1)
+    dpw1 = dpwp.reshape(-1)
+    for chunk in prange(nchunks):
+        r0, r1 = _chunk_rows(chunk, nchunks, rows)
+        hal = halo[chunk]
+        hn = -1
+        hrow = 0
+        if want_dx and r1 > r0:
+            hn, hrow = _zero_owned_nhwc(dx, r0, r1, oh_size, sh, pt)
+            _zero(hal)
+        halo_pos[chunk, 0] = hn
+        halo_pos[chunk, 1] = hrow
+        ib = ibuf[chunk]
+        d = dscr[chunk]
+        dd = ddscr[chunk]
+        d1 = d.reshape(-1)
+        dd1 = dd.reshape(-1)
+        dka = dkp[chunk]
+        dba = dbp[chunk]
+        if r1 > r0:
+            for n in range(r0 // oh_size, (r1 - 1) // oh_size + 1):
+                a = max(r0, n * oh_size) - n * oh_size
+                b = min(r1, (n + 1) * oh_size) - n * oh_size
+                own_end = hrow if n == hn else h
+                xn = x[n]
+                dxn = dx[n] if want_dx else dx[0]
+                p0 = a * ow_size
+                while p0 < b * ow_size:
+                    p1 = min(p0 + tile_p, b * ow_size)
+                    npx = p1 - p0
+                    grow = n * ohw + p0
+                    if want_b:
+                        _colsum_rows(g1, grow * gw, npx, gw, gw, dba)
+                    if sep:
+                        if want_pw:
+                            dw_nhwc_pixels(xn, dk, dk[0, 0, :0], 0, dm, p0, p1, ow_size, sh, sw, dh, dw, pt, pl, d)
+                            gemm_rm(1, 0, cm, f, npx, d1, 0, cm, g1, grow * f, f, True, dpw1, chunk * cm * f, f,
+                                    ib, consts, chars)
+                        if want_dx or want_dk:
+                            gemm_rm(0, 1, npx, cm, f, g1, grow * f, f, w1, 0, f, False, dd1, 0, cm, ib, consts, chars)
+                            dwb_nhwc_pixels(xn, dk, dd, dm, p0, p1, ow_size, sh, sw, dh, dw, pt, pl,
+                                            want_dk, dka, want_dx, dxn, own_end, hal)
+                    elif want_dx or want_dk:
+                        dwb_nhwc_pixels(xn, dk, g2[grow:grow + npx], dm, p0, p1, ow_size, sh, sw, dh, dw, pt, pl,
+                                        want_dk, dka, want_dx, dxn, own_end, hal)
+                    p0 = p1
+
+
+@pjit
+def dwsep_backward_nchw(x, dk, wmat, g3, want_dx, dx, want_dk, dkp, want_pw, dpwp, want_b, dbp,
+                        halo, halo_pos, sh, sw, dh, dw, pt, pl, oh_size, ow_size, tile_p, nchunks,
+                        dscr, ddscr, ibuf, consts, chars):
+    """Parallel backward of depthwise (``wmat`` empty) or fused separable convolution, NCHW.
+
+    Parameters
+    ----------
+    x : ndarray of shape (N, C, H, W)
+    dk : ndarray of shape (C*dm, KH, KW)
+    wmat : ndarray of shape (C*dm, F), or (0, 0) for a plain depthwise backward
+    g3 : ndarray of shape (N, G, OH*OW)
+        Gradient of the output, ``G = F`` (separable) or ``C*dm`` (depthwise).
+    dx : ndarray of shape (N, C, H, W)
+    dkp : ndarray of shape (nchunks, C*dm, KH, KW), zeros
+    dpwp : ndarray of shape (nchunks, C*dm, F), zeros
+    dbp : ndarray of shape (nchunks, G), zeros
+    halo : ndarray of shape (nchunks, C, HR, W)
+    halo_pos : ndarray of shape (nchunks, 2), int64
+    dscr, ddscr : ndarray of shape (nchunks, C*dm, tile_p)
+        Thread-private channel-major tiles of ``D`` and ``dD`` (separable only).
+
+    Notes
+    -----
+    As :func:`dwsep_backward_nhwc`; the input is read tile-wise in place
+    (no transposed copy).  BLAS reads the strided ``G`` tile directly.
+    """
+    n_img, c, h, wd = x.shape
+    cm = dk.shape[0]
+    dm = cm // c
+    sep = wmat.shape[0] > 0
+    f = wmat.shape[1]
+    gw = g3.shape[1]
+    ohw = oh_size * ow_size
+    rows = n_img * oh_size
+    g1 = g3.reshape(-1)
+    w1 = wmat.reshape(-1)
+    dpw1 = dpwp.reshape(-1)
+    for chunk in prange(nchunks):
+        r0, r1 = _chunk_rows(chunk, nchunks, rows)
+        hal = halo[chunk]
+        hn = -1
+        hrow = 0
+        if want_dx and r1 > r0:
+            hn, hrow = _zero_owned_nchw(dx, r0, r1, oh_size, sh, pt)
+            _zero(hal)
+        halo_pos[chunk, 0] = hn
+        halo_pos[chunk, 1] = hrow
+        ib = ibuf[chunk]
+        d = dscr[chunk]
+        dd = ddscr[chunk]
+        d1 = d.reshape(-1)
+        dd1 = dd.reshape(-1)
+        tp = d.shape[1]
+        dka = dkp[chunk]
+        dba = dbp[chunk]
+        if r1 > r0:
+            for n in range(r0 // oh_size, (r1 - 1) // oh_size + 1):
+                a = max(r0, n * oh_size) - n * oh_size
+                b = min(r1, (n + 1) * oh_size) - n * oh_size
+                own_end = hrow if n == hn else h
+                xn = x[n]
+                dxn = dx[n] if want_dx else dx[0]
+                p0 = a * ow_size
+                while p0 < b * ow_size:
+                    p1 = min(p0 + tile_p, b * ow_size)
+                    npx = p1 - p0
+                    goff = n * gw * ohw + p0
+                    if want_b:
+                        _rowsum_rows(g1, goff, gw, npx, ohw, dba)
+                    if sep:
+                        if want_pw:
+                            dw_nchw_tile(xn, dk, dk[0, 0, :0], 0, dm, 0, c, p0, p1, ow_size, sh, sw, dh, dw, pt, pl, d)
+                            gemm_rm(0, 1, cm, f, npx, d1, 0, tp, g1, goff, ohw, True, dpw1, chunk * cm * f, f,
+                                    ib, consts, chars)
+                        if want_dx or want_dk:
+                            gemm_rm(0, 0, cm, npx, f, w1, 0, f, g1, goff, ohw, False, dd1, 0, tp, ib, consts, chars)
+                            dwb_nchw_tile(xn, dk, dd1, 0, tp, dm, p0, p1, ow_size, sh, sw, dh, dw, pt, pl,
+                                          want_dk, dka, want_dx, dxn, own_end, hal)
+                    elif want_dx or want_dk:
+                        dwb_nchw_tile(xn, dk, g1, goff, ohw, dm, p0, p1, ow_size, sh, sw, dh, dw, pt, pl,
+                                      want_dk, dka, want_dx, dxn, own_end, hal)
+                    p0 = p1
+
+
+@jit
+def add_halos_nhwc(dx, halo, halo_pos):
+    """Add each chunk's spilled rows into ``dx`` (N, H, W, C), in chunk order (serial, deterministic)."""
+    h = dx.shape[1]
+    hr = halo.shape[1]
+    for chunk in range(halo.shape[0]):
+        n = halo_pos[chunk, 0]
+        if n < 0:
+            continue
+        r0 = halo_pos[chunk, 1]
+        for i in range(min(hr, h - r0)):
+            dst = dx[n, r0 + i].reshape(-1)
+            src = halo[chunk, i].reshape(-1)
+            for k in range(dst.shape[0]):
+                dst[k] += src[k]
+
+
+@jit
+def add_halos_nchw(dx, halo, halo_pos):
+    """Add each chunk's spilled rows into ``dx`` (N, C, H, W), in chunk order (serial, deterministic)."""
+    c, h = dx.shape[1], dx.shape[2]
+    hr = halo.shape[2]
+    for chunk in range(halo.shape[0]):
+        n = halo_pos[chunk, 0]
+        if n < 0:
+            continue
+        r0 = halo_pos[chunk, 1]
+        for ci in range(c):
+            for i in range(min(hr, h - r0)):
+                dst = dx[n, ci, r0 + i]
+                src = halo[chunk, ci, i]
+                for k in range(dst.shape[0]):
+                    dst[k] += src[k]
+
+
+@pjit
+def reduce_chunks(parts, out, block):
+    """``out[i] = parts[0, i] + parts[1, i] + ...`` in chunk order (deterministic).
+
+    Parameters
+    ----------
+    parts : ndarray of shape (nchunks, L)
+    out : ndarray of shape (L,)
+
+    Notes
+    -----
+    Parallel over blocks of ``block`` elements of ``out``.
+    """
+    nch, length = parts.shape
+    nblocks = (length + block - 1) // block
+    for bi in prange(nblocks):
+        i0 = bi * block
+        i1 = min(i0 + block, length)
+        for i in range(i0, i1):
+            out[i] = parts[0, i]
+        for k in range(1, nch):
+            pk = parts[k]
+            for i in range(i0, i1):
+                out[i] += pk[i]
+
+
+@pjit
+def pointwise_backward_nhwc(x2, wmat, g2, want_dx, dx2, want_w, dwp, want_b, dbp, tile_p, nchunks,
+                            ibuf, consts, chars):
+    """Parallel backward of a pointwise convolution, NHWC: ``dx2 = g2 @ wmat.T``, ``dW = x2.T @ g2``, ``db = sum g2``.
+
+    Parameters
+    ----------
+    x2 : ndarray of shape (P, K)
+    wmat : ndarray of shape (K, F)
+    g2 : ndarray of shape (P, F)
+    dx2 : ndarray of shape (P, K)
+    dwp : ndarray of shape (nchunks, K, F), zeros
+    dbp : ndarray of shape (nchunks, F), zeros
+
+    Notes
+    -----
+    Parallel over ``nchunks`` chunks of pixel tiles; each chunk writes its
+    own ``dx2`` rows and accumulates its own partial sums (BLAS with beta=1).
+    """
+    p_all, k = x2.shape
+    f = wmat.shape[1]
+    ntiles = (p_all + tile_p - 1) // tile_p
+    x1 = x2.reshape(-1)
+    w1 = wmat.reshape(-1)
+    g1 = g2.reshape(-1)
+    dx1 = dx2.reshape(-1)
+    dw1 = dwp.reshape(-1)
+    for chunk in prange(nchunks):
+        t0, t1 = _chunk_rows(chunk, nchunks, ntiles)
+        ib = ibuf[chunk]
+        for t in range(t0, t1):
+            p0 = t * tile_p
+            npx = min(tile_p, p_all - p0)
+            if want_dx:
+                gemm_rm(0, 1, npx, k, f, g1, p0 * f, f, w1, 0, f, False, dx1, p0 * k, k, ib, consts, chars)
+            if want_w:
+                gemm_rm(1, 0, k, f, npx, x1, p0 * k, k, g1, p0 * f, f, True, dw1, chunk * k * f, f, ib, consts, chars)
+            if want_b:
+                _colsum_rows(g1, p0 * f, npx, f, f, dbp[chunk])
+
+
+@pjit
+def pointwise_backward_nchw(x3, wmat, g3, want_dx, dx3, want_w, dwp, want_b, dbp, tile_p, nchunks,
+                            ibuf, consts, chars):
+    """Parallel backward of a pointwise convolution, NCHW (per image ``dx = W @ G``, ``dW += x @ G.T``).
+
+    Parameters
+    ----------
+    x3 : ndarray of shape (N, K, HW)
+    wmat : ndarray of shape (K, F)
+    g3 : ndarray of shape (N, F, HW)
+    dx3 : ndarray of shape (N, K, HW)
+    dwp : ndarray of shape (nchunks, K, F), zeros
+    dbp : ndarray of shape (nchunks, F), zeros
+
+    Notes
+    -----
+    Parallel over ``nchunks`` chunks of ``(n, pixel tile)`` tasks; BLAS reads
+    and writes the strided tiles in place.
+    """
+    n_img, k, hw = x3.shape
+    f = wmat.shape[1]
+    ptiles = (hw + tile_p - 1) // tile_p
+    ntasks = n_img * ptiles
+    x1 = x3.reshape(-1)
+    w1 = wmat.reshape(-1)
+    g1 = g3.reshape(-1)
+    dx1 = dx3.reshape(-1)
+    dw1 = dwp.reshape(-1)
+    for chunk in prange(nchunks):
+        t0, t1 = _chunk_rows(chunk, nchunks, ntasks)
+        ib = ibuf[chunk]
+        for t in range(t0, t1):
+            n = t // ptiles
+            p0 = (t - n * ptiles) * tile_p
+            npx = min(tile_p, hw - p0)
+            xoff = n * k * hw + p0
+            goff = n * f * hw + p0
+            if want_dx:
+                gemm_rm(0, 0, k, npx, f, w1, 0, f, g1, goff, hw, False, dx1, xoff, hw, ib, consts, chars)
+            if want_w:
+                gemm_rm(0, 1, k, f, npx, x1, xoff, hw, g1, goff, hw, True, dw1, chunk * k * f, f, ib, consts, chars)
+            if want_b:
+                _rowsum_rows(g1, goff, f, npx, hw, dbp[chunk])

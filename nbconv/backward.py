@@ -1,0 +1,400 @@
+"""Public backward functions: gradients of depthwise, pointwise and separable 2-D convolution on NumPy arrays.
+
+Each function takes the gradient of the loss with respect to the forward
+output (``grad_output``) and the forward inputs, and returns a named tuple
+with the gradients of the *linear* convolution plus bias with respect to
+the inputs named in ``wrt`` (the others are None and not computed).
+Activations are differentiated by the caller.  Arguments are normalised and
+validated by :mod:`nbconv._args` exactly as in :mod:`nbconv.forward`;
+nothing here loops over data.
+"""
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+from . import _args
+from ._backward import (
+    add_halos_nchw,
+    add_halos_nhwc,
+    dwsep_backward_nchw,
+    dwsep_backward_nhwc,
+    pointwise_backward_nchw,
+    pointwise_backward_nhwc,
+    reduce_chunks,
+)
+from ._pointwise import GEMM_CHARS
+from ._runtime import BLAS_THREADS, LAUNCH_LOCK
+from ._threads import get_num_threads
+
+__all__ = [
+    "DepthwiseConv2DGrads",
+    "PointwiseConv2DGrads",
+    "SeparableConv2DGrads",
+    "depthwise_conv2d_backward",
+    "pointwise_conv2d_backward",
+    "separable_conv2d_backward",
+]
+
+#: bytes of one thread-private tile (the separable backward holds two: D and dD)
+TILE_BYTES = 256 * 1024
+#: bytes of one pointwise GEMM operand tile
+PW_TILE_BYTES = 512 * 1024
+#: budget for the per-chunk partial sums of a pointwise kernel gradient; beyond it fewer chunks are used
+PARTIALS_BYTES = 16 * 1024 * 1024
+#: elements per block of the parallel chunk reduction
+REDUCE_BLOCK = 4096
+
+
+class DepthwiseConv2DGrads(NamedTuple):
+    """Gradients of :func:`nbconv.depthwise_conv2d` (None for those not requested)."""
+
+    x: Optional[np.ndarray]
+    kernel: Optional[np.ndarray]
+    bias: Optional[np.ndarray]
+
+
+class PointwiseConv2DGrads(NamedTuple):
+    """Gradients of :func:`nbconv.pointwise_conv2d` (None for those not requested)."""
+
+    x: Optional[np.ndarray]
+    kernel: Optional[np.ndarray]
+    bias: Optional[np.ndarray]
+
+
+class SeparableConv2DGrads(NamedTuple):
+    """Gradients of :func:`nbconv.separable_conv2d` (None for those not requested)."""
+
+    x: Optional[np.ndarray]
+    depthwise_kernel: Optional[np.ndarray]
+    pointwise_kernel: Optional[np.ndarray]
+    bias: Optional[np.ndarray]
+
+
+def _normalize_wrt(wrt, fields):
+    """``wrt`` (a name or an iterable of names) -> frozenset, checked against ``fields``."""
+    if isinstance(wrt, str):
+        names = (wrt,)
+    else:
+        try:
+            names = tuple(wrt)
+        except TypeError:
+            names = None
+    if names is None or not all(isinstance(v, str) for v in names) or not set(names) <= set(fields):
+        raise ValueError(
+            f"Expected `wrt` to be a subset of {fields} (names of the forward inputs). Received: wrt={wrt!r}"
+        )
+    return frozenset(names)
+
+
+def _check_grad_output(grad_output, expected, func_name):
+    grad_output = _args.as_float_array(grad_output, "grad_output")
+    if grad_output.shape != tuple(expected):
+        raise ValueError(
+            f"Expected `grad_output` of shape {tuple(expected)} (the output shape of {func_name} for these "
+            f"inputs). Received: grad_output with shape {grad_output.shape}"
+        )
+    return grad_output
+
+
+def _finish(arr, result_dtype):
+    return arr if arr.dtype == result_dtype else arr.astype(result_dtype)
+
+
+def _gemm_buffers(nchunks, compute):
+    return np.empty((nchunks, 8), np.int32), np.array([1, 0, 1], compute)
+
+
+def _reduce(parts, compute):
+    """Sum ``parts`` of shape ``(nchunks, ...)`` over axis 0 in chunk order."""
+    out = np.empty(parts.shape[1:], compute)
+    if out.size:
+        with LAUNCH_LOCK:
+            reduce_chunks(parts.reshape(parts.shape[0], -1), out.reshape(-1), REDUCE_BLOCK)
+    return out
+
+
+def _dwsep_backward(g, xc, dkc, wc, gc, want_dx, want_dk, want_pw, want_b, compute):
+    """Run the depthwise / separable backward kernel; return ``(dx, dk, dpw, db)`` (None where not wanted).
+
+    ``dkc`` is in the kernel layout of ``g.channels_last`` (``(KH, KW, C*dm)``
+    or ``(C*dm, KH, KW)``), ``wc`` the ``(C*dm, F)`` pointwise matrix or an
+    empty ``(0, 0)`` array for a plain depthwise backward; ``gc`` has the
+    output's layout.
+    """
+    threads = get_num_threads()
+    cm = g.c * g.dm
+    sep = wc.shape[0] > 0
+    f = wc.shape[1] if sep else cm
+    rows = g.n * g.oh
+    ohw = g.oh * g.ow
+    itemsize = compute.itemsize
+    # few chunks when the pointwise partial sums are large (each chunk holds a C*dm x F block)
+    limit = 4 * threads
+    if sep and want_pw:
+        limit = max(threads, min(limit, PARTIALS_BYTES // max(1, cm * f * itemsize)))
+    nchunks = max(1, min(rows, limit))
+    if sep:
+        tile_p = max(16, min(ohw, TILE_BYTES // max(1, cm * itemsize)))
+    else:
+        tile_p = ohw  # no scratch: a chunk walks its rows in one go
+    hr = max(1, (g.kh - 1) * g.dh - g.sh + 1)
+    one = (1,) * 3
+    dx = np.empty(xc.shape, compute) if want_dx else np.empty((1,) * 4, compute)
+    halo_shape = (nchunks, hr, g.w, g.c) if g.channels_last else (nchunks, g.c, hr, g.w)
+    halo = np.empty(halo_shape if want_dx else (nchunks,) + one, compute)
+    halo_pos = np.empty((nchunks, 2), np.int64)
+    dkp = np.zeros((nchunks,) + dkc.shape if want_dk else (nchunks,) + one, compute)
+    dpwp = np.zeros((nchunks, cm, f) if (sep and want_pw) else (nchunks, 1, 1), compute)
+    dbp = np.zeros((nchunks, f) if want_b else (nchunks, 1), compute)
+    if sep:
+        tshape = (nchunks, tile_p, cm) if g.channels_last else (nchunks, cm, tile_p)
+        dscr = np.empty(tshape if want_pw else (nchunks, 1, 1), compute)
+        ddscr = np.empty(tshape if (want_dx or want_dk) else (nchunks, 1, 1), compute)
+    else:
+        dscr = ddscr = np.empty((nchunks, 1, 1), compute)
+    ibuf, consts = _gemm_buffers(nchunks, compute)
+    if g.channels_last:
+        with LAUNCH_LOCK, BLAS_THREADS.single():
+            dwsep_backward_nhwc(xc, dkc, wc, gc.reshape(-1, f), want_dx, dx, want_dk, dkp, want_pw, dpwp, want_b,
+                                dbp, halo, halo_pos, g.sh, g.sw, g.dh, g.dw, g.pt, g.pl, g.oh, g.ow, tile_p, nchunks,
+                                dscr, ddscr, ibuf, consts, GEMM_CHARS)
+        if want_dx:
+            add_halos_nhwc(dx, halo, halo_pos)
+    else:
+        with LAUNCH_LOCK, BLAS_THREADS.single():
+            dwsep_backward_nchw(xc, dkc, wc, gc.reshape(g.n, f, -1), want_dx, dx, want_dk, dkp, want_pw, dpwp, want_b,
+                                dbp, halo, halo_pos, g.sh, g.sw, g.dh, g.dw, g.pt, g.pl, g.oh, g.ow, tile_p, nchunks,
+                                dscr, ddscr, ibuf, consts, GEMM_CHARS)
+        if want_dx:
+            add_halos_nchw(dx, halo, halo_pos)
+    return (
+        dx if want_dx else None,
+        _reduce(dkp, compute) if want_dk else None,
+        _reduce(dpwp, compute) if (sep and want_pw) else None,
+        _reduce(dbp, compute) if want_b else None,
+    )
+
+
+def _dk_to_keras(dk, g):
+    """Kernel gradient from the kernel's internal layout back to Keras's ``(kh, kw, C, dm)``."""
+    if not g.channels_last:
+        dk = dk.transpose(1, 2, 0)
+    return np.ascontiguousarray(dk).reshape(g.kh, g.kw, g.c, g.dm)
+
+
+def _internal_dk(dk, g, compute):
+    cm = g.c * g.dm
+    if g.channels_last:
+        return np.ascontiguousarray(dk.reshape(g.kh, g.kw, cm), dtype=compute)
+    return np.ascontiguousarray(dk.reshape(g.kh, g.kw, cm).transpose(2, 0, 1), dtype=compute)
+
+
+def depthwise_conv2d_backward(grad_output, x, kernel, *, strides=_args.DEFAULT, padding="valid",
+                              dilation_rate=_args.DEFAULT, data_format="channels_last",
+                              wrt=("x", "kernel", "bias"), **aliases):
+    """Gradients of :func:`nbconv.depthwise_conv2d` (without activation).
+
+    Parameters
+    ----------
+    grad_output : array_like of shape (N, OH, OW, C*dm) or, channels_first, (N, C*dm, OH, OW)
+        Gradient of the loss with respect to the forward output.
+    x : array_like of shape (N, H, W, C) or (N, C, H, W)
+    kernel : array_like of shape (kh, kw, C, depth_multiplier)
+    strides, padding, dilation_rate, data_format
+        As in :func:`nbconv.depthwise_conv2d` (``stride=`` and ``dilation=`` accepted too).
+    wrt : iterable of {"x", "kernel", "bias"}
+        Gradients to compute; the others are returned as None.
+
+    Returns
+    -------
+    DepthwiseConv2DGrads
+        ``x`` of the shape of ``x``, ``kernel`` of shape (kh, kw, C, dm), ``bias`` of
+        shape (C*dm,), in the NumPy-promoted dtype of the inputs (float16 is
+        computed in float32).
+
+    Notes
+    -----
+    One parallel kernel computes all requested gradients in a single pass
+    over ``grad_output``: the input gradient as a transposed depthwise
+    convolution (each chunk of threads owns disjoint rows of it), the kernel
+    and bias gradients as per-chunk partial sums reduced in a fixed order
+    (deterministic for a given thread count).  Extra memory: the partial
+    sums ``4 * threads * (kh*kw + 1) * C*dm`` and ``4 * threads`` halo rows
+    of ``dx`` (at most ``(kh-1)*dilation`` rows each).
+    """
+    strides, dilation_rate = _args.resolve_aliases("depthwise_conv2d_backward", strides, dilation_rate, aliases)
+    channels_last = _args.normalize_data_format(data_format)
+    names = _normalize_wrt(wrt, DepthwiseConv2DGrads._fields)
+    x = _args.as_float_array(x, "x")
+    kernel = _args.as_float_array(kernel, "kernel")
+    g = _args.depthwise_geometry(x, kernel, strides, padding, dilation_rate, channels_last)
+    cm = g.c * g.dm
+    grad_output = _check_grad_output(grad_output, g.out_shape(cm), "depthwise_conv2d")
+    compute, result = _args.dtypes_for(grad_output, x, kernel)
+
+    want_dx, want_dk, want_b = "x" in names, "kernel" in names, "bias" in names
+    if not (want_dx or want_dk or want_b):
+        return DepthwiseConv2DGrads(None, None, None)
+    if grad_output.size == 0 or x.size == 0:
+        return DepthwiseConv2DGrads(
+            np.zeros(x.shape, result) if want_dx else None,
+            np.zeros(kernel.shape, result) if want_dk else None,
+            np.zeros(cm, result) if want_b else None,
+        )
+    xc = np.ascontiguousarray(x, dtype=compute)
+    gc = np.ascontiguousarray(grad_output, dtype=compute)
+    dkc = _internal_dk(kernel, g, compute)
+    dx, dk, _, db = _dwsep_backward(g, xc, dkc, np.empty((0, 0), compute), gc, want_dx, want_dk, False, want_b,
+                                    compute)
+    return DepthwiseConv2DGrads(
+        _finish(dx, result) if want_dx else None,
+        _finish(_dk_to_keras(dk, g), result) if want_dk else None,
+        _finish(db, result) if want_b else None,
+    )
+
+
+def pointwise_conv2d_backward(grad_output, x, kernel, *, data_format="channels_last", wrt=("x", "kernel", "bias")):
+    """Gradients of :func:`nbconv.pointwise_conv2d` (without activation).
+
+    Parameters
+    ----------
+    grad_output : array_like of shape (N, H, W, F) or, channels_first, (N, F, H, W)
+    x : array_like of shape (N, H, W, K) or (N, K, H, W)
+    kernel : array_like of shape (1, 1, K, F) or (K, F)
+    data_format : {"channels_last", "channels_first"}
+    wrt : iterable of {"x", "kernel", "bias"}
+
+    Returns
+    -------
+    PointwiseConv2DGrads
+        ``kernel`` has the shape the caller passed.
+
+    Notes
+    -----
+    Parallel over chunks of pixel tiles: ``dx = G W^T`` per tile in place,
+    ``dW = x^T G`` as per-chunk partial sums (at most about 16 MiB in all,
+    fewer chunks when ``K*F`` is large) reduced in a fixed order.
+    """
+    channels_last = _args.normalize_data_format(data_format)
+    names = _normalize_wrt(wrt, PointwiseConv2DGrads._fields)
+    x = _args.as_float_array(x, "x")
+    kernel = _args.as_float_array(kernel, "kernel")
+    _args.check_ndim(x, "x", 4, "of shape " + ("(N, H, W, C)" if channels_last else "(N, C, H, W)"))
+    k = x.shape[3] if channels_last else x.shape[1]
+    wmat = _args.pointwise_matrix(kernel, k, "kernel")
+    f = wmat.shape[1]
+    n = x.shape[0]
+    h, w = (x.shape[1], x.shape[2]) if channels_last else (x.shape[2], x.shape[3])
+    grad_output = _check_grad_output(grad_output, (n, h, w, f) if channels_last else (n, f, h, w),
+                                     "pointwise_conv2d")
+    compute, result = _args.dtypes_for(grad_output, x, kernel)
+
+    want_dx, want_w, want_b = "x" in names, "kernel" in names, "bias" in names
+    if not (want_dx or want_w or want_b):
+        return PointwiseConv2DGrads(None, None, None)
+    if x.size == 0 or grad_output.size == 0:
+        return PointwiseConv2DGrads(
+            np.zeros(x.shape, result) if want_dx else None,
+            np.zeros(kernel.shape, result) if want_w else None,
+            np.zeros(f, result) if want_b else None,
+        )
+    xc = np.ascontiguousarray(x, dtype=compute)
+    gc = np.ascontiguousarray(grad_output, dtype=compute)
+    wc = np.ascontiguousarray(wmat, dtype=compute)
+    threads = get_num_threads()
+    isz = compute.itemsize
+    hw = h * w
+    tile_p = max(16, min(hw if not channels_last else n * hw, PW_TILE_BYTES // (max(k, f) * isz)))
+    ntasks = -(-n * hw // tile_p) if channels_last else n * -(-hw // tile_p)
+    limit = 4 * threads
+    if want_w:
+        limit = max(threads, min(limit, PARTIALS_BYTES // max(1, k * f * isz)))
+    nchunks = max(1, min(ntasks, limit))
+    dx = np.empty(xc.shape, compute) if want_dx else np.empty((1,) * 4, compute)
+    dwp = np.zeros((nchunks, k, f) if want_w else (nchunks, 1, 1), compute)
+    dbp = np.zeros((nchunks, f) if want_b else (nchunks, 1), compute)
+    ibuf, consts = _gemm_buffers(nchunks, compute)
+    if channels_last:
+        with LAUNCH_LOCK, BLAS_THREADS.single():
+            pointwise_backward_nhwc(xc.reshape(-1, k), wc, gc.reshape(-1, f), want_dx,
+                                    dx.reshape(-1, k) if want_dx else dx.reshape(1, 1), want_w, dwp, want_b, dbp,
+                                    tile_p, nchunks, ibuf, consts, GEMM_CHARS)
+    else:
+        with LAUNCH_LOCK, BLAS_THREADS.single():
+            pointwise_backward_nchw(xc.reshape(n, k, -1), wc, gc.reshape(n, f, -1), want_dx,
+                                    dx.reshape(n, k, -1) if want_dx else dx.reshape(1, 1, 1), want_w, dwp, want_b,
+                                    dbp, tile_p, nchunks, ibuf, consts, GEMM_CHARS)
+    return PointwiseConv2DGrads(
+        _finish(dx, result) if want_dx else None,
+        _finish(_reduce(dwp, compute).reshape(kernel.shape), result) if want_w else None,
+        _finish(_reduce(dbp, compute), result) if want_b else None,
+    )
+
+
+def separable_conv2d_backward(grad_output, x, depthwise_kernel, pointwise_kernel, *, strides=_args.DEFAULT,
+                              padding="valid", dilation_rate=_args.DEFAULT, data_format="channels_last",
+                              wrt=("x", "depthwise_kernel", "pointwise_kernel", "bias"), **aliases):
+    """Gradients of :func:`nbconv.separable_conv2d` (without depthwise bias or activations).
+
+    Parameters
+    ----------
+    grad_output : array_like of shape (N, OH, OW, F) or, channels_first, (N, F, OH, OW)
+    x : array_like of shape (N, H, W, C) or (N, C, H, W)
+    depthwise_kernel : array_like of shape (kh, kw, C, depth_multiplier)
+    pointwise_kernel : array_like of shape (1, 1, C*depth_multiplier, F) or (C*depth_multiplier, F)
+    strides, padding, dilation_rate, data_format
+        As in :func:`nbconv.separable_conv2d` (``stride=`` and ``dilation=`` accepted too).
+    wrt : iterable of {"x", "depthwise_kernel", "pointwise_kernel", "bias"}
+
+    Returns
+    -------
+    SeparableConv2DGrads
+        Gradients in the shapes of the corresponding inputs (``pointwise_kernel``
+        in the shape the caller passed).
+
+    Notes
+    -----
+    One fused parallel pass: per tile of output pixels the depthwise tile
+    ``D`` is recomputed (only when the pointwise-kernel gradient is wanted),
+    ``dPW += D^T G`` and ``dD = G PW^T`` run in BLAS, and the depthwise
+    backward of ``dD`` gives the depthwise-kernel and input gradients.  The
+    depthwise intermediate is never stored: scratch is two tiles of at most
+    256 KiB per chunk, plus per-chunk partial sums of the weight gradients
+    (``nchunks * C*dm * F``, with ``nchunks`` cut down towards the thread
+    count when that exceeds about 16 MiB) and ``nchunks`` halo rows of ``dx``.
+    """
+    strides, dilation_rate = _args.resolve_aliases("separable_conv2d_backward", strides, dilation_rate, aliases)
+    channels_last = _args.normalize_data_format(data_format)
+    names = _normalize_wrt(wrt, SeparableConv2DGrads._fields)
+    x = _args.as_float_array(x, "x")
+    dk = _args.as_float_array(depthwise_kernel, "depthwise_kernel")
+    pk = _args.as_float_array(pointwise_kernel, "pointwise_kernel")
+    g = _args.depthwise_geometry(x, dk, strides, padding, dilation_rate, channels_last, "depthwise_kernel")
+    cm = g.c * g.dm
+    wmat = _args.pointwise_matrix(pk, cm)
+    f = wmat.shape[1]
+    grad_output = _check_grad_output(grad_output, g.out_shape(f), "separable_conv2d")
+    compute, result = _args.dtypes_for(grad_output, x, dk, pk)
+
+    want_dx, want_dk = "x" in names, "depthwise_kernel" in names
+    want_pw, want_b = "pointwise_kernel" in names, "bias" in names
+    if not (want_dx or want_dk or want_pw or want_b):
+        return SeparableConv2DGrads(None, None, None, None)
+    if grad_output.size == 0 or x.size == 0:
+        return SeparableConv2DGrads(
+            np.zeros(x.shape, result) if want_dx else None,
+            np.zeros(dk.shape, result) if want_dk else None,
+            np.zeros(pk.shape, result) if want_pw else None,
+            np.zeros(f, result) if want_b else None,
+        )
+    xc = np.ascontiguousarray(x, dtype=compute)
+    gc = np.ascontiguousarray(grad_output, dtype=compute)
+    dkc = _internal_dk(dk, g, compute)
+    wc = np.ascontiguousarray(wmat, dtype=compute)
+    dx, ddk, dpw, db = _dwsep_backward(g, xc, dkc, wc, gc, want_dx, want_dk, want_pw, want_b, compute)
+    return SeparableConv2DGrads(
+        _finish(dx, result) if want_dx else None,
+        _finish(_dk_to_keras(ddk, g), result) if want_dk else None,
+        _finish(dpw.reshape(pk.shape), result) if want_pw else None,
+        _finish(db, result) if want_b else None,
+    )
