@@ -141,38 +141,169 @@ def dw_nchw_tile(xn, w, bias, act, dm, c0, c1, p0, p1, ow_size, sh, sw, dh, dw, 
                 p += ow1 - ow0
 
 
-@pjit
-def depthwise_nhwc(x, w, bias, act, out2, sh, sw, dh, dw, pt, pl, ow_size, tile_p, nchunks):
-    """Parallel depthwise convolution, NHWC.
+@jit
+def pack_rows(xn, channels_last, dm, pr0, nrows, pt, pl, wp, xs):
+    """Zero-padded NHWC copy of padded-input rows ``pr0 .. pr0+nrows-1`` of one image, channels repeated ``dm`` times.
 
     Parameters
     ----------
-    x : ndarray of shape (N, H, W, C)
-    w : ndarray of shape (KH, KW, C*dm)
-    out2 : ndarray of shape (N*OH*OW, C*dm)
-        The output, written completely.
+    xn : ndarray of shape (H, W, C) if ``channels_last`` else (C, H, W)
+    pr0 : int
+        First row in padded coordinates (input row ``pr0 - pt``).
+    wp : int
+        Columns to write, in padded coordinates (input column ``col - pl``).
+    xs : ndarray of shape (>= nrows*wp*C*dm,), flat
+        Receives ``xs[(r*wp + col)*C*dm + c*dm + m] = x[pr0 + r - pt, col - pl, c]``,
+        zero outside the input.
 
     Notes
     -----
-    Parallel over tasks ``(n, pixel tile of tile_p pixels)``, grouped into
-    ``nchunks`` contiguous chunks; tasks write disjoint rows of ``out2``.
+    Packing once per tile gives the depthwise loops one layout (NHWC, dm
+    folded into channels) and no bounds checks; padding reads real zeros, so
+    ``0 * w`` terms match the reference exactly, NaN/Inf included.
+    """
+    if channels_last:
+        h, w, c = xn.shape
+    else:
+        c, h, w = xn.shape
+    cm = c * dm
+    zero = xs.dtype.type(0)
+    col0 = min(pl, wp)
+    col1 = min(pl + w, wp)
+    for r in range(nrows):
+        row = xs[r * wp * cm:(r + 1) * wp * cm]
+        ih = pr0 + r - pt
+        if ih < 0 or ih >= h:
+            for i in range(wp * cm):
+                row[i] = zero
+            continue
+        for i in range(col0 * cm):
+            row[i] = zero
+        for i in range(col1 * cm, wp * cm):
+            row[i] = zero
+        if col1 <= col0:
+            continue
+        if channels_last:
+            src = xn[ih].reshape(-1)
+            if dm == 1:
+                dst = row[col0 * cm:col1 * cm]
+                for i in range((col1 - col0) * c):
+                    dst[i] = src[i]
+            else:
+                for col in range(col0, col1):
+                    sb = (col - pl) * c
+                    db = col * cm
+                    for ci in range(c):
+                        v = src[sb + ci]
+                        for m in range(dm):
+                            row[db + ci * dm + m] = v
+        else:
+            for ci in range(c):
+                src = xn[ci, ih]
+                for m in range(dm):
+                    dst = row[ci * dm + m:]
+                    for col in range(col0, col1):
+                        dst[col * cm] = src[col - pl]
+
+
+@jit
+def dw_packed_rows(xs, wp, wt, bt, act, nrows, ow_n, sh, sw, dh, dw, kh_n, kw_n, cm, nw, dst):
+    """Depthwise output rows from packed input rows (:func:`pack_rows`), ``nw`` pixels per inner loop.
+
+    Parameters
+    ----------
+    xs : ndarray, flat
+        Packed input: row ``r*sh + kh*dh`` for output row ``r``, ``wp`` columns.
+    wt : ndarray of shape (KH*KW, nw*cm)
+        Weights per tap, tiled ``nw`` times (``nw > 1`` only with ``sw == 1``,
+        where ``nw`` neighbouring pixels are contiguous in ``xs`` and ``dst``).
+    bt : ndarray of shape (nw*cm,)
+        Bias tiled ``nw`` times (zeros for no bias).
+    dst : ndarray, flat
+        Receives ``nrows*ow_n`` pixels of ``cm`` channels, row-major.
+
+    Notes
+    -----
+    3x3 kernels sum all nine taps in one expression (accumulator in
+    registers); other sizes accumulate tap by tap into ``dst`` (in L1).
+    """
+    blk = nw * cm
+    nblocks = (ow_n + nw - 1) // nw
+    rs = dh * wp * cm
+    cs = dw * cm
+    for r in range(nrows):
+        for b in range(nblocks):
+            ow = b * nw
+            ln = min(nw, ow_n - ow) * cm
+            d = dst[(r * ow_n + ow) * cm:]
+            x0 = xs[((r * sh) * wp + ow * sw) * cm:]
+            if kh_n == 3 and kw_n == 3:
+                x1 = x0[cs:]
+                x2 = x0[2 * cs:]
+                x3 = x0[rs:]
+                x4 = x3[cs:]
+                x5 = x3[2 * cs:]
+                x6 = x0[2 * rs:]
+                x7 = x6[cs:]
+                x8 = x6[2 * cs:]
+                w0 = wt[0]
+                w1 = wt[1]
+                w2 = wt[2]
+                w3 = wt[3]
+                w4 = wt[4]
+                w5 = wt[5]
+                w6 = wt[6]
+                w7 = wt[7]
+                w8 = wt[8]
+                for i in range(ln):
+                    d[i] = (bt[i] + x0[i] * w0[i] + x1[i] * w1[i] + x2[i] * w2[i] + x3[i] * w3[i] + x4[i] * w4[i]
+                            + x5[i] * w5[i] + x6[i] * w6[i] + x7[i] * w7[i] + x8[i] * w8[i])
+            else:
+                for i in range(ln):
+                    d[i] = bt[i]
+                for kh in range(kh_n):
+                    for kw in range(kw_n):
+                        xt = x0[kh * rs + kw * cs:]
+                        wv = wt[kh * kw_n + kw]
+                        for i in range(ln):
+                            d[i] += xt[i] * wv[i]
+            if act != 0:
+                vec_bias_act_inplace(d[:ln], bt, False, act)
+
+
+@pjit
+def depthwise_packed(x, channels_last, wt, bt, act, out1, dm, sh, sw, dh, dw, pt, pl, kh_n, kw_n, oh_n, ow_n, wp, th, nw,
+                     nchunks, xs_scr):
+    """Parallel depthwise convolution with NHWC output, from NHWC or NCHW input.
+
+    Parameters
+    ----------
+    x : ndarray of shape (N, H, W, C) if ``channels_last`` else (N, C, H, W)
+    wt, bt : tiled weights and bias, see :func:`dw_packed_rows`
+    out1 : ndarray, flat
+        The output ``(N, OH, OW, C*dm)`` in C order.
+    xs_scr : ndarray of shape (nchunks, packed rows * wp * C*dm)
+
+    Notes
+    -----
+    Parallel over tasks ``(n, tile of th output rows)``; each task packs its
+    input rows into its chunk's scratch and writes its own output rows.
     """
     n_img = x.shape[0]
-    c = x.shape[3]
-    dm = w.shape[2] // c
-    ohw = out2.shape[0] // n_img if n_img > 0 else 0
-    tiles = (ohw + tile_p - 1) // tile_p
-    ntasks = n_img * tiles
+    cm = bt.shape[0] // nw
+    rtiles = (oh_n + th - 1) // th
+    ntasks = n_img * rtiles
     for chunk in prange(nchunks):
         t0 = chunk * ntasks // nchunks
         t1 = (chunk + 1) * ntasks // nchunks
+        xs = xs_scr[chunk]
         for t in range(t0, t1):
-            n = t // tiles
-            p0 = (t - n * tiles) * tile_p
-            p1 = min(p0 + tile_p, ohw)
-            base = n * ohw
-            dw_nhwc_pixels(x[n], w, bias, act, dm, p0, p1, ow_size, sh, sw, dh, dw, pt, pl,
-                           out2[base + p0:base + p1])
+            n = t // rtiles
+            r0 = (t - n * rtiles) * th
+            nr = min(th, oh_n - r0)
+            pack_rows(x[n], channels_last, dm, r0 * sh, (nr - 1) * sh + (kh_n - 1) * dh + 1, pt, pl, wp, xs)
+            dw_packed_rows(xs, wp, wt, bt, act, nr, ow_n, sh, sw, dh, dw, kh_n, kw_n, cm, nw,
+                           out1[(n * oh_n + r0) * ow_n * cm:])
 
 
 @pjit

@@ -1,61 +1,93 @@
-"""Fused depthwise-separable convolution kernels (forward), NHWC and NCHW.
+"""Fused depthwise-separable convolution kernel (forward), NHWC and NCHW.
 
-Each task computes the depthwise result of one tile of output pixels, for all
-``C*dm`` channels, into thread-private scratch, and multiplies that tile
-straight into the output (BLAS, single-threaded per task).  The full
-depthwise intermediate is never materialised.
+Each task takes a tile of ``th`` whole output rows of one image: it packs the
+input rows the tile needs into zero-padded NHWC scratch (transposing NCHW
+input and repeating channels for ``dm > 1`` on the way), computes the
+depthwise result of the tile for all ``C*dm`` channels into thread-private
+scratch, and multiplies that tile straight into the output with BLAS
+(single-threaded per task).  The full depthwise intermediate is never
+materialised.
+
+Small images (too few row tiles to keep every thread busy) switch to a
+*shared* mode: phase 1 computes the whole depthwise result, in parallel over
+rows, into one buffer; phase 2 runs GEMM tasks over (pixel tile, filter
+block).  Splitting filters then costs no depthwise recomputation.
 
 Scratch bound
-    ``nchunks * tile_p * C*dm`` elements of the compute dtype (``scratch``
-    is allocated by the caller with that shape); the public layer picks
-    ``tile_p`` so one tile is at most about 512 KiB and ``nchunks`` is at
-    most 4 per thread.
+    Per chunk, ``((th-1)*sh + (kh-1)*dh + 1) * wp * C*dm`` packed-input
+    elements, plus ``th * OW * C*dm`` depthwise elements per chunk (fused
+    mode) or ``N * OH * OW * C*dm`` in all (shared mode, used only while that
+    is at most ``forward.SHARED_BYTES``); ``nchunks <= 4 * threads``.  The
+    public layer picks ``th`` so one depthwise tile is at most
+    ``forward.TILE_BYTES`` (one output row at least).
 """
 from numba import prange
 
-from ._depthwise import dw_nchw_tile, dw_nhwc_pixels
+from ._depthwise import dw_packed_rows, pack_rows
 from ._jit import pjit
 from ._pointwise import epilogue_cols, epilogue_rows, gemm_rm
 
 
 @pjit
-def separable_nhwc(x, dk, dbias, dact, wmat, bias, act, out2, sh, sw, dh, dw, pt, pl, ow_size,
-                   tile_p, fb, nchunks, scratch, ibuf, consts, chars):
-    """Parallel fused separable convolution, NHWC.
+def separable(x, channels_last, wt, bt, dact, wmat, bias, act, out1, dm, sh, sw, dh, dw, pt, pl, kh_n, kw_n,
+              oh_n, ow_n, wp, th, shared, tile_p, fb, nw, nchunks1, nchunks, xs_scr, d_scr, ibuf, consts, chars):
+    """Parallel fused separable convolution.
 
     Parameters
     ----------
-    x : ndarray of shape (N, H, W, C)
-    dk : ndarray of shape (KH, KW, C*dm)
-    dbias, dact : depthwise bias ``(C*dm,)`` or ``(0,)`` and activation code
+    x : ndarray of shape (N, H, W, C) if ``channels_last`` else (N, C, H, W)
+    wt : ndarray of shape (KH*KW, nw*C*dm)
+        Depthwise weights per tap, tiled ``nw`` times (see :func:`dw_packed_rows`).
+    bt : ndarray of shape (nw*C*dm,)
+        Depthwise bias tiled ``nw`` times (zeros for none); ``dact`` its activation code.
     wmat : ndarray of shape (C*dm, F)
     bias, act : pointwise bias ``(F,)`` or ``(0,)`` and activation code
-    out2 : ndarray of shape (N*OH*OW, F)
-    scratch : ndarray of shape (nchunks, tile_p, C*dm)
+    out1 : ndarray, flat
+        The output, ``(N, OH, OW, F)`` or ``(N, F, OH, OW)`` in C order.
+    th : int
+        Output rows per depthwise tile.
+    shared : bool
+        Shared mode (see the module notes); ``tile_p`` is then the GEMM tile
+        in pixels, and ``nchunks1`` the chunk count of phase 1.
+    xs_scr : ndarray of shape (nchunks1 or nchunks, packed rows * wp * C*dm)
+    d_scr : ndarray of shape (nchunks, th * OW * C*dm), or (1, N * OH * OW * C*dm) if shared
     ibuf : ndarray of shape (nchunks, 8), int32
 
     Notes
     -----
-    Parallel over tasks ``(n, pixel tile, filter block)`` (filter blocks
-    innermost, so a chunk reuses its depthwise tile across them), grouped
-    into ``nchunks`` chunks, each owning ``scratch[chunk]``.
+    Fused mode: parallel over tasks ``(n, tile of th output rows, block of fb
+    filters)`` (filter blocks innermost, so a chunk reuses its depthwise tile
+    across them), grouped into ``nchunks`` contiguous chunks, each owning its
+    scratch rows.  Shared mode: phase 1 over ``(n, tile of th rows)``, phase
+    2 over ``(n, tile of tile_p pixels, block of fb filters)``.  Tasks write
+    disjoint parts of the output (and of the shared buffer).
     """
     n_img = x.shape[0]
-    c = x.shape[3]
-    cm = dk.shape[2]
-    dm = cm // c
+    cm = wmat.shape[0]
     f = wmat.shape[1]
-    ohw = out2.shape[0] // n_img if n_img > 0 else 0
-    ptiles = (ohw + tile_p - 1) // tile_p
+    ohw = oh_n * ow_n
+    rtiles = (oh_n + th - 1) // th
     fblocks = (f + fb - 1) // fb
-    ntasks = n_img * ptiles * fblocks
     w1 = wmat.reshape(-1)
-    o1 = out2.reshape(-1)
+    if shared:
+        ntasks1 = n_img * rtiles
+        dall = d_scr[0]
+        for chunk in prange(nchunks1):
+            xs = xs_scr[chunk]
+            for t in range(chunk * ntasks1 // nchunks1, (chunk + 1) * ntasks1 // nchunks1):
+                n = t // rtiles
+                r0 = (t - n * rtiles) * th
+                nr = min(th, oh_n - r0)
+                pack_rows(x[n], channels_last, dm, r0 * sh, (nr - 1) * sh + (kh_n - 1) * dh + 1, pt, pl, wp, xs)
+                dw_packed_rows(xs, wp, wt, bt, dact, nr, ow_n, sh, sw, dh, dw, kh_n, kw_n, cm, nw,
+                               dall[(n * oh_n + r0) * ow_n * cm:])
+        ptiles = (ohw + tile_p - 1) // tile_p
+    else:
+        ptiles = rtiles
+    ntasks = n_img * ptiles * fblocks
     for chunk in prange(nchunks):
         t0 = chunk * ntasks // nchunks
         t1 = (chunk + 1) * ntasks // nchunks
-        d = scratch[chunk]
-        d1 = d.reshape(-1)
         ib = ibuf[chunk]
         have = -1
         for t in range(t0, t1):
@@ -63,62 +95,28 @@ def separable_nhwc(x, dk, dbias, dact, wmat, bias, act, out2, sh, sw, dh, dw, pt
             f0 = (t - tile * fblocks) * fb
             nf = min(fb, f - f0)
             n = tile // ptiles
-            p0 = (tile - n * ptiles) * tile_p
-            npx = min(tile_p, ohw - p0)
-            if tile != have:
-                dw_nhwc_pixels(x[n], dk, dbias, dact, dm, p0, p0 + npx, ow_size, sh, sw, dh, dw, pt, pl, d)
-                have = tile
-            coff = (n * ohw + p0) * f + f0
-            gemm_rm(0, 0, npx, nf, cm, d1, 0, cm, w1, f0, f, False, o1, coff, f, ib, consts, chars)
-            epilogue_rows(o1, coff, npx, nf, f, bias, f0, act)
-
-
-@pjit
-def separable_nchw(x, dk, dbias, dact, wmat, bias, act, out3, sh, sw, dh, dw, pt, pl, ow_size,
-                   tile_p, fb, nchunks, scratch, ibuf, consts, chars):
-    """Parallel fused separable convolution, NCHW.
-
-    Parameters
-    ----------
-    x : ndarray of shape (N, C, H, W)
-    dk : ndarray of shape (C*dm, KH, KW)
-    wmat : ndarray of shape (C*dm, F)
-    out3 : ndarray of shape (N, F, OH*OW)
-    scratch : ndarray of shape (nchunks, C*dm, tile_p)
-
-    Notes
-    -----
-    As :func:`separable_nhwc`, with the tile held channel-major
-    (``C*dm x tile_p``) so that ``out[n, f0:f0+fb, p0:p0+tile_p] =
-    wmat[:, f0:f0+fb].T @ tile`` is written in place by BLAS.
-    """
-    n_img, c = x.shape[0], x.shape[1]
-    cm = dk.shape[0]
-    dm = cm // c
-    f = wmat.shape[1]
-    ohw = out3.shape[2]
-    ptiles = (ohw + tile_p - 1) // tile_p
-    fblocks = (f + fb - 1) // fb
-    ntasks = n_img * ptiles * fblocks
-    w1 = wmat.reshape(-1)
-    o1 = out3.reshape(-1)
-    for chunk in prange(nchunks):
-        t0 = chunk * ntasks // nchunks
-        t1 = (chunk + 1) * ntasks // nchunks
-        d = scratch[chunk]
-        d1 = d.reshape(-1)
-        ib = ibuf[chunk]
-        have = -1
-        for t in range(t0, t1):
-            tile = t // fblocks
-            f0 = (t - tile * fblocks) * fb
-            nf = min(fb, f - f0)
-            n = tile // ptiles
-            p0 = (tile - n * ptiles) * tile_p
-            npx = min(tile_p, ohw - p0)
-            if tile != have:
-                dw_nchw_tile(x[n], dk, dbias, dact, dm, 0, c, p0, p0 + npx, ow_size, sh, sw, dh, dw, pt, pl, d)
-                have = tile
-            coff = n * f * ohw + f0 * ohw + p0
-            gemm_rm(1, 0, nf, npx, cm, w1, f0, f, d1, 0, tile_p, False, o1, coff, ohw, ib, consts, chars)
-            epilogue_cols(o1, coff, nf, npx, ohw, bias, f0, act)
+            if shared:
+                p0 = (tile - n * ptiles) * tile_p
+                npx = min(tile_p, ohw - p0)
+                d = d_scr[0]
+                doff = (n * ohw + p0) * cm
+            else:
+                r0 = (tile - n * ptiles) * th
+                nr = min(th, oh_n - r0)
+                npx = nr * ow_n
+                p0 = r0 * ow_n
+                d = d_scr[chunk]
+                doff = 0
+                if tile != have:
+                    xs = xs_scr[chunk]
+                    pack_rows(x[n], channels_last, dm, r0 * sh, (nr - 1) * sh + (kh_n - 1) * dh + 1, pt, pl, wp, xs)
+                    dw_packed_rows(xs, wp, wt, bt, dact, nr, ow_n, sh, sw, dh, dw, kh_n, kw_n, cm, nw, d)
+                    have = tile
+            if channels_last:
+                coff = (n * ohw + p0) * f + f0
+                gemm_rm(0, 0, npx, nf, cm, d, doff, cm, w1, f0, f, False, out1, coff, f, ib, consts, chars)
+                epilogue_rows(out1, coff, npx, nf, f, bias, f0, act)
+            else:
+                coff = (n * f + f0) * ohw + p0
+                gemm_rm(1, 1, nf, npx, cm, w1, f0, f, d, doff, cm, False, out1, coff, ohw, ib, consts, chars)
+                epilogue_cols(out1, coff, nf, npx, ohw, bias, f0, act)

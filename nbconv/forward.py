@@ -7,16 +7,20 @@ Nothing here loops over data.
 import numpy as np
 
 from . import _args
-from ._depthwise import depthwise_nchw, depthwise_nhwc
+from ._depthwise import depthwise_nchw, depthwise_packed
 from ._pointwise import GEMM_CHARS, pointwise_nchw, pointwise_nhwc
 from ._runtime import BLAS_THREADS, LAUNCH_LOCK
-from ._separable import separable_nchw, separable_nhwc
+from ._separable import separable
 from ._threads import get_num_threads
 
 __all__ = ["depthwise_conv2d", "pointwise_conv2d", "separable_conv2d"]
 
 #: bytes of one thread-private depthwise tile in the fused kernel (L2 is 1 MiB on the target machines)
-TILE_BYTES = 512 * 1024
+TILE_BYTES = 256 * 1024
+#: largest whole depthwise intermediate held at once for small images (shared mode of the fused kernel)
+SHARED_BYTES = 2 * 1024 * 1024
+#: elements of one flattened depthwise inner loop (several pixels when channels are few)
+DW_BLOCK = 512
 #: fewest pixels per GEMM tile worth splitting down to before splitting filters instead
 MIN_TILE_P = 64
 #: fewest filters per filter block
@@ -48,14 +52,43 @@ def _plan(n_img, pixels, channels, filters, itemsize, threads):
     fb = filters
     if tiles < target:
         blocks = min(-(-target // max(1, tiles)), max(1, filters // MIN_FB))
-        fb = -(-filters // blocks)
-        fb = -(-fb // 16) * 16
+        fb = _round_up(-(-filters // blocks), 16)
     ntasks = tiles * -(-filters // fb)
     return tile_p, fb, ntasks
 
 
 def _nchunks(ntasks, threads):
     return max(1, min(ntasks, 4 * threads))
+
+
+def _row_tiles(g, cm, itemsize, threads, min_tiles):
+    """Output rows per depthwise tile: as many as fit :data:`TILE_BYTES`, few enough for ``min_tiles`` tiles."""
+    th = max(1, min(g.oh, TILE_BYTES // max(1, g.ow * cm * itemsize)))
+    if g.n * -(-g.oh // th) < min_tiles:
+        th = max(1, min(th, -(-g.oh * g.n // min_tiles)))
+    return th
+
+
+def _round_up(value, multiple):
+    return -(-value // multiple) * multiple
+
+
+def _dw_operands(g, kernel, bias, act_dtype):
+    """Depthwise weights and bias tiled for :func:`nbconv._depthwise.dw_packed_rows`; returns ``(wt, bt, nw, wp)``."""
+    cm = g.c * g.dm
+    nw = max(1, min(g.ow, DW_BLOCK // cm)) if g.sw == 1 else 1
+    w = np.asarray(kernel, dtype=act_dtype).reshape(g.kh * g.kw, 1, cm)
+    wt = np.ascontiguousarray(np.broadcast_to(w, (g.kh * g.kw, nw, cm))).reshape(g.kh * g.kw, nw * cm)
+    if bias is None:
+        bt = np.zeros(nw * cm, act_dtype)
+    else:
+        bt = np.tile(np.asarray(bias, dtype=act_dtype), nw)
+    wp = (g.ow - 1) * g.sw + (g.kw - 1) * g.dw + 1
+    return wt, bt, nw, wp
+
+
+def _packed_rows(g, th):
+    return (th - 1) * g.sh + (g.kh - 1) * g.dh + 1
 
 
 def _finish(out, result_dtype):
@@ -97,22 +130,22 @@ def depthwise_conv2d(x, kernel, bias=None, *, strides=_args.DEFAULT, padding="va
     bias = _args.check_bias(bias, "bias", cm)
     compute, result = _args.dtypes_for(x, kernel, bias)
 
-    xc = np.ascontiguousarray(x, dtype=compute)
-    bc = _bias_array(bias, compute)
     out = np.empty(g.out_shape(cm), compute)
     if out.size == 0:
         return _finish(out, result)
+    xc = np.ascontiguousarray(x, dtype=compute)
     threads = get_num_threads()
     if channels_last:
-        w = np.ascontiguousarray(kernel.reshape(g.kh, g.kw, cm), dtype=compute)
-        ohw = g.oh * g.ow
-        tile_p = max(1, min(ohw, -(-g.n * ohw // (4 * threads))))
-        ntasks = g.n * -(-ohw // tile_p)
+        wt, bt, nw, wp = _dw_operands(g, kernel, bias, compute)
+        th = _row_tiles(g, cm, compute.itemsize, threads, 4 * threads)
+        nchunks = _nchunks(g.n * -(-g.oh // th), threads)
+        xs = np.empty((nchunks, _packed_rows(g, th) * wp * cm), compute)
         with LAUNCH_LOCK:
-            depthwise_nhwc(xc, w, bc, act, out.reshape(-1, cm), g.sh, g.sw, g.dh, g.dw, g.pt, g.pl, g.ow,
-                           tile_p, _nchunks(ntasks, threads))
+            depthwise_packed(xc, True, wt, bt, act, out.reshape(-1), g.dm, g.sh, g.sw, g.dh, g.dw, g.pt, g.pl,
+                             g.kh, g.kw, g.oh, g.ow, wp, th, nw, nchunks, xs)
     else:
         w = np.ascontiguousarray(kernel.reshape(g.kh, g.kw, cm).transpose(2, 0, 1), dtype=compute)
+        bc = _bias_array(bias, compute)
         cblock = max(1, min(g.c, -(-g.n * g.c // (4 * threads))))
         ntasks = g.n * -(-g.c // cblock)
         with LAUNCH_LOCK:
@@ -226,22 +259,32 @@ def separable_conv2d(x, depthwise_kernel, pointwise_kernel, bias=None, *, stride
     xc = np.ascontiguousarray(x, dtype=compute)
     wc = np.ascontiguousarray(wmat, dtype=compute)
     bc = _bias_array(bias, compute)
-    dbc = _bias_array(dbias, compute)
     threads = get_num_threads()
-    ohw = g.oh * g.ow
-    tile_p, fb, ntasks = _plan(g.n, ohw, cm, f, compute.itemsize, threads)
+    wt, bt, nw, wp = _dw_operands(g, dk, dbias, compute)
+    th = _row_tiles(g, cm, compute.itemsize, threads, 1)
+    shared = g.n * -(-g.oh // th) < 2 * threads and g.n * g.oh * g.ow * cm * compute.itemsize <= SHARED_BYTES
+    if shared:
+        # small images: depthwise for all rows first (parallel over rows), then GEMM tiles x filter blocks
+        th = _row_tiles(g, cm, compute.itemsize, threads, 4 * threads)
+        nchunks1 = _nchunks(g.n * -(-g.oh // th), threads)
+        tile_p, fb, ntasks = _plan(g.n, g.oh * g.ow, cm, f, compute.itemsize, threads)
+        d = np.empty((1, g.n * g.oh * g.ow * cm), compute)
+    else:
+        th = _row_tiles(g, cm, compute.itemsize, threads, 2 * threads)
+        tiles = g.n * -(-g.oh // th)
+        fb = f
+        if tiles < 2 * threads:
+            # still too few tiles to feed every thread: split the filters too (tiles recomputed per block)
+            fb = _round_up(-(-f // min(-(-2 * threads // tiles), max(1, f // MIN_FB))), 16)
+        tile_p, ntasks = th * g.ow, tiles * -(-f // fb)
+        nchunks1 = 0
     nchunks = _nchunks(ntasks, threads)
     ibuf, consts = _gemm_buffers(nchunks, compute)
-    if channels_last:
-        dkc = np.ascontiguousarray(dk.reshape(g.kh, g.kw, cm), dtype=compute)
-        scratch = np.empty((nchunks, tile_p, cm), compute)
-        with LAUNCH_LOCK, BLAS_THREADS.single():
-            separable_nhwc(xc, dkc, dbc, dact, wc, bc, act, out.reshape(-1, f), g.sh, g.sw, g.dh, g.dw, g.pt, g.pl,
-                           g.ow, tile_p, fb, nchunks, scratch, ibuf, consts, GEMM_CHARS)
-    else:
-        dkc = np.ascontiguousarray(dk.reshape(g.kh, g.kw, cm).transpose(2, 0, 1), dtype=compute)
-        scratch = np.empty((nchunks, cm, tile_p), compute)
-        with LAUNCH_LOCK, BLAS_THREADS.single():
-            separable_nchw(xc, dkc, dbc, dact, wc, bc, act, out.reshape(g.n, f, -1), g.sh, g.sw, g.dh, g.dw, g.pt,
-                           g.pl, g.ow, tile_p, fb, nchunks, scratch, ibuf, consts, GEMM_CHARS)
+    xs = np.empty((max(nchunks, nchunks1), _packed_rows(g, th) * wp * cm), compute)
+    if not shared:
+        d = np.empty((nchunks, th * g.ow * cm), compute)
+    with LAUNCH_LOCK, BLAS_THREADS.single():
+        separable(xc, channels_last, wt, bt, dact, wc, bc, act, out.reshape(-1), g.dm, g.sh, g.sw, g.dh, g.dw,
+                  g.pt, g.pl, g.kh, g.kw, g.oh, g.ow, wp, th, shared, tile_p, fb, nw, nchunks1, nchunks, xs, d,
+                  ibuf, consts, GEMM_CHARS)
     return _finish(out, result)
