@@ -124,10 +124,11 @@ def depthwise_ref(x, kernel, bias=None, *, strides=1, padding="valid", dilation_
     """float64 depthwise convolution, Keras semantics (output channel c*dm + m)."""
     xn = _to_nhwc(x, data_format)
     k = np.array(kernel, dtype=np.float64)
-    y = _depthwise_nhwc(xn, k, strides, padding, dilation_rate)
-    if bias is not None:
-        y = y + np.array(bias, dtype=np.float64)
-    return _from_nhwc(activate(y, activation), data_format)
+    with np.errstate(invalid="ignore", over="ignore"):  # Inf - Inf -> NaN is what we want to see
+        y = _depthwise_nhwc(xn, k, strides, padding, dilation_rate)
+        if bias is not None:
+            y = y + np.array(bias, dtype=np.float64)
+        return _from_nhwc(activate(y, activation), data_format)
 
 
 def pointwise_ref(x, kernel, bias=None, *, data_format="channels_last", activation=None):
@@ -140,11 +141,12 @@ def pointwise_ref(x, kernel, bias=None, *, data_format="channels_last", activati
     n, h, w, kc = xn.shape
     f = k.shape[1]
     y = np.zeros((n, h, w, f), np.float64)
-    for ch in range(kc):
-        y += xn[..., ch:ch + 1] * k[ch][None, None, None, :]
-    if bias is not None:
-        y = y + np.array(bias, dtype=np.float64)
-    return _from_nhwc(activate(y, activation), data_format)
+    with np.errstate(invalid="ignore", over="ignore"):
+        for ch in range(kc):
+            y += xn[..., ch:ch + 1] * k[ch][None, None, None, :]
+        if bias is not None:
+            y = y + np.array(bias, dtype=np.float64)
+        return _from_nhwc(activate(y, activation), data_format)
 
 
 def separable_ref(x, depthwise_kernel, pointwise_kernel, bias=None, *, strides=1, padding="valid",
