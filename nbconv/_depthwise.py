@@ -142,12 +142,12 @@ def dw_nchw_tile(xn, w, bias, act, dm, c0, c1, p0, p1, ow_size, sh, sw, dh, dw, 
 
 
 @jit
-def pack_rows(xn, channels_last, dm, pr0, nrows, pt, pl, wp, xs):
-    """Zero-padded NHWC copy of padded-input rows ``pr0 .. pr0+nrows-1`` of one image, channels repeated ``dm`` times.
+def pack_rows(xn, dm, pr0, nrows, pt, pl, wp, xs):
+    """Zero-padded copy of padded-input rows ``pr0 .. pr0+nrows-1`` of one NHWC image, channels repeated ``dm`` times.
 
     Parameters
     ----------
-    xn : ndarray of shape (H, W, C) if ``channels_last`` else (C, H, W)
+    xn : ndarray of shape (H, W, C)
     pr0 : int
         First row in padded coordinates (input row ``pr0 - pt``).
     wp : int
@@ -158,14 +158,11 @@ def pack_rows(xn, channels_last, dm, pr0, nrows, pt, pl, wp, xs):
 
     Notes
     -----
-    Packing once per tile gives the depthwise loops one layout (NHWC, dm
-    folded into channels) and no bounds checks; padding reads real zeros, so
-    ``0 * w`` terms match the reference exactly, NaN/Inf included.
+    Packing once per tile leaves the depthwise loops no bounds checks and
+    folds ``dm`` into the channels; padding reads real zeros, so ``0 * w``
+    terms match the reference exactly, NaN/Inf included.
     """
-    if channels_last:
-        h, w, c = xn.shape
-    else:
-        c, h, w = xn.shape
+    h, w, c = xn.shape
     cm = c * dm
     zero = xs.dtype.type(0)
     col0 = min(pl, wp)
@@ -183,27 +180,19 @@ def pack_rows(xn, channels_last, dm, pr0, nrows, pt, pl, wp, xs):
             row[i] = zero
         if col1 <= col0:
             continue
-        if channels_last:
-            src = xn[ih].reshape(-1)
-            if dm == 1:
-                dst = row[col0 * cm:col1 * cm]
-                for i in range((col1 - col0) * c):
-                    dst[i] = src[i]
-            else:
-                for col in range(col0, col1):
-                    sb = (col - pl) * c
-                    db = col * cm
-                    for ci in range(c):
-                        v = src[sb + ci]
-                        for m in range(dm):
-                            row[db + ci * dm + m] = v
+        src = xn[ih].reshape(-1)
+        if dm == 1:
+            dst = row[col0 * cm:col1 * cm]
+            for i in range((col1 - col0) * c):
+                dst[i] = src[i]
         else:
-            for ci in range(c):
-                src = xn[ci, ih]
-                for m in range(dm):
-                    dst = row[ci * dm + m:]
-                    for col in range(col0, col1):
-                        dst[col * cm] = src[col - pl]
+            for col in range(col0, col1):
+                sb = (col - pl) * c
+                db = col * cm
+                for ci in range(c):
+                    v = src[sb + ci]
+                    for m in range(dm):
+                        row[db + ci * dm + m] = v
 
 
 @jit
@@ -271,26 +260,138 @@ def dw_packed_rows(xs, wp, wt, bt, act, nrows, ow_n, sh, sw, dh, dw, kh_n, kw_n,
                 vec_bias_act_inplace(d[:ln], bt, False, act)
 
 
+@jit
+def pack_rows_nchw(xn, pr0, nrows, pt, pl, wp, xs):
+    """Zero-padded copy of padded-input rows ``pr0 .. pr0+nrows-1`` of one NCHW image, kept channel-major.
+
+    Parameters
+    ----------
+    xn : ndarray of shape (C, H, W)
+    xs : ndarray of shape (>= C*nrows*wp,), flat
+        Receives ``xs[(c*nrows + r)*wp + col] = x[c, pr0 + r - pt, col - pl]``, zero outside the input.
+    """
+    c, h, w = xn.shape
+    zero = xs.dtype.type(0)
+    col0 = min(pl, wp)
+    col1 = min(pl + w, wp)
+    for ci in range(c):
+        for r in range(nrows):
+            row = xs[(ci * nrows + r) * wp:(ci * nrows + r + 1) * wp]
+            ih = pr0 + r - pt
+            if ih < 0 or ih >= h or col1 <= col0:
+                for i in range(wp):
+                    row[i] = zero
+                continue
+            for i in range(col0):
+                row[i] = zero
+            for i in range(col1, wp):
+                row[i] = zero
+            src = xn[ci, ih, col0 - pl:col1 - pl]
+            dst = row[col0:col1]
+            for i in range(col1 - col0):
+                dst[i] = src[i]
+
+
+@jit
+def dw_rows_nchw(xs, nrows_in, wp, wc, bias, act, dm, nr, ow_n, sh, sw, dh, dw, kh_n, kw_n, dst, doff, ldd):
+    """Depthwise output rows from channel-major packed rows (:func:`pack_rows_nchw`), vectorised along W.
+
+    Parameters
+    ----------
+    xs : ndarray, flat
+        Packed input, ``nrows_in`` rows of ``wp`` columns per input channel.
+    wc : ndarray of shape (C*dm, KH*KW)
+    bias : ndarray of shape (C*dm,) or (0,)
+    dst : ndarray, flat
+        ``dst[doff + j*ldd + r*ow_n + ow]`` receives output channel ``j`` at tile row ``r``, column ``ow``.
+    """
+    cm = wc.shape[0]
+    has_bias = bias.shape[0] > 0
+    zero = dst.dtype.type(0)
+    rs = dh * wp
+    for j in range(cm):
+        cbase = (j // dm) * nrows_in * wp
+        wj = wc[j]
+        b = bias[j] if has_bias else zero
+        for r in range(nr):
+            d = dst[doff + j * ldd + r * ow_n:doff + j * ldd + (r + 1) * ow_n]
+            x0 = xs[cbase + r * sh * wp:]
+            if kh_n == 3 and kw_n == 3:
+                w0, w1, w2, w3, w4, w5, w6, w7, w8 = wj[0], wj[1], wj[2], wj[3], wj[4], wj[5], wj[6], wj[7], wj[8]
+                x1 = x0[dw:]
+                x2 = x0[2 * dw:]
+                x3 = x0[rs:]
+                x4 = x3[dw:]
+                x5 = x3[2 * dw:]
+                x6 = x0[2 * rs:]
+                x7 = x6[dw:]
+                x8 = x6[2 * dw:]
+                if sw == 1:
+                    for i in range(ow_n):
+                        d[i] = (b + x0[i] * w0 + x1[i] * w1 + x2[i] * w2 + x3[i] * w3 + x4[i] * w4 + x5[i] * w5
+                                + x6[i] * w6 + x7[i] * w7 + x8[i] * w8)
+                else:
+                    for i in range(ow_n):
+                        k = i * sw
+                        d[i] = (b + x0[k] * w0 + x1[k] * w1 + x2[k] * w2 + x3[k] * w3 + x4[k] * w4 + x5[k] * w5
+                                + x6[k] * w6 + x7[k] * w7 + x8[k] * w8)
+            else:
+                for i in range(ow_n):
+                    d[i] = b
+                for kh in range(kh_n):
+                    for kw in range(kw_n):
+                        xt = x0[kh * rs + kw * dw:]
+                        wv = wj[kh * kw_n + kw]
+                        if sw == 1:
+                            for i in range(ow_n):
+                                d[i] += xt[i] * wv
+                        else:
+                            for i in range(ow_n):
+                                d[i] += xt[i * sw] * wv
+            if act != 0:
+                bias_act_inplace(d, zero, act)
+
+
+@jit
+def dw_tile(x, n, channels_last, wt, bt, wc, bc, act, dm, r0, nr, sh, sw, dh, dw, pt, pl, kh_n, kw_n, ow_n, wp, nw, xs,
+            dst, doff, ldd):
+    """Depthwise output rows ``r0 .. r0+nr-1`` of image ``n``, all channels, via packed rows in ``xs``.
+
+    NHWC: ``dst[doff + q*C*dm + j]``; NCHW: ``dst[doff + j*ldd + q]``, for
+    pixel ``q`` of the tile (row-major) and output channel ``j``.
+    """
+    nin = (nr - 1) * sh + (kh_n - 1) * dh + 1
+    if channels_last:
+        pack_rows(x[n], dm, r0 * sh, nin, pt, pl, wp, xs)
+        dw_packed_rows(xs, wp, wt, bt, act, nr, ow_n, sh, sw, dh, dw, kh_n, kw_n, wc.shape[0], nw, dst[doff:])
+    else:
+        pack_rows_nchw(x[n], r0 * sh, nin, pt, pl, wp, xs)
+        dw_rows_nchw(xs, nin, wp, wc, bc, act, dm, nr, ow_n, sh, sw, dh, dw, kh_n, kw_n, dst, doff, ldd)
+
+
 @pjit
-def depthwise_packed(x, channels_last, wt, bt, act, out1, dm, sh, sw, dh, dw, pt, pl, kh_n, kw_n, oh_n, ow_n, wp, th, nw,
-                     nchunks, xs_scr):
-    """Parallel depthwise convolution with NHWC output, from NHWC or NCHW input.
+def depthwise_packed(x, channels_last, wt, bt, wc, bc, act, out1, dm, sh, sw, dh, dw, pt, pl, kh_n, kw_n, oh_n, ow_n, wp,
+                     th, nw, nchunks, xs_scr):
+    """Parallel depthwise convolution from packed rows, NHWC or NCHW.
 
     Parameters
     ----------
     x : ndarray of shape (N, H, W, C) if ``channels_last`` else (N, C, H, W)
-    wt, bt : tiled weights and bias, see :func:`dw_packed_rows`
+    wt, bt : NHWC weights and bias, tiled, see :func:`dw_packed_rows`
+    wc, bc : NCHW weights ``(C*dm, KH*KW)`` and bias ``(C*dm,)`` or ``(0,)``, see :func:`dw_rows_nchw`
     out1 : ndarray, flat
-        The output ``(N, OH, OW, C*dm)`` in C order.
+        The output, ``(N, OH, OW, C*dm)`` or ``(N, C*dm, OH, OW)`` (same layout as ``x``) in C order.
     xs_scr : ndarray of shape (nchunks, packed rows * wp * C*dm)
 
     Notes
     -----
     Parallel over tasks ``(n, tile of th output rows)``; each task packs its
-    input rows into its chunk's scratch and writes its own output rows.
+    input rows into its chunk's scratch and writes its own output rows (NCHW:
+    its own pixel range of every channel plane).
     """
     n_img = x.shape[0]
-    cm = bt.shape[0] // nw
+    cm = wc.shape[0]
+    ohw = oh_n * ow_n
     rtiles = (oh_n + th - 1) // th
     ntasks = n_img * rtiles
     for chunk in prange(nchunks):
@@ -301,37 +402,6 @@ def depthwise_packed(x, channels_last, wt, bt, act, out1, dm, sh, sw, dh, dw, pt
             n = t // rtiles
             r0 = (t - n * rtiles) * th
             nr = min(th, oh_n - r0)
-            pack_rows(x[n], channels_last, dm, r0 * sh, (nr - 1) * sh + (kh_n - 1) * dh + 1, pt, pl, wp, xs)
-            dw_packed_rows(xs, wp, wt, bt, act, nr, ow_n, sh, sw, dh, dw, kh_n, kw_n, cm, nw,
-                           out1[(n * oh_n + r0) * ow_n * cm:])
-
-
-@pjit
-def depthwise_nchw(x, w, bias, act, out3, sh, sw, dh, dw, pt, pl, ow_size, cblock, nchunks):
-    """Parallel depthwise convolution, NCHW.
-
-    Parameters
-    ----------
-    x : ndarray of shape (N, C, H, W)
-    w : ndarray of shape (C*dm, KH, KW)
-    out3 : ndarray of shape (N, C*dm, OH*OW)
-
-    Notes
-    -----
-    Parallel over tasks ``(n, block of cblock input channels)``; each task
-    writes whole output planes, disjoint from every other task's.
-    """
-    n_img, c = x.shape[0], x.shape[1]
-    dm = w.shape[0] // c
-    ohw = out3.shape[2]
-    blocks = (c + cblock - 1) // cblock
-    ntasks = n_img * blocks
-    for chunk in prange(nchunks):
-        t0 = chunk * ntasks // nchunks
-        t1 = (chunk + 1) * ntasks // nchunks
-        for t in range(t0, t1):
-            n = t // blocks
-            c0 = (t - n * blocks) * cblock
-            c1 = min(c0 + cblock, c)
-            dw_nchw_tile(x[n], w, bias, act, dm, c0, c1, 0, ohw, ow_size, sh, sw, dh, dw, pt, pl,
-                         out3[n, c0 * dm:c1 * dm])
+            doff = (n * oh_n + r0) * ow_n * cm if channels_last else n * cm * ohw + r0 * ow_n
+            dw_tile(x, n, channels_last, wt, bt, wc, bc, act, dm, r0, nr, sh, sw, dh, dw, pt, pl, kh_n, kw_n, ow_n, wp,
+                    nw, xs, out1, doff, ohw)

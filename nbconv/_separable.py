@@ -23,13 +23,13 @@ Scratch bound
 """
 from numba import prange
 
-from ._depthwise import dw_packed_rows, pack_rows
+from ._depthwise import dw_tile
 from ._jit import pjit
 from ._pointwise import epilogue_cols, epilogue_rows, gemm_rm
 
 
 @pjit
-def separable(x, channels_last, wt, bt, dact, wmat, bias, act, out1, dm, sh, sw, dh, dw, pt, pl, kh_n, kw_n,
+def separable(x, channels_last, wt, bt, wc, bc, dact, wmat, bias, act, out1, dm, sh, sw, dh, dw, pt, pl, kh_n, kw_n,
               oh_n, ow_n, wp, th, shared, tile_p, fb, nw, nchunks1, nchunks, xs_scr, d_scr, ibuf, consts, chars):
     """Parallel fused separable convolution.
 
@@ -40,6 +40,7 @@ def separable(x, channels_last, wt, bt, dact, wmat, bias, act, out1, dm, sh, sw,
         Depthwise weights per tap, tiled ``nw`` times (see :func:`dw_packed_rows`).
     bt : ndarray of shape (nw*C*dm,)
         Depthwise bias tiled ``nw`` times (zeros for none); ``dact`` its activation code.
+    wc, bc : depthwise weights ``(C*dm, KH*KW)`` and bias ``(C*dm,)`` or ``(0,)`` for NCHW input
     wmat : ndarray of shape (C*dm, F)
     bias, act : pointwise bias ``(F,)`` or ``(0,)`` and activation code
     out1 : ndarray, flat
@@ -51,6 +52,7 @@ def separable(x, channels_last, wt, bt, dact, wmat, bias, act, out1, dm, sh, sw,
         in pixels, and ``nchunks1`` the chunk count of phase 1.
     xs_scr : ndarray of shape (nchunks1 or nchunks, packed rows * wp * C*dm)
     d_scr : ndarray of shape (nchunks, th * OW * C*dm), or (1, N * OH * OW * C*dm) if shared
+        Depthwise tiles, pixel-major for NHWC input and channel-major for NCHW input.
     ibuf : ndarray of shape (nchunks, 8), int32
 
     Notes
@@ -78,9 +80,9 @@ def separable(x, channels_last, wt, bt, dact, wmat, bias, act, out1, dm, sh, sw,
                 n = t // rtiles
                 r0 = (t - n * rtiles) * th
                 nr = min(th, oh_n - r0)
-                pack_rows(x[n], channels_last, dm, r0 * sh, (nr - 1) * sh + (kh_n - 1) * dh + 1, pt, pl, wp, xs)
-                dw_packed_rows(xs, wp, wt, bt, dact, nr, ow_n, sh, sw, dh, dw, kh_n, kw_n, cm, nw,
-                               dall[(n * oh_n + r0) * ow_n * cm:])
+                doff = (n * oh_n + r0) * ow_n * cm if channels_last else n * cm * ohw + r0 * ow_n
+                dw_tile(x, n, channels_last, wt, bt, wc, bc, dact, dm, r0, nr, sh, sw, dh, dw, pt, pl, kh_n, kw_n,
+                        ow_n, wp, nw, xs, dall, doff, ohw)
         ptiles = (ohw + tile_p - 1) // tile_p
     else:
         ptiles = rtiles
@@ -99,7 +101,8 @@ def separable(x, channels_last, wt, bt, dact, wmat, bias, act, out1, dm, sh, sw,
                 p0 = (tile - n * ptiles) * tile_p
                 npx = min(tile_p, ohw - p0)
                 d = d_scr[0]
-                doff = (n * ohw + p0) * cm
+                doff = (n * ohw + p0) * cm if channels_last else n * cm * ohw + p0
+                ldd = ohw
             else:
                 r0 = (tile - n * ptiles) * th
                 nr = min(th, oh_n - r0)
@@ -107,10 +110,10 @@ def separable(x, channels_last, wt, bt, dact, wmat, bias, act, out1, dm, sh, sw,
                 p0 = r0 * ow_n
                 d = d_scr[chunk]
                 doff = 0
+                ldd = th * ow_n
                 if tile != have:
-                    xs = xs_scr[chunk]
-                    pack_rows(x[n], channels_last, dm, r0 * sh, (nr - 1) * sh + (kh_n - 1) * dh + 1, pt, pl, wp, xs)
-                    dw_packed_rows(xs, wp, wt, bt, dact, nr, ow_n, sh, sw, dh, dw, kh_n, kw_n, cm, nw, d)
+                    dw_tile(x, n, channels_last, wt, bt, wc, bc, dact, dm, r0, nr, sh, sw, dh, dw, pt, pl, kh_n, kw_n,
+                            ow_n, wp, nw, xs_scr[chunk], d, 0, ldd)
                     have = tile
             if channels_last:
                 coff = (n * ohw + p0) * f + f0
@@ -118,5 +121,5 @@ def separable(x, channels_last, wt, bt, dact, wmat, bias, act, out1, dm, sh, sw,
                 epilogue_rows(out1, coff, npx, nf, f, bias, f0, act)
             else:
                 coff = (n * f + f0) * ohw + p0
-                gemm_rm(1, 1, nf, npx, cm, w1, f0, f, d, doff, cm, False, out1, coff, ohw, ib, consts, chars)
+                gemm_rm(1, 0, nf, npx, cm, w1, f0, f, d, doff, ldd, False, out1, coff, ohw, ib, consts, chars)
                 epilogue_cols(out1, coff, nf, npx, ohw, bias, f0, act)

@@ -7,7 +7,7 @@ Nothing here loops over data.
 import numpy as np
 
 from . import _args
-from ._depthwise import depthwise_nchw, depthwise_packed
+from ._depthwise import depthwise_packed
 from ._pointwise import GEMM_CHARS, pointwise_nchw, pointwise_nhwc
 from ._runtime import BLAS_THREADS, LAUNCH_LOCK
 from ._separable import separable
@@ -74,17 +74,24 @@ def _round_up(value, multiple):
 
 
 def _dw_operands(g, kernel, bias, act_dtype):
-    """Depthwise weights and bias tiled for :func:`nbconv._depthwise.dw_packed_rows`; returns ``(wt, bt, nw, wp)``."""
+    """Depthwise operands: ``(wt, bt, wc, bc, nw, wp)``.
+
+    NHWC: weights and bias tiled ``nw`` times for :func:`nbconv._depthwise.dw_packed_rows`;
+    NCHW: per-channel weights ``(C*dm, KH*KW)`` for :func:`nbconv._depthwise.dw_rows_nchw`
+    (returned in both slots).  ``wp`` is the packed row width.
+    """
     cm = g.c * g.dm
-    nw = max(1, min(g.ow, DW_BLOCK // cm)) if g.sw == 1 else 1
+    nw = max(1, min(g.ow, DW_BLOCK // cm)) if g.sw == 1 and g.channels_last else 1
     w = np.asarray(kernel, dtype=act_dtype).reshape(g.kh * g.kw, 1, cm)
-    wt = np.ascontiguousarray(np.broadcast_to(w, (g.kh * g.kw, nw, cm))).reshape(g.kh * g.kw, nw * cm)
-    if bias is None:
-        bt = np.zeros(nw * cm, act_dtype)
-    else:
-        bt = np.tile(np.asarray(bias, dtype=act_dtype), nw)
     wp = (g.ow - 1) * g.sw + (g.kw - 1) * g.dw + 1
-    return wt, bt, nw, wp
+    # per-channel taps (C*dm, KH*KW) for the NCHW kernels; its row count is the channel count for both layouts
+    wc = np.ascontiguousarray(w.reshape(g.kh * g.kw, cm).T)
+    bc = _bias_array(bias, act_dtype)
+    if not g.channels_last:
+        return wc, bc, wc, bc, nw, wp
+    wt = np.ascontiguousarray(np.broadcast_to(w, (g.kh * g.kw, nw, cm))).reshape(g.kh * g.kw, nw * cm)
+    bt = np.zeros(nw * cm, act_dtype) if bias is None else np.tile(bc, nw)
+    return wt, bt, wc, bc, nw, wp
 
 
 def _packed_rows(g, th):
@@ -135,22 +142,13 @@ def depthwise_conv2d(x, kernel, bias=None, *, strides=_args.DEFAULT, padding="va
         return _finish(out, result)
     xc = np.ascontiguousarray(x, dtype=compute)
     threads = get_num_threads()
-    if channels_last:
-        wt, bt, nw, wp = _dw_operands(g, kernel, bias, compute)
-        th = _row_tiles(g, cm, compute.itemsize, threads, 4 * threads)
-        nchunks = _nchunks(g.n * -(-g.oh // th), threads)
-        xs = np.empty((nchunks, _packed_rows(g, th) * wp * cm), compute)
-        with LAUNCH_LOCK:
-            depthwise_packed(xc, True, wt, bt, act, out.reshape(-1), g.dm, g.sh, g.sw, g.dh, g.dw, g.pt, g.pl,
-                             g.kh, g.kw, g.oh, g.ow, wp, th, nw, nchunks, xs)
-    else:
-        w = np.ascontiguousarray(kernel.reshape(g.kh, g.kw, cm).transpose(2, 0, 1), dtype=compute)
-        bc = _bias_array(bias, compute)
-        cblock = max(1, min(g.c, -(-g.n * g.c // (4 * threads))))
-        ntasks = g.n * -(-g.c // cblock)
-        with LAUNCH_LOCK:
-            depthwise_nchw(xc, w, bc, act, out.reshape(g.n, cm, -1), g.sh, g.sw, g.dh, g.dw, g.pt, g.pl, g.ow,
-                           cblock, _nchunks(ntasks, threads))
+    wt, bt, wc, bc, nw, wp = _dw_operands(g, kernel, bias, compute)
+    th = _row_tiles(g, cm, compute.itemsize, threads, 4 * threads)
+    nchunks = _nchunks(g.n * -(-g.oh // th), threads)
+    xs = np.empty((nchunks, _packed_rows(g, th) * wp * cm), compute)
+    with LAUNCH_LOCK:
+        depthwise_packed(xc, channels_last, wt, bt, wc, bc, act, out.reshape(-1), g.dm, g.sh, g.sw, g.dh, g.dw,
+                         g.pt, g.pl, g.kh, g.kw, g.oh, g.ow, wp, th, nw, nchunks, xs)
     return _finish(out, result)
 
 
@@ -260,7 +258,7 @@ def separable_conv2d(x, depthwise_kernel, pointwise_kernel, bias=None, *, stride
     wc = np.ascontiguousarray(wmat, dtype=compute)
     bc = _bias_array(bias, compute)
     threads = get_num_threads()
-    wt, bt, nw, wp = _dw_operands(g, dk, dbias, compute)
+    wt, bt, wc_dw, bc_dw, nw, wp = _dw_operands(g, dk, dbias, compute)
     th = _row_tiles(g, cm, compute.itemsize, threads, 1)
     shared = g.n * -(-g.oh // th) < 2 * threads and g.n * g.oh * g.ow * cm * compute.itemsize <= SHARED_BYTES
     if shared:
@@ -284,7 +282,7 @@ def separable_conv2d(x, depthwise_kernel, pointwise_kernel, bias=None, *, stride
     if not shared:
         d = np.empty((nchunks, th * g.ow * cm), compute)
     with LAUNCH_LOCK, BLAS_THREADS.single():
-        separable(xc, channels_last, wt, bt, dact, wc, bc, act, out.reshape(-1), g.dm, g.sh, g.sw, g.dh, g.dw,
+        separable(xc, channels_last, wt, bt, wc_dw, bc_dw, dact, wc, bc, act, out.reshape(-1), g.dm, g.sh, g.sw, g.dh, g.dw,
                   g.pt, g.pl, g.kh, g.kw, g.oh, g.ow, wp, th, shared, tile_p, fb, nw, nchunks1, nchunks, xs, d,
                   ibuf, consts, GEMM_CHARS)
     return _finish(out, result)
