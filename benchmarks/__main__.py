@@ -1,0 +1,266 @@
+"""``python -m benchmarks`` (``tox -e bench``): run every contender in its own process, then print the report.
+
+Usage::
+
+    python -m benchmarks                      # full run (about 10-15 minutes on 2 cores)
+    python -m benchmarks --quick              # a couple of minutes: few shapes, few rounds
+    python -m benchmarks --suite mobilenet,hard --contenders nbconv,onnxruntime
+    python -m benchmarks --list               # suites, cases and contenders
+    tox -e bench -- --quick                   # the same through tox
+
+Any option the runner does not know is passed to every pytest-benchmark
+process.  Each contender keeps its own pytest-benchmark storage
+(``.benchmarks/<contender>/``), so nbconv can be tracked over time::
+
+    tox -e bench -- --contenders nbconv --benchmark-autosave     # save this run
+    tox -e bench -- --contenders nbconv --benchmark-compare      # compare with the last saved run
+    tox -e bench -- --contenders nbconv --benchmark-compare=0001 --benchmark-compare-fail=median:10%
+
+How contenders are kept apart: the runner starts one ``python -m pytest
+benchmarks/test_bench.py`` process per contender, one after another, choosing
+the contender with ``NBCONV_BENCH_CONTENDER``; a process imports only its own
+library, so the thread pools of Numba, PyTorch, ONNX Runtime and XLA never
+coexist.  The sgemm peak, the memory probe and the first-call probes also run
+in processes of their own.  Environment variables such as ``OPENBLAS_CORETYPE``
+are passed through unchanged and printed in the report.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from . import cases as _cases
+from . import report as _report
+from .contenders import CONTENDERS
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+#: order in which contenders run (the sgemm peak first)
+ORDER = ("sgemm", "nbconv", "nbconv_2step", "torch_nchw", "torch_nhwc", "onnxruntime", "keras", "numpy")
+ENV_SHOWN = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+             "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER", "NUMBA_CACHE_DIR", "KERAS_BACKEND", "JAX_PLATFORMS",
+             "XLA_FLAGS")
+ROUNDS = {False: ["--benchmark-min-rounds=5", "--benchmark-max-time=0.5"],
+          True: ["--benchmark-min-rounds=3", "--benchmark-max-time=0.1"]}
+
+
+def _parser():
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Benchmark nbconv against Keras, PyTorch, ONNX Runtime and NumPy, one process per contender, "
+                    "and print the report. Unknown options go to pytest-benchmark.",
+        epilog="tracking nbconv over time: --contenders nbconv --benchmark-autosave, then "
+               "--contenders nbconv --benchmark-compare")
+    p.add_argument("--quick", action="store_true", help="few shapes, few rounds (a couple of minutes)")
+    p.add_argument("--suite", action="append", default=[],
+                   help=f"suite(s) to run, comma-separated or repeated; among {', '.join(_cases.SUITES)}")
+    p.add_argument("--contenders", default=None,
+                   help=f"comma-separated contenders (default all): {', '.join(n for n in ORDER if n != 'sgemm')}")
+    p.add_argument("--threads", type=int, default=2, help="threads per contender (default 2)")
+    p.add_argument("--no-peak", action="store_true", help="skip the sgemm peak measurement")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory probe")
+    p.add_argument("--no-firstcall", action="store_true", help="skip the first-call probes")
+    p.add_argument("--firstcall", action="store_true",
+                   help="run the first-call probes in a --quick run too (a cold compile takes tens of seconds)")
+    p.add_argument("--no-check", action="store_true", help="skip checking outputs against the float64 reference")
+    p.add_argument("--out", default=os.path.join(HERE, "results"), help="results folder (default benchmarks/results)")
+    p.add_argument("--show-output", action="store_true", help="print each pytest process's output")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per process (default 1800)")
+    p.add_argument("--list", action="store_true", help="list suites, cases and contenders, then exit")
+    return p
+
+
+def _list():
+    for suite in _cases.SUITES:
+        print(f"{suite}: {_cases.SUITE_TITLES[suite]}")
+        for c in _cases.select([suite]):
+            mac = sum(c.macs) / 1e6
+            print(f"  {c.id:<40} {c.shape_label:<36} {mac:9.1f} M MAC{'  (quick)' if c.quick else ''}")
+    print("contenders:")
+    for name in ORDER:
+        c = CONTENDERS[name]
+        print(f"  {name:<14} {c.label}{'' if c.peer else '  (not a peer)'}")
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _loadavg():
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
+def _env(extra):
+    env = dict(os.environ)
+    env.setdefault("KERAS_BACKEND", "jax")
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.update(extra)
+    return env
+
+
+def _run(cmd, env, log_path, timeout, show):
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        try:
+            proc = subprocess.run(cmd, env=env, cwd=os.getcwd(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True, timeout=timeout)
+            out, rc = proc.stdout, proc.returncode
+        except subprocess.TimeoutExpired as exc:
+            out = (exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")) + \
+                  f"\n*** killed after {timeout:.0f} s\n"
+            rc = -9
+        log.write(out)
+    if show:
+        sys.stdout.write(out)
+    return rc, out, time.perf_counter() - t0
+
+
+def _pytest_summary(out):
+    for line in reversed(out.strip().splitlines()):
+        if " in " in line and any(w in line for w in ("passed", "failed", "skipped", "error", "no tests")):
+            return line.strip("= ")
+    return "no pytest summary (see log)"
+
+
+def _probe(args, env, timeout):
+    try:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.probes"] + args, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    lines = [ln for ln in proc.stdout.strip().splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        return {"error": f"exit code {proc.returncode}: {tail}"}
+    return json.loads(lines[-1])
+
+
+def main(argv=None):
+    args, passthrough = _parser().parse_known_args(argv)
+    if args.list:
+        _list()
+        return 0
+    suites = [s for item in args.suite for s in item.split(",") if s]
+    unknown = [s for s in suites if s not in _cases.SUITES]
+    if unknown:
+        _parser().error(f"unknown suite(s) {unknown}; expected among {list(_cases.SUITES)}")
+    names = [n for n in (args.contenders.split(",") if args.contenders else ORDER) if n]
+    bad = [n for n in names if n not in CONTENDERS]
+    if bad:
+        _parser().error(f"unknown contender(s) {bad}; expected among {[n for n in ORDER]}")
+    if not args.no_peak and "sgemm" not in names:
+        names.insert(0, "sgemm")
+    names = [n for n in ORDER if n in names]
+    selected = _cases.select(suites, args.quick)
+    if not selected:
+        _parser().error("no case selected")
+    if any(a.startswith("--benchmark-json") for a in passthrough):
+        print("note: --benchmark-json is set by the runner for each contender; yours is ignored")
+        passthrough = [a for a in passthrough if not a.startswith("--benchmark-json")]
+    show = args.show_output or any(a.startswith("--benchmark-compare") for a in passthrough)
+
+    started = datetime.datetime.now(datetime.timezone.utc)
+    stamp = started.strftime("%Y%m%d-%H%M%S")
+    raw = os.path.join(args.out, f"raw-{stamp}")
+    os.makedirs(raw, exist_ok=True)
+    t_start = time.perf_counter()
+    meta = {"started": started.strftime("%Y-%m-%d %H:%M UTC"), "stamp": stamp, "quick": args.quick,
+            "suites": suites or list(_cases.SUITES), "contenders": names, "threads": args.threads,
+            "python": platform.python_version(), "platform": platform.platform(terse=True), "cpu": _cpu_model(),
+            "cpus": os.cpu_count(), "argv": sys.argv[1:] if argv is None else list(argv),
+            "env": {k: os.environ.get(k) for k in ENV_SHOWN}, "returncodes": {}, "seconds": {},
+            "loadavg": {"start": _loadavg()}}
+    meta["env"]["KERAS_BACKEND"] = os.environ.get("KERAS_BACKEND") or "jax (set by the runner)"
+    print(f"nbconv benchmarks: {len(selected)} cases x {len(names)} contenders, one process each "
+          f"({'quick' if args.quick else 'full'} run); raw results in {raw}")
+    for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
+        if os.environ.get(k):
+            print(f"  note: {k}={os.environ[k]} is set (OpenBLAS runs slower than it could; see the report)")
+
+    test_file = os.path.join(HERE, "test_bench.py")
+    for name in names:
+        contender = CONTENDERS[name]
+        if name != "sgemm":
+            n_cases = len([c for c in selected if contender.suites is None or c.suite in contender.suites])
+            if n_cases == 0:
+                continue
+        extra = {"NBCONV_BENCH_CONTENDER": name, "NBCONV_BENCH_SUITES": ",".join(suites),
+                 "NBCONV_BENCH_QUICK": "1" if args.quick else "0", "NBCONV_BENCH_CHECK": "0" if args.no_check else "1",
+                 "NBCONV_BENCH_INFO": os.path.join(raw, f"{name}.info.json"),
+                 "NBCONV_BENCH_THREADS": str(args.threads)}
+        cmd = [sys.executable, "-m", "pytest", test_file, "-p", "no:cacheprovider", "-o", "addopts=", "-q", "-rfE",
+               f"--benchmark-json={os.path.join(raw, name + '.json')}", "--benchmark-disable-gc",
+               "--benchmark-warmup=off", "--benchmark-sort=name", "--benchmark-columns=min,median,iqr,rounds"]
+        cmd += ROUNDS[args.quick]
+        if not any(a.startswith("--benchmark-storage") for a in passthrough):
+            cmd.append(f"--benchmark-storage=file://{os.path.join(os.getcwd(), '.benchmarks', name)}")
+        cmd += passthrough
+        print(f"- {name:<13} ...", end="", flush=True)
+        rc, out, secs = _run(cmd, _env(extra), os.path.join(raw, f"{name}.log"), args.timeout, show)
+        meta["returncodes"][name] = rc
+        meta["seconds"][name] = secs
+        print(f"\r- {name:<13} {secs:6.1f} s  {_pytest_summary(out)}" + ("" if rc in (0, 5) else
+                                                                        f"  (exit code {rc}, log {name}.log)"))
+
+    probes = {}
+    if "nbconv" in names and not args.no_memory:
+        probes["memory"] = {}
+        for mode in ("fused", "two_step"):
+            t0 = time.perf_counter()
+            probes["memory"][mode] = _probe(["memory", mode], _env({"NUMBA_NUM_THREADS": str(args.threads)}),
+                                            args.timeout)
+            print(f"- memory {mode:<8} {time.perf_counter() - t0:5.1f} s  "
+                  + (probes["memory"][mode].get("error") or
+                     f"peak +{probes['memory'][mode]['peak_increase_mib']:.0f} MiB"))
+    if "nbconv" in names and args.quick and not args.firstcall and not args.no_firstcall:
+        print("- first call    skipped in a --quick run (add --firstcall)")
+    elif "nbconv" in names and not args.no_firstcall:
+        cache = tempfile.mkdtemp(prefix="nbconv-numba-cache-")
+        try:
+            probes["first_call"] = {}
+            for kind in ("cold", "warm"):
+                t0 = time.perf_counter()
+                res = _probe(["firstcall"], _env({"NUMBA_CACHE_DIR": cache,
+                                                  "NUMBA_NUM_THREADS": str(args.threads)}), args.timeout)
+                res["process_s"] = time.perf_counter() - t0
+                probes["first_call"][kind] = res
+                print(f"- first call {kind}  {res['process_s']:5.1f} s  "
+                      + (res.get("error") or f"import + first call {res['import_plus_first_call_s']:.2f} s"))
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
+    with open(os.path.join(raw, "probes.json"), "w") as fh:
+        json.dump(probes, fh, indent=1)
+    meta["elapsed_s"] = time.perf_counter() - t_start
+    meta["loadavg"]["end"] = _loadavg()
+    with open(os.path.join(raw, "meta.json"), "w") as fh:
+        json.dump(meta, fh, indent=1)
+
+    report = _report.build(raw)
+    text, paths = _report.save(report, args.out, f"report-{stamp}")
+    print()
+    sys.stdout.write(text)
+    print(f"\nsaved {paths['txt']}\n      {paths['json']}" + (f"\n      {paths['png']}" if paths["png"] else "")
+          + f"\n      (also as latest.*; raw pytest-benchmark JSON and logs in {raw})")
+    failed = [n for n, rc in meta["returncodes"].items() if rc not in (0, 5)]
+    return 1 if failed and "nbconv" in failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

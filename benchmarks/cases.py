@@ -1,0 +1,249 @@
+"""The one table of benchmark cases that feeds every suite and every contender.
+
+A :class:`Case` is a single convolution problem: the operation (separable,
+depthwise alone, pointwise alone, or separable forward+backward), its geometry
+in Keras terms (NHWC shape, Keras weight layouts, strides/padding/dilation) and
+the data format in which the input *arrives*.  Contenders turn it into their own
+call (:mod:`benchmarks.contenders`); the report groups results by ``suite``.
+
+All cases are float32 and 3x3 'same' unless stated.
+
+Adding a suite (e.g. issue 5's Keras model): add rows with a new ``suite``
+name here, teach the contenders that support it their ``setup`` for its ``op``,
+and add the suite name to :data:`SUITES` (the order the report prints them).
+"""
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+__all__ = ["Case", "CASES", "SUITES", "SUITE_TITLES", "select", "make_arrays", "explicit_padding",
+           "reference_nhwc"]
+
+#: suites in report order
+SUITES = ("mobilenet", "xception", "classic", "hard", "depthwise", "pointwise", "fused", "overhead", "backward")
+
+SUITE_TITLES = {
+    "mobilenet": "MobileNetV1 separable blocks (224x224, alpha=1)",
+    "xception": "Xception separable layers (299x299)",
+    "classic": "The classic example: (8, 32, 56, 56) channels_first, 3x3, padding=1",
+    "hard": "Cases peers handle poorly",
+    "depthwise": "Depthwise convolution alone",
+    "pointwise": "Pointwise (1x1) convolution alone",
+    "fused": "nbconv's fused kernel against its own depthwise-then-pointwise (and the peers)",
+    "overhead": "Per-call overhead on a tiny shape",
+    "backward": "Forward + backward (all gradients), batch 8 (issue 4)",
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark problem.
+
+    ``h, w, c`` describe the input (N, H, W, C) whatever ``data_format``; ``f``
+    is the number of filters of the pointwise part (ignored for depthwise).
+    ``padding`` is ``"same"``/``"valid"`` (Keras semantics) or an int (explicit
+    symmetric zero padding, PyTorch's ``padding=1``).
+    """
+
+    suite: str
+    name: str
+    n: int
+    h: int
+    w: int
+    c: int
+    f: int
+    k: int = 3
+    stride: int = 1
+    dilation: int = 1
+    dm: int = 1
+    padding: object = "same"
+    data_format: str = "channels_last"
+    op: str = "separable"  # separable | depthwise | pointwise | separable_fwdbwd
+    quick: bool = False
+    tags: tuple = field(default=())
+
+    @property
+    def id(self):
+        return f"{self.suite}:{self.name}"
+
+    @property
+    def cm(self):
+        return self.c * self.dm
+
+    @property
+    def pads(self):
+        """Explicit ``((top, bottom), (left, right))`` equivalent of ``padding``."""
+        return explicit_padding(self)
+
+    @property
+    def out_hw(self):
+        (pt, pb), (pl, pr) = self.pads
+        ek = (self.k - 1) * self.dilation + 1
+        if self.op == "pointwise":
+            return self.h, self.w
+        return (self.h + pt + pb - ek) // self.stride + 1, (self.w + pl + pr - ek) // self.stride + 1
+
+    @property
+    def macs(self):
+        """(depthwise MACs, pointwise MACs) of the forward pass."""
+        oh, ow = self.out_hw
+        if self.op == "pointwise":
+            return 0, self.n * self.h * self.w * self.c * self.f
+        dw = self.n * oh * ow * self.cm * self.k * self.k
+        pw = 0 if self.op == "depthwise" else self.n * oh * ow * self.cm * self.f
+        return dw, pw
+
+    @property
+    def flops(self):
+        """Floating-point operations counted for GFLOP/s: 2 * MACs (forward); 3x that for forward+backward."""
+        f = 2 * sum(self.macs)
+        return 3 * f if self.op == "separable_fwdbwd" else f
+
+    @property
+    def shape_label(self):
+        oh, ow = self.out_hw
+        head = f"b{self.n} {self.h}x{self.w}x{self.c}"
+        if self.op == "depthwise":
+            parts = [head, f"dw{self.k}x{self.k}" + (f"*{self.dm}" if self.dm > 1 else "")]
+        else:
+            parts = [f"{head}->{self.f}"]
+        if self.op not in ("depthwise", "pointwise"):
+            if self.k != 3:
+                parts.append(f"k{self.k}")
+            if self.dm > 1:
+                parts.append(f"dm{self.dm}")
+        if self.stride > 1:
+            parts.append(f"s{self.stride}")
+        if self.dilation > 1:
+            parts.append(f"d{self.dilation}")
+        if self.data_format == "channels_first":
+            parts.append("NCHW")
+        return " ".join(parts)
+
+    def to_dict(self):
+        d = asdict(self)
+        d["tags"] = list(self.tags)
+        d.update(id=self.id, shape=self.shape_label, macs=list(self.macs), flops=self.flops,
+                 out_hw=list(self.out_hw), pads=[list(p) for p in self.pads])
+        return d
+
+
+def explicit_padding(case):
+    if case.op == "pointwise":
+        return (0, 0), (0, 0)
+    if isinstance(case.padding, int):
+        p = case.padding
+        return (p, p), (p, p)
+    if case.padding == "valid":
+        return (0, 0), (0, 0)
+    pads = []
+    for n in (case.h, case.w):
+        total = max((math.ceil(n / case.stride) - 1) * case.stride + (case.k - 1) * case.dilation + 1 - n, 0)
+        pads.append((total // 2, total - total // 2))
+    return tuple(pads)
+
+
+def _mnv1(suite, n, hw, c, f, s, quick=False, **kw):
+    return Case(suite, f"b{n}-{hw}x{c}-{f}-s{s}", n, hw, hw, c, f, stride=s, quick=quick, **kw)
+
+
+_MOBILENET = [(112, 32, 64, 1), (112, 64, 128, 2), (56, 128, 128, 1), (56, 128, 256, 2), (28, 256, 256, 1),
+              (28, 256, 512, 2), (14, 512, 512, 1), (14, 512, 1024, 2), (7, 1024, 1024, 1)]
+_MOBILENET_QUICK = {(56, 128, 128, 1), (7, 1024, 1024, 1), (14, 512, 512, 1)}
+_MOBILENET_B8 = [(112, 32, 64, 1), (56, 128, 128, 1), (28, 256, 256, 1), (14, 512, 512, 1)]
+_XCEPTION = [(147, 64, 128), (147, 128, 128), (74, 256, 256), (37, 728, 728), (19, 728, 728), (10, 1024, 1536),
+             (10, 1536, 2048)]
+
+
+def _build():
+    cases = []
+    for hw, c, f, s in _MOBILENET:
+        cases.append(_mnv1("mobilenet", 1, hw, c, f, s, quick=(hw, c, f, s) in _MOBILENET_QUICK, tags=("target",)))
+    for hw, c, f, s in _MOBILENET_B8:
+        cases.append(_mnv1("mobilenet", 8, hw, c, f, s, quick=(hw == 56), tags=("target",)))
+    for hw, c, f in _XCEPTION:
+        cases.append(Case("xception", f"b1-{hw}x{c}-{f}", 1, hw, hw, c, f, quick=(hw == 19), tags=("target",)))
+    for f in (64, 256):
+        cases.append(Case("classic", f"b8-56x32-{f}-pad1-nchw", 8, 56, 56, 32, f, padding=1,
+                          data_format="channels_first", quick=(f == 64)))
+    # the channels_last twin of the classic example, for the channels_first/channels_last ratio
+    cases.append(Case("classic", "b8-56x32-64-pad1-nhwc", 8, 56, 56, 32, 64, padding=1, tags=("cf-twin",)))
+    hard = [
+        Case("hard", "b1-56x128-128-d2", 1, 56, 56, 128, 128, dilation=2, quick=True),
+        Case("hard", "b1-28x256-256-d2", 1, 28, 28, 256, 256, dilation=2),
+        Case("hard", "b1-56x128-256-dm2", 1, 56, 56, 128, 256, dm=2),
+        Case("hard", "b1-28x256-256-dm2", 1, 28, 28, 256, 256, dm=2),
+        Case("hard", "b1-56x128-128-k5", 1, 56, 56, 128, 128, k=5),
+        Case("hard", "b1-28x256-256-k7", 1, 28, 28, 256, 256, k=7),
+        Case("hard", "b1-56x128-128-nchw", 1, 56, 56, 128, 128, data_format="channels_first"),
+        Case("hard", "b1-14x512-512-nchw", 1, 14, 14, 512, 512, data_format="channels_first"),
+        Case("hard", "b4-112x64-64", 4, 112, 112, 64, 64),
+    ]
+    cases += [Case(**{**asdict(c), "tags": ("poorly",)}) for c in hard]
+    for hw, c, s in [(112, 32, 1), (112, 64, 2), (56, 128, 1), (14, 512, 1), (7, 1024, 1)]:
+        cases.append(Case("depthwise", f"b1-{hw}x{c}-s{s}", 1, hw, hw, c, c, stride=s, op="depthwise",
+                          quick=(hw == 56)))
+    cases.append(Case("depthwise", "b1-56x128-s1-dm2", 1, 56, 56, 128, 256, dm=2, op="depthwise"))
+    for hw, c, f in [(112, 32, 64), (56, 128, 128), (14, 512, 512), (7, 1024, 1024)]:
+        cases.append(Case("pointwise", f"b1-{hw}x{c}-{f}", 1, hw, hw, c, f, op="pointwise", quick=(hw == 56)))
+    for n, hw, c, f, s in [(1, 112, 32, 64, 1), (1, 56, 128, 128, 1), (1, 14, 512, 512, 1), (8, 56, 128, 128, 1),
+                           (1, 147, 128, 128, 1), (1, 56, 128, 256, 2)]:
+        cases.append(_mnv1("fused", n, hw, c, f, s, quick=(n == 1 and hw == 56 and s == 1)))
+    cases.append(Case("overhead", "b1-4x4x8-8", 1, 4, 4, 8, 8, quick=True))
+    for hw, c, f, s in [(112, 32, 64, 1), (56, 128, 128, 1), (56, 128, 256, 2), (28, 256, 256, 1),
+                        (14, 512, 512, 1), (7, 1024, 1024, 1)]:
+        cases.append(_mnv1("backward", 8, hw, c, f, s, quick=(hw == 14), op="separable_fwdbwd"))
+    ids = [c.id for c in cases]
+    assert len(ids) == len(set(ids)), "duplicate case ids"
+    return tuple(cases)
+
+
+CASES = _build()
+
+
+def select(suites=None, quick=False):
+    """Cases of the given suites (all when None), only the quick ones if ``quick``."""
+    out = []
+    for c in CASES:
+        if suites and c.suite not in suites:
+            continue
+        if quick and not c.quick:
+            continue
+        out.append(c)
+    return out
+
+
+def make_arrays(case, seed=0):
+    """Deterministic float32 inputs in Keras layouts: x (NHWC), depthwise (kh, kw, C, dm), pointwise (1, 1, C*dm, F).
+
+    Values are scaled so the outputs stay O(1) (no denormals, no overflow).
+    """
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((case.n, case.h, case.w, case.c), dtype=np.float32)
+    dk = (rng.standard_normal((case.k, case.k, case.c, case.dm), dtype=np.float32) / case.k)
+    pk = (rng.standard_normal((1, 1, case.cm if case.op != "pointwise" else case.c, case.f), dtype=np.float32)
+          / np.float32(math.sqrt(case.cm)))
+    return x, dk, pk
+
+
+def reference_nhwc(case, x, dk, pk, pads=None):
+    """Plain float64 NumPy forward pass (NHWC in, NHWC out), with ``pads`` overriding the case's padding."""
+    (pt, pb), (pl, pr) = pads if pads is not None else case.pads
+    x = np.asarray(x, np.float64)
+    if case.op == "pointwise":
+        return x @ np.asarray(pk, np.float64).reshape(case.c, case.f)
+    xp = np.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    s, d = case.stride, case.dilation
+    oh = (xp.shape[1] - (case.k - 1) * d - 1) // s + 1
+    ow = (xp.shape[2] - (case.k - 1) * d - 1) // s + 1
+    w = np.asarray(dk, np.float64)
+    acc = np.zeros((case.n, oh, ow, case.c, case.dm))
+    for i in range(case.k):
+        for j in range(case.k):
+            win = xp[:, i * d: i * d + (oh - 1) * s + 1: s, j * d: j * d + (ow - 1) * s + 1: s, :]
+            acc += win[..., None] * w[i, j]
+    dw = acc.reshape(case.n, oh, ow, case.cm)
+    if case.op == "depthwise":
+        return dw
+    return dw @ np.asarray(pk, np.float64).reshape(case.cm, case.f)

@@ -1,0 +1,512 @@
+"""Contenders: one small adapter per library, all with the same interface.
+
+``contender.setup(case)`` returns a :class:`Bench`, a zero-argument callable
+that runs the case once (the timed call) and knows how to turn its result into
+an NHWC NumPy array for the correctness check, and which padding it actually
+used.  Each adapter imports its library lazily, so a benchmark process imports
+only its own contender's library and thread pool (see ``__main__``).
+
+Layout conventions (stated in the report):
+
+* nbconv and Keras get the input in the case's ``data_format``.
+* PyTorch and ONNX Runtime get it in their own layout, prepared outside the
+  timed call, as their users hold their data; except that when a case's input
+  *arrives* channels_first, PyTorch channels_last pays the conversion inside the
+  timed call (that is what a channels_last user has to do).
+* Stride-2 'same' padding is asymmetric in Keras/TF ((0, 1) on even sizes).
+  ONNX Runtime gets exactly those pads.  PyTorch's conv only pads
+  symmetrically; where a symmetric padding gives the same output shape (all
+  stride-2 layers here) it uses that, as PyTorch's own MobileNet does: same
+  shape, same work, no extra ``F.pad`` copy.  The check compares each contender
+  with the float64 reference computed with the padding it used.
+"""
+import dataclasses
+import math
+import os
+
+import numpy as np
+
+from .cases import make_arrays
+
+__all__ = ["Bench", "Unsupported", "CONTENDERS", "PEERS", "get", "THREADS"]
+
+#: threads every contender may use (the issue's targets are for 2)
+THREADS = int(os.environ.get("NBCONV_BENCH_THREADS", "2"))
+
+#: above this many forward MACs the NumPy baseline is not run
+NUMPY_MAX_MACS = 120e6
+
+
+class Unsupported(Exception):
+    """The contender cannot run this case; the message is shown in the report."""
+
+
+class Bench:
+    def __init__(self, fn, to_nhwc=None, pads=None, check=True):
+        self.fn = fn
+        self.to_nhwc = to_nhwc or (lambda out: np.asarray(out))
+        self.pads = pads
+        self.check = check
+
+    def __call__(self):
+        return self.fn()
+
+
+def _nchw(a):
+    return np.ascontiguousarray(a.transpose(0, 3, 1, 2))
+
+
+def _input(case, x):
+    return _nchw(x) if case.data_format == "channels_first" else x
+
+
+def _from_cf(case):
+    if case.data_format == "channels_first":
+        return lambda out: np.asarray(out).transpose(0, 2, 3, 1)
+    return None
+
+
+def _grad_output(case, seed=1):
+    oh, ow = case.out_hw
+    g = np.random.default_rng(seed).standard_normal((case.n, oh, ow, case.f), dtype=np.float32)
+    return g
+
+
+class Contender:
+    name = "?"
+    label = "?"
+    peer = True
+    ops = ("separable", "depthwise", "pointwise")
+    #: suites this contender runs (None: all)
+    suites = None
+
+    def available(self):
+        """None when usable, else the reason it is skipped (shown in the report)."""
+        return None
+
+    def version(self):
+        return ""
+
+    def init_process(self):
+        pass
+
+    def setup(self, case):
+        raise NotImplementedError
+
+    def info(self):
+        return {}
+
+
+class NbConv(Contender):
+    name = "nbconv"
+    label = "nbconv"
+    peer = False
+    ops = ("separable", "depthwise", "pointwise", "separable_fwdbwd")
+
+    def available(self):
+        try:
+            import nbconv  # noqa: F401
+        except Exception as exc:  # pragma: no cover - shown in the report
+            return f"nbconv does not import: {exc!r}"
+        return None
+
+    def version(self):
+        import nbconv
+        return nbconv.__version__
+
+    def init_process(self):
+        import nbconv
+        nbconv.set_num_threads(min(THREADS, nbconv.get_num_threads()) if THREADS > 0 else nbconv.get_num_threads())
+
+    def info(self):
+        import numba
+
+        import nbconv
+        from nbconv import _runtime
+        return {"threading_layer": getattr(_runtime, "THREADING_LAYER", "?"), "numba": numba.__version__,
+                "num_threads": nbconv.get_num_threads()}
+
+    def _kw(self, case):
+        return dict(strides=case.stride, padding=case.padding, dilation_rate=case.dilation,
+                    data_format=case.data_format)
+
+    def setup(self, case):
+        import nbconv
+        x, dk, pk = make_arrays(case)
+        xin = _input(case, x)
+        kw = self._kw(case)
+        if case.op == "separable":
+            return Bench(lambda: nbconv.separable_conv2d(xin, dk, pk, **kw), _from_cf(case))
+        if case.op == "depthwise":
+            return Bench(lambda: nbconv.depthwise_conv2d(xin, dk, **kw), _from_cf(case))
+        if case.op == "pointwise":
+            return Bench(lambda: nbconv.pointwise_conv2d(xin, pk, data_format=case.data_format), _from_cf(case))
+        if case.op == "separable_fwdbwd":
+            backward = getattr(nbconv, "separable_conv2d_backward", None)
+            if backward is None:
+                raise Unsupported("not available: nbconv.separable_conv2d_backward does not exist yet (issue 4)")
+            g = _input(case, _grad_output(case))
+            wrt = ("x", "depthwise_kernel", "pointwise_kernel")
+
+            def fwdbwd():
+                nbconv.separable_conv2d(xin, dk, pk, **kw)
+                return backward(g, xin, dk, pk, wrt=wrt, **kw)
+            return Bench(fwdbwd, check=False)
+        raise Unsupported(f"op {case.op}")
+
+
+class NbConvTwoStep(NbConv):
+    """nbconv's own depthwise_conv2d then pointwise_conv2d (the unfused path), for the fused suite."""
+
+    name = "nbconv_2step"
+    label = "nbconv dw+pw"
+    ops = ("separable",)
+    suites = ("fused",)
+
+    def setup(self, case):
+        import nbconv
+        if case.op != "separable":
+            raise Unsupported("separable cases only")
+        x, dk, pk = make_arrays(case)
+        xin = _input(case, x)
+        kw = self._kw(case)
+
+        def two_step():
+            y = nbconv.depthwise_conv2d(xin, dk, **kw)
+            return nbconv.pointwise_conv2d(y, pk, data_format=case.data_format)
+        return Bench(two_step, _from_cf(case))
+
+
+class Keras(Contender):
+    name = "keras"
+    label = "Keras op"
+    ops = ("separable", "depthwise", "pointwise", "separable_fwdbwd")
+
+    def available(self):
+        os.environ.setdefault("KERAS_BACKEND", "jax")
+        try:
+            import keras  # noqa: F401
+        except Exception as exc:
+            return f"keras does not import (KERAS_BACKEND={os.environ.get('KERAS_BACKEND')}): {exc!r}"
+        return None
+
+    def version(self):
+        import keras
+        return f"{keras.__version__} ({keras.backend.backend()} {self._backend_version()})"
+
+    def _backend_version(self):
+        import keras
+        b = keras.backend.backend()
+        try:
+            mod = __import__({"jax": "jax", "tensorflow": "tensorflow", "torch": "torch"}.get(b, "numpy"))
+            return mod.__version__
+        except Exception:
+            return "?"
+
+    def init_process(self):
+        import keras
+        if keras.backend.backend() == "torch":
+            import torch
+            torch.set_num_threads(THREADS)
+
+    def info(self):
+        import keras
+        return {"backend": keras.backend.backend(),
+                "jit": {"jax": "jax.jit", "tensorflow": "tf.function(jit_compile=True)"}.get(
+                    keras.backend.backend(), "eager (no jit on this backend)")}
+
+    def _padding(self, case):
+        if isinstance(case.padding, str):
+            return case.padding
+        same = dataclasses.replace(case, padding="same").pads
+        if case.pads == same:
+            return "same"
+        if case.pads == ((0, 0), (0, 0)):
+            return "valid"
+        raise Unsupported(f"Keras's op has no explicit padding={case.padding}")
+
+    def setup(self, case):
+        import keras
+        ops = keras.ops
+        backend = keras.backend.backend()
+        x, dk, pk = make_arrays(case)
+        xin = _input(case, x)
+        pad = self._padding(case)
+        df = case.data_format
+        s, d = case.stride, case.dilation
+        if case.op == "separable" or case.op == "separable_fwdbwd":
+            def op(x, dk, pk):
+                return ops.separable_conv(x, dk, pk, strides=s, padding=pad, data_format=df, dilation_rate=d)
+        elif case.op == "depthwise":
+            def op(x, dk, pk):
+                return ops.depthwise_conv(x, dk, strides=s, padding=pad, data_format=df, dilation_rate=d)
+        elif case.op == "pointwise":
+            def op(x, dk, pk):
+                return ops.conv(x, pk, strides=1, padding="valid", data_format=df)
+        else:
+            raise Unsupported(f"op {case.op}")
+
+        if backend == "jax":
+            import jax
+            import jax.numpy as jnp
+            args = [jax.device_put(a) for a in (xin, dk, pk)]
+            if case.op == "separable_fwdbwd":
+                g = jax.device_put(_input(case, _grad_output(case)))
+                step = jax.jit(jax.value_and_grad(lambda x, dk, pk: jnp.vdot(op(x, dk, pk), g), argnums=(0, 1, 2)))
+                return Bench(lambda: jax.block_until_ready(step(*args)), check=False)
+            f = jax.jit(op)
+            return Bench(lambda: f(*args).block_until_ready(), _from_cf(case))
+        if case.op == "separable_fwdbwd":
+            raise Unsupported(f"forward+backward is measured on the jax backend only (this is {backend})")
+        if backend == "tensorflow":
+            import tensorflow as tf
+            args = [tf.constant(a) for a in (xin, dk, pk)]
+            f = tf.function(op, jit_compile=True)
+            return Bench(lambda: f(*args).numpy(), _from_cf(case))
+        args = [ops.convert_to_tensor(a) for a in (xin, dk, pk)]
+        return Bench(lambda: ops.convert_to_numpy(op(*args)), _from_cf(case))
+
+
+class _Torch(Contender):
+    channels_last = False
+    ops = ("separable", "depthwise", "pointwise", "separable_fwdbwd")
+
+    def available(self):
+        try:
+            import torch  # noqa: F401
+        except Exception as exc:
+            return f"torch is not installed ({exc!r}); install torch==2.13.0"
+        return None
+
+    def version(self):
+        import torch
+        return torch.__version__
+
+    def init_process(self):
+        import torch
+        torch.set_num_threads(THREADS)
+
+    def info(self):
+        import torch
+        return {"num_threads": torch.get_num_threads(), "mkldnn": torch.backends.mkldnn.is_available(),
+                "parallel_info": torch.__config__.parallel_info().splitlines()[:6]}
+
+    def setup(self, case):
+        import torch
+        import torch.nn.functional as F
+
+        x, dk, pk = make_arrays(case)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        xt = torch.from_numpy(_nchw(x)).contiguous(memory_format=fmt)
+        wd = torch.from_numpy(np.ascontiguousarray(dk.reshape(case.k, case.k, case.cm).transpose(2, 0, 1)[:, None]))
+        wd = wd.contiguous(memory_format=fmt)
+        kin = case.c if case.op == "pointwise" else case.cm
+        wp = torch.from_numpy(np.ascontiguousarray(pk.reshape(kin, case.f).T[:, :, None, None]))
+        wp = wp.contiguous(memory_format=fmt)
+        (pt, pb), (pl, pr) = case.pads
+        pre_pad = None
+        if pt == pb and pl == pr:
+            padding, used = (pt, pl), case.pads
+        else:
+            sym = (max(pt, pb), max(pl, pr))
+            ek = (case.k - 1) * case.dilation + 1
+            shape = ((case.h + 2 * sym[0] - ek) // case.stride + 1, (case.w + 2 * sym[1] - ek) // case.stride + 1)
+            if shape == case.out_hw:
+                padding, used = sym, ((sym[0], sym[0]), (sym[1], sym[1]))
+            else:
+                padding, used, pre_pad = (0, 0), case.pads, (pl, pr, pt, pb)
+        s, d, groups = case.stride, case.dilation, case.c
+        # a channels_first input arriving at a channels_last user is converted inside the timed call
+        convert = self.channels_last and case.data_format == "channels_first"
+        if convert:
+            xt = torch.from_numpy(_nchw(x))
+
+        def prep(t):
+            if convert:
+                t = t.contiguous(memory_format=torch.channels_last)
+            if pre_pad is not None:
+                t = F.pad(t, pre_pad)
+            return t
+
+        def to_nhwc(out):
+            return out.permute(0, 2, 3, 1).numpy()
+
+        if case.op == "separable":
+            def fn():
+                with torch.inference_mode():
+                    return F.conv2d(F.conv2d(prep(xt), wd, None, s, padding, d, groups), wp)
+        elif case.op == "depthwise":
+            def fn():
+                with torch.inference_mode():
+                    return F.conv2d(prep(xt), wd, None, s, padding, d, groups)
+        elif case.op == "pointwise":
+            used = None
+
+            def fn():
+                with torch.inference_mode():
+                    return F.conv2d(prep(xt), wp)
+        elif case.op == "separable_fwdbwd":
+            g = torch.from_numpy(_nchw(_grad_output(case))).contiguous(memory_format=fmt)
+            for t in (xt, wd, wp):
+                t.requires_grad_(True)
+
+            def fn():
+                y = F.conv2d(F.conv2d(prep(xt), wd, None, s, padding, d, groups), wp)
+                return torch.autograd.grad(y, (xt, wd, wp), g)
+            return Bench(fn, check=False)
+        else:
+            raise Unsupported(f"op {case.op}")
+        return Bench(fn, to_nhwc, used)
+
+
+class TorchNCHW(_Torch):
+    name = "torch_nchw"
+    label = "torch NCHW"
+    channels_last = False
+
+
+class TorchNHWC(_Torch):
+    name = "torch_nhwc"
+    label = "torch ch_last"
+    channels_last = True
+
+
+class OnnxRuntime(Contender):
+    name = "onnxruntime"
+    label = "ONNX Runtime"
+
+    def available(self):
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+        except Exception as exc:
+            return f"onnx/onnxruntime not installed ({exc!r})"
+        return None
+
+    def version(self):
+        import onnx
+        import onnxruntime
+        return f"{onnxruntime.__version__} (onnx {onnx.__version__})"
+
+    def info(self):
+        return {"intra_op_num_threads": THREADS, "execution_mode": "ORT_SEQUENTIAL",
+                "graph_optimization_level": "ORT_ENABLE_ALL"}
+
+    def setup(self, case):
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+
+        if case.op not in self.ops:
+            raise Unsupported("inference only")
+        x, dk, pk = make_arrays(case)
+        (pt, pb), (pl, pr) = case.pads
+        kin = case.c if case.op == "pointwise" else case.cm
+        wd = np.ascontiguousarray(dk.reshape(case.k, case.k, case.cm).transpose(2, 0, 1)[:, None])
+        wp = np.ascontiguousarray(pk.reshape(kin, case.f).T[:, :, None, None])
+        dw = helper.make_node("Conv", ["x", "wd"], ["y" if case.op == "depthwise" else "t"], group=case.c,
+                              kernel_shape=[case.k, case.k], strides=[case.stride] * 2, pads=[pt, pl, pb, pr],
+                              dilations=[case.dilation] * 2)
+        pw = helper.make_node("Conv", ["t" if case.op == "separable" else "x", "wp"], ["y"], kernel_shape=[1, 1])
+        nodes, inits = [], []
+        if case.op in ("separable", "depthwise"):
+            nodes.append(dw)
+            inits.append(numpy_helper.from_array(wd, "wd"))
+        if case.op in ("separable", "pointwise"):
+            nodes.append(pw)
+            inits.append(numpy_helper.from_array(wp, "wp"))
+        graph = helper.make_graph(
+            nodes, case.op, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [case.n, case.c, case.h, case.w])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = THREADS
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        feed = {"x": _nchw(x)}
+        return Bench(lambda: sess.run(["y"], feed)[0], lambda out: out.transpose(0, 2, 3, 1),
+                     None if case.op == "pointwise" else case.pads)
+
+
+class NumPyBaseline(Contender):
+    name = "numpy"
+    label = "NumPy"
+
+    def version(self):
+        return np.__version__
+
+    def setup(self, case):
+        if case.op not in self.ops:
+            raise Unsupported("forward only")
+        if sum(case.macs) > NUMPY_MAX_MACS:
+            raise Unsupported(f"small shapes only (<= {NUMPY_MAX_MACS / 1e6:.0f} M MAC)")
+        x, dk, pk = make_arrays(case)
+        (pt, pb), (pl, pr) = case.pads
+        oh, ow = case.out_hw
+        s, d, k, dm = case.stride, case.dilation, case.k, case.dm
+        kin = case.c if case.op == "pointwise" else case.cm
+        pm = np.ascontiguousarray(pk.reshape(kin, case.f))
+        w = dk[:, :, :, 0] if dm == 1 else dk
+
+        def depthwise():
+            xp = np.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+            acc = np.zeros((case.n, oh, ow, case.c) + ((dm,) if dm > 1 else ()), np.float32)
+            tmp = np.empty_like(acc)
+            for i in range(k):
+                for j in range(k):
+                    win = xp[:, i * d: i * d + (oh - 1) * s + 1: s, j * d: j * d + (ow - 1) * s + 1: s, :]
+                    np.multiply(win[..., None] if dm > 1 else win, w[i, j], out=tmp)
+                    acc += tmp
+            return acc.reshape(case.n, oh, ow, case.cm)
+
+        if case.op == "separable":
+            return Bench(lambda: depthwise() @ pm)
+        if case.op == "depthwise":
+            return Bench(depthwise)
+        return Bench(lambda: x @ pm)
+
+
+class Sgemm(Contender):
+    """The machine's sgemm peak: NumPy matmul of two 4096x4096 float32 matrices."""
+
+    name = "sgemm"
+    label = "sgemm peak"
+    peer = False
+    size = 4096
+
+    def version(self):
+        return np.__version__
+
+    def setup(self, case=None):
+        rng = np.random.default_rng(0)
+        a = rng.standard_normal((self.size, self.size), dtype=np.float32)
+        b = rng.standard_normal((self.size, self.size), dtype=np.float32)
+        c = np.empty_like(a)
+        return Bench(lambda: np.matmul(a, b, out=c), check=False)
+
+    @property
+    def flops(self):
+        return 2 * self.size ** 3
+
+
+CONTENDERS = {c.name: c for c in (NbConv(), NbConvTwoStep(), TorchNCHW(), TorchNHWC(), OnnxRuntime(), Keras(),
+                                  NumPyBaseline(), Sgemm())}
+#: contenders that count as peers for "best peer" ratios, in report column order
+PEERS = ("torch_nchw", "torch_nhwc", "onnxruntime", "keras", "numpy")
+
+
+def get(name):
+    try:
+        return CONTENDERS[name]
+    except KeyError:
+        raise ValueError(f"Expected a contender among {sorted(CONTENDERS)}. Received {name!r}") from None
+
+
+def rel_error(out, ref):
+    out = np.asarray(out, np.float64)
+    if out.shape != ref.shape:
+        return math.inf
+    scale = max(float(np.max(np.abs(ref))), 1e-30)
+    return float(np.max(np.abs(out - ref))) / scale

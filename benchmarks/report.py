@@ -1,0 +1,514 @@
+"""The benchmark report: tables per suite, target summary, JSON and a PNG chart.
+
+Input is a raw results folder written by the runner (``python -m benchmarks``):
+``<contender>.json`` (pytest-benchmark's ``--benchmark-json``),
+``<contender>.info.json`` (versions, thread pools, skips, checks),
+``probes.json`` (memory and first-call probes) and ``meta.json``.
+
+Regenerate a report from such a folder with ``python -m benchmarks.report <folder>``.
+
+Definitions used throughout:
+
+* time = pytest-benchmark's median of one call, in ms;
+* speedup over a peer = t(peer) / t(nbconv) (> 1: nbconv is faster);
+* the issue's targets are quoted as it states them (e.g. t(nbconv)/t(best peer));
+* GFLOP/s = 2 * (depthwise MACs + pointwise MACs) / t(nbconv) (3x the forward for forward+backward);
+* % of peak = nbconv's GFLOP/s / the sgemm GFLOP/s of NumPy's 4096x4096 float32 matmul measured in
+  the same run, in its own process.
+"""
+import json
+import math
+import os
+import sys
+
+from . import cases as _cases
+from .contenders import CONTENDERS, PEERS
+
+__all__ = ["build", "format_text", "plot", "save", "main"]
+
+#: contenders that are not peers but get a column, per suite
+EXTRA_COLUMNS = {"fused": ("nbconv_2step",)}
+TARGET_SUITES = ("mobilenet", "xception")
+SEPARABLE_SUITES = ("mobilenet", "xception", "classic", "hard", "fused")
+
+
+def _load(path):
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
+def _geomean(xs):
+    xs = [x for x in xs if x and x > 0 and math.isfinite(x)]
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
+
+
+def _median(xs):
+    xs = sorted(xs)
+    if not xs:
+        return None
+    m = len(xs) // 2
+    return xs[m] if len(xs) % 2 else (xs[m - 1] + xs[m]) / 2
+
+
+def build(raw_dir):
+    """Read a raw results folder and compute every table and summary figure; returns a JSON-able dict."""
+    meta = _load(os.path.join(raw_dir, "meta.json")) or {}
+    probes = _load(os.path.join(raw_dir, "probes.json")) or {}
+    contenders = {}
+    times = {}  # (contender, case id) -> stats dict
+    for name in meta.get("contenders", list(CONTENDERS)):
+        info = _load(os.path.join(raw_dir, f"{name}.info.json"))
+        data = _load(os.path.join(raw_dir, f"{name}.json"))
+        entry = {"name": name, "label": CONTENDERS[name].label if name in CONTENDERS else name,
+                 "ran": info is not None, "returncode": (meta.get("returncodes") or {}).get(name)}
+        if info:
+            entry.update({k: info.get(k) for k in ("available", "note", "version", "info", "threadpools",
+                                                    "skips", "checks", "errors")})
+        contenders[name] = entry
+        for b in (data or {}).get("benchmarks", []):
+            cid = b.get("extra_info", {}).get("case") or b.get("param")
+            st = b["stats"]
+            times[(name, cid)] = {"median": st["median"], "min": st["min"], "iqr": st.get("iqr"),
+                                  "rounds": st["rounds"], "check": b.get("extra_info", {}).get("check_rel_err")}
+
+    peak = times.get(("sgemm", "sgemm-4096"))
+    peak_gflops = CONTENDERS["sgemm"].flops / peak["median"] / 1e9 if peak else None
+
+    suites_sel = meta.get("suites") or list(_cases.SUITES)
+    selected = _cases.select(suites_sel, meta.get("quick", False))
+    suites = {}
+    for case in selected:
+        row = {"case": case.to_dict(), "times_ms": {}, "min_ms": {}, "skips": {}, "errors": {}, "checks": {}}
+        for name, entry in contenders.items():
+            if name == "sgemm":
+                continue
+            st = times.get((name, case.id))
+            if st:
+                row["times_ms"][name] = st["median"] * 1e3
+                row["min_ms"][name] = st["min"] * 1e3
+                if st["check"] is not None:
+                    row["checks"][name] = st["check"]
+            elif (entry.get("errors") or {}).get(case.id):
+                row["errors"][name] = entry["errors"][case.id]
+            elif (entry.get("skips") or {}).get(case.id):
+                row["skips"][name] = entry["skips"][case.id]
+        t_nb = row["times_ms"].get("nbconv")
+        peers = {p: t for p, t in row["times_ms"].items() if p in PEERS}
+        row["speedup"] = {p: t / t_nb for p, t in row["times_ms"].items() if t_nb and p != "nbconv"}
+        if peers:
+            best = min(peers, key=peers.get)
+            row["best_peer"] = best
+            row["best_peer_ms"] = peers[best]
+            row["speedup_best"] = peers[best] / t_nb if t_nb else None
+        if t_nb:
+            row["nbconv_gflops"] = case.flops / (t_nb * 1e-3) / 1e9
+            if peak_gflops and case.op != "separable_fwdbwd":
+                row["pct_peak"] = 100 * row["nbconv_gflops"] / peak_gflops
+        suites.setdefault(case.suite, []).append(row)
+
+    report = {"meta": meta, "peak": {"gflops": peak_gflops, "median_s": peak["median"] if peak else None,
+                                     "size": CONTENDERS["sgemm"].size},
+              "contenders": contenders, "suites": suites, "probes": probes}
+    report["summary"] = _summary(report)
+    return report
+
+
+def _rows(report, suites):
+    for s in suites:
+        yield from report["suites"].get(s, [])
+
+
+def _summary(report):
+    s = {}
+    # 1. MobileNetV1 + Xception vs the best peer
+    ratios = [(1 / r["speedup_best"], r["case"]["id"]) for r in _rows(report, TARGET_SUITES)
+              if r.get("speedup_best")]
+    if ratios:
+        worst = max(ratios)
+        s["target_ratio_geomean"] = _geomean([r for r, _ in ratios])
+        s["target_ratio_max"] = worst[0]
+        s["target_ratio_max_case"] = worst[1]
+        s["target_ratio_n"] = len(ratios)
+    # 2. cases peers handle poorly
+    hard = [r["speedup_best"] for r in _rows(report, ("hard",)) if r.get("speedup_best")]
+    if hard:
+        s["poorly_speedup_geomean"] = _geomean(hard)
+        s["poorly_n"] = len(hard)
+    # 3. % of the sgemm peak where the pointwise part has C*dm >= 256
+    pct = [(r["pct_peak"], r["case"]["id"]) for r in _rows(report, TARGET_SUITES)
+           if r.get("pct_peak") and r["case"]["c"] * r["case"]["dm"] >= 256]
+    if pct:
+        s["pct_peak_c256_min"] = min(pct)[0]
+        s["pct_peak_c256_min_case"] = min(pct)[1]
+        s["pct_peak_c256_median"] = _median([p for p, _ in pct])
+        s["pct_peak_c256_n"] = len(pct)
+    # 4. vs Keras's op
+    keras = [r["speedup"]["keras"] for r in _rows(report, SEPARABLE_SUITES[:-1]) if "keras" in r.get("speedup", {})]
+    if keras:
+        s["keras_speedup_geomean"] = _geomean(keras)
+        s["keras_speedup_min"] = min(keras)
+        s["keras_n"] = len(keras)
+    # 5. channels_first vs channels_last twins (same geometry, nbconv)
+    def geom(c):
+        return (c["op"], c["n"], c["h"], c["w"], c["c"], c["f"], c["k"], c["stride"], c["dilation"], c["dm"],
+                json.dumps(c["pads"]))
+    by_geom = {}
+    for r in _rows(report, _cases.SUITES):
+        t = r["times_ms"].get("nbconv")
+        if t:
+            by_geom.setdefault(geom(r["case"]), {}).setdefault(r["case"]["data_format"], (t, r["case"]["id"]))
+    pairs = []
+    for g, d in by_geom.items():
+        if "channels_first" in d and "channels_last" in d:
+            pairs.append({"cf": d["channels_first"][1], "cl": d["channels_last"][1],
+                          "ratio": d["channels_first"][0] / d["channels_last"][0]})
+    if pairs:
+        s["cf_cl_pairs"] = pairs
+        s["cf_cl_ratio_max"] = max(p["ratio"] for p in pairs)
+        s["cf_cl_ratio_geomean"] = _geomean([p["ratio"] for p in pairs])
+    # 6. per-call overhead on the tiny shape
+    for r in _rows(report, ("overhead",)):
+        s["overhead_us"] = {k: v * 1e3 for k, v in r["times_ms"].items()}
+    # 7. fused vs nbconv's own two-step path
+    two = [r["speedup"]["nbconv_2step"] for r in _rows(report, ("fused",)) if "nbconv_2step" in r.get("speedup", {})]
+    if two:
+        s["fused_vs_two_step_geomean"] = _geomean(two)
+    # 8. forward + backward
+    bw = list(_rows(report, ("backward",)))
+    if bw:
+        tn = [r["speedup"]["torch_nhwc"] for r in bw if "torch_nhwc" in r.get("speedup", {})]
+        tk = [r["speedup"]["keras"] for r in bw if "keras" in r.get("speedup", {})]
+        if tn or tk:
+            s["backward_ratio_vs_torch_nhwc_geomean"] = 1 / _geomean(tn) if tn else None
+            s["backward_speedup_vs_keras_geomean"] = _geomean(tk)
+        else:
+            notes = {r["skips"].get("nbconv") or r["errors"].get("nbconv") for r in bw} - {None}
+            s["backward_note"] = "; ".join(sorted(notes)) or "nbconv not measured"
+    return s
+
+
+# --- text -------------------------------------------------------------------
+
+def _fmt_ms(t):
+    if t is None:
+        return "-"
+    if t < 0.1:
+        return f"{t:.4f}"
+    if t < 10:
+        return f"{t:.3f}"
+    if t < 1000:
+        return f"{t:.1f}"
+    return f"{t:.0f}"
+
+
+def _cell(row, name):
+    if name in row["times_ms"]:
+        t = row["times_ms"][name]
+        sp = row["speedup"].get(name)
+        bad = "!" if row["checks"].get(name, 0) > 1e-4 else ""
+        return f"{_fmt_ms(t)}{bad}" + (f" ({sp:.2f}x)" if sp else "")
+    if name in row["errors"]:
+        return "ERROR"
+    if name in row["skips"]:
+        return "n/a" if "not available" in row["skips"][name] else "skip"
+    return "-"
+
+
+def _table(report, suite):
+    rows = report["suites"].get(suite, [])
+    if not rows:
+        return []
+    present = [c for c in (EXTRA_COLUMNS.get(suite, ()) + PEERS) if c in report["contenders"]]
+    labels = {c: report["contenders"][c]["label"] for c in present}
+    head = ["case", "nbconv ms", "GFLOP/s", "%peak"] + [labels[c] for c in present] + ["best peer", "vs best"]
+    body = []
+    for r in rows:
+        nb = r["times_ms"].get("nbconv")
+        if nb is None:
+            nbs = "ERROR" if "nbconv" in r["errors"] else ("n/a" if "nbconv" in r["skips"] else "-")
+        else:
+            nbs = _fmt_ms(nb) + ("!" if r["checks"].get("nbconv", 0) > 1e-4 else "")
+        line = [r["case"]["shape"], nbs, f"{r['nbconv_gflops']:.1f}" if r.get("nbconv_gflops") else "-",
+                f"{r['pct_peak']:.0f}%" if r.get("pct_peak") else "-"]
+        line += [_cell(r, c) for c in present]
+        line += [labels.get(r.get("best_peer"), r.get("best_peer") or "-"),
+                 f"{r['speedup_best']:.2f}x" if r.get("speedup_best") else "-"]
+        body.append(line)
+    widths = [max(len(str(x[i])) for x in [head] + body) for i in range(len(head))]
+    out = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths)))]
+    out.append("  ".join("-" * w for w in widths))
+    for line in body:
+        out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+    return out
+
+
+def _env_lines(report):
+    meta = report["meta"]
+    lines = []
+    env = meta.get("env", {})
+    lines.append("machine: " + ", ".join(str(x) for x in (meta.get("cpu"), f"{meta.get('cpus')} CPUs",
+                                                          meta.get("platform")) if x))
+    lines.append(f"threads per contender: {meta.get('threads')}; python {meta.get('python')}; "
+                 f"{'quick run' if meta.get('quick') else 'full run'}; started {meta.get('started')}, "
+                 f"took {meta.get('elapsed_s', 0):.0f} s")
+    lines.append("environment: " + ", ".join(f"{k}={env[k] if env.get(k) is not None else '(unset)'}"
+                                             for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS",
+                                                       "OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "KERAS_BACKEND")))
+    if env.get("OPENBLAS_CORETYPE") or env.get("OPENBLAS_L2_SIZE"):
+        lines.append("  note: OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE force an OpenBLAS core and cache size; a forced "
+                     "Haswell core roughly halves sgemm speed on AVX-512 machines (nbconv's pointwise GEMM and the "
+                     "sgemm peak below are both OpenBLAS).")
+    seen = set()
+    for name in ("nbconv", "sgemm"):
+        for tp in (report["contenders"].get(name) or {}).get("threadpools") or []:
+            if tp.get("user_api") != "blas":
+                continue
+            key = tp.get("filepath")
+            if key in seen:
+                continue
+            seen.add(key)
+            lines.append(f"BLAS: {os.path.basename(tp.get('filepath', '?'))} internal_api={tp.get('internal_api')} "
+                         f"architecture={tp.get('architecture')} version={tp.get('version')} "
+                         f"threads={tp.get('num_threads')}")
+    pk = report["peak"]
+    if pk.get("gflops"):
+        lines.append(f"sgemm peak: {pk['gflops']:.1f} GFLOP/s (NumPy matmul {pk['size']}x{pk['size']} float32, "
+                     f"median {pk['median_s'] * 1e3:.0f} ms, own process)")
+    else:
+        lines.append("sgemm peak: not measured (the sgemm contender did not run); %peak columns are empty")
+    load = {k: v for k, v in (meta.get("loadavg") or {}).items() if v is not None}
+    if load:
+        lines.append(f"load average (1 min) at start {load.get('start', 0):.1f}, at end {load.get('end', 0):.1f} "
+                     f"on {meta.get('cpus')} CPUs" + ("  -- WARNING: other processes were running; timings are "
+                                                      "disturbed" if max(load.values()) > 0.75 * (meta.get("cpus") or 1)
+                                                      else ""))
+    if pk.get("gflops") and any(r.get("pct_peak", 0) > 100 for rows in report["suites"].values() for r in rows):
+        lines.append("  WARNING: some shapes exceed 100% of the sgemm peak: the peak was measured in a disturbed "
+                     "moment (or OpenBLAS is slowed by OPENBLAS_CORETYPE); treat %peak with care")
+    lines.append("isolation: every contender ran in its own fresh pytest process (one after another, never "
+                 "concurrently), so the thread pools of Numba, PyTorch, ONNX Runtime and XLA never share a process.")
+    lines.append("layouts: nbconv and Keras get the case's data_format; PyTorch and ONNX Runtime get their own "
+                 "layout prepared outside the timing, except that a channels_first input costs torch ch_last its "
+                 "conversion inside the timing. Stride-2 'same' is asymmetric (0,1) in Keras: ONNX Runtime gets those "
+                 "pads, PyTorch the symmetric padding with the same output shape and work (as its own MobileNet).")
+    return lines
+
+
+def format_text(report):
+    s = report["summary"]
+    out = ["nbconv benchmark report", "=" * 23]
+    out += _env_lines(report)
+    out.append("")
+    out.append("contenders:")
+    for name, c in report["contenders"].items():
+        if not c.get("ran"):
+            status = "did not run" + (f" (exit code {c.get('returncode')})" if c.get("returncode") else "")
+        elif not c.get("available"):
+            status = f"SKIPPED: {c.get('note')}"
+        else:
+            status = c.get("version") or ""
+            extra = c.get("info") or {}
+            if name == "nbconv":
+                status += f", threading layer {extra.get('threading_layer')}, {extra.get('num_threads')} threads"
+            if name == "keras":
+                status += f", {extra.get('jit')}"
+            errs = c.get("errors") or {}
+            if errs:
+                status += f"; {len(errs)} case(s) raised: " + "; ".join(f"{k}: {v}" for k, v in list(errs.items())[:3])
+            if c.get("returncode") not in (None, 0):
+                status += f"; pytest exit code {c.get('returncode')}"
+        out.append(f"  {c['label']:<14} {status}")
+    bad = [(r["case"]["id"], n, e) for rows in report["suites"].values() for r in rows
+           for n, e in r["checks"].items() if e > 1e-4]
+    nchecks = sum(len(r["checks"]) for rows in report["suites"].values() for r in rows)
+    out.append(f"checks: {nchecks} outputs compared with a float64 NumPy reference; "
+               + (f"{len(bad)} MISMATCH(ES), marked '!': " + ", ".join(f"{n} {c} ({e:.1e})" for c, n, e in bad)
+                  if bad else "all within 1e-4 relative to the output's scale"))
+    out.append("")
+    out.append("Tables: median ms per call; '(N.NNx)' = t(peer)/t(nbconv), above 1 nbconv is faster; "
+               "'vs best' = t(best peer)/t(nbconv); skip = peer does not run this case, n/a = not available.")
+    for suite in _cases.SUITES:
+        lines = _table(report, suite)
+        if not lines:
+            continue
+        out.append("")
+        out.append(f"## {_cases.SUITE_TITLES[suite]}")
+        out += lines
+        notes = sorted({f"{report['contenders'][n]['label']}: {why}" for r in report["suites"][suite]
+                        for n, why in r["skips"].items() if n in report["contenders"]})
+        for note in notes:
+            out.append(f"  note - {note}")
+        if suite == "backward" and s.get("backward_note"):
+            out.append(f"  note - {s['backward_note']}")
+    out.append("")
+    out.append("## Summary against the targets of issue 3 (and issues 2, 4)")
+    out += _summary_lines(report)
+    return "\n".join(out) + "\n"
+
+
+def _ok(value, target, lower_is_better=True):
+    if value is None:
+        return ""
+    good = value <= target if lower_is_better else value >= target
+    return "  [met]" if good else "  [NOT met]"
+
+
+def _summary_lines(report):
+    s = report["summary"]
+    out = []
+
+    def add(text):
+        out.append("- " + text)
+
+    if "target_ratio_geomean" in s:
+        add(f"MobileNetV1 + Xception ({s['target_ratio_n']} shapes): geomean t(nbconv)/t(best peer) = "
+            f"{s['target_ratio_geomean']:.2f} (target <= 1.0){_ok(s['target_ratio_geomean'], 1.0)}; "
+            f"max {s['target_ratio_max']:.2f} at {s['target_ratio_max_case']} (target <= 1.3)"
+            f"{_ok(s['target_ratio_max'], 1.3)}")
+    else:
+        add("MobileNetV1 + Xception: not measured (needs nbconv and at least one peer)")
+    if "poorly_speedup_geomean" in s:
+        add(f"cases peers handle poorly ({s['poorly_n']} shapes): geomean speedup over the best peer = "
+            f"{s['poorly_speedup_geomean']:.2f}x (target >= 1.5x){_ok(s['poorly_speedup_geomean'], 1.5, False)}")
+    if "pct_peak_c256_min" in s:
+        add(f"% of sgemm peak, MobileNetV1 + Xception shapes with pointwise C >= 256 ({s['pct_peak_c256_n']}): "
+            f"median {s['pct_peak_c256_median']:.0f}%, min {s['pct_peak_c256_min']:.0f}% at "
+            f"{s['pct_peak_c256_min_case']} (target >= 85%){_ok(s['pct_peak_c256_min'], 85, False)}")
+    if "keras_speedup_geomean" in s:
+        backend = ((report["contenders"].get("keras") or {}).get("info") or {}).get("backend", "?")
+        add(f"vs Keras's op on {backend} ({s['keras_n']} separable shapes): geomean speedup "
+            f"{s['keras_speedup_geomean']:.1f}x, min {s['keras_speedup_min']:.1f}x (target >= 20x)"
+            f"{_ok(s['keras_speedup_geomean'], 20, False)}")
+    if "cf_cl_pairs" in s:
+        pairs = ", ".join(f"{p['cf']} {p['ratio']:.2f}" for p in s["cf_cl_pairs"])
+        add(f"channels_first / channels_last, nbconv, same shape: max {s['cf_cl_ratio_max']:.2f} (target <= 1.2)"
+            f"{_ok(s['cf_cl_ratio_max'], 1.2)} [{pairs}]")
+    if "overhead_us" in s:
+        o = s["overhead_us"]
+        others = ", ".join(f"{report['contenders'][k]['label']} {v:.1f}" for k, v in o.items() if k != "nbconv")
+        if "nbconv" in o:
+            add(f"per-call overhead (whole call on a 1x4x4x8->8 shape, an upper bound on the Python-side "
+                f"overhead): nbconv {o['nbconv']:.1f} us (target <= 20 us){_ok(o['nbconv'], 20)}"
+                + (f"; peers: {others} us" if others else ""))
+    if "fused_vs_two_step_geomean" in s:
+        add(f"fused kernel vs nbconv's own depthwise-then-pointwise: geomean speedup "
+            f"{s['fused_vs_two_step_geomean']:.2f}x")
+    if s.get("backward_note"):
+        add(f"forward+backward (issue 4): {s['backward_note']}")
+    elif "backward_speedup_vs_keras_geomean" in s or "backward_ratio_vs_torch_nhwc_geomean" in s:
+        r = s.get("backward_ratio_vs_torch_nhwc_geomean")
+        k = s.get("backward_speedup_vs_keras_geomean")
+        add("forward+backward (issue 4): "
+            + (f"geomean t(nbconv)/t(torch ch_last) = {r:.2f} (target <= 1.0){_ok(r, 1.0)}" if r else
+               "torch ch_last not measured")
+            + "; " + (f"speedup over Keras/jax {k:.1f}x (target >= 10x){_ok(k, 10, False)}" if k else
+                      "Keras not measured"))
+    mem = report["probes"].get("memory") or {}
+    fused = mem.get("fused")
+    if fused and "error" not in fused:
+        n, h, w, c, f = fused["shape"]
+        line = (f"memory (issue 2), batch {n} {h}x{w}x{c}->{f} fused call: the call raised the peak RSS by "
+                f"{fused['peak_increase_mib']:.0f} MiB = output {fused['output_mib']:.0f} MiB + "
+                f"{fused['scratch_mib']:.1f} MiB scratch (input {fused['input_mib']:.0f} MiB already resident; "
+                f"input + output = {fused['input_mib'] + fused['output_mib']:.0f} MiB; the depthwise intermediate it "
+                f"avoids would be {fused['intermediate_mib']:.0f} MiB); process peak {fused['peak_rss_mib']:.0f} MiB")
+        if not fused.get("peak_exact"):
+            line += " (peak counter could not be reset: upper bound)"
+        add(line)
+        two = mem.get("two_step")
+        if two and "error" not in two:
+            add(f"  for comparison, depthwise_conv2d then pointwise_conv2d: +{two['peak_increase_mib']:.0f} MiB "
+                f"({two['scratch_mib']:.0f} MiB beyond the output)")
+    elif fused:
+        add(f"memory (issue 2): probe failed: {fused['error']}")
+    fc = report["probes"].get("first_call") or {}
+    if fc.get("cold") and "error" not in fc["cold"] and fc.get("warm") and "error" not in fc["warm"]:
+        add(f"first call (issue 2), import nbconv + first separable_conv2d (b1 56x56x128->128): cold (empty Numba "
+            f"cache) {fc['cold']['import_plus_first_call_s']:.2f} s (import {fc['cold']['import_s']:.2f} s + call "
+            f"{fc['cold']['first_call_s']:.2f} s); warm (cache filled by the cold run) "
+            f"{fc['warm']['import_plus_first_call_s']:.2f} s (import {fc['warm']['import_s']:.2f} s + call "
+            f"{fc['warm']['first_call_s']:.2f} s)")
+    elif fc:
+        errs = "; ".join(f"{k}: {v.get('error')}" for k, v in fc.items() if isinstance(v, dict) and "error" in v)
+        add(f"first call (issue 2): probe failed: {errs}")
+    return out
+
+
+# --- chart ------------------------------------------------------------------
+
+def plot(report, path):
+    """Horizontal bars of nbconv's speedup over the best peer per shape (log scale, line at 1.0)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    items = []
+    for suite in _cases.SUITES:
+        for r in report["suites"].get(suite, []):
+            if r.get("speedup_best"):
+                items.append((suite, f"{suite}: {r['case']['shape']}", r["speedup_best"],
+                              report["contenders"][r["best_peer"]]["label"]))
+    if not items:
+        return None
+    colors = dict(zip(_cases.SUITES, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 2))
+    fig, ax = plt.subplots(figsize=(9, 0.28 * len(items) + 1.6))
+    ys = range(len(items))[::-1]
+    # bars grow from 1.0 (parity) towards the speedup, to the right when nbconv is faster
+    ax.barh(list(ys), [i[2] - 1 for i in items], left=1, color=[colors[i[0]] for i in items])
+    ax.set_xscale("log")
+    ax.axvline(1.0, color="black", lw=1)
+    ax.set_yticks(list(ys))
+    ax.set_yticklabels([i[1] for i in items], fontsize=7)
+    for y, i in zip(ys, items):
+        ax.text(i[2], y, f" {i[2]:.2f}x vs {i[3]}", va="center", fontsize=6)
+    lo = min(i[2] for i in items)
+    hi = max(i[2] for i in items)
+    ax.set_xlim(min(0.5, lo / 1.5), max(2.0, hi * 2.5))
+    ax.set_xlabel("speedup of nbconv over the best peer = t(best peer) / t(nbconv)   (> 1: nbconv faster)")
+    meta = report["meta"]
+    peak = report["peak"].get("gflops")
+    ax.set_title(f"nbconv vs best of PyTorch / ONNX Runtime / Keras / NumPy, {meta.get('threads')} threads, "
+                 f"median times\n{meta.get('started', '')}"
+                 + (f", sgemm peak {peak:.0f} GFLOP/s" if peak else "")
+                 + (", QUICK run" if meta.get("quick") else ""), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def save(report, out_dir, stem):
+    """Write ``<stem>.json``, ``<stem>.txt`` and ``<stem>.png`` (and ``latest.*`` copies) to ``out_dir``."""
+    os.makedirs(out_dir, exist_ok=True)
+    text = format_text(report)
+    paths = {}
+    for name in (stem, "latest"):
+        with open(os.path.join(out_dir, f"{name}.json"), "w") as fh:
+            json.dump(report, fh, indent=1, default=str)
+        with open(os.path.join(out_dir, f"{name}.txt"), "w") as fh:
+            fh.write(text)
+        png = plot(report, os.path.join(out_dir, f"{name}.png"))
+        paths[name] = {"json": os.path.join(out_dir, f"{name}.json"), "txt": os.path.join(out_dir, f"{name}.txt"),
+                       "png": png}
+    return text, paths[stem]
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        sys.exit("usage: python -m benchmarks.report <raw results folder>")
+    raw = argv[0].rstrip("/")
+    report = build(raw)
+    stem = "report-" + os.path.basename(raw).replace("raw-", "")
+    text, paths = save(report, os.path.dirname(raw) or ".", stem)
+    sys.stdout.write(text)
+    print(f"\nsaved {paths['txt']}, {paths['json']}" + (f", {paths['png']}" if paths["png"] else ""))
+
+
+if __name__ == "__main__":
+    main()
