@@ -222,7 +222,7 @@ def _build(op, x, g, fn, weight_args, weight_kwargs, static, out_channels, resul
     cl = g.channels_last
     weights = dask.delayed(_Weights(weight_args, weight_kwargs), pure=True)
     run = partial(_run, fn, static, threads)
-    name = f"nbconv-{op}-" + tokenize(x.name, weights.key, static, threads)
+    name = f"nbconv-{op}-" + tokenize(x.name, weights.key, static, threads, tuple(g))
     out_shape = g.out_shape(out_channels)
     if 0 in out_shape:
         return da.empty(out_shape, dtype=result)
