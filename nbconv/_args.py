@@ -75,6 +75,9 @@ def _is_int(v):
 
 def normalize_pair(value, name):
     """``int`` or length-2 sequence of positive ints -> ``(int, int)``."""
+    if type(value) is int or type(value) is _Default:
+        if value > 0:
+            return (int(value), int(value))
     if _is_int(value):
         pair = (int(value), int(value))
     else:
@@ -180,7 +183,11 @@ def as_float_array(value, name):
 
 def dtypes_for(*arrays):
     """(compute dtype, result dtype): NumPy promotion; float16 is computed in float32."""
-    result = np.result_type(*[a.dtype for a in arrays if a is not None])
+    result = arrays[0].dtype
+    for a in arrays[1:]:
+        if a is not None and a.dtype != result:
+            result = np.result_type(*[a.dtype for a in arrays if a is not None])
+            break
     compute = np.dtype(np.float32) if result == np.float16 else result
     return compute, result
 
@@ -268,7 +275,7 @@ def depthwise_geometry(x, kernel, strides, padding, dilation_rate, channels_last
         )
     sh, sw = normalize_pair(strides, "strides")
     dh, dw = normalize_pair(dilation_rate, "dilation_rate")
-    pad = normalize_padding(padding)
+    pad = padding if type(padding) is str and padding in ("same", "valid") else normalize_padding(padding)
     if pad == "valid":
         (pt, pb), (pl, pr) = (0, 0), (0, 0)
     elif pad == "same":

@@ -9,7 +9,7 @@ import numpy as np
 from . import _args
 from ._depthwise import depthwise_packed
 from ._pointwise import GEMM_CHARS, pointwise_nchw, pointwise_nhwc
-from ._runtime import BLAS_THREADS, LAUNCH_LOCK
+from ._runtime import GEMM_LAUNCH, LAUNCH_LOCK
 from ._separable import separable
 from ._threads import get_num_threads
 
@@ -69,6 +69,10 @@ def _row_tiles(g, cm, itemsize, threads, min_tiles):
     return th
 
 
+_NO_TAPS_LEN = 4096
+_NO_TAPS = {np.dtype(t).char: np.empty((_NO_TAPS_LEN, 0), t) for t in (np.float32, np.float64)}
+
+
 def _round_up(value, multiple):
     return -(-value // multiple) * multiple
 
@@ -76,21 +80,26 @@ def _round_up(value, multiple):
 def _dw_operands(g, kernel, bias, act_dtype):
     """Depthwise operands: ``(wt, bt, wc, bc, nw, wp)``.
 
-    NHWC: weights and bias tiled ``nw`` times for :func:`nbconv._depthwise.dw_packed_rows`;
+    NHWC: weights and bias tiled ``nw`` times for :func:`nbconv._depthwise.dw_packed_rows`
+    (``wc`` is then an empty ``(C*dm, 0)`` array: the kernels read only its row count);
     NCHW: per-channel weights ``(C*dm, KH*KW)`` for :func:`nbconv._depthwise.dw_rows_nchw`
     (returned in both slots).  ``wp`` is the packed row width.
     """
     cm = g.c * g.dm
-    nw = max(1, min(g.ow, DW_BLOCK // cm)) if g.sw == 1 and g.channels_last else 1
-    w = np.asarray(kernel, dtype=act_dtype).reshape(g.kh * g.kw, 1, cm)
+    khkw = g.kh * g.kw
     wp = (g.ow - 1) * g.sw + (g.kw - 1) * g.dw + 1
-    # per-channel taps (C*dm, KH*KW) for the NCHW kernels; its row count is the channel count for both layouts
-    wc = np.ascontiguousarray(w.reshape(g.kh * g.kw, cm).T)
+    w = kernel.reshape(khkw, cm)
     bc = _bias_array(bias, act_dtype)
     if not g.channels_last:
-        return wc, bc, wc, bc, nw, wp
-    wt = np.ascontiguousarray(np.broadcast_to(w, (g.kh * g.kw, nw, cm))).reshape(g.kh * g.kw, nw * cm)
-    bt = np.zeros(nw * cm, act_dtype) if bias is None else np.tile(bc, nw)
+        wc = np.ascontiguousarray(w.T, dtype=act_dtype)
+        return wc, bc, wc, bc, 1, wp
+    nw = max(1, min(g.ow, DW_BLOCK // cm)) if g.sw == 1 else 1
+    wt = np.empty((khkw, nw * cm), act_dtype)
+    wt.reshape(khkw, nw, cm)[...] = w[:, None, :]
+    bt = np.zeros(nw * cm, act_dtype)
+    if bias is not None:
+        bt.reshape(nw, cm)[...] = bc
+    wc = _NO_TAPS[act_dtype.char][:cm] if cm <= _NO_TAPS_LEN else np.empty((cm, 0), act_dtype)
     return wt, bt, wc, bc, nw, wp
 
 
@@ -152,8 +161,12 @@ def depthwise_conv2d(x, kernel, bias=None, *, strides=_args.DEFAULT, padding="va
     return _finish(out, result)
 
 
+#: alpha, beta=0, beta=1 for the GEMM helper, per compute dtype (read-only, shared by every call)
+_GEMM_CONSTS = {np.dtype(t): np.array([1, 0, 1], t) for t in (np.float32, np.float64)}
+
+
 def _gemm_buffers(nchunks, compute):
-    return np.empty((nchunks, 8), np.int32), np.array([1, 0, 1], compute)
+    return np.empty((nchunks, 8), np.int32), _GEMM_CONSTS[compute]
 
 
 def pointwise_conv2d(x, kernel, bias=None, *, data_format="channels_last", activation=None):
@@ -195,14 +208,14 @@ def pointwise_conv2d(x, kernel, bias=None, *, data_format="channels_last", activ
         tile_p, fb, ntasks = _plan(1, n * h * w, k, f, compute.itemsize, threads)
         nchunks = _nchunks(ntasks, threads)
         ibuf, consts = _gemm_buffers(nchunks, compute)
-        with LAUNCH_LOCK, BLAS_THREADS.single():
+        with GEMM_LAUNCH:
             pointwise_nhwc(xc.reshape(-1, k), wc, bc, act, out.reshape(-1, f), tile_p, fb, nchunks, ibuf, consts,
                            GEMM_CHARS)
     else:
         tile_p, fb, ntasks = _plan(n, h * w, k, f, compute.itemsize, threads)
         nchunks = _nchunks(ntasks, threads)
         ibuf, consts = _gemm_buffers(nchunks, compute)
-        with LAUNCH_LOCK, BLAS_THREADS.single():
+        with GEMM_LAUNCH:
             pointwise_nchw(xc.reshape(n, k, -1), wc, bc, act, out.reshape(n, f, -1), tile_p, fb, nchunks, ibuf,
                            consts, GEMM_CHARS)
     return _finish(out, result)
@@ -281,7 +294,7 @@ def separable_conv2d(x, depthwise_kernel, pointwise_kernel, bias=None, *, stride
     xs = np.empty((max(nchunks, nchunks1), _packed_rows(g, th) * wp * cm), compute)
     if not shared:
         d = np.empty((nchunks, th * g.ow * cm), compute)
-    with LAUNCH_LOCK, BLAS_THREADS.single():
+    with GEMM_LAUNCH:
         separable(xc, channels_last, wt, bt, wc_dw, bc_dw, dact, wc, bc, act, out.reshape(-1), g.dm, g.sh, g.sw, g.dh, g.dw,
                   g.pt, g.pl, g.kh, g.kw, g.oh, g.ow, wp, th, shared, tile_p, fb, nw, nchunks1, nchunks, xs, d,
                   ibuf, consts, GEMM_CHARS)
