@@ -1,0 +1,23 @@
+"""Backend dispatch: the bridge module for ``keras.backend.backend()``.
+
+Each bridge exposes ``apply(cfg, x, *weights)`` running the op described by a
+:class:`~keras_layers.backend._common.Config` on float32/float64 tensors of
+that backend, differentiable where the backend is.
+"""
+import importlib
+
+import keras
+
+from ._common import FUSED, Config, make_config  # noqa: F401
+
+_BRIDGES = {"jax": "jax", "tensorflow": "tensorflow", "torch": "torch", "numpy": "numpy"}
+
+
+def bridge():
+    """Return the bridge module of the active Keras backend (imported on first use)."""
+    name = keras.backend.backend()
+    if name not in _BRIDGES:
+        raise ValueError(
+            f"Expected a Keras backend among {sorted(_BRIDGES)} for nbconv's layers. Received: backend={name!r}"
+        )
+    return importlib.import_module(f"{__name__}.{_BRIDGES[name]}")

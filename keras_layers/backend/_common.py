@@ -1,0 +1,140 @@
+"""The NumPy side of every bridge: one op configuration, its output shape, forward and backward calls.
+
+Each backend bridge (``jax.py``, ``tensorflow.py``, ``torch.py``, ``numpy.py``)
+wraps the two functions :func:`forward` and :func:`backward` in its own
+host-call and custom-gradient machinery.  They receive contiguous float32 or
+float64 NumPy arrays (the bridges cast float16/bfloat16 to float32 in the
+framework, so autodiff handles the casts) and never see a framework tensor.
+
+The op is the whole layer minus a non-fusable activation:
+``activation(conv(x) + bias)`` with ``activation`` in {linear, relu, relu6}
+fused into the kernel epilogue.  Its gradient masks ``grad_output`` with the
+op's own output (``y > 0`` for relu, ``0 < y < 6`` for relu6), which is the
+derivative every backend uses, then calls nbconv's backward kernels.
+"""
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+import nbconv
+
+#: input names, in the op's argument order, as nbconv's backward API spells them
+DEPTHWISE_NAMES = ("x", "kernel", "bias")
+SEPARABLE_NAMES = ("x", "depthwise_kernel", "pointwise_kernel", "bias")
+
+#: activations fused into the kernel epilogue, by the Keras function that the layer holds
+FUSED = ("linear", "relu", "relu6")
+
+
+class Config(NamedTuple):
+    """Static description of one op: hashable, so bridges can cache one compiled op per config.
+
+    ``kind`` is "depthwise" or "separable"; ``strides`` and ``dilation_rate``
+    are pairs of int; ``padding`` is "valid" or "same"; ``data_format`` is
+    "channels_last" or "channels_first"; ``activation`` is one of :data:`FUSED`.
+    """
+
+    kind: str
+    has_bias: bool
+    strides: tuple
+    padding: str
+    dilation_rate: tuple
+    data_format: str
+    activation: str
+
+    @property
+    def names(self):
+        """Names of the op's tensor inputs, in order."""
+        names = DEPTHWISE_NAMES if self.kind == "depthwise" else SEPARABLE_NAMES
+        return names if self.has_bias else names[:-1]
+
+
+def make_config(kind, has_bias, strides, padding, dilation_rate, data_format, activation):
+    """Build a :class:`Config` from a layer's attributes (tuples of int, lower-case strings)."""
+    return Config(kind, bool(has_bias), tuple(int(s) for s in strides), str(padding).lower(),
+                  tuple(int(d) for d in dilation_rate), data_format, activation or "linear")
+
+
+def _out_size(n, k, s, d, padding):
+    if n is None:
+        return None
+    if padding == "same":
+        return (n + s - 1) // s
+    return (n - d * (k - 1) - 1) // s + 1
+
+
+def output_shape(cfg, x_shape, kernel_shape, filters):
+    """Static output shape of the op for an input of shape ``x_shape`` (entries may be None).
+
+    ``kernel_shape`` is the depthwise kernel's (kh, kw, C, dm); ``filters`` is
+    the number of output channels (C*dm for depthwise, F for separable).
+    """
+    kh, kw = kernel_shape[0], kernel_shape[1]
+    if cfg.data_format == "channels_last":
+        n, h, w = x_shape[0], x_shape[1], x_shape[2]
+    else:
+        n, h, w = x_shape[0], x_shape[2], x_shape[3]
+    oh = _out_size(h, kh, cfg.strides[0], cfg.dilation_rate[0], cfg.padding)
+    ow = _out_size(w, kw, cfg.strides[1], cfg.dilation_rate[1], cfg.padding)
+    if cfg.data_format == "channels_last":
+        return (n, oh, ow, filters)
+    return (n, filters, oh, ow)
+
+
+def filters_of(cfg, kernel_shapes):
+    """Number of output channels from the kernels' shapes."""
+    if cfg.kind == "depthwise":
+        return kernel_shapes[0][2] * kernel_shapes[0][3]
+    return kernel_shapes[1][-1]
+
+
+def _geometry_kwargs(cfg):
+    return dict(strides=cfg.strides, padding=cfg.padding, dilation_rate=cfg.dilation_rate,
+                data_format=cfg.data_format)
+
+
+def forward(cfg, *arrays):
+    """``activation(conv(x) + bias)`` on NumPy arrays; the result has ``x``'s dtype."""
+    arrays = [np.asarray(a) for a in arrays]
+    bias = arrays[-1] if cfg.has_bias else None
+    act = None if cfg.activation == "linear" else cfg.activation
+    if cfg.kind == "depthwise":
+        out = nbconv.depthwise_conv2d(arrays[0], arrays[1], bias, activation=act, **_geometry_kwargs(cfg))
+    else:
+        out = nbconv.separable_conv2d(arrays[0], arrays[1], arrays[2], bias, activation=act,
+                                      **_geometry_kwargs(cfg))
+    return np.asarray(out, dtype=arrays[0].dtype)
+
+
+def mask_grad(cfg, grad_output, y):
+    """``grad_output`` times the fused activation's derivative, read off the op's output ``y``."""
+    if cfg.activation == "relu":
+        return np.where(y > 0, grad_output, np.zeros((), grad_output.dtype))
+    if cfg.activation == "relu6":
+        return np.where((y > 0) & (y < 6), grad_output, np.zeros((), grad_output.dtype))
+    return grad_output
+
+
+def backward(cfg, wrt, grad_output, y, *arrays):
+    """Gradients of the op with respect to the inputs named in ``wrt`` (a tuple, in input order).
+
+    ``y`` is the op's output (only read when the activation is relu or relu6;
+    any array otherwise).  ``arrays`` are the op's inputs.  Returns one array
+    per name in ``wrt``, shaped and typed like that input.
+    """
+    arrays = [np.asarray(a) for a in arrays]
+    g = mask_grad(cfg, np.asarray(grad_output), np.asarray(y))
+    names = cfg.names
+    inputs = dict(zip(names, arrays))
+    if cfg.kind == "depthwise":
+        grads = nbconv.depthwise_conv2d_backward(g, inputs["x"], inputs["kernel"], wrt=tuple(wrt),
+                                                 **_geometry_kwargs(cfg))
+    else:
+        grads = nbconv.separable_conv2d_backward(g, inputs["x"], inputs["depthwise_kernel"],
+                                                 inputs["pointwise_kernel"], wrt=tuple(wrt),
+                                                 **_geometry_kwargs(cfg))
+    out = []
+    for name in wrt:
+        ref = inputs[name]
+        out.append(np.asarray(getattr(grads, name), dtype=ref.dtype).reshape(ref.shape))
+    return tuple(out)

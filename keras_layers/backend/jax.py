@@ -1,0 +1,82 @@
+"""JAX bridge: ``jax.custom_vjp`` around ``jax.pure_callback`` calls into nbconv.
+
+Works under ``jax.jit``, ``jax.grad`` (reverse mode only: forward-mode ``jax.jvp``
+is not defined for a custom_vjp function) and ``jax.vmap`` (the callback runs
+sequentially over the mapped axis), hence Keras's jitted ``fit`` / ``predict``.
+
+The vjp is defined with ``symbolic_zeros=True``: the forward rule sees which
+inputs are differentiated (``CustomVJPPrimal.perturbed``) and the backward
+callback computes only those gradients, so the first layer of a model never
+computes a gradient for the input data.  The set is carried to the backward
+rule as static pytree metadata of the residuals.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _common
+
+
+@jax.tree_util.register_pytree_node_class
+class _Residuals:
+    """Residuals of the forward rule: arrays as children, the names to differentiate as static metadata."""
+
+    def __init__(self, wrt, arrays, y):
+        self.wrt, self.arrays, self.y = wrt, arrays, y
+
+    def tree_flatten(self):
+        return (self.arrays, self.y), self.wrt
+
+    @classmethod
+    def tree_unflatten(cls, wrt, children):
+        return cls(wrt, *children)
+
+
+def _sds(a):
+    return jax.ShapeDtypeStruct(a.shape, a.dtype)
+
+
+def _forward(cfg, args):
+    out_shape = _common.output_shape(cfg, args[0].shape, args[1].shape,
+                                     _common.filters_of(cfg, [a.shape for a in args[1:]]))
+    return jax.pure_callback(functools.partial(_common.forward, cfg), jax.ShapeDtypeStruct(out_shape, args[0].dtype),
+                             *args, vmap_method="sequential")
+
+
+@functools.lru_cache(maxsize=None)
+def _op(cfg):
+    names = cfg.names
+
+    @jax.custom_vjp
+    def op(*args):
+        return _forward(cfg, args)
+
+    def fwd(*primals):
+        args = tuple(p.value for p in primals)
+        wrt = tuple(n for n, p in zip(names, primals) if p.perturbed)
+        y = _forward(cfg, args)
+        # the output is only read back by the relu/relu6 mask
+        res_y = y if cfg.activation != "linear" else None
+        return y, _Residuals(wrt, args, res_y)
+
+    def bwd(res, g):
+        if not res.wrt:
+            return tuple(None for _ in names)
+        by_name = dict(zip(names, res.arrays))
+        shapes = tuple(_sds(by_name[n]) for n in res.wrt)
+        y = res.y if res.y is not None else g
+        grads = jax.pure_callback(functools.partial(_common.backward, cfg, res.wrt), shapes, g, y, *res.arrays,
+                                  vmap_method="sequential")
+        got = dict(zip(res.wrt, grads))
+        return tuple(got.get(n) for n in names)
+
+    op.defvjp(fwd, bwd, symbolic_zeros=True)
+    return op
+
+
+def apply(cfg, *tensors):
+    """Run the op described by ``cfg`` on ``tensors`` (x, kernel(s)[, bias]) as float32/float64 jax arrays."""
+    tensors = tuple(jnp.asarray(t) for t in tensors)
+    return _op(cfg)(*tensors)

@@ -1,0 +1,9 @@
+"""NumPy bridge: a direct call (Keras's numpy backend is inference only, so there is no gradient)."""
+import numpy as np
+
+from . import _common
+
+
+def apply(cfg, *tensors):
+    """Run the op described by ``cfg`` on ``tensors`` (x, kernel(s)[, bias]) as float32/float64 arrays."""
+    return _common.forward(cfg, *[np.asarray(t) for t in tensors])

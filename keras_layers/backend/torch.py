@@ -1,0 +1,149 @@
+"""PyTorch bridge: ``torch.library`` custom ops calling nbconv, with fake and autograd registrations.
+
+``nbconv::depthwise_conv2d`` and ``nbconv::separable_conv2d`` run the forward
+kernels; their backward is another pair of custom ops
+(``nbconv::depthwise_conv2d_backward`` / ``nbconv::separable_conv2d_backward``),
+so both eager mode and ``torch.compile`` (no graph break) work.  The backward
+computes only the gradients autograd asks for (``ctx.needs_input_grad``).
+Tensors on another device are computed on the CPU and moved back.
+"""
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+from . import _common
+
+
+def _np(t):
+    return None if t is None else t.detach().cpu().numpy()
+
+
+def _cfg(kind, bias, strides, padding, dilation_rate, data_format, activation):
+    return _common.make_config(kind, bias is not None, strides, padding, dilation_rate, data_format, activation)
+
+
+def _forward(kind, x, weights, bias, strides, padding, dilation_rate, data_format, activation):
+    cfg = _cfg(kind, bias, strides, padding, dilation_rate, data_format, activation)
+    arrays = [_np(x)] + [_np(w) for w in weights] + ([_np(bias)] if bias is not None else [])
+    return torch.from_numpy(_common.forward(cfg, *arrays)).to(x.device)
+
+
+def _fake_forward(kind, x, weights, bias, strides, padding, dilation_rate, data_format, activation):
+    cfg = _cfg(kind, bias, strides, padding, dilation_rate, data_format, activation)
+    filters = _common.filters_of(cfg, [w.shape for w in weights])
+    return x.new_empty(_common.output_shape(cfg, x.shape, weights[0].shape, filters))
+
+
+def _backward(kind, grad, y, x, weights, bias, strides, padding, dilation_rate, data_format, activation, wrt):
+    cfg = _cfg(kind, bias, strides, padding, dilation_rate, data_format, activation)
+    arrays = [_np(x)] + [_np(w) for w in weights] + ([_np(bias)] if bias is not None else [])
+    grads = _common.backward(cfg, tuple(wrt), _np(grad), _np(y), *arrays)
+    return [torch.from_numpy(np.ascontiguousarray(g)).to(x.device) for g in grads]
+
+
+def _fake_backward(kind, x, weights, bias, wrt):
+    by_name = dict(zip(_common.DEPTHWISE_NAMES if kind == "depthwise" else _common.SEPARABLE_NAMES,
+                       [x, *weights, bias]))
+    return [torch.empty_like(by_name[n]) for n in wrt]
+
+
+# --- depthwise ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("nbconv::depthwise_conv2d", mutates_args=())
+def depthwise_conv2d(x: torch.Tensor, kernel: torch.Tensor, bias: Optional[torch.Tensor], strides: List[int],
+                     padding: str, dilation_rate: List[int], data_format: str, activation: str) -> torch.Tensor:
+    return _forward("depthwise", x, [kernel], bias, strides, padding, dilation_rate, data_format, activation)
+
+
+@depthwise_conv2d.register_fake
+def _(x, kernel, bias, strides, padding, dilation_rate, data_format, activation):
+    return _fake_forward("depthwise", x, [kernel], bias, strides, padding, dilation_rate, data_format, activation)
+
+
+@torch.library.custom_op("nbconv::depthwise_conv2d_backward", mutates_args=())
+def depthwise_conv2d_backward(grad: torch.Tensor, y: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor,
+                              bias: Optional[torch.Tensor], strides: List[int], padding: str,
+                              dilation_rate: List[int], data_format: str, activation: str,
+                              wrt: List[str]) -> List[torch.Tensor]:
+    return _backward("depthwise", grad, y, x, [kernel], bias, strides, padding, dilation_rate, data_format,
+                     activation, wrt)
+
+
+@depthwise_conv2d_backward.register_fake
+def _(grad, y, x, kernel, bias, strides, padding, dilation_rate, data_format, activation, wrt):
+    return _fake_backward("depthwise", x, [kernel], bias, wrt)
+
+
+def _setup_depthwise(ctx, inputs, output):
+    x, kernel, bias, *static = inputs
+    ctx.save_for_backward(x, kernel, bias, output)
+    ctx.static = static
+
+
+def _depthwise_grad(ctx, grad):
+    x, kernel, bias, y = ctx.saved_tensors
+    names = ("x", "kernel", "bias")
+    wrt = [n for n, need in zip(names, ctx.needs_input_grad[:3]) if need]
+    grads = dict(zip(wrt, depthwise_conv2d_backward(grad, y, x, kernel, bias, *ctx.static, wrt))) if wrt else {}
+    return (grads.get("x"), grads.get("kernel"), grads.get("bias")) + (None,) * len(ctx.static)
+
+
+depthwise_conv2d.register_autograd(_depthwise_grad, setup_context=_setup_depthwise)
+
+
+# --- separable ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("nbconv::separable_conv2d", mutates_args=())
+def separable_conv2d(x: torch.Tensor, depthwise_kernel: torch.Tensor, pointwise_kernel: torch.Tensor,
+                     bias: Optional[torch.Tensor], strides: List[int], padding: str, dilation_rate: List[int],
+                     data_format: str, activation: str) -> torch.Tensor:
+    return _forward("separable", x, [depthwise_kernel, pointwise_kernel], bias, strides, padding, dilation_rate,
+                    data_format, activation)
+
+
+@separable_conv2d.register_fake
+def _(x, depthwise_kernel, pointwise_kernel, bias, strides, padding, dilation_rate, data_format, activation):
+    return _fake_forward("separable", x, [depthwise_kernel, pointwise_kernel], bias, strides, padding,
+                         dilation_rate, data_format, activation)
+
+
+@torch.library.custom_op("nbconv::separable_conv2d_backward", mutates_args=())
+def separable_conv2d_backward(grad: torch.Tensor, y: torch.Tensor, x: torch.Tensor, depthwise_kernel: torch.Tensor,
+                              pointwise_kernel: torch.Tensor, bias: Optional[torch.Tensor], strides: List[int],
+                              padding: str, dilation_rate: List[int], data_format: str, activation: str,
+                              wrt: List[str]) -> List[torch.Tensor]:
+    return _backward("separable", grad, y, x, [depthwise_kernel, pointwise_kernel], bias, strides, padding,
+                     dilation_rate, data_format, activation, wrt)
+
+
+@separable_conv2d_backward.register_fake
+def _(grad, y, x, depthwise_kernel, pointwise_kernel, bias, strides, padding, dilation_rate, data_format,
+      activation, wrt):
+    return _fake_backward("separable", x, [depthwise_kernel, pointwise_kernel], bias, wrt)
+
+
+def _setup_separable(ctx, inputs, output):
+    x, dk, pk, bias, *static = inputs
+    ctx.save_for_backward(x, dk, pk, bias, output)
+    ctx.static = static
+
+
+def _separable_grad(ctx, grad):
+    x, dk, pk, bias, y = ctx.saved_tensors
+    names = _common.SEPARABLE_NAMES
+    wrt = [n for n, need in zip(names, ctx.needs_input_grad[:4]) if need]
+    grads = dict(zip(wrt, separable_conv2d_backward(grad, y, x, dk, pk, bias, *ctx.static, wrt))) if wrt else {}
+    return tuple(grads.get(n) for n in names) + (None,) * len(ctx.static)
+
+
+separable_conv2d.register_autograd(_separable_grad, setup_context=_setup_separable)
+
+
+def apply(cfg, *tensors):
+    """Run the op described by ``cfg`` on ``tensors`` (x, kernel(s)[, bias]) as float32/float64 torch tensors."""
+    bias = tensors[-1] if cfg.has_bias else None
+    static = (list(cfg.strides), cfg.padding, list(cfg.dilation_rate), cfg.data_format, cfg.activation)
+    if cfg.kind == "depthwise":
+        return depthwise_conv2d(tensors[0], tensors[1], bias, *static)
+    return separable_conv2d(tensors[0], tensors[1], tensors[2], bias, *static)

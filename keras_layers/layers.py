@@ -1,0 +1,100 @@
+"""Drop-in ``SeparableConv2D`` / ``DepthwiseConv2D`` whose convolution runs in nbconv's kernels.
+
+The classes subclass Keras's own and keep their names: constructor, argument
+validation, weights (names, shapes, creation order), ``get_config``,
+``compute_output_shape`` and therefore saved files are Keras's.  Only ``call``
+changes.  A model saved with these layers needs ``import keras_layers`` before
+``keras.saving.load_model``; ``.weights.h5`` files interchange both ways with
+models built from Keras's layers.
+
+Computation: inputs and weights are cast to float32 (float64 under a float64
+policy; float16/bfloat16 compute dtypes are computed in float32) and the
+result is cast back to the layer's compute dtype.  The bias and a relu, relu6
+or linear activation are fused into the kernel; any other activation runs
+afterwards through ``keras.ops``.
+
+Backends: jax (jit, grad, vmap), torch (eager and ``torch.compile``),
+tensorflow (``tf.function``; ``supports_jit`` is False on this backend, since
+XLA cannot compile the host call, and a ``model.export()`` SavedModel does not
+carry the kernel) and numpy (inference only, like Keras's numpy backend).
+"""
+import inspect
+
+import keras
+from keras import activations, ops
+
+from . import backend as _backend
+
+__all__ = ["SeparableConv2D", "DepthwiseConv2D"]
+
+#: Keras activation functions the kernels fuse, by name
+_FUSABLE = {activations.linear: "linear", activations.relu: "relu", activations.relu6: "relu6"}
+
+
+def _split_activation(activation):
+    """``(fused name, activation to apply afterwards or None)``."""
+    name = _FUSABLE.get(activation) if activation is not None else "linear"
+    if name is not None:
+        return name, None
+    return "linear", activation
+
+
+def _run(layer, kind, tensors):
+    fused, after = _split_activation(layer.activation)
+    cfg = _backend.make_config(kind, layer.use_bias, layer.strides, layer.padding, layer.dilation_rate,
+                               layer.data_format, fused)
+    compute_dtype = keras.backend.standardize_dtype(layer.compute_dtype)
+    work = "float64" if compute_dtype == "float64" else "float32"
+    tensors = [ops.cast(t, work) for t in tensors]
+    out = _backend.bridge().apply(cfg, *tensors)
+    if compute_dtype != work:
+        out = ops.cast(out, compute_dtype)
+    if after is not None:
+        out = after(out)
+    return out
+
+
+def _jit_ok():
+    # XLA cannot compile tf.numpy_function; every other backend's compiled mode can call the kernels
+    return keras.backend.backend() != "tensorflow"
+
+
+@keras.saving.register_keras_serializable(package="nbconv")
+class SeparableConv2D(keras.layers.SeparableConv2D):
+    """``keras.layers.SeparableConv2D`` computed by :func:`nbconv.separable_conv2d`.
+
+    Same arguments, weights and config as Keras's layer (see its documentation);
+    the depthwise result is never materialised in the forward pass.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.supports_jit = _jit_ok()
+
+    __init__.__signature__ = inspect.signature(keras.layers.SeparableConv2D.__init__)
+
+    def call(self, inputs):
+        tensors = [inputs, self.depthwise_kernel, self.pointwise_kernel]
+        if self.use_bias:
+            tensors.append(self.bias)
+        return _run(self, "separable", tensors)
+
+
+@keras.saving.register_keras_serializable(package="nbconv")
+class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
+    """``keras.layers.DepthwiseConv2D`` computed by :func:`nbconv.depthwise_conv2d`.
+
+    Same arguments, weights and config as Keras's layer (see its documentation).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.supports_jit = _jit_ok()
+
+    __init__.__signature__ = inspect.signature(keras.layers.DepthwiseConv2D.__init__)
+
+    def call(self, inputs):
+        tensors = [inputs, self.kernel]
+        if self.use_bias:
+            tensors.append(self.bias)
+        return _run(self, "depthwise", tensors)

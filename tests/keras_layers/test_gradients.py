@@ -1,0 +1,170 @@
+"""Gradients through nbconv's layers equal the backend's autodiff through Keras's layers.
+
+jax: ``jax.grad`` over ``stateless_call``; tensorflow: ``tf.GradientTape``;
+torch: ``.backward()``.  Keras's numpy backend has no autodiff, so there is
+nothing to compare there.
+"""
+import keras
+import numpy as np
+import pytest
+
+from helpers import BACKEND, gradients, make_pair, to_numpy
+from reference import assert_close
+from test_outputs import GRID, _ids, _input, _unequal_strides
+
+pytestmark = pytest.mark.skipif(BACKEND == "numpy", reason="Keras's numpy backend has no autodiff")
+
+# every third grid case: all kernel sizes, strides, paddings, formats, activations, bias on/off
+GRAD_GRID = GRID[::3]
+
+
+@pytest.mark.parametrize("kind", ["separable", "depthwise"])
+@pytest.mark.parametrize("case", GRAD_GRID, ids=_ids)
+def test_gradients_match_keras(kind, case, rng):
+    if BACKEND == "tensorflow" and _unequal_strides(case):
+        # Keras's own TF layer cannot run these (tensorflow/tensorflow#57251); see test_gradients_finite_differences
+        case = dict(case, strides=case["strides"][0])
+    x = _input(case, rng)
+    layer_args = {k: v for k, v in case.items() if k != "size"}
+    if kind == "separable":
+        layer_args["filters"] = 4
+    ours, ref = make_pair(kind, x.shape, rng, **layer_args)
+    cot = rng.standard_normal(ours.compute_output_shape(x.shape)).astype("float32")
+    y, dx, dws = gradients(ours, x, cot)
+    y_ref, dx_ref, dws_ref = gradients(ref, x, cot)
+    assert_close(y, y_ref, tol=2e-5)
+    assert_close(dx, dx_ref, tol=1e-4)
+    assert len(dws) == len(dws_ref) == len(ours.trainable_variables)
+    for v, g, g_ref in zip(ours.trainable_variables, dws, dws_ref):
+        assert g.shape == tuple(v.shape)
+        assert_close(g, g_ref, tol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["separable", "depthwise"])
+def test_gradients_finite_differences(kind, rng):
+    """Unequal strides and dilation (which TF's own layer rejects), float64, against central differences."""
+    if BACKEND == "jax":
+        import jax
+
+        if not jax.config.jax_enable_x64:
+            pytest.skip("float64 needs jax_enable_x64; covered by test_gradients_match_keras on jax")
+    args = dict(kernel_size=3, strides=(2, 1), dilation_rate=(1, 2), padding="same", activation="tanh",
+                depth_multiplier=2, dtype="float64")
+    if kind == "separable":
+        args["filters"] = 3
+    x = rng.standard_normal((1, 7, 8, 2))
+    ours, _ = make_pair(kind, x.shape, rng, **args)
+    cot = rng.standard_normal(ours.compute_output_shape(x.shape))
+    _, dx, dws = gradients(ours, x, cot)
+
+    def loss(xv):
+        return float(np.sum(to_numpy(ours(xv)) * cot))
+
+    eps = 1e-6
+    num = np.zeros_like(x)
+    for idx in np.ndindex(*x.shape):
+        xp, xm = x.copy(), x.copy()
+        xp[idx] += eps
+        xm[idx] -= eps
+        num[idx] = (loss(xp) - loss(xm)) / (2 * eps)
+    assert_close(dx, num, tol=1e-6)
+    weights = ours.get_weights()
+    for i, w in enumerate(weights):
+        numw = np.zeros_like(w)
+        for idx in np.ndindex(*w.shape):
+            for sign in (1, -1):
+                ws = [v.copy() for v in weights]
+                ws[i][idx] += sign * eps
+                ours.set_weights(ws)
+                numw[idx] += sign * loss(x) / (2 * eps)
+        ours.set_weights(weights)
+        assert_close(dws[i], numw, tol=1e-6)
+
+
+def test_unused_gradients_not_computed(monkeypatch, rng):
+    """The first layer of a model gets no input gradient computed (jax: symbolic zeros; torch: needs_input_grad)."""
+    from keras_layers.backend import _common
+
+    calls = []
+    real = _common.backward
+
+    def spy(cfg, wrt, *arrays):
+        calls.append(tuple(wrt))
+        return real(cfg, wrt, *arrays)
+
+    monkeypatch.setattr(_common, "backward", spy)
+    x = rng.standard_normal((2, 6, 6, 3)).astype("float32")
+    ours, _ = make_pair("separable", x.shape, rng, filters=4, kernel_size=3, activation="relu")
+    cot = rng.standard_normal(ours.compute_output_shape(x.shape)).astype("float32")
+    if BACKEND == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        tv = [v.value for v in ours.trainable_variables]
+
+        def loss(tv):
+            return jnp.sum(ours.stateless_call(tv, [], x)[0] * cot)
+
+        jax.grad(loss)(tv)
+        assert calls == [("depthwise_kernel", "pointwise_kernel", "bias")]
+    elif BACKEND == "torch":
+        import torch
+
+        (ours(torch.tensor(x)) * torch.tensor(cot)).sum().backward()
+        assert calls == [("depthwise_kernel", "pointwise_kernel", "bias")]
+    else:
+        import tensorflow as tf
+
+        @tf.function
+        def weight_grads():
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(ours(tf.constant(x)) * cot)
+            return tape.gradient(loss, [v.value for v in ours.trainable_variables])
+
+        weight_grads()
+        # graph pruning drops the stateless x-gradient call
+        assert calls == [("depthwise_kernel", "pointwise_kernel", "bias")]
+
+
+def test_jitted_gradients(rng):
+    """The gradient also works under the backend's compiler (jax.jit, torch.compile, tf.function)."""
+    x = rng.standard_normal((2, 7, 6, 3)).astype("float32")
+    ours, ref = make_pair("separable", x.shape, rng, filters=4, kernel_size=3, strides=2, padding="same",
+                          activation="relu6")
+    cot = rng.standard_normal(ours.compute_output_shape(x.shape)).astype("float32")
+    _, dx_ref, dws_ref = gradients(ref, x, cot)
+    if BACKEND == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        tv = [v.value for v in ours.trainable_variables]
+
+        @jax.jit
+        def grads(tv, x):
+            return jax.grad(lambda tv, x: jnp.sum(ours.stateless_call(tv, [], x)[0] * cot), argnums=(0, 1))(tv, x)
+
+        dws, dx = grads(tv, jnp.asarray(x))
+    elif BACKEND == "torch":
+        import torch
+
+        def step(x):
+            return (ours(x) * torch.tensor(cot)).sum()
+
+        compiled = torch.compile(step, fullgraph=True)
+        xt = torch.tensor(x, requires_grad=True)
+        compiled(xt).backward()
+        dx, dws = xt.grad, [v.value.grad for v in ours.trainable_variables]
+    else:
+        import tensorflow as tf
+
+        @tf.function
+        def grads(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                loss = tf.reduce_sum(ours(x) * cot)
+            return tape.gradient(loss, [x] + [v.value for v in ours.trainable_variables])
+
+        dx, *dws = grads(tf.constant(x))
+    assert_close(to_numpy(dx), dx_ref, tol=1e-4)
+    for g, g_ref in zip(dws, dws_ref):
+        assert_close(to_numpy(g), g_ref, tol=1e-4)
