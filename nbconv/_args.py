@@ -58,14 +58,14 @@ def resolve_aliases(func_name, strides, dilation_rate, extra):
                 f"{func_name}() got both `strides` and its alias `stride`. Pass only one. "
                 f"Received: strides={strides!r}, stride={extra['stride']!r}"
             )
-        strides = extra["stride"]
+        strides = normalize_pair(extra["stride"], "stride")  # errors name the spelling the caller used
     if "dilation" in extra:
         if dilation_rate is not DEFAULT:
             raise TypeError(
                 f"{func_name}() got both `dilation_rate` and its alias `dilation`. Pass only one. "
                 f"Received: dilation_rate={dilation_rate!r}, dilation={extra['dilation']!r}"
             )
-        dilation_rate = extra["dilation"]
+        dilation_rate = normalize_pair(extra["dilation"], "dilation")
     return strides, dilation_rate
 
 
