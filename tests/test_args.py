@@ -163,8 +163,10 @@ for _name in ("strides", "dilation_rate"):
             ERRORS.append((f"{_name}={_v!r}", _f(**{_name: _v}), ValueError,
                            r(f"`{_name}`") + ".*positive.*" + r(f"Received: {_name}={_v!r}")))
 for _alias in ("stride", "dilation"):
-    for _v in (0, 1.5, (1, 2, 3)):
-        ERRORS.append((f"{_alias}={_v!r}", sep(**{_alias: _v}), ValueError, r(f"={_v!r}")))
+    for _v in (0, -2, 1.5, (1, 2, 3), "2", True):
+        for _f in (sep, dw):
+            ERRORS.append((f"{_alias}={_v!r}", _f(**{_alias: _v}), ValueError,
+                           r(f"`{_alias}`") + ".*positive.*" + r(f"Received: {_alias}={_v!r}")))
 
 NON_FLOAT = {
     "int": lambda a: a.astype(np.int64),
