@@ -412,7 +412,7 @@ def dwsep_backward_nchw(x, dk, wmat, g3, want_dx, dx, want_dk, dkp, want_pw, dpw
         dd = ddscr[chunk]
         d1 = d.reshape(-1)
         dd1 = dd.reshape(-1)
-        tp = d.shape[1]
+        tp = tile_p  # leading dimension of both scratch tiles (a tile not wanted is a dummy)
         dka = dkp[chunk]
         dba = dbp[chunk]
         if r1 > r0:
