@@ -124,7 +124,7 @@ class NbConv(Contender):
         import nbconv
         from nbconv import _runtime
         return {"threading_layer": getattr(_runtime, "THREADING_LAYER", "?"), "numba": numba.__version__,
-                "num_threads": nbconv.get_num_threads()}
+                "num_threads": nbconv.get_num_threads(), "path": os.path.dirname(nbconv.__file__)}
 
     def _kw(self, case):
         return dict(strides=case.stride, padding=case.padding, dilation_rate=case.dilation,

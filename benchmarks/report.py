@@ -29,6 +29,18 @@ __all__ = ["build", "format_text", "plot", "save", "main"]
 #: contenders that are not peers but get a column, per suite
 EXTRA_COLUMNS = {"fused": ("nbconv_2step",)}
 TARGET_SUITES = ("mobilenet", "xception")
+SUITE_NOTES = {
+    "classic": "the input arrives NCHW (torch ch_last converts inside the timing); the NHWC row is its "
+               "channels_last twin for nbconv's channels_first/channels_last ratio",
+    "hard": "NCHW rows: the input arrives NCHW; nbconv and Keras take it as channels_first, torch NCHW and ONNX "
+            "Runtime natively, torch ch_last converts inside the timing",
+    "fused": "nbconv dw+pw = nbconv.depthwise_conv2d then nbconv.pointwise_conv2d (materialises the intermediate); "
+             "not a peer",
+    "overhead": "the whole call on a tiny shape: for nbconv, the Python-side overhead plus one kernel launch",
+    "backward": "one forward plus the gradients with respect to x, the depthwise and the pointwise kernels; "
+                "GFLOP/s counts 3x the forward FLOPs; PyTorch via torch.autograd.grad, Keras via "
+                "jax.jit(jax.value_and_grad(...)) of keras.ops.separable_conv",
+}
 SEPARABLE_SUITES = ("mobilenet", "xception", "classic", "hard", "fused")
 
 
@@ -204,7 +216,9 @@ def _fmt_ms(t):
     return f"{t:.0f}"
 
 
-def _cell(row, name):
+def _cell(row, name, available=True):
+    if not available:
+        return "absent"
     if name in row["times_ms"]:
         t = row["times_ms"][name]
         sp = row["speedup"].get(name)
@@ -233,7 +247,7 @@ def _table(report, suite):
             nbs = _fmt_ms(nb) + ("!" if r["checks"].get("nbconv", 0) > 1e-4 else "")
         line = [r["case"]["shape"], nbs, f"{r['nbconv_gflops']:.1f}" if r.get("nbconv_gflops") else "-",
                 f"{r['pct_peak']:.0f}%" if r.get("pct_peak") else "-"]
-        line += [_cell(r, c) for c in present]
+        line += [_cell(r, c, report["contenders"][c].get("available") is not False) for c in present]
         line += [labels.get(r.get("best_peer"), r.get("best_peer") or "-"),
                  f"{r['speedup_best']:.2f}x" if r.get("speedup_best") else "-"]
         body.append(line)
@@ -312,7 +326,8 @@ def format_text(report):
             status = c.get("version") or ""
             extra = c.get("info") or {}
             if name == "nbconv":
-                status += f", threading layer {extra.get('threading_layer')}, {extra.get('num_threads')} threads"
+                status += (f", threading layer {extra.get('threading_layer')}, {extra.get('num_threads')} threads, "
+                           f"from {extra.get('path')}")
             if name == "keras":
                 status += f", {extra.get('jit')}"
             errs = c.get("errors") or {}
@@ -329,7 +344,8 @@ def format_text(report):
                   if bad else "all within 1e-4 relative to the output's scale"))
     out.append("")
     out.append("Tables: median ms per call; '(N.NNx)' = t(peer)/t(nbconv), above 1 nbconv is faster; "
-               "'vs best' = t(best peer)/t(nbconv); skip = peer does not run this case, n/a = not available.")
+               "'vs best' = t(best peer)/t(nbconv); skip = does not run this case, n/a = not available yet, "
+               "absent = library not installed, ! = output check failed.")
     for suite in _cases.SUITES:
         lines = _table(report, suite)
         if not lines:
@@ -337,6 +353,8 @@ def format_text(report):
         out.append("")
         out.append(f"## {_cases.SUITE_TITLES[suite]}")
         out += lines
+        if suite in SUITE_NOTES:
+            out.append(f"  note - {SUITE_NOTES[suite]}")
         notes = sorted({f"{report['contenders'][n]['label']}: {why}" for r in report["suites"][suite]
                         for n, why in r["skips"].items() if n in report["contenders"]})
         for note in notes:
