@@ -213,7 +213,8 @@ class Keras(Contender):
         import keras
         return {"backend": keras.backend.backend(),
                 "jit": {"jax": "jax.jit", "tensorflow": "tf.function(jit_compile=True)"}.get(
-                    keras.backend.backend(), "eager (no jit on this backend)")}
+                    keras.backend.backend(), "eager (no jit on this backend)"),
+                "threads": "the backend's default pool (every CPU the process may use)"}
 
     def _padding(self, case):
         if isinstance(case.padding, str):
@@ -478,6 +479,13 @@ class Sgemm(Contender):
 
     def version(self):
         return np.__version__
+
+    def init_process(self):
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:
+            return
+        self._limits = threadpool_limits(THREADS, user_api="blas")
 
     def setup(self, case=None):
         rng = np.random.default_rng(0)

@@ -78,7 +78,7 @@ def build(raw_dir):
                  "ran": info is not None, "returncode": (meta.get("returncodes") or {}).get(name)}
         if info:
             entry.update({k: info.get(k) for k in ("available", "note", "version", "info", "threadpools",
-                                                    "skips", "checks", "errors")})
+                                                    "skips", "checks", "errors", "pinned_cpus")})
         contenders[name] = entry
         for b in (data or {}).get("benchmarks", []):
             cid = b.get("extra_info", {}).get("case") or b.get("param")
@@ -304,6 +304,10 @@ def _env_lines(report):
                      "moment (or OpenBLAS is slowed by OPENBLAS_CORETYPE); treat %peak with care")
     lines.append("isolation: every contender ran in its own fresh pytest process (one after another, never "
                  "concurrently), so the thread pools of Numba, PyTorch, ONNX Runtime and XLA never share a process.")
+    pinned = {c.get("pinned_cpus") and len(c["pinned_cpus"]) for c in report["contenders"].values() if c.get("ran")}
+    if any(pinned):
+        lines.append(f"  each process was pinned to {meta.get('threads')} CPUs (sched_setaffinity), so every "
+                     f"library's pool, XLA's included, sees {meta.get('threads')} cores")
     lines.append("layouts: nbconv and Keras get the case's data_format; PyTorch and ONNX Runtime get their own "
                  "layout prepared outside the timing, except that a channels_first input costs torch ch_last its "
                  "conversion inside the timing. Stride-2 'same' is asymmetric (0,1) in Keras: ONNX Runtime gets those "

@@ -33,9 +33,23 @@ CHECK = os.environ.get("NBCONV_BENCH_CHECK", "1") != "0"
 INFO_PATH = os.environ.get("NBCONV_BENCH_INFO")
 CHECK_TOL = 1e-4
 
+
+def _pin_cpus(n):
+    """Pin this process to ``n`` CPUs when the machine has more, so every library's pool sees ``n`` cores."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+    if 0 < n < len(cpus):
+        os.sched_setaffinity(0, cpus[:n])
+        return cpus[:n]
+    return None
+
+
+PINNED = _pin_cpus(_contenders.THREADS)
 NOTE = CONTENDER.available()
 INFO = {"contender": CONTENDER.name, "label": CONTENDER.label, "available": NOTE is None, "note": NOTE,
-        "pid": os.getpid(), "python": platform.python_version(), "skips": {}, "checks": {}, "errors": {}}
+        "pid": os.getpid(), "python": platform.python_version(), "pinned_cpus": PINNED, "skips": {}, "checks": {}, "errors": {}}
 
 
 def _threadpools():
