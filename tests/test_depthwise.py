@@ -32,7 +32,32 @@ GEOMETRIES = [
     (1, 3, 3, 1, 4, 3, 1, 1, 0),
     (2, 12, 11, 17, 1, 3, 2, 1, "same"),
     (1, 16, 16, 40, 2, 3, 1, 1, "same"),
+    (5, 9, 8, 3, 2, 3, 1, 1, "same"),
+    (8, 20, 20, 16, 1, 3, 2, 1, 1),
+    (1, 3, 1024, 256, 1, 3, 1, 1, "same"),
+    (1, 4, 4, 260, 2, 3, 1, 1, "same"),
+    (1, 3, 3, 4100, 1, 3, 1, 1, 1),
+    (1, 1, 1, 2, 1, 7, 1, 3, "same"),
+    (1, 2, 3, 2, 1, 1, 4, 1, 5),
+    (2, 5, 5, 3, 1, 3, 10, 1, "same"),
+    (1, 3, 4, 2, 1, 2, (5, 7), (2, 3), ((4, 4), (6, 5))),
 ]
+
+
+@pytest.mark.parametrize("data_format", FORMATS)
+@pytest.mark.parametrize("strides", [1, 2])
+@pytest.mark.parametrize("padding", ["same", "valid", 1, ((0, 2), (2, 1))])
+def test_depthwise_3x3_all_widths(rng, data_format, strides, padding):
+    """The 3x3 kernels' multi-pixel blocks: every width from 1 to 20 plus a few beyond, C*dm small and large."""
+    for w in list(range(1, 21)) + [31, 33, 64]:
+        for c, dm in ((1, 1), (3, 2), (16, 1), (40, 3)):
+            geom = (2, 5, w, c, dm, 3, strides, 1, padding)
+            if padding == "valid" and w < 3:
+                continue
+            x, kernel, kwargs = _inputs(rng, geom, data_format)
+            bias = random_array(rng, (c * dm,))
+            y = nbconv.depthwise_conv2d(x, kernel, bias, activation="relu", **kwargs)
+            assert_close(y, depthwise_ref(x, kernel, bias, activation="relu", **kwargs))
 
 
 def _inputs(rng, geom, data_format, dtype=np.float32):
@@ -120,7 +145,7 @@ DTYPES = st.sampled_from([np.float32, np.float32, np.float64, np.float16])
 
 @settings(max_examples=40, deadline=None)
 @given(
-    n=st.integers(1, 3), h=st.integers(1, 12), w=st.integers(1, 12), c=st.integers(1, 7), dm=st.integers(1, 3),
+    n=st.integers(1, 5), h=st.integers(1, 12), w=st.integers(1, 12), c=st.integers(1, 12), dm=st.integers(1, 3),
     kh=st.integers(1, 7), kw=st.integers(1, 7), strides=INTS_OR_PAIRS(3), dilation=INTS_OR_PAIRS(3),
     padding=PADDINGS, data_format=st.sampled_from(FORMATS), dtypes=st.tuples(DTYPES, DTYPES),
     use_bias=st.booleans(), activation=st.sampled_from([None, "linear", "relu", "relu6"]),

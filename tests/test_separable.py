@@ -41,6 +41,20 @@ GEOMETRIES = [
     (1, 3, 3, 1, 4, 2, 3, 1, 1, 0),
     (2, 12, 11, 17, 1, 33, 3, 2, 1, "same"),
     (1, 16, 16, 32, 1, 70, 3, 1, 1, "same"),
+    # batches of 4+ (row tiles rather than one shared intermediate), strided and asymmetric
+    (5, 9, 8, 3, 2, 7, 3, 1, 1, "same"),
+    (4, 11, 10, 5, 1, 9, 5, (2, 1), (1, 2), ((2, 0), (1, 3))),
+    (8, 20, 20, 16, 1, 32, 3, 2, 1, 1),
+    # wide rows: one-row tiles, few of them, filters split into blocks
+    (1, 3, 1024, 256, 1, 128, 3, 1, 1, "same"),
+    # many channels: C*dm beyond one inner block, and beyond 4096
+    (1, 4, 4, 260, 2, 5, 3, 1, 1, "same"),
+    (1, 3, 3, 4100, 1, 3, 3, 1, 1, 1),
+    # windows mostly in the padding, strides beyond the input
+    (1, 1, 1, 2, 1, 3, 7, 1, 3, "same"),
+    (1, 2, 3, 2, 1, 2, 1, 4, 1, 5),
+    (2, 5, 5, 3, 1, 2, 3, 10, 1, "same"),
+    (1, 3, 4, 2, 1, 2, 2, (5, 7), (2, 3), ((4, 4), (6, 5))),
 ]
 
 
@@ -149,8 +163,8 @@ ACTS = st.sampled_from([None, "linear", "relu", "relu6"])
 
 @settings(max_examples=40, deadline=None)
 @given(
-    n=st.integers(1, 3), h=st.integers(1, 12), w=st.integers(1, 12), c=st.integers(1, 6), dm=st.integers(1, 3),
-    f=st.integers(1, 9), kh=st.integers(1, 7), kw=st.integers(1, 7), strides=INTS_OR_PAIRS(3),
+    n=st.integers(1, 5), h=st.integers(1, 12), w=st.integers(1, 12), c=st.integers(1, 10), dm=st.integers(1, 3),
+    f=st.integers(1, 24), kh=st.integers(1, 7), kw=st.integers(1, 7), strides=INTS_OR_PAIRS(3),
     dilation=INTS_OR_PAIRS(3), padding=PADDINGS, data_format=st.sampled_from(FORMATS),
     dtypes=st.tuples(DTYPES, DTYPES, DTYPES), use_bias=st.booleans(), use_dbias=st.booleans(),
     activation=ACTS, dact=ACTS, pk_2d=st.booleans(), seed=st.integers(0, 2**32 - 1),
