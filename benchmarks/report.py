@@ -487,10 +487,13 @@ def plot(report, path):
     ax.set_yticks(list(ys))
     ax.set_yticklabels([i[1] for i in items], fontsize=7)
     for y, i in zip(ys, items):
-        ax.text(i[2], y, f" {i[2]:.2f}x vs {i[3]}", va="center", fontsize=6)
+        faster = i[2] >= 1
+        ax.text(i[2], y, f" {i[2]:.2f}x vs {i[3]} " if faster else f" {i[2]:.2f}x vs {i[3]} ", va="center",
+                ha="left" if faster else "right", fontsize=6)
+    ax.set_ylim(-0.7, len(items) - 0.3)
     lo = min(i[2] for i in items)
     hi = max(i[2] for i in items)
-    ax.set_xlim(min(0.5, lo / 1.5), max(2.0, hi * 2.5))
+    ax.set_xlim(min(0.5, lo / 4), max(2.0, hi * 4))
     ax.set_xlabel("speedup of nbconv over the best peer = t(best peer) / t(nbconv)   (> 1: nbconv faster)")
     meta = report["meta"]
     peak = report["peak"].get("gflops")
