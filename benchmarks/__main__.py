@@ -42,7 +42,8 @@ from .contenders import CONTENDERS
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 #: order in which contenders run (the sgemm peak first)
-ORDER = ("sgemm", "nbconv", "nbconv_2step", "torch_nchw", "torch_nhwc", "onnxruntime", "keras", "numpy")
+ORDER = ("sgemm", "nbconv", "nbconv_2step", "torch_nchw", "torch_nhwc", "onnxruntime", "keras", "numpy",
+         "nbconv_layers", "keras_model")
 ENV_SHOWN = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
              "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER", "NUMBA_CACHE_DIR", "KERAS_BACKEND", "JAX_PLATFORMS",
              "XLA_FLAGS")
@@ -184,7 +185,7 @@ def main(argv=None):
     os.makedirs(raw, exist_ok=True)
     t_start = time.perf_counter()
     meta = {"started": started.strftime("%Y-%m-%d %H:%M UTC"), "stamp": stamp, "quick": args.quick,
-            "suites": suites or list(_cases.SUITES), "contenders": names, "threads": args.threads,
+            "suites": suites or list(_cases.SUITES), "contenders": list(names), "threads": args.threads,
             "python": platform.python_version(), "platform": platform.platform(terse=True), "cpu": _cpu_model(),
             "cpus": os.cpu_count(), "argv": sys.argv[1:] if argv is None else list(argv),
             "env": {k: os.environ.get(k) for k in ENV_SHOWN}, "returncodes": {}, "seconds": {},
@@ -202,6 +203,7 @@ def main(argv=None):
         if name != "sgemm":
             n_cases = len([c for c in selected if contender.suites is None or c.suite in contender.suites])
             if n_cases == 0:
+                meta["contenders"].remove(name)
                 continue
         extra = {"NBCONV_BENCH_CONTENDER": name, "NBCONV_BENCH_SUITES": ",".join(suites),
                  "NBCONV_BENCH_QUICK": "1" if args.quick else "0", "NBCONV_BENCH_CHECK": "0" if args.no_check else "1",

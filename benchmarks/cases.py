@@ -17,11 +17,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-__all__ = ["Case", "CASES", "SUITES", "SUITE_TITLES", "select", "make_arrays", "explicit_padding",
-           "reference_nhwc"]
+__all__ = ["Case", "CASES", "SUITES", "SUITE_TITLES", "MOBILENET_BLOCKS", "MODEL_OPS", "select", "make_arrays",
+           "explicit_padding", "reference_nhwc"]
 
 #: suites in report order
-SUITES = ("mobilenet", "xception", "classic", "hard", "depthwise", "pointwise", "fused", "overhead", "backward")
+SUITES = ("mobilenet", "xception", "classic", "hard", "depthwise", "pointwise", "fused", "overhead", "backward",
+          "keras_model")
 
 SUITE_TITLES = {
     "mobilenet": "MobileNetV1 separable blocks (224x224, alpha=1)",
@@ -33,7 +34,14 @@ SUITE_TITLES = {
     "fused": "nbconv's fused kernel against its own depthwise-then-pointwise (and the peers)",
     "overhead": "Per-call overhead on a tiny shape",
     "backward": "Forward + backward (all gradients), batch 8 (issue 4)",
+    "keras_model": "Keras model of MobileNetV1's 13 separable blocks (SeparableConv2D + BatchNorm + ReLU), "
+                   "112x112x32 input (issue 5)",
 }
+
+#: MobileNetV1's 13 separable blocks as (input H=W, C, F, stride); blocks 7-11 repeat
+MOBILENET_BLOCKS = ((112, 32, 64, 1), (112, 64, 128, 2), (56, 128, 128, 1), (56, 128, 256, 2), (28, 256, 256, 1),
+                    (28, 256, 512, 2)) + ((14, 512, 512, 1),) * 5 + ((14, 512, 1024, 2), (7, 1024, 1024, 1))
+MODEL_OPS = ("model_predict", "model_train")
 
 
 @dataclass(frozen=True)
@@ -59,7 +67,7 @@ class Case:
     dm: int = 1
     padding: object = "same"
     data_format: str = "channels_last"
-    op: str = "separable"  # separable | depthwise | pointwise | separable_fwdbwd
+    op: str = "separable"  # separable | depthwise | pointwise | separable_fwdbwd | model_predict | model_train
     quick: bool = False
     tags: tuple = field(default=())
 
@@ -87,6 +95,13 @@ class Case:
     @property
     def macs(self):
         """(depthwise MACs, pointwise MACs) of the forward pass."""
+        if self.op in MODEL_OPS:
+            dw = pw = 0
+            for hw, c, f, s in MOBILENET_BLOCKS:
+                o = -(-hw // s)
+                dw += self.n * o * o * c * 9
+                pw += self.n * o * o * c * f
+            return dw, pw
         oh, ow = self.out_hw
         if self.op == "pointwise":
             return 0, self.n * self.h * self.w * self.c * self.f
@@ -98,11 +113,13 @@ class Case:
     def flops(self):
         """Floating-point operations counted for GFLOP/s: 2 * MACs (forward); 3x that for forward+backward."""
         f = 2 * sum(self.macs)
-        return 3 * f if self.op == "separable_fwdbwd" else f
+        return 3 * f if self.op in ("separable_fwdbwd", "model_train") else f
 
     @property
     def shape_label(self):
         oh, ow = self.out_hw
+        if self.op in MODEL_OPS:
+            return f"b{self.n} {'predict' if self.op == 'model_predict' else 'train step'}"
         head = f"b{self.n} {self.h}x{self.w}x{self.c}"
         if self.op == "depthwise":
             parts = [head, f"dw{self.k}x{self.k}" + (f"*{self.dm}" if self.dm > 1 else "")]
@@ -194,6 +211,9 @@ def _build():
     for hw, c, f, s in [(112, 32, 64, 1), (56, 128, 128, 1), (56, 128, 256, 2), (28, 256, 256, 1),
                         (14, 512, 512, 1), (7, 1024, 1024, 1)]:
         cases.append(_mnv1("backward", 8, hw, c, f, s, quick=(hw == 14), op="separable_fwdbwd"))
+    for n, op in ((1, "model_predict"), (8, "model_predict"), (8, "model_train")):
+        cases.append(Case("keras_model", f"b{n}-{op.split('_')[1]}", n, 112, 112, 32, 1024, op=op,
+                          quick=(n == 8 and op == "model_predict")))
     ids = [c.id for c in cases]
     assert len(ids) == len(set(ids)), "duplicate case ids"
     return tuple(cases)

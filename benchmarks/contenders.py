@@ -26,9 +26,9 @@ import os
 
 import numpy as np
 
-from .cases import make_arrays
+from .cases import MOBILENET_BLOCKS, MODEL_OPS, SUITES, make_arrays
 
-__all__ = ["Bench", "Unsupported", "CONTENDERS", "PEERS", "get", "THREADS"]
+__all__ = ["Bench", "Unsupported", "CONTENDERS", "PEERS", "SUITE_ROLES", "get", "THREADS"]
 
 #: threads every contender may use (the issue's targets are for 2)
 THREADS = int(os.environ.get("NBCONV_BENCH_THREADS", "2"))
@@ -70,6 +70,10 @@ def _grad_output(case, seed=1):
     oh, ow = case.out_hw
     g = np.random.default_rng(seed).standard_normal((case.n, oh, ow, case.f), dtype=np.float32)
     return g
+
+
+#: suites of single operations (every suite but the Keras model's)
+OP_SUITES = tuple(s for s in SUITES if s != "keras_model")
 
 
 class Contender:
@@ -152,7 +156,29 @@ class NbConv(Contender):
                 nbconv.separable_conv2d(xin, dk, pk, **kw)
                 return backward(g, xin, dk, pk, wrt=wrt, **kw)
             return Bench(fwdbwd, check=False)
+        if case.op == "model_predict":
+            return self._model(case)
+        if case.op == "model_train":
+            raise Unsupported("the NumPy API has no training step (see the nbconv layers column)")
         raise Unsupported(f"op {case.op}")
+
+    def _model(self, case):
+        """The 13 blocks as direct calls, batch norm folded into the bias, ReLU fused: the bridge's lower bound."""
+        import nbconv
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((case.n, case.h, case.w, case.c), dtype=np.float32)
+        blocks = []
+        for hw, c, f, s in MOBILENET_BLOCKS:
+            blocks.append((rng.standard_normal((3, 3, c, 1), dtype=np.float32) / 3,
+                           rng.standard_normal((1, 1, c, f), dtype=np.float32) / np.float32(math.sqrt(c)),
+                           rng.standard_normal(f, dtype=np.float32) * np.float32(0.1), s))
+
+        def run():
+            y = x
+            for dk, pk, b, s in blocks:
+                y = nbconv.separable_conv2d(y, dk, pk, b, strides=s, padding="same", activation="relu")
+            return y
+        return Bench(run, check=False)
 
 
 class NbConvTwoStep(NbConv):
@@ -181,6 +207,7 @@ class Keras(Contender):
     name = "keras"
     label = "Keras op"
     ops = ("separable", "depthwise", "pointwise", "separable_fwdbwd")
+    suites = OP_SUITES
 
     def available(self):
         os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -271,6 +298,7 @@ class Keras(Contender):
 class _Torch(Contender):
     channels_last = False
     ops = ("separable", "depthwise", "pointwise", "separable_fwdbwd")
+    suites = OP_SUITES
 
     def available(self):
         try:
@@ -375,6 +403,7 @@ class TorchNHWC(_Torch):
 class OnnxRuntime(Contender):
     name = "onnxruntime"
     label = "ONNX Runtime"
+    suites = OP_SUITES
 
     def available(self):
         try:
@@ -434,6 +463,7 @@ class OnnxRuntime(Contender):
 class NumPyBaseline(Contender):
     name = "numpy"
     label = "NumPy"
+    suites = OP_SUITES
 
     def version(self):
         return np.__version__
@@ -469,6 +499,70 @@ class NumPyBaseline(Contender):
         return Bench(lambda: x @ pm)
 
 
+class KerasModel(Keras):
+    """MobileNetV1's 13 separable blocks built from Keras's own layers (the reference for issue 5)."""
+
+    name = "keras_model"
+    label = "Keras layers"
+    ops = MODEL_OPS
+    suites = ("keras_model",)
+
+    def _layer_class(self):
+        import keras
+        return keras.layers.SeparableConv2D
+
+    def setup(self, case):
+        import keras
+        if case.op not in MODEL_OPS:
+            raise Unsupported(f"op {case.op}")
+        cls = self._layer_class()
+        keras.utils.set_random_seed(0)
+        inp = keras.Input((case.h, case.w, case.c), batch_size=case.n)
+        y = inp
+        for hw, c, f, s in MOBILENET_BLOCKS:
+            y = cls(f, 3, strides=s, padding="same", use_bias=False)(y)
+            y = keras.layers.BatchNormalization()(y)
+            y = keras.layers.ReLU()(y)
+        model = keras.Model(inp, y)
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((case.n, case.h, case.w, case.c), dtype=np.float32)
+        if case.op == "model_predict":
+            return Bench(lambda: model.predict_on_batch(x), check=False)
+        model.compile(optimizer=keras.optimizers.SGD(1e-3), loss="mse")
+        target = rng.standard_normal(tuple(model.output.shape), dtype=np.float32)
+        return Bench(lambda: model.train_on_batch(x, target), check=False)
+
+
+class NbConvLayers(KerasModel):
+    """The same model built from nbconv's drop-in layers (``keras_layers``)."""
+
+    name = "nbconv_layers"
+    label = "nbconv layers"
+    peer = False
+
+    def available(self):
+        note = super().available()
+        if note:
+            return note
+        try:
+            import keras_layers
+        except Exception as exc:
+            return f"not available: keras_layers does not import ({exc!r}) (issue 5)"
+        if not hasattr(keras_layers, "SeparableConv2D"):
+            return "not available: keras_layers.SeparableConv2D does not exist yet (issue 5)"
+        return None
+
+    def _layer_class(self):
+        import keras_layers
+        return keras_layers.SeparableConv2D
+
+    def info(self):
+        import nbconv
+        d = super().info()
+        d["nbconv_threads"] = nbconv.get_num_threads()
+        return d
+
+
 class Sgemm(Contender):
     """The machine's sgemm peak: NumPy matmul of two 4096x4096 float32 matrices."""
 
@@ -500,9 +594,11 @@ class Sgemm(Contender):
 
 
 CONTENDERS = {c.name: c for c in (NbConv(), NbConvTwoStep(), TorchNCHW(), TorchNHWC(), OnnxRuntime(), Keras(),
-                                  NumPyBaseline(), Sgemm())}
+                                  NumPyBaseline(), NbConvLayers(), KerasModel(), Sgemm())}
 #: contenders that count as peers for "best peer" ratios, in report column order
 PEERS = ("torch_nchw", "torch_nhwc", "onnxruntime", "keras", "numpy")
+#: per suite, when it differs from nbconv against PEERS: (the measured subject, its peers)
+SUITE_ROLES = {"keras_model": ("nbconv_layers", ("keras_model",))}
 
 
 def get(name):

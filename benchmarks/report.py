@@ -22,12 +22,12 @@ import os
 import sys
 
 from . import cases as _cases
-from .contenders import CONTENDERS, PEERS
+from .contenders import CONTENDERS, PEERS, SUITE_ROLES
 
 __all__ = ["build", "format_text", "plot", "save", "main"]
 
 #: contenders that are not peers but get a column, per suite
-EXTRA_COLUMNS = {"fused": ("nbconv_2step",)}
+EXTRA_COLUMNS = {"fused": ("nbconv_2step",), "keras_model": ("nbconv",)}
 TARGET_SUITES = ("mobilenet", "xception")
 SUITE_NOTES = {
     "classic": "the input arrives NCHW (torch ch_last converts inside the timing); the NHWC row is its "
@@ -107,9 +107,11 @@ def build(raw_dir):
                 row["errors"][name] = entry["errors"][case.id]
             elif (entry.get("skips") or {}).get(case.id):
                 row["skips"][name] = entry["skips"][case.id]
-        t_nb = row["times_ms"].get("nbconv")
-        peers = {p: t for p, t in row["times_ms"].items() if p in PEERS}
-        row["speedup"] = {p: t / t_nb for p, t in row["times_ms"].items() if t_nb and p != "nbconv"}
+        subject, peer_names = _roles(case.suite)
+        row["subject"] = subject
+        t_nb = row["times_ms"].get(subject)
+        peers = {p: t for p, t in row["times_ms"].items() if p in peer_names}
+        row["speedup"] = {p: t / t_nb for p, t in row["times_ms"].items() if t_nb and p != subject}
         if peers:
             best = min(peers, key=peers.get)
             row["best_peer"] = best
@@ -117,7 +119,7 @@ def build(raw_dir):
             row["speedup_best"] = peers[best] / t_nb if t_nb else None
         if t_nb:
             row["nbconv_gflops"] = case.flops / (t_nb * 1e-3) / 1e9
-            if peak_gflops and case.op != "separable_fwdbwd":
+            if peak_gflops and case.op not in ("separable_fwdbwd", "model_train"):
                 row["pct_peak"] = 100 * row["nbconv_gflops"] / peak_gflops
         suites.setdefault(case.suite, []).append(row)
 
@@ -126,6 +128,11 @@ def build(raw_dir):
               "contenders": contenders, "suites": suites, "probes": probes}
     report["summary"] = _summary(report)
     return report
+
+
+def _roles(suite):
+    """(subject, peers) of a suite: nbconv against PEERS unless :data:`SUITE_ROLES` says otherwise."""
+    return SUITE_ROLES.get(suite, ("nbconv", PEERS))
 
 
 def _rows(report, suites):
@@ -199,6 +206,19 @@ def _summary(report):
         else:
             notes = {r["skips"].get("nbconv") or r["errors"].get("nbconv") for r in bw} - {None}
             s["backward_note"] = "; ".join(sorted(notes)) or "nbconv not measured"
+    # 9. Keras model (issue 5): our layers against Keras's, and against direct nbconv calls
+    km = list(_rows(report, ("keras_model",)))
+    if km:
+        s["keras_model"] = [{"case": r["case"]["id"], "shape": r["case"]["shape"],
+                             "speedup_vs_keras_layers": r["speedup"].get("keras_model"),
+                             "ratio_vs_direct": (1 / r["speedup"]["nbconv"]) if r["speedup"].get("nbconv") else None}
+                            for r in km]
+        notes = {r["skips"].get("nbconv_layers") or r["errors"].get("nbconv_layers") for r in km} - {None}
+        c = report["contenders"].get("nbconv_layers") or {}
+        if c.get("available") is False:
+            notes.add(c.get("note"))
+        if notes:
+            s["keras_model_note"] = "; ".join(sorted(n for n in notes if n))
     return s
 
 
@@ -235,16 +255,22 @@ def _table(report, suite):
     rows = report["suites"].get(suite, [])
     if not rows:
         return []
-    present = [c for c in (EXTRA_COLUMNS.get(suite, ()) + PEERS) if c in report["contenders"]]
+    subject, peer_names = _roles(suite)
+    present = [c for c in (EXTRA_COLUMNS.get(suite, ()) + peer_names) if c in report["contenders"]]
     labels = {c: report["contenders"][c]["label"] for c in present}
-    head = ["case", "nbconv ms", "GFLOP/s", "%peak"] + [labels[c] for c in present] + ["best peer", "vs best"]
+    subject_label = CONTENDERS[subject].label if subject in CONTENDERS else subject
+    head = ["case", f"{subject_label} ms", "GFLOP/s", "%peak"] + [labels[c] for c in present] + ["best peer",
+                                                                                             "vs best"]
     body = []
     for r in rows:
-        nb = r["times_ms"].get("nbconv")
+        nb = r["times_ms"].get(subject)
         if nb is None:
-            nbs = "ERROR" if "nbconv" in r["errors"] else ("n/a" if "nbconv" in r["skips"] else "-")
+            if (report["contenders"].get(subject) or {}).get("available") is False:
+                nbs = "n/a"
+            else:
+                nbs = "ERROR" if subject in r["errors"] else ("n/a" if subject in r["skips"] else "-")
         else:
-            nbs = _fmt_ms(nb) + ("!" if r["checks"].get("nbconv", 0) > 1e-4 else "")
+            nbs = _fmt_ms(nb) + ("!" if r["checks"].get(subject, 0) > 1e-4 else "")
         line = [r["case"]["shape"], nbs, f"{r['nbconv_gflops']:.1f}" if r.get("nbconv_gflops") else "-",
                 f"{r['pct_peak']:.0f}%" if r.get("pct_peak") else "-"]
         line += [_cell(r, c, report["contenders"][c].get("available") is not False) for c in present]
@@ -428,6 +454,21 @@ def _summary_lines(report):
                "torch ch_last not measured")
             + "; " + (f"speedup over Keras/jax {k:.1f}x (target >= 10x){_ok(k, 10, False)}" if k else
                       "Keras not measured"))
+    if s.get("keras_model"):
+        backend = ((report["contenders"].get("keras_model") or {}).get("info") or {}).get("backend", "?")
+        parts = []
+        for k in s["keras_model"]:
+            p = k["shape"]
+            if k["speedup_vs_keras_layers"]:
+                p += f" {k['speedup_vs_keras_layers']:.1f}x"
+            if k["ratio_vs_direct"]:
+                p += f" (bridge: {k['ratio_vs_direct']:.2f}x the direct calls)"
+            parts.append(p)
+        if s.get("keras_model_note") and not any(k["speedup_vs_keras_layers"] for k in s["keras_model"]):
+            add(f"Keras model (issue 5): {s['keras_model_note']}")
+        else:
+            add(f"Keras model (issue 5) on {backend}: nbconv layers' speedup over Keras's layers: " + ", ".join(parts)
+                + " (targets: >= 10x on jax, 2x tensorflow, 1.3x torch; bridge <= 1.15x the direct calls at b8)")
     mem = report["probes"].get("memory") or {}
     fused = mem.get("fused")
     if fused and "error" not in fused:
