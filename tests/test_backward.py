@@ -545,6 +545,8 @@ def test_forward_validation_errors():
     with pytest.raises(ValueError, match="Expected `strides`.*Received: strides=0"):
         nbconv.separable_conv2d_backward(gs, x, k, pk, strides=0)
     with pytest.raises(ValueError, match=r"Expected `dilation_rate`.*Received: dilation_rate=\(1, -1\)"):
+        nbconv.depthwise_conv2d_backward(g, x, k, dilation_rate=(1, -1))
+    with pytest.raises(ValueError, match=r"Expected `dilation`.*Received: dilation=\(1, -1\)"):
         nbconv.depthwise_conv2d_backward(g, x, k, dilation=(1, -1))
     with pytest.raises(ValueError, match="Expected `depthwise_kernel` to have 2 input channels"):
         nbconv.separable_conv2d_backward(gs, x, np.zeros((3, 3, 3, 1)), pk)
