@@ -286,14 +286,14 @@ def pack_rows_nchw(xn, pr0, nrows, pt, pl, wp, xs):
                 row[i] = zero
             for i in range(col1, wp):
                 row[i] = zero
-            src = xn[ci, ih, col0 - pl:col1 - pl]
+            seg = xn[ci, ih, col0 - pl:col1 - pl]
             dst = row[col0:col1]
             for i in range(col1 - col0):
-                dst[i] = src[i]
+                dst[i] = seg[i]
 
 
 @jit
-def dw_rows_nchw(xs, nrows_in, wp, wc, bias, act, dm, nr, ow_n, sh, sw, dh, dw, kh_n, kw_n, dst, doff, ldd):
+def dw_rows_nchw(xs, nrows_in, wp, wc, bias, act, dm, nr, ow_n, sh, sw, dh, dw, kh_n, kw_n, dst, doff, ldd, vbuf):
     """Depthwise output rows from channel-major packed rows (:func:`pack_rows_nchw`), vectorised along W.
 
     Parameters
@@ -304,17 +304,30 @@ def dw_rows_nchw(xs, nrows_in, wp, wc, bias, act, dm, nr, ow_n, sh, sw, dh, dw, 
     bias : ndarray of shape (C*dm,) or (0,)
     dst : ndarray, flat
         ``dst[doff + j*ldd + r*ow_n + ow]`` receives output channel ``j`` at tile row ``r``, column ``ow``.
+    vbuf : ndarray, flat
+        Scratch of at least ``nr * wp`` elements for the stride-1 path.
+
+    Notes
+    -----
+    With unit strides, all rows of a channel are computed in one loop over a
+    "virtual" row of ``wp`` columns (the columns past ``ow_n`` are discarded
+    when copying to ``dst``), so short rows cost no per-row overhead.
     """
     cm = wc.shape[0]
     has_bias = bias.shape[0] > 0
     zero = dst.dtype.type(0)
+    flat = sh == 1 and sw == 1
+    if flat:
+        nrun, step, rows = (nr - 1) * wp + ow_n, 1, 1
+    else:
+        nrun, step, rows = ow_n, sw, nr
     rs = dh * wp
     for j in range(cm):
         cbase = (j // dm) * nrows_in * wp
         wj = wc[j]
         b = bias[j] if has_bias else zero
-        for r in range(nr):
-            d = dst[doff + j * ldd + r * ow_n:doff + j * ldd + (r + 1) * ow_n]
+        for r in range(rows):
+            d = vbuf if flat else dst[doff + j * ldd + r * ow_n:doff + j * ldd + (r + 1) * ow_n]
             x0 = xs[cbase + r * sh * wp:]
             if kh_n == 3 and kw_n == 3:
                 w0, w1, w2, w3, w4, w5, w6, w7, w8 = wj[0], wj[1], wj[2], wj[3], wj[4], wj[5], wj[6], wj[7], wj[8]
@@ -326,29 +339,37 @@ def dw_rows_nchw(xs, nrows_in, wp, wc, bias, act, dm, nr, ow_n, sh, sw, dh, dw, 
                 x6 = x0[2 * rs:]
                 x7 = x6[dw:]
                 x8 = x6[2 * dw:]
-                if sw == 1:
-                    for i in range(ow_n):
+                if step == 1:
+                    for i in range(nrun):
                         d[i] = (b + x0[i] * w0 + x1[i] * w1 + x2[i] * w2 + x3[i] * w3 + x4[i] * w4 + x5[i] * w5
                                 + x6[i] * w6 + x7[i] * w7 + x8[i] * w8)
                 else:
-                    for i in range(ow_n):
-                        k = i * sw
+                    for i in range(nrun):
+                        k = i * step
                         d[i] = (b + x0[k] * w0 + x1[k] * w1 + x2[k] * w2 + x3[k] * w3 + x4[k] * w4 + x5[k] * w5
                                 + x6[k] * w6 + x7[k] * w7 + x8[k] * w8)
             else:
-                for i in range(ow_n):
+                for i in range(nrun):
                     d[i] = b
                 for kh in range(kh_n):
                     for kw in range(kw_n):
                         xt = x0[kh * rs + kw * dw:]
                         wv = wj[kh * kw_n + kw]
-                        if sw == 1:
-                            for i in range(ow_n):
+                        if step == 1:
+                            for i in range(nrun):
                                 d[i] += xt[i] * wv
                         else:
-                            for i in range(ow_n):
-                                d[i] += xt[i * sw] * wv
-            if act != 0:
+                            for i in range(nrun):
+                                d[i] += xt[i * step] * wv
+            if flat:
+                for rr in range(nr):
+                    out = dst[doff + j * ldd + rr * ow_n:doff + j * ldd + (rr + 1) * ow_n]
+                    v = vbuf[rr * wp:rr * wp + ow_n]
+                    for i in range(ow_n):
+                        out[i] = v[i]
+                    if act != 0:
+                        bias_act_inplace(out, zero, act)
+            elif act != 0:
                 bias_act_inplace(d, zero, act)
 
 
@@ -366,7 +387,9 @@ def dw_tile(x, n, channels_last, wt, bt, wc, bc, act, dm, r0, nr, sh, sw, dh, dw
         dw_packed_rows(xs, wp, wt, bt, act, nr, ow_n, sh, sw, dh, dw, kh_n, kw_n, wc.shape[0], nw, dst[doff:])
     else:
         pack_rows_nchw(x[n], r0 * sh, nin, pt, pl, wp, xs)
-        dw_rows_nchw(xs, nin, wp, wc, bc, act, dm, nr, ow_n, sh, sw, dh, dw, kh_n, kw_n, dst, doff, ldd)
+        # the virtual-row scratch of dw_rows_nchw lives after the packed rows
+        dw_rows_nchw(xs, nin, wp, wc, bc, act, dm, nr, ow_n, sh, sw, dh, dw, kh_n, kw_n, dst, doff, ldd,
+                     xs[wc.shape[0] // dm * nin * wp:])
 
 
 @pjit

@@ -4,6 +4,8 @@ Each function normalises and validates its arguments (:mod:`nbconv._args`),
 picks the kernel and its tiling, allocates the output and calls the kernel.
 Nothing here loops over data.
 """
+import threading
+
 import numpy as np
 
 from . import _args
@@ -25,6 +27,30 @@ DW_BLOCK = 512
 MIN_TILE_P = 64
 #: fewest filters per filter block
 MIN_FB = 64
+
+
+_WORKSPACE = threading.local()
+
+
+def _workspace(*specs):
+    """Scratch arrays ``(shape, dtype)`` carved from one grow-only buffer private to the calling Python thread.
+
+    Scratch is megabytes for large images: a fresh ``np.empty`` per call is
+    returned to the OS when freed and page-faults back in on the next call
+    (about 0.5 ms for 4 MB).  Each array starts 64-byte aligned.  A thread's
+    next call reuses the buffer, so a call's scratch must not outlive it.
+    """
+    sizes = [-(-int(np.prod(shape)) * np.dtype(dtype).itemsize // 64) * 64 for shape, dtype in specs]
+    buf = getattr(_WORKSPACE, "buf", None)
+    if buf is None or buf.nbytes < sum(sizes) + 64:
+        buf = _WORKSPACE.buf = np.empty(sum(sizes) + 64, np.uint8)
+    offset = -buf.ctypes.data % 64
+    arrays = []
+    for (shape, dtype), size in zip(specs, sizes):
+        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        arrays.append(buf[offset:offset + n].view(dtype).reshape(shape))
+        offset += size
+    return arrays
 
 
 def _bias_array(bias, dtype):
@@ -62,8 +88,16 @@ def _nchunks(ntasks, threads):
 
 
 def _row_tiles(g, cm, itemsize, threads, min_tiles):
-    """Output rows per depthwise tile: as many as fit :data:`TILE_BYTES`, few enough for ``min_tiles`` tiles."""
-    th = max(1, min(g.oh, TILE_BYTES // max(1, g.ow * cm * itemsize)))
+    """Output rows per depthwise tile.
+
+    As many as keep both the tile's depthwise result and its packed input
+    rows within :data:`TILE_BYTES` (at stride 2 the packed rows are about 4x
+    the result), and few enough for ``min_tiles`` tiles; one row at least.
+    """
+    wp = (g.ow - 1) * g.sw + (g.kw - 1) * g.dw + 1
+    by_result = TILE_BYTES // max(1, g.ow * cm * itemsize)
+    by_input = (TILE_BYTES // max(1, wp * cm * itemsize) - (g.kh - 1) * g.dh - 1) // g.sh + 1
+    th = max(1, min(g.oh, by_result, by_input))
     if g.n * -(-g.oh // th) < min_tiles:
         th = max(1, min(th, -(-g.oh * g.n // min_tiles)))
     return th
@@ -103,8 +137,9 @@ def _dw_operands(g, kernel, bias, act_dtype):
     return wt, bt, wc, bc, nw, wp
 
 
-def _packed_rows(g, th):
-    return (th - 1) * g.sh + (g.kh - 1) * g.dh + 1
+def _packed_size(g, th, wp):
+    """Elements of one chunk's packed-row scratch: the packed rows, plus a virtual row buffer per output row (NCHW)."""
+    return ((th - 1) * g.sh + (g.kh - 1) * g.dh + 1) * wp * g.c * g.dm + th * wp
 
 
 def _finish(out, result_dtype):
@@ -154,7 +189,7 @@ def depthwise_conv2d(x, kernel, bias=None, *, strides=_args.DEFAULT, padding="va
     wt, bt, wc, bc, nw, wp = _dw_operands(g, kernel, bias, compute)
     th = _row_tiles(g, cm, compute.itemsize, threads, 4 * threads)
     nchunks = _nchunks(g.n * -(-g.oh // th), threads)
-    xs = np.empty((nchunks, _packed_rows(g, th) * wp * cm), compute)
+    (xs,) = _workspace(((nchunks, _packed_size(g, th, wp)), compute))
     with LAUNCH_LOCK:
         depthwise_packed(xc, channels_last, wt, bt, wc, bc, act, out.reshape(-1), g.dm, g.sh, g.sw, g.dh, g.dw,
                          g.pt, g.pl, g.kh, g.kw, g.oh, g.ow, wp, th, nw, nchunks, xs)
@@ -279,7 +314,6 @@ def separable_conv2d(x, depthwise_kernel, pointwise_kernel, bias=None, *, stride
         th = _row_tiles(g, cm, compute.itemsize, threads, 4 * threads)
         nchunks1 = _nchunks(g.n * -(-g.oh // th), threads)
         tile_p, fb, ntasks = _plan(g.n, g.oh * g.ow, cm, f, compute.itemsize, threads)
-        d = np.empty((1, g.n * g.oh * g.ow * cm), compute)
     else:
         th = _row_tiles(g, cm, compute.itemsize, threads, 2 * threads)
         tiles = g.n * -(-g.oh // th)
@@ -290,10 +324,10 @@ def separable_conv2d(x, depthwise_kernel, pointwise_kernel, bias=None, *, stride
         tile_p, ntasks = th * g.ow, tiles * -(-f // fb)
         nchunks1 = 0
     nchunks = _nchunks(ntasks, threads)
-    ibuf, consts = _gemm_buffers(nchunks, compute)
-    xs = np.empty((max(nchunks, nchunks1), _packed_rows(g, th) * wp * cm), compute)
-    if not shared:
-        d = np.empty((nchunks, th * g.ow * cm), compute)
+    d_shape = (1, g.n * g.oh * g.ow * cm) if shared else (nchunks, th * g.ow * cm)
+    xs, d, ibuf = _workspace(((max(nchunks, nchunks1), _packed_size(g, th, wp)), compute), (d_shape, compute),
+                             ((nchunks, 8), np.int32))
+    consts = _GEMM_CONSTS[compute]
     with GEMM_LAUNCH:
         separable(xc, channels_last, wt, bt, wc_dw, bc_dw, dact, wc, bc, act, out.reshape(-1), g.dm, g.sh, g.sw, g.dh, g.dw,
                   g.pt, g.pl, g.kh, g.kw, g.oh, g.ow, wp, th, shared, tile_p, fb, nw, nchunks1, nchunks, xs, d,
