@@ -185,14 +185,21 @@ def pack_rows(xn, dm, pr0, nrows, pt, pl, wp, xs):
             dst = row[col0 * cm:col1 * cm]
             for i in range((col1 - col0) * c):
                 dst[i] = src[i]
+        elif dm == 2:
+            # both copies in one statement: an interleaved store LLVM vectorises
+            seg = src[(col0 - pl) * c:]
+            dst = row[col0 * cm:]
+            for i in range((col1 - col0) * c):
+                v = seg[i]
+                dst[2 * i] = v
+                dst[2 * i + 1] = v
         else:
-            for col in range(col0, col1):
-                sb = (col - pl) * c
-                db = col * cm
-                for ci in range(c):
-                    v = src[sb + ci]
-                    for m in range(dm):
-                        row[db + ci * dm + m] = v
+            seg = src[(col0 - pl) * c:]
+            dst = row[col0 * cm:]
+            for i in range((col1 - col0) * c):
+                v = seg[i]
+                for m in range(dm):
+                    dst[i * dm + m] = v
 
 
 @jit
