@@ -36,6 +36,7 @@ How the graph is built
   would only oversubscribe the cores.  Use ``num_threads=None`` to keep the
   worker's setting, e.g. with one single-threaded Dask worker per machine.
 """
+import bisect
 import math
 import numbers
 import operator
@@ -153,7 +154,7 @@ def _axis_plan(in_chunks, size, k, s, d, before, out):
     for c in in_chunks:
         starts.append(starts[-1] + int(c))
     bounds = [0]
-    for b in starts[1:-1]:
+    for b in sorted(set(starts[1:-1]) - {0, size}):  # the inner boundaries (zero-size chunks add none)
         o = min(max(-(-(b + before) // s), 0), out)
         if o > bounds[-1]:
             bounds.append(o)
@@ -166,10 +167,12 @@ def _axis_plan(in_chunks, size, k, s, d, before, out):
         b = (o1 - 1) * s + reach - before
         lo, hi = max(a, 0), min(b, size)
         pieces = []
-        for i in range(len(in_chunks)):
+        i = bisect.bisect_right(starts, lo) - 1  # the input chunk holding row `lo`
+        while 0 <= i < len(in_chunks) and starts[i] < hi:
             u0, u1 = max(lo, starts[i]), min(hi, starts[i + 1])
             if u0 < u1:
                 pieces.append((i, u0 - starts[i], u1 - starts[i], starts[i + 1] - starts[i]))
+            i += 1
         plans.append((max(0, -a), max(0, b - size), b - a, pieces))
     out_chunks = tuple(o1 - o0 for o0, o1 in zip(bounds[:-1], bounds[1:]))
     return out_chunks, plans
