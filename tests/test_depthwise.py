@@ -201,3 +201,21 @@ def test_depthwise_matches_keras(rng, keras_ops, case, data_format):
     y = nbconv.depthwise_conv2d(x, kernel, **kwargs)
     assert_close(y, expected, tol=2e-5)
     assert_close(depthwise_ref(x, kernel, **kwargs), expected, tol=2e-5)
+
+
+@pytest.mark.parametrize("data_format", FORMATS)
+@pytest.mark.parametrize("padding", [1, (2, 0), ((0, 2), (3, 1)), ((1, 0), (0, 1))])
+@pytest.mark.parametrize("strides, dilation", [(1, 1), ((2, 1), 1), (1, (1, 2)), (2, 2)])
+def test_depthwise_explicit_padding_matches_keras_on_padded_input(rng, keras_ops, padding, strides, dilation,
+                                                                  data_format):
+    """Explicit zero padding = Keras 'valid' on the input zero-padded by np.pad."""
+    x = random_array(rng, (2, 9, 8, 3) if data_format == "channels_last" else (2, 3, 9, 8))
+    kernel = random_array(rng, (3, 3, 3, 2))
+    (pt, pb), (pl, pr) = resolve_padding(padding, 9, 8, 3, 3, strides, dilation)
+    spatial = ((pt, pb), (pl, pr))
+    pads = ((0, 0),) + spatial + ((0, 0),) if data_format == "channels_last" else ((0, 0), (0, 0)) + spatial
+    expected = np.asarray(keras_ops.convert_to_numpy(keras_ops.depthwise_conv(
+        np.pad(x, pads), kernel, strides=strides, padding="valid", dilation_rate=dilation, data_format=data_format)))
+    kwargs = dict(strides=strides, padding=padding, dilation_rate=dilation, data_format=data_format)
+    assert_close(nbconv.depthwise_conv2d(x, kernel, **kwargs), expected, tol=2e-5)
+    assert_close(depthwise_ref(x, kernel, **kwargs), expected, tol=2e-5)

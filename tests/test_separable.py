@@ -227,3 +227,22 @@ def test_separable_matches_keras(rng, keras_ops, case, data_format):
     assert_close(y, expected, tol=2e-5)
     # and the reference agrees with Keras, so its padding/stride conventions are Keras's
     assert_close(separable_ref(x, dk, pk, **kwargs), expected, tol=2e-5)
+
+
+@pytest.mark.parametrize("data_format", FORMATS)
+@pytest.mark.parametrize("padding", [1, (2, 0), ((0, 2), (3, 1)), ((1, 0), (0, 1))])
+@pytest.mark.parametrize("strides, dilation", [(1, 1), ((2, 1), 1), (1, (1, 2)), (2, 2)])
+def test_separable_explicit_padding_matches_keras_on_padded_input(rng, keras_ops, padding, strides, dilation,
+                                                                  data_format):
+    """Explicit zero padding = Keras 'valid' on the input zero-padded by np.pad."""
+    x = random_array(rng, (2, 9, 8, 3) if data_format == "channels_last" else (2, 3, 9, 8))
+    dk = random_array(rng, (3, 3, 3, 2))
+    pk = random_array(rng, (1, 1, 6, 5))
+    (pt, pb), (pl, pr) = resolve_padding(padding, 9, 8, 3, 3, strides, dilation)
+    spatial = ((pt, pb), (pl, pr))
+    pads = ((0, 0),) + spatial + ((0, 0),) if data_format == "channels_last" else ((0, 0), (0, 0)) + spatial
+    expected = np.asarray(keras_ops.convert_to_numpy(keras_ops.separable_conv(
+        np.pad(x, pads), dk, pk, strides=strides, padding="valid", dilation_rate=dilation, data_format=data_format)))
+    kwargs = dict(strides=strides, padding=padding, dilation_rate=dilation, data_format=data_format)
+    assert_close(nbconv.separable_conv2d(x, dk, pk, **kwargs), expected, tol=2e-5)
+    assert_close(separable_ref(x, dk, pk, **kwargs), expected, tol=2e-5)
