@@ -122,6 +122,8 @@ def _check_x(x, channels_last):
 
 
 def _one_channel_chunk(x, cax, rechunk):
+    if not isinstance(rechunk, (bool, np.bool_)):
+        raise ValueError(f"Expected `rechunk` to be True or False. Received: rechunk={rechunk!r}")
     if len(x.chunks[cax]) == 1:
         return x
     if not rechunk:

@@ -230,6 +230,9 @@ def test_bad_kernels_and_num_threads():
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(ValueError, match=r"Expected `num_threads` to be None or a positive int"):
             nd.separable_conv2d(x, np.ones((3, 3, 4, 1)), np.ones((4, 2)), num_threads=bad)
+    for bad in ("no", 0, None):
+        with pytest.raises(ValueError, match=r"Expected `rechunk` to be True or False"):
+            nd.depthwise_conv2d(x, np.ones((3, 3, 4, 1)), rechunk=bad)
 
 
 @pytest.mark.parametrize("threads", [1, None])
