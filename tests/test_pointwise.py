@@ -85,7 +85,7 @@ def test_pointwise_mixed_dtypes(rng, dtypes):
 DTYPES = st.sampled_from([np.float32, np.float32, np.float64, np.float16])
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     n=st.integers(1, 3), h=st.integers(1, 12), w=st.integers(1, 12), k=st.integers(1, 40), f=st.integers(1, 80),
     data_format=st.sampled_from(FORMATS), dtypes=st.tuples(DTYPES, DTYPES), use_bias=st.booleans(),
