@@ -71,6 +71,8 @@ def _parser():
                    help="run the first-call probes in a --quick run too (a cold compile takes tens of seconds)")
     p.add_argument("--no-check", action="store_true", help="skip checking outputs against the float64 reference")
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="results folder (default benchmarks/results)")
+    p.add_argument("--stat", choices=("median", "min"), default="median",
+                   help="statistic of the rounds the report uses (default median; min resists a noisy machine)")
     p.add_argument("--show-output", action="store_true", help="print each pytest process's output")
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per process (default 1800)")
     p.add_argument("--list", action="store_true", help="list suites, cases and contenders, then exit")
@@ -187,7 +189,7 @@ def main(argv=None):
     meta = {"started": started.strftime("%Y-%m-%d %H:%M UTC"), "stamp": stamp, "quick": args.quick,
             "suites": suites or list(_cases.SUITES), "contenders": list(names), "threads": args.threads,
             "python": platform.python_version(), "platform": platform.platform(terse=True), "cpu": _cpu_model(),
-            "cpus": os.cpu_count(), "argv": sys.argv[1:] if argv is None else list(argv),
+            "cpus": os.cpu_count(), "stat": args.stat, "argv": sys.argv[1:] if argv is None else list(argv),
             "env": {k: os.environ.get(k) for k in ENV_SHOWN}, "returncodes": {}, "seconds": {},
             "loadavg": {"start": _loadavg()}}
     meta["env"]["KERAS_BACKEND"] = os.environ.get("KERAS_BACKEND") or "jax (set by the runner)"

@@ -213,7 +213,7 @@ def _build():
         cases.append(_mnv1("backward", 8, hw, c, f, s, quick=(hw == 14), op="separable_fwdbwd"))
     for n, op in ((1, "model_predict"), (8, "model_predict"), (8, "model_train")):
         cases.append(Case("keras_model", f"b{n}-{op.split('_')[1]}", n, 112, 112, 32, 1024, op=op,
-                          quick=(n == 8 and op == "model_predict")))
+                          quick=(n == 1)))
     ids = [c.id for c in cases]
     assert len(ids) == len(set(ids)), "duplicate case ids"
     return tuple(cases)

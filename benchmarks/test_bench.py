@@ -15,6 +15,7 @@ NBCONV_BENCH_CONTENDER   contender name (default ``nbconv``; see ``benchmarks.co
 NBCONV_BENCH_SUITES      comma-separated suites (default: all)
 NBCONV_BENCH_QUICK       ``1``: only the cases marked quick
 NBCONV_BENCH_CHECK       ``0``: skip the check of each output against the float64 reference
+NBCONV_BENCH_CHECK_TOL   tolerance of that check, relative to the output's scale (default 1e-4)
 NBCONV_BENCH_INFO        path of a JSON file receiving versions, thread pools, skips and checks
 """
 import json
@@ -31,7 +32,7 @@ SUITES = [s for s in os.environ.get("NBCONV_BENCH_SUITES", "").split(",") if s]
 QUICK = os.environ.get("NBCONV_BENCH_QUICK", "0") == "1"
 CHECK = os.environ.get("NBCONV_BENCH_CHECK", "1") != "0"
 INFO_PATH = os.environ.get("NBCONV_BENCH_INFO")
-CHECK_TOL = 1e-4
+CHECK_TOL = float(os.environ.get("NBCONV_BENCH_CHECK_TOL", "1e-4"))
 
 
 def _pin_cpus(n):
@@ -49,7 +50,7 @@ def _pin_cpus(n):
 PINNED = _pin_cpus(_contenders.THREADS)
 NOTE = CONTENDER.available()
 INFO = {"contender": CONTENDER.name, "label": CONTENDER.label, "available": NOTE is None, "note": NOTE,
-        "pid": os.getpid(), "python": platform.python_version(), "pinned_cpus": PINNED, "skips": {}, "checks": {}, "errors": {}}
+        "pid": os.getpid(), "python": platform.python_version(), "pinned_cpus": PINNED, "skips": {}, "checks": {}, "check_tol": CHECK_TOL, "errors": {}}
 
 
 def _threadpools():
@@ -121,6 +122,9 @@ def _run(benchmark, case):
         INFO["threadpools"] = _threadpools()  # after a call, so lazily loaded pools are listed
     _write_info()
     if benchmark.extra_info.get("check_rel_err", 0) > CHECK_TOL:
+        INFO["errors"][case.id] = (f"output differs from the float64 reference (relative error "
+                                   f"{benchmark.extra_info['check_rel_err']:.3g})")
+        _write_info()
         pytest.fail(f"output differs from the float64 reference: relative error "
                     f"{benchmark.extra_info['check_rel_err']:.3g} > {CHECK_TOL}")
 
