@@ -1,0 +1,585 @@
+"""Convert an existing Keras model to nbconv's layers, optionally folding batch norms into fused separable ops.
+
+>>> import keras, keras_layers
+>>> model = keras.applications.MobileNet(input_shape=(96, 96, 3), alpha=0.25, weights=None)
+>>> fast = keras_layers.convert(model, fold_batchnorm=True, verbose=True)   # doctest: +SKIP
+
+:func:`convert` builds a new model with ``keras.models.clone_model`` and a
+``clone_function``; the original model is never modified.  Every layer that
+is not converted is cloned from its config and gets a copy of the original's
+weights, so the new model owns all of its weights.
+
+* ``fold_batchnorm=False`` (training and inference): every
+  ``keras.layers.SeparableConv2D`` / ``DepthwiseConv2D`` becomes
+  :class:`keras_layers.SeparableConv2D` / :class:`keras_layers.DepthwiseConv2D`
+  (same config, same weights).
+* ``fold_batchnorm=True`` (inference only: batch statistics are frozen into the
+  weights, and the fused layer has no gradient):
+
+  - the MobileNet block ``[ZeroPadding2D →] DepthwiseConv2D [→ BatchNormalization]
+    [→ ReLU/ReLU6] → Conv2D 1x1 [→ BatchNormalization] [→ ReLU/ReLU6]`` becomes one
+    :class:`FusedSeparableConv2D` (one call of :func:`nbconv.separable_conv2d` with
+    ``depthwise_bias`` and ``depthwise_activation``; the zero padding becomes the
+    op's explicit padding);
+  - ``SeparableConv2D [→ BatchNormalization] [→ ReLU/ReLU6]`` (Xception) becomes our
+    ``SeparableConv2D`` with the batch norm folded into the pointwise kernel and bias
+    and the activation fused;
+  - a ``DepthwiseConv2D [→ BatchNormalization] [→ ReLU/ReLU6]`` that no 1x1 convolution
+    follows becomes our ``DepthwiseConv2D`` likewise.
+
+  The layers absorbed into a fused op are replaced by :class:`Absorbed`
+  placeholders named like them (the graph keeps its shape, the placeholders
+  cost nothing).  A chain is only fused where each intermediate result feeds
+  the next layer alone (not a model output, not a branch).
+
+Folding, per output channel ``o`` of a batch norm with ``s = gamma / sqrt(var + eps)``:
+``kernel[..., o] *= s`` and ``bias[o] = (bias[o] - mean) * s + beta``.
+
+The return value is the new model; the report of what was converted (a
+:class:`ConversionReport`; ``str()`` is readable) is attached to it as
+``model.nbconv_report`` and printed when ``verbose=True``.
+"""
+import collections
+
+import keras
+import numpy as np
+from keras import activations, ops
+
+from nbconv._args import normalize_padding, same_padding
+
+from .layers import DepthwiseConv2D, SeparableConv2D
+
+__all__ = ["convert", "FusedSeparableConv2D", "Absorbed", "ConversionReport"]
+
+
+# --- the fused inference layer -----------------------------------------------------------------------------
+
+def _host_forward(config, x, dk, db, pk, b):
+    import nbconv
+
+    x = np.asarray(x)
+    out = nbconv.separable_conv2d(
+        x, np.asarray(dk), np.asarray(pk), np.asarray(b), strides=config["strides"], padding=config["padding"],
+        dilation_rate=config["dilation_rate"], data_format=config["data_format"],
+        activation=config["activation"], depthwise_bias=np.asarray(db),
+        depthwise_activation=config["depthwise_activation"])
+    return np.asarray(out, dtype=x.dtype)
+
+
+def _host_call(fn, out_shape, dtype, tensors):
+    """Run ``fn`` (NumPy in, NumPy out) on the active backend's tensors: inference only, no gradient."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.pure_callback(fn, jax.ShapeDtypeStruct(out_shape, dtype), *tensors, vmap_method="sequential")
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        y = tf.numpy_function(fn, list(tensors), Tout=dtype, stateful=False)
+        y.set_shape(out_shape)
+        return y
+    if backend == "torch":
+        import torch
+
+        out = fn(*[t.detach().cpu().numpy() for t in tensors])
+        return torch.from_numpy(out).to(tensors[0].device)
+    if backend == "numpy":
+        return fn(*[np.asarray(t) for t in tensors])
+    raise ValueError(f"Expected a Keras backend among jax, tensorflow, torch, numpy. Received: backend={backend!r}")
+
+
+def _activation_name(value, name):
+    if value is None:
+        return "linear"
+    if callable(value):
+        found = {activations.linear: "linear", activations.relu: "relu", activations.relu6: "relu6"}.get(value)
+        if found is None:
+            raise ValueError(f"Expected `{name}` to be None, 'linear', 'relu' or 'relu6'. Received: {name}={value!r}")
+        return found
+    if isinstance(value, str) and value.lower() in ("linear", "relu", "relu6"):
+        return value.lower()
+    raise ValueError(f"Expected `{name}` to be None, 'linear', 'relu' or 'relu6'. Received: {name}={value!r}")
+
+
+def _pair(value, name):
+    if isinstance(value, int):
+        value = (value, value)
+    value = tuple(value)
+    if len(value) != 2 or not all(isinstance(v, int) and v > 0 for v in value):
+        raise ValueError(f"Expected `{name}` to be a positive int or a tuple of 2 positive ints. "
+                         f"Received: {name}={value!r}")
+    return value
+
+
+def _data_format(value):
+    value = keras.config.image_data_format() if value is None else value
+    if not isinstance(value, str) or value.lower() not in ("channels_last", "channels_first"):
+        raise ValueError("Expected `data_format` to be 'channels_last' or 'channels_first'. "
+                         f"Received: data_format={value!r}")
+    return value.lower()
+
+
+@keras.saving.register_keras_serializable(package="nbconv")
+class FusedSeparableConv2D(keras.layers.Layer):
+    """Inference-only fused separable block: ``act(pw(dact(dw(x) + depthwise_bias)) + bias)`` in one nbconv call.
+
+    What :func:`convert` makes of a MobileNet block with its batch norms folded
+    in.  Weights: ``depthwise_kernel`` (kh, kw, C, dm), ``depthwise_bias``
+    (C*dm,), ``pointwise_kernel`` (1, 1, C*dm, filters), ``bias`` (filters,),
+    all non-trainable: the layer has no gradient (on jax it is a
+    ``pure_callback``, on tensorflow a ``numpy_function``, on torch a plain
+    host call).
+
+    Parameters
+    ----------
+    filters, kernel_size, strides, dilation_rate, depth_multiplier, data_format
+        As ``keras.layers.SeparableConv2D``.
+    padding : "valid", "same" or ((top, bottom), (left, right))
+        Keras's modes or explicit zero padding (a folded ``ZeroPadding2D``).
+    depthwise_activation, activation : None, "linear", "relu" or "relu6"
+        Applied to the depthwise result (after ``depthwise_bias``) and to the output.
+    """
+
+    def __init__(self, filters, kernel_size, strides=(1, 1), padding="valid", data_format=None,
+                 dilation_rate=(1, 1), depth_multiplier=1, depthwise_activation=None, activation=None, **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(filters, int) or filters <= 0:
+            raise ValueError(f"Expected `filters` to be a positive int. Received: filters={filters!r}")
+        if not isinstance(depth_multiplier, int) or depth_multiplier <= 0:
+            raise ValueError("Expected `depth_multiplier` to be a positive int. "
+                             f"Received: depth_multiplier={depth_multiplier!r}")
+        self.filters = filters
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.strides = _pair(strides, "strides")
+        self.dilation_rate = _pair(dilation_rate, "dilation_rate")
+        self.depth_multiplier = depth_multiplier
+        self.padding = normalize_padding(padding)
+        self.data_format = _data_format(data_format)
+        self.depthwise_activation = _activation_name(depthwise_activation, "depthwise_activation")
+        self.activation = _activation_name(activation, "activation")
+        self.use_bias = True
+        self.supports_jit = keras.backend.backend() != "tensorflow"
+        self.input_spec = keras.layers.InputSpec(ndim=4)
+
+    def _channel_axis(self):
+        return -1 if self.data_format == "channels_last" else 1
+
+    def build(self, input_shape):
+        c = input_shape[self._channel_axis()]
+        kh, kw = self.kernel_size
+        cm = c * self.depth_multiplier
+        self.depthwise_kernel = self.add_weight(name="depthwise_kernel", shape=(kh, kw, c, self.depth_multiplier),
+                                                initializer="zeros", trainable=False)
+        self.depthwise_bias = self.add_weight(name="depthwise_bias", shape=(cm,), initializer="zeros",
+                                              trainable=False)
+        self.pointwise_kernel = self.add_weight(name="pointwise_kernel", shape=(1, 1, cm, self.filters),
+                                                initializer="zeros", trainable=False)
+        self.bias = self.add_weight(name="bias", shape=(self.filters,), initializer="zeros", trainable=False)
+
+    def _out_size(self, n, i):
+        if n is None:
+            return None
+        k, s, d = self.kernel_size[i], self.strides[i], self.dilation_rate[i]
+        if self.padding == "same":
+            before, after = same_padding(n, k, s, d)
+        elif self.padding == "valid":
+            before, after = 0, 0
+        else:
+            before, after = self.padding[i]
+        return (n + before + after - (k - 1) * d - 1) // s + 1
+
+    def compute_output_shape(self, input_shape):
+        if self.data_format == "channels_last":
+            n, h, w = input_shape[0], input_shape[1], input_shape[2]
+            return (n, self._out_size(h, 0), self._out_size(w, 1), self.filters)
+        n, h, w = input_shape[0], input_shape[2], input_shape[3]
+        return (n, self.filters, self._out_size(h, 0), self._out_size(w, 1))
+
+    def call(self, inputs):
+        compute_dtype = keras.backend.standardize_dtype(self.compute_dtype)
+        work = "float64" if compute_dtype == "float64" else "float32"
+        tensors = [ops.cast(t, work) for t in
+                   (inputs, self.depthwise_kernel, self.depthwise_bias, self.pointwise_kernel, self.bias)]
+        config = dict(strides=self.strides, padding=self.padding, dilation_rate=self.dilation_rate,
+                      data_format=self.data_format, activation=self.activation,
+                      depthwise_activation=self.depthwise_activation)
+
+        def fn(*arrays):
+            return _host_forward(config, *arrays)
+
+        out = _host_call(fn, self.compute_output_shape(tuple(inputs.shape)), work, tensors)
+        if compute_dtype != work:
+            out = ops.cast(out, compute_dtype)
+        return out
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(filters=self.filters, kernel_size=self.kernel_size, strides=self.strides,
+                      padding=self.padding, data_format=self.data_format, dilation_rate=self.dilation_rate,
+                      depth_multiplier=self.depth_multiplier, depthwise_activation=self.depthwise_activation,
+                      activation=self.activation)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="nbconv")
+class Absorbed(keras.layers.Layer):
+    """Placeholder left by :func:`convert` where a layer's computation was folded into a preceding nbconv layer.
+
+    Returns its input unchanged (whatever arguments the original layer was called with).
+    """
+
+    def call(self, inputs, **kwargs):
+        return inputs
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+# --- graph inspection --------------------------------------------------------------------------------------
+
+def _fused_activation(layer):
+    """'relu' / 'relu6' / 'linear' if ``layer`` is a plain activation layer the kernels can fuse, else None."""
+    if isinstance(layer, keras.layers.ReLU):
+        if float(layer.negative_slope) != 0.0 or float(layer.threshold) != 0.0:
+            return None
+        if layer.max_value is None:
+            return "relu"
+        return "relu6" if float(layer.max_value) == 6.0 else None
+    if isinstance(layer, keras.layers.Activation):
+        return _activation_of(layer.activation)
+    return None
+
+
+def _activation_of(fn):
+    """Name of a layer's ``activation`` attribute if fusable, else None."""
+    if fn is None:
+        return "linear"
+    return {activations.linear: "linear", activations.relu: "relu", activations.relu6: "relu6"}.get(fn)
+
+
+class _Graph:
+    """Who feeds whom in a built model (nested models included), for finding fusable chains."""
+
+    def __init__(self, model):
+        self.layers = []
+        self.protected = set()  # ids of tensors that are model outputs (never absorbed into a fused op)
+        self._collect(model)
+        self.ids = {id(layer) for layer in self.layers}
+
+    def _collect(self, model):
+        for t in keras.tree.flatten(model.outputs):
+            self.protected.add(id(t))
+        for layer in model.layers:
+            if isinstance(layer, keras.Model):
+                self._collect(layer)
+            else:
+                self.layers.append(layer)
+
+    def sole_consumer(self, layer):
+        """The one layer reading ``layer``'s output, if that output feeds exactly one single-input layer."""
+        nodes = layer._inbound_nodes
+        if len(nodes) != 1 or len(nodes[0].output_tensors) != 1:
+            return None
+        if id(nodes[0].output_tensors[0]) in self.protected:
+            return None
+        outbound = [n for n in layer._outbound_nodes if id(n.operation) in self.ids]
+        if len(outbound) != 1 or len(layer._outbound_nodes) != 1:
+            return None
+        consumer = outbound[0].operation
+        if len(consumer._inbound_nodes) != 1 or len(consumer._inbound_nodes[0].input_tensors) != 1:
+            return None
+        return consumer
+
+    def sole_producer(self, layer):
+        """The layer whose output is ``layer``'s only input, if ``layer`` is that layer's sole consumer."""
+        nodes = layer._inbound_nodes
+        if len(nodes) != 1 or len(nodes[0].input_tensors) != 1:
+            return None
+        history = nodes[0].input_tensors[0]._keras_history
+        producer = history.operation
+        if id(producer) not in self.ids or self.sole_consumer(producer) is not layer:
+            return None
+        return producer
+
+
+def _channels_axis_ok(bn, data_format):
+    axis = bn.axis if isinstance(bn.axis, int) else (bn.axis[0] if len(bn.axis) == 1 else None)
+    if axis is None:
+        return False
+    axis = axis % 4
+    return axis == (3 if data_format == "channels_last" else 1)
+
+
+def _np(v):
+    return np.asarray(keras.ops.convert_to_numpy(v), dtype=np.float64)
+
+
+def _bn_scale_shift(bn):
+    """``(s, t)`` with ``bn(y) = y * s + t`` at inference, in float64."""
+    mean, var = _np(bn.moving_mean), _np(bn.moving_variance)
+    gamma = _np(bn.gamma) if bn.scale else np.ones_like(mean)
+    beta = _np(bn.beta) if bn.center else np.zeros_like(mean)
+    s = gamma / np.sqrt(var + bn.epsilon)
+    return s, beta - mean * s
+
+
+def _is_batchnorm(layer, data_format):
+    return (isinstance(layer, keras.layers.BatchNormalization) and not getattr(layer, "renorm", False)
+            and _channels_axis_ok(layer, data_format))
+
+
+def _is_pointwise(layer, data_format):
+    return (type(layer) is keras.layers.Conv2D and tuple(layer.kernel_size) == (1, 1)
+            and tuple(layer.strides) == (1, 1) and getattr(layer, "groups", 1) == 1
+            and layer.data_format == data_format and _activation_of(layer.activation) is not None)
+
+
+def _tail(graph, layer, data_format, activation):
+    """Follow ``[→ BatchNormalization] [→ ReLU/ReLU6]`` after ``layer`` (whose own activation is ``activation``).
+
+    Returns ``(bn or None, activation name, absorbed layers)``.
+    """
+    absorbed = []
+    bn = None
+    nxt = graph.sole_consumer(layer)
+    if activation == "linear" and nxt is not None and _is_batchnorm(nxt, data_format):
+        bn = nxt
+        absorbed.append(bn)
+        nxt = graph.sole_consumer(bn)
+    if activation == "linear" and nxt is not None and _fused_activation(nxt) is not None:
+        activation = _fused_activation(nxt)
+        absorbed.append(nxt)
+    return bn, activation, absorbed
+
+
+# --- the plan: what each original layer becomes ------------------------------------------------------------
+
+class _Plan:
+    def __init__(self):
+        self.replace = {}  # id(original layer) -> (factory(), weights or None)
+        self.identity = set()  # ids of absorbed layers
+        self.entries = []  # (description, [original layer names], new class name)
+
+
+def _copy_config(layer, drop=()):
+    config = layer.get_config()
+    for key in drop:
+        config.pop(key, None)
+    return config
+
+
+def _plan_fused(graph, plan, dw):
+    """Try to plan ``[ZeroPadding2D →] DepthwiseConv2D [→ BN] [→ act] → Conv2D 1x1 [→ BN] [→ act]``."""
+    df = dw.data_format
+    dact = _activation_of(dw.activation)
+    if dact is None:
+        return False
+    bn1, dact, absorbed1 = _tail(graph, dw, df, dact)
+    last = absorbed1[-1] if absorbed1 else dw
+    conv = graph.sole_consumer(last)
+    if conv is None or not _is_pointwise(conv, df):
+        return False
+    pact = _activation_of(conv.activation)
+    bn2, pact, absorbed2 = _tail(graph, conv, df, pact)
+
+    padding = dw.padding
+    pad_layer = None
+    producer = graph.sole_producer(dw)
+    if (dw.padding == "valid" and isinstance(producer, keras.layers.ZeroPadding2D)
+            and producer.data_format == df):
+        pad_layer = producer
+        padding = tuple(tuple(int(v) for v in p) for p in producer.padding)
+
+    # folded weights, in float64 then cast to the variable dtype
+    dk = _np(dw.kernel)
+    kh, kw, c, dm = dk.shape
+    db = _np(dw.bias) if dw.use_bias else np.zeros(c * dm)
+    if bn1 is not None:
+        s, t = _bn_scale_shift(bn1)
+        dk = dk * s.reshape(c, dm)
+        db = db * s + t
+    pk = _np(conv.kernel)
+    b = _np(conv.bias) if conv.use_bias else np.zeros(pk.shape[-1])
+    if bn2 is not None:
+        s, t = _bn_scale_shift(bn2)
+        pk = pk * s
+        b = b * s + t
+    dtype = dw.variable_dtype
+
+    def factory():
+        return FusedSeparableConv2D(filters=int(pk.shape[-1]), kernel_size=dw.kernel_size, strides=dw.strides,
+                                    padding=padding, data_format=df, dilation_rate=dw.dilation_rate,
+                                    depth_multiplier=dm, depthwise_activation=dact, activation=pact,
+                                    name=f"{dw.name}_fused", dtype=dw.dtype_policy)
+
+    weights = [a.astype(dtype) for a in (dk, db, pk, b)]
+    plan.replace[id(dw)] = (factory, weights)
+    chain = ([pad_layer] if pad_layer is not None else []) + [dw] + absorbed1 + [conv] + absorbed2
+    for layer in chain:
+        if layer is not dw:
+            plan.identity.add(id(layer))
+    plan.entries.append(("fused separable block", [layer.name for layer in chain], "FusedSeparableConv2D"))
+    return True
+
+
+def _plan_folded_conv(graph, plan, layer, ours):
+    """``SeparableConv2D`` / ``DepthwiseConv2D`` [→ BN] [→ act] → ours with bias and activation folded in."""
+    act = _activation_of(layer.activation)
+    if act is None:
+        return False
+    bn, act, absorbed = _tail(graph, layer, layer.data_format, act)
+    if not absorbed:
+        return False
+    config = _copy_config(layer)
+    config.update(use_bias=True, activation=act)
+    separable = isinstance(layer, keras.layers.SeparableConv2D)
+    if separable:
+        dk, pk = _np(layer.depthwise_kernel), _np(layer.pointwise_kernel)
+        out = pk
+    else:
+        dk = _np(layer.kernel)
+        out = None
+    channels = (pk.shape[-1] if separable else dk.shape[2] * dk.shape[3])
+    b = _np(layer.bias) if layer.use_bias else np.zeros(channels)
+    if bn is not None:
+        s, t = _bn_scale_shift(bn)
+        if separable:
+            out = pk * s
+        else:
+            dk = dk * s.reshape(dk.shape[2], dk.shape[3])
+        b = b * s + t
+    weights = [dk, out, b] if separable else [dk, b]
+    dtype = layer.variable_dtype
+    plan.replace[id(layer)] = (lambda: ours.from_config(config), [w.astype(dtype) for w in weights])
+    for a in absorbed:
+        plan.identity.add(id(a))
+    plan.entries.append((f"{type(layer).__name__} + folded {'batch norm + ' if bn is not None else ''}activation"
+                         if act != "linear" or bn is None else f"{type(layer).__name__} + folded batch norm",
+                         [layer.name] + [a.name for a in absorbed], ours.__name__))
+    return True
+
+
+def _make_plan(model, fold_batchnorm):
+    graph = _Graph(model)
+    plan = _Plan()
+    for layer in graph.layers:
+        if id(layer) in plan.replace or id(layer) in plan.identity:
+            continue
+        is_sep = isinstance(layer, keras.layers.SeparableConv2D)
+        is_dw = isinstance(layer, keras.layers.DepthwiseConv2D)
+        if not (is_sep or is_dw):
+            continue
+        if fold_batchnorm:
+            if is_dw and _plan_fused(graph, plan, layer):
+                continue
+            if _plan_folded_conv(graph, plan, layer, SeparableConv2D if is_sep else DepthwiseConv2D):
+                continue
+        ours = SeparableConv2D if is_sep else DepthwiseConv2D
+        if type(layer) is ours:
+            continue  # already ours: cloned and copied like any other layer
+        config = _copy_config(layer)
+        plan.replace[id(layer)] = (lambda c=config, cls=ours: cls.from_config(c), None)
+        plan.entries.append((type(layer).__name__, [layer.name], ours.__name__))
+    return graph, plan
+
+
+# --- the report ---------------------------------------------------------------------------------------------
+
+class ConversionReport:
+    """What :func:`convert` did: one entry per new nbconv layer, and the layers left as they were."""
+
+    def __init__(self, model_name, fold_batchnorm, entries, kept):
+        self.model_name = model_name
+        self.fold_batchnorm = fold_batchnorm
+        #: list of (description, original layer names, new class name)
+        self.entries = list(entries)
+        #: {class name: count} of the layers cloned unchanged (placeholders excluded)
+        self.kept = dict(kept)
+
+    @property
+    def converted(self):
+        """Number of original layers now computed by nbconv (absorbed batch norms etc. included)."""
+        return sum(len(names) for _, names, _ in self.entries)
+
+    def __str__(self):
+        counts = collections.Counter(desc for desc, _, _ in self.entries)
+        head = (f"nbconv: converted model {self.model_name!r}"
+                f"{' (batch norms folded, inference only)' if self.fold_batchnorm else ''}: "
+                f"{len(self.entries)} nbconv layer(s) replace {self.converted} layer(s)")
+        lines = [head]
+        for desc, n in counts.items():
+            lines.append(f"  {n:4d} x {desc}")
+        for desc, names, cls in self.entries:
+            lines.append(f"    {' -> '.join(names)}  =>  {cls}")
+        if self.kept:
+            kept = ", ".join(f"{n} {cls}" for cls, n in sorted(self.kept.items(), key=lambda kv: -kv[1]))
+            lines.append(f"  left as they are: {kept}")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+# --- convert -------------------------------------------------------------------------------------------------
+
+def convert(model, *, fold_batchnorm=False, verbose=False):
+    """Return a copy of ``model`` whose separable and depthwise convolutions run in nbconv.
+
+    Parameters
+    ----------
+    model : keras.Model
+        A built Functional or Sequential model (nested models are converted too).
+        It is not modified.
+    fold_batchnorm : bool
+        Fold inference-mode batch norms and ReLU/ReLU6 into the convolutions and
+        fuse MobileNet blocks into one :class:`FusedSeparableConv2D` each (see
+        the module documentation).  The result is for inference only.
+    verbose : bool
+        Print the conversion report.
+
+    Returns
+    -------
+    keras.Model
+        The new model, with its own copy of every weight; its
+        ``nbconv_report`` attribute is the :class:`ConversionReport`.
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"Expected `model` to be a keras.Model. Received: model of type {type(model).__name__}")
+    if not model.built or not hasattr(model, "outputs"):
+        raise ValueError(f"Expected a built Functional or Sequential model. Received: model={model.name!r} "
+                         "(build it, e.g. by giving an input shape, first)")
+    try:
+        model.outputs
+    except (AttributeError, ValueError) as exc:
+        raise ValueError(f"Expected a built Functional or Sequential model. Received: model={model.name!r} "
+                         f"({exc})") from None
+    graph, plan = _make_plan(model, bool(fold_batchnorm))
+    pairs = []  # (original, clone, weights or None=copy from original)
+    kept = collections.Counter()
+
+    def clone_function(layer):
+        key = id(layer)
+        if key in plan.identity:
+            return Absorbed(name=layer.name)
+        if key in plan.replace:
+            factory, weights = plan.replace[key]
+            new = factory()
+            pairs.append((layer, new, weights))
+            return new
+        new = layer.__class__.from_config(layer.get_config())
+        pairs.append((layer, new, None))
+        if not isinstance(layer, keras.layers.InputLayer):
+            kept[type(layer).__name__] += 1
+        return new
+
+    new_model = keras.models.clone_model(model, clone_function=clone_function, recursive=True)
+    for original, new, weights in pairs:
+        if weights is None:
+            weights = original.get_weights()
+        if weights:
+            new.set_weights(weights)
+    report = ConversionReport(model.name, bool(fold_batchnorm), plan.entries, kept)
+    object.__setattr__(new_model, "nbconv_report", report)
+    if verbose:
+        print(report)
+    return new_model
