@@ -156,6 +156,17 @@ def dwb_nhwc_pixels(xn, w, src, dm, p0, p1, ow_size, sh, sw, dh, dw, pt, pl,
                 iw = ow * sw - pl + kw * dw
                 if iw < 0 or iw >= wd:
                     continue
+                if dm == 1 and want_dk and want_dx:
+                    # both gradients in one sweep: the gradient row is loaded once per tap
+                    xr = xn[ih, iw]
+                    acc = dkacc[kh, kw]
+                    wr = w[kh, kw]
+                    d = dxr[iw]
+                    for j in range(cm):
+                        gj = g[j]
+                        acc[j] += gj * xr[j]
+                        d[j] += gj * wr[j]
+                    continue
                 if want_dk:
                     xr = xn[ih, iw]
                     acc = dkacc[kh, kw]
