@@ -15,17 +15,18 @@ import pytest
 
 import nbconv
 
-ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
+# the directory holding the nbconv this pytest imported (the checkout, or site-packages under tox)
+PKG_PARENT = Path(nbconv.__file__).resolve().parents[1]
 TIMEOUT = 300  # seconds; generous for a cold Numba cache on a busy 2-core machine
 
 
 def run_script(code, env_extra=None, drop=("NUMBA_THREADING_LAYER",)):
-    """Run ``code`` in a fresh interpreter that imports this checkout's nbconv and tests/reference.py."""
+    """Run ``code`` in a fresh interpreter that imports the same nbconv as this process, and tests/reference.py."""
     env = {k: v for k, v in os.environ.items() if k not in drop}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(TESTS), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONPATH"] = os.pathsep.join([str(PKG_PARENT), str(TESTS), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.update(env_extra or {})
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=str(ROOT), env=env,
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=str(TESTS), env=env,
                           capture_output=True, text=True, timeout=TIMEOUT)
     return proc
 
@@ -36,10 +37,10 @@ def check(proc, marker="ALL OK"):
     assert marker in proc.stdout, detail
 
 
-def test_subprocess_imports_this_checkout():
+def test_subprocess_imports_the_same_nbconv():
     proc = run_script("import nbconv; print(nbconv.__file__); print('ALL OK')")
     check(proc)
-    assert Path(proc.stdout.splitlines()[0]).resolve() == (ROOT / "nbconv" / "__init__.py").resolve()
+    assert Path(proc.stdout.splitlines()[0]).resolve() == Path(nbconv.__file__).resolve()
 
 
 def _tbb_installed():
