@@ -44,7 +44,6 @@ output channel ``c*dm + m`` comes from input channel ``c``.  ``want_*``
 flags skip the work of gradients nobody asked for; arrays of a gradient not
 wanted may be 1-element dummies of the right rank.
 """
-import numpy as np
 from numba import prange
 
 from ._depthwise import _first_valid, dw_nchw_tile, dw_nhwc_pixels
@@ -69,7 +68,11 @@ def _chunk_rows(chunk, nchunks, rows):
 
 @jit
 def _zero_owned_nhwc(dx, r0, r1, oh_size, sh, pt):
-    """Zero the ``dx`` rows owned by output rows ``[r0, r1)``; return ``(n, end row)`` of a spilling chunk or ``(-1, 0)``."""
+    """Zero the ``dx`` rows owned by output rows ``[r0, r1)``.
+
+    Returns ``(n, first row not owned)`` of the image whose rows the chunk's
+    last taps can spill past, or ``(-1, 0)`` when the chunk ends an image.
+    """
     h = dx.shape[1]
     zero = dx.dtype.type(0)
     for n in range(r0 // oh_size, (r1 - 1) // oh_size + 1):

@@ -9,6 +9,8 @@ explicit pads, evaluated in float64 (``jax.enable_x64``, scoped to the test).
 """
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import nbconv
 import nbconv.backward as nbb
@@ -564,3 +566,44 @@ def test_forward_validation_errors():
         nbconv.depthwise_conv2d_backward(g, x, k, strides=1, stride=1)
     with pytest.raises(TypeError, match="unexpected keyword argument 'bias'"):
         nbconv.depthwise_conv2d_backward(g, x, k, bias=np.zeros(2))
+
+
+# ---------------------------------------------------------------- property: adjoint identities on random geometries
+
+@settings(max_examples=30)
+@given(
+    n=st.integers(1, 3), h=st.integers(1, 9), w=st.integers(1, 9), c=st.integers(1, 3), dm=st.integers(1, 3),
+    kh=st.integers(1, 4), kw=st.integers(1, 4), sh=st.integers(1, 3), sw=st.integers(1, 3),
+    dh=st.integers(1, 3), dw=st.integers(1, 3), f=st.integers(1, 4),
+    padding=st.one_of(st.sampled_from(["valid", "same"]),
+                      st.tuples(st.tuples(st.integers(0, 4), st.integers(0, 4)),
+                                st.tuples(st.integers(0, 4), st.integers(0, 4)))),
+    data_format=st.sampled_from(FORMATS), threads=st.sampled_from([1, 2]), seed=st.integers(0, 2**16),
+)
+def test_backward_adjoint_property(n, h, w, c, dm, kh, kw, sh, sw, dh, dw, f, padding, data_format, threads, seed):
+    """``<dx, v> == <G, conv(v, k)>`` and ``<dk, u> == <G, conv(x, u)>`` (the convolution is linear in each input)."""
+    (pt, pb), (pl, pr) = resolve_padding(padding, h, w, kh, kw, (sh, sw), (dh, dw))
+    if (h + pt + pb - (kh - 1) * dh - 1) < 0 or (w + pl + pr - (kw - 1) * dw - 1) < 0:
+        return  # no output: the forward rejects these geometries, and so does the backward (tested above)
+    rng = np.random.default_rng(seed)
+    kwargs = dict(strides=(sh, sw), padding=padding, dilation_rate=(dh, dw), data_format=data_format)
+    x = rng.standard_normal(_x_shape(n, h, w, c, data_format))
+    dk = rng.standard_normal((kh, kw, c, dm))
+    pk = rng.standard_normal((c * dm, f))
+    v, u, q = rng.standard_normal(x.shape), rng.standard_normal(dk.shape), rng.standard_normal(pk.shape)
+    g = rng.standard_normal(separable_ref(x, dk, pk, **kwargs).shape)
+    with nbconv.num_threads(threads):
+        got = nbconv.separable_conv2d_backward(g, x, dk, pk, **kwargs)
+        gd = rng.standard_normal(depthwise_ref(x, dk, **kwargs).shape)
+        gotd = nbconv.depthwise_conv2d_backward(gd, x, dk, **kwargs)
+    checks = [
+        (np.sum(got.x * v), np.sum(g * separable_ref(v, dk, pk, **kwargs))),
+        (np.sum(got.depthwise_kernel * u), np.sum(g * separable_ref(x, u, pk, **kwargs))),
+        (np.sum(got.pointwise_kernel * q), np.sum(g * separable_ref(x, dk, q, **kwargs))),
+        (np.sum(gotd.x * v), np.sum(gd * depthwise_ref(v, dk, **kwargs))),
+        (np.sum(gotd.kernel * u), np.sum(gd * depthwise_ref(x, u, **kwargs))),
+    ]
+    for actual, expected in checks:
+        assert abs(actual - expected) <= 1e-9 * max(1.0, abs(expected)), (actual, expected)
+    assert_close(got.bias, _bias_grad(g, data_format), tol=1e-12)
+    assert_close(gotd.bias, _bias_grad(gd, data_format), tol=1e-12)
