@@ -1,0 +1,83 @@
+"""``python -m nbconv info`` / ``bench``: run as a user would, in a subprocess (the output is compared with what
+the libraries themselves report, not with our own code)."""
+import importlib.util
+import io
+import os
+import subprocess
+import sys
+
+import numba
+import numpy as np
+import pytest
+import scipy
+
+from nbconv import _cli
+
+
+def run(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "nbconv", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_info():
+    proc = run("info")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for dist, version in (("numpy", np.__version__), ("numba", numba.__version__), ("scipy", scipy.__version__)):
+        assert any(line.split()[:2] == [dist, version] for line in out.splitlines()), (dist, out)
+    assert "llvmlite" in out
+    assert f"numba threading layer  {numba.config.THREADING_LAYER}" in out or "numba threading layer" in out
+    assert "SIMD features" in out
+    assert "BLAS (threadpoolctl)" in out
+    assert "kernel cache" in out
+    from threadpoolctl import threadpool_info
+
+    for lib in threadpool_info():
+        if lib["user_api"] == "blas":  # the BLAS numpy itself loads is listed with its version
+            assert lib["version"] in out or lib["filepath"] not in out
+    if importlib.util.find_spec("keras") is not None:
+        assert "keras" in out
+
+
+def test_info_reports_openblas_environment():
+    env = dict(os.environ, OPENBLAS_CORETYPE="Haswell", OPENBLAS_L2_SIZE="512")
+    proc = subprocess.run([sys.executable, "-m", "nbconv", "info"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0
+    assert "OPENBLAS_CORETYPE=Haswell" in proc.stdout and "OPENBLAS_L2_SIZE=512" in proc.stdout
+
+
+def test_unknown_subcommand_exits_2():
+    proc = run("frobnicate")
+    assert proc.returncode == 2
+    assert "usage: python -m nbconv" in proc.stderr and "frobnicate" in proc.stderr
+
+
+@pytest.mark.parametrize("args", [[], ["bench", "--no-such-flag"], ["info", "extra"]])
+def test_usage_errors_exit_2_in_process(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _cli.main(args)
+    assert exc.value.code == 2
+    assert "usage: python -m nbconv" in capsys.readouterr().err
+
+
+def test_bench_quick_nbconv_in_a_subprocess():
+    proc = run("bench", "--quick", "--contenders", "nbconv")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("shape"))
+    assert lines[header].split()[1:] == ["nbconv"]
+    rows = lines[header + 2: header + 2 + len(_cli.QUICK_SHAPES)]
+    for (label, *_), row in zip(_cli.QUICK_SHAPES, rows):
+        assert row.startswith(label)
+        assert float(row[len(label):]) > 0
+
+
+def test_bench_lists_missing_peers_as_skipped(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("torch", "onnx") else
+                        real(name, *a))
+    out = io.StringIO()
+    assert _cli.bench(quick=True, contenders=["torch", "onnxruntime"], out=out) == 0
+    text = out.getvalue()
+    assert "skipped torch: not installed (torch)" in text
+    assert "skipped onnxruntime: not installed" in text
