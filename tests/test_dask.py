@@ -7,6 +7,7 @@ reference in ``reference.py`` (which shares no code with either).
 import pickle
 import subprocess
 import sys
+
 import dask.array as da
 import numba
 import numpy as np
