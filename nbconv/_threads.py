@@ -4,7 +4,7 @@ import numbers
 
 import numba
 
-__all__ = ["get_num_threads", "set_num_threads", "num_threads"]
+__all__ = ["get_num_threads", "set_num_threads", "num_threads", "planning_threads"]
 
 
 def get_num_threads():
@@ -47,3 +47,13 @@ def num_threads(n):
         yield
     finally:
         numba.set_num_threads(previous)
+
+
+def planning_threads():
+    """Thread count that work is split for: the size of Numba's pool, not the current setting.
+
+    Tiling from the pool size keeps every result bit-identical whatever
+    ``set_num_threads`` says (BLAS sums each tile in an order fixed by its
+    shape); a smaller setting just runs the same tasks on fewer threads.
+    """
+    return numba.config.NUMBA_NUM_THREADS

@@ -4,6 +4,7 @@ Each function normalises and validates its arguments (:mod:`nbconv._args`),
 picks the kernel and its tiling, allocates the output and calls the kernel.
 Nothing here loops over data.
 """
+import math
 import threading
 
 import numpy as np
@@ -13,7 +14,7 @@ from ._depthwise import depthwise_packed
 from ._pointwise import GEMM_CHARS, pointwise_nchw, pointwise_nhwc
 from ._runtime import GEMM_LAUNCH, LAUNCH_LOCK
 from ._separable import separable
-from ._threads import get_num_threads
+from ._threads import planning_threads
 
 __all__ = ["depthwise_conv2d", "pointwise_conv2d", "separable_conv2d"]
 
@@ -40,14 +41,14 @@ def _workspace(*specs):
     (about 0.5 ms for 4 MB).  Each array starts 64-byte aligned.  A thread's
     next call reuses the buffer, so a call's scratch must not outlive it.
     """
-    sizes = [-(-int(np.prod(shape)) * np.dtype(dtype).itemsize // 64) * 64 for shape, dtype in specs]
+    nbytes = [math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in specs]
+    sizes = [-(-n // 64) * 64 for n in nbytes]
     buf = getattr(_WORKSPACE, "buf", None)
     if buf is None or buf.nbytes < sum(sizes) + 64:
         buf = _WORKSPACE.buf = np.empty(sum(sizes) + 64, np.uint8)
     offset = -buf.ctypes.data % 64
     arrays = []
-    for (shape, dtype), size in zip(specs, sizes):
-        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    for (shape, dtype), n, size in zip(specs, nbytes, sizes):
         arrays.append(buf[offset:offset + n].view(dtype).reshape(shape))
         offset += size
     return arrays
@@ -185,7 +186,7 @@ def depthwise_conv2d(x, kernel, bias=None, *, strides=_args.DEFAULT, padding="va
     if out.size == 0:
         return _finish(out, result)
     xc = np.ascontiguousarray(x, dtype=compute)
-    threads = get_num_threads()
+    threads = planning_threads()
     wt, bt, wc, bc, nw, wp = _dw_operands(g, kernel, bias, compute)
     th = _row_tiles(g, cm, compute.itemsize, threads, 4 * threads)
     nchunks = _nchunks(g.n * -(-g.oh // th), threads)
@@ -238,7 +239,7 @@ def pointwise_conv2d(x, kernel, bias=None, *, data_format="channels_last", activ
     xc = np.ascontiguousarray(x, dtype=compute)
     wc = np.ascontiguousarray(wmat, dtype=compute)
     bc = _bias_array(bias, compute)
-    threads = get_num_threads()
+    threads = planning_threads()
     if channels_last:
         tile_p, fb, ntasks = _plan(1, n * h * w, k, f, compute.itemsize, threads)
         nchunks = _nchunks(ntasks, threads)
@@ -305,7 +306,7 @@ def separable_conv2d(x, depthwise_kernel, pointwise_kernel, bias=None, *, stride
     xc = np.ascontiguousarray(x, dtype=compute)
     wc = np.ascontiguousarray(wmat, dtype=compute)
     bc = _bias_array(bias, compute)
-    threads = get_num_threads()
+    threads = planning_threads()
     wt, bt, wc_dw, bc_dw, nw, wp = _dw_operands(g, dk, dbias, compute)
     th = _row_tiles(g, cm, compute.itemsize, threads, 1)
     shared = g.n * -(-g.oh // th) < 2 * threads and g.n * g.oh * g.ow * cm * compute.itemsize <= SHARED_BYTES
