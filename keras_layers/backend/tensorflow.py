@@ -18,6 +18,21 @@ import tensorflow as tf
 from . import _common
 
 
+def _grads(cfg, wrt, inputs, like):
+    """One stateless host call computing the gradients named in ``wrt``, shaped like the tensors ``like``."""
+    if len(wrt) == 1:  # a one-element Tout list would come back as a bare tensor
+        def fn(*arrays):
+            return _common.backward(cfg, wrt, *arrays)[0]
+
+        outs = [tf.numpy_function(fn, inputs, Tout=like[0].dtype, stateful=False)]
+    else:
+        outs = tf.numpy_function(functools.partial(_common.backward, cfg, wrt), inputs,
+                                 Tout=[t.dtype for t in like], stateful=False)
+    for out, t in zip(outs, like):
+        out.set_shape(t.shape)
+    return list(outs)
+
+
 @functools.lru_cache(maxsize=None)
 def _op(cfg):
     names = cfg.names
@@ -32,14 +47,7 @@ def _op(cfg):
         def grad(g):
             y_or_g = y if cfg.activation != "linear" else g
             inputs = [g, y_or_g, *args]
-            dx = tf.numpy_function(functools.partial(_common.backward, cfg, names[:1]), inputs, Tout=[x.dtype],
-                                   stateful=False)[0]
-            dx.set_shape(x.shape)
-            dws = tf.numpy_function(functools.partial(_common.backward, cfg, names[1:]), inputs,
-                                    Tout=[a.dtype for a in args[1:]], stateful=False)
-            for dw, a in zip(dws, args[1:]):
-                dw.set_shape(a.shape)
-            return [dx, *dws]
+            return _grads(cfg, names[:1], inputs, args[:1]) + _grads(cfg, names[1:], inputs, args[1:])
 
         return y, grad
 

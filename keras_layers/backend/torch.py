@@ -35,14 +35,22 @@ def _fake_forward(kind, x, weights, bias, strides, padding, dilation_rate, data_
     return x.new_empty(_common.output_shape(cfg, x.shape, weights[0].shape, filters))
 
 
-def _backward(kind, grad, y, x, weights, bias, strides, padding, dilation_rate, data_format, activation, wrt):
+def _wrt_names(kind, mask):
+    # custom ops take no list of str: ``wrt`` travels as one bool per input of the forward op
+    names = _common.DEPTHWISE_NAMES if kind == "depthwise" else _common.SEPARABLE_NAMES
+    return tuple(n for n, m in zip(names, mask) if m)
+
+
+def _backward(kind, grad, y, x, weights, bias, strides, padding, dilation_rate, data_format, activation, mask):
     cfg = _cfg(kind, bias, strides, padding, dilation_rate, data_format, activation)
+    wrt = _wrt_names(kind, mask)
     arrays = [_np(x)] + [_np(w) for w in weights] + ([_np(bias)] if bias is not None else [])
     grads = _common.backward(cfg, tuple(wrt), _np(grad), _np(y), *arrays)
     return [torch.from_numpy(np.ascontiguousarray(g)).to(x.device) for g in grads]
 
 
-def _fake_backward(kind, x, weights, bias, wrt):
+def _fake_backward(kind, x, weights, bias, mask):
+    wrt = _wrt_names(kind, mask)
     by_name = dict(zip(_common.DEPTHWISE_NAMES if kind == "depthwise" else _common.SEPARABLE_NAMES,
                        [x, *weights, bias]))
     return [torch.empty_like(by_name[n]) for n in wrt]
@@ -65,7 +73,7 @@ def _(x, kernel, bias, strides, padding, dilation_rate, data_format, activation)
 def depthwise_conv2d_backward(grad: torch.Tensor, y: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor,
                               bias: Optional[torch.Tensor], strides: List[int], padding: str,
                               dilation_rate: List[int], data_format: str, activation: str,
-                              wrt: List[str]) -> List[torch.Tensor]:
+                              wrt: List[bool]) -> List[torch.Tensor]:
     return _backward("depthwise", grad, y, x, [kernel], bias, strides, padding, dilation_rate, data_format,
                      activation, wrt)
 
@@ -83,9 +91,9 @@ def _setup_depthwise(ctx, inputs, output):
 
 def _depthwise_grad(ctx, grad):
     x, kernel, bias, y = ctx.saved_tensors
-    names = ("x", "kernel", "bias")
-    wrt = [n for n, need in zip(names, ctx.needs_input_grad[:3]) if need]
-    grads = dict(zip(wrt, depthwise_conv2d_backward(grad, y, x, kernel, bias, *ctx.static, wrt))) if wrt else {}
+    mask = [bool(m) for m in ctx.needs_input_grad[:3]]
+    wrt = _wrt_names("depthwise", mask)
+    grads = dict(zip(wrt, depthwise_conv2d_backward(grad, y, x, kernel, bias, *ctx.static, mask))) if wrt else {}
     return (grads.get("x"), grads.get("kernel"), grads.get("bias")) + (None,) * len(ctx.static)
 
 
@@ -112,7 +120,7 @@ def _(x, depthwise_kernel, pointwise_kernel, bias, strides, padding, dilation_ra
 def separable_conv2d_backward(grad: torch.Tensor, y: torch.Tensor, x: torch.Tensor, depthwise_kernel: torch.Tensor,
                               pointwise_kernel: torch.Tensor, bias: Optional[torch.Tensor], strides: List[int],
                               padding: str, dilation_rate: List[int], data_format: str, activation: str,
-                              wrt: List[str]) -> List[torch.Tensor]:
+                              wrt: List[bool]) -> List[torch.Tensor]:
     return _backward("separable", grad, y, x, [depthwise_kernel, pointwise_kernel], bias, strides, padding,
                      dilation_rate, data_format, activation, wrt)
 
@@ -132,8 +140,9 @@ def _setup_separable(ctx, inputs, output):
 def _separable_grad(ctx, grad):
     x, dk, pk, bias, y = ctx.saved_tensors
     names = _common.SEPARABLE_NAMES
-    wrt = [n for n, need in zip(names, ctx.needs_input_grad[:4]) if need]
-    grads = dict(zip(wrt, separable_conv2d_backward(grad, y, x, dk, pk, bias, *ctx.static, wrt))) if wrt else {}
+    mask = [bool(m) for m in ctx.needs_input_grad[:4]]
+    wrt = _wrt_names("separable", mask)
+    grads = dict(zip(wrt, separable_conv2d_backward(grad, y, x, dk, pk, bias, *ctx.static, mask))) if wrt else {}
     return tuple(grads.get(n) for n in names) + (None,) * len(ctx.static)
 
 

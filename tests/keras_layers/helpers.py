@@ -89,6 +89,5 @@ def gradients(layer, x, cotangent):
             v.value.grad = None
         y = layer(xt)
         (y * torch.as_tensor(cotangent)).sum().backward()
-        return (y.detach().numpy(), xt.grad.numpy(),
-                [v.value.grad.detach().numpy() for v in layer.trainable_variables])
+        return to_numpy(y.detach()), to_numpy(xt.grad), [to_numpy(v.value.grad) for v in layer.trainable_variables]
     raise NotImplementedError(f"no autodiff on the {BACKEND} backend")
