@@ -23,7 +23,7 @@ from ._backward import (
     reduce_chunks,
 )
 from ._pointwise import GEMM_CHARS
-from ._runtime import BLAS_THREADS, LAUNCH_LOCK
+from ._runtime import GEMM_LAUNCH, LAUNCH_LOCK
 from ._threads import get_num_threads
 
 __all__ = [
@@ -154,14 +154,14 @@ def _dwsep_backward(g, xc, dkc, wc, gc, want_dx, want_dk, want_pw, want_b, compu
         dscr = ddscr = np.empty((nchunks, 1, 1), compute)
     ibuf, consts = _gemm_buffers(nchunks, compute)
     if g.channels_last:
-        with LAUNCH_LOCK, BLAS_THREADS.single():
+        with GEMM_LAUNCH:
             dwsep_backward_nhwc(xc, dkc, wc, gc.reshape(-1, f), want_dx, dx, want_dk, dkp, want_pw, dpwp, want_b,
                                 dbp, halo, halo_pos, g.sh, g.sw, g.dh, g.dw, g.pt, g.pl, g.oh, g.ow, tile_p, nchunks,
                                 dscr, ddscr, ibuf, consts, GEMM_CHARS)
         if want_dx:
             add_halos_nhwc(dx, halo, halo_pos)
     else:
-        with LAUNCH_LOCK, BLAS_THREADS.single():
+        with GEMM_LAUNCH:
             dwsep_backward_nchw(xc, dkc, wc, gc.reshape(g.n, f, -1), want_dx, dx, want_dk, dkp, want_pw, dpwp, want_b,
                                 dbp, halo, halo_pos, g.sh, g.sw, g.dh, g.dw, g.pt, g.pl, g.oh, g.ow, tile_p, nchunks,
                                 dscr, ddscr, ibuf, consts, GEMM_CHARS)
@@ -315,12 +315,12 @@ def pointwise_conv2d_backward(grad_output, x, kernel, *, data_format="channels_l
     dbp = np.zeros((nchunks, f) if want_b else (nchunks, 1), compute)
     ibuf, consts = _gemm_buffers(nchunks, compute)
     if channels_last:
-        with LAUNCH_LOCK, BLAS_THREADS.single():
+        with GEMM_LAUNCH:
             pointwise_backward_nhwc(xc.reshape(-1, k), wc, gc.reshape(-1, f), want_dx,
                                     dx.reshape(-1, k) if want_dx else dx.reshape(1, 1), want_w, dwp, want_b, dbp,
                                     tile_p, nchunks, ibuf, consts, GEMM_CHARS)
     else:
-        with LAUNCH_LOCK, BLAS_THREADS.single():
+        with GEMM_LAUNCH:
             pointwise_backward_nchw(xc.reshape(n, k, -1), wc, gc.reshape(n, f, -1), want_dx,
                                     dx.reshape(n, k, -1) if want_dx else dx.reshape(1, 1, 1), want_w, dwp, want_b,
                                     dbp, tile_p, nchunks, ibuf, consts, GEMM_CHARS)
