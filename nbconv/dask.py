@@ -83,9 +83,23 @@ def _tile(run, padding, hax, wax, zeros_shape, dtype, pieces, weights):
     """
     if zeros_shape is not None:
         x = np.zeros(zeros_shape, dtype)
-    else:
-        rows = [row[0] if len(row) == 1 else np.concatenate(row, axis=wax) for row in pieces]
-        x = rows[0] if len(rows) == 1 else np.concatenate(rows, axis=hax)
+    elif len(pieces) == 1 and len(pieces[0]) == 1:
+        x = pieces[0][0]
+    else:  # one copy into the window (np.block would copy twice)
+        heights = [row[0].shape[hax] for row in pieces]
+        widths = [p.shape[wax] for p in pieces[0]]
+        shape = list(pieces[0][0].shape)
+        shape[hax], shape[wax] = sum(heights), sum(widths)
+        x = np.empty(shape, pieces[0][0].dtype)
+        index = [slice(None)] * 4
+        r0 = 0
+        for row, hh in zip(pieces, heights):
+            c0 = 0
+            for p, ww in zip(row, widths):
+                index[hax], index[wax] = slice(r0, r0 + hh), slice(c0, c0 + ww)
+                x[tuple(index)] = p
+                c0 += ww
+            r0 += hh
     return run(x, weights, padding=padding)
 
 
