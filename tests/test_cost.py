@@ -82,14 +82,15 @@ def test_bad_arguments(kwargs, word):
 
 def test_keras_model_cost():
     keras = pytest.importorskip("keras")
+    z = "zeros"  # cheap initializers (jax compiles a random one per shape); only shapes matter here
     inputs = keras.Input((12, 12, 3))
-    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", use_bias=False)(inputs)   # -> 6x6x8
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", use_bias=False, kernel_initializer=z)(inputs)  # 6x6x8
     x = keras.layers.BatchNormalization()(x)
-    x = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False)(x)              # 6x6x8
-    x = keras.layers.Conv2D(16, 1, use_bias=False)(x)                                   # 6x6x16
-    x = keras.layers.SeparableConv2D(4, 3, padding="valid")(x)                          # 4x4x4
+    x = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False, depthwise_initializer=z)(x)  # 6x6x8
+    x = keras.layers.Conv2D(16, 1, use_bias=False, kernel_initializer=z)(x)  # 6x6x16
+    x = keras.layers.SeparableConv2D(4, 3, padding="valid", depthwise_initializer=z, pointwise_initializer=z)(x)  # 4x4x4
     x = keras.layers.GlobalAveragePooling2D()(x)
-    outputs = keras.layers.Dense(10)(x)
+    outputs = keras.layers.Dense(10, kernel_initializer=z)(x)
     model = keras.Model(inputs, outputs)
     mc = cost.model_cost(model, batch=2)
     expected = {
