@@ -258,6 +258,15 @@ def test_keras_applications(name, cheap_initializers):
     folded = check_conversion(model, x, fold=True)
     layers = list(all_layers(folded))
     assert sum(isinstance(layer, FusedSeparableConv2D) for layer in layers) == fused_blocks
+    # the cost model sees the same multiply-adds in the original and in the fused model (other layer classes)
+    from nbconv import cost
+
+    original, fused = cost.model_cost(model), cost.model_cost(folded)
+    assert fused.macs == original.macs
+    if fused_blocks:
+        kinds_before, kinds_after = original.by_kind(), fused.by_kind()
+        assert kinds_after["separable"] == kinds_before["depthwise"] + kinds_before["pointwise"] - kinds_after.get(
+            "pointwise", 0)
     if name == "Xception":  # every separable conv took its batch norm in
         assert sum(type(layer) is keras_layers.SeparableConv2D for layer in layers) == 34
         assert sum(isinstance(layer, keras.layers.BatchNormalization) for layer in layers) == 6  # after the 6 Conv2Ds
