@@ -25,7 +25,10 @@ def test_info():
     for dist, version in (("numpy", np.__version__), ("numba", numba.__version__), ("scipy", scipy.__version__)):
         assert any(line.split()[:2] == [dist, version] for line in out.splitlines()), (dist, out)
     assert "llvmlite" in out
-    assert f"numba threading layer  {numba.config.THREADING_LAYER}" in out or "numba threading layer" in out
+    layer_line = next(line for line in out.splitlines() if "numba threading layer" in line)
+    assert layer_line.split()[3] in ("tbb", "omp", "workqueue")
+    threads_line = next(line for line in out.splitlines() if "numba threads" in line)
+    assert f"of a pool of {numba.config.NUMBA_NUM_THREADS}" in threads_line
     assert "SIMD features" in out
     assert "BLAS (threadpoolctl)" in out
     assert "kernel cache" in out
