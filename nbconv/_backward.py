@@ -46,7 +46,7 @@ wanted may be 1-element dummies of the right rank.
 """
 from numba import prange
 
-from ._depthwise import _first_valid, dw_nchw_tile, dw_nhwc_pixels
+from ._depthwise import _first_valid, dw_nhwc_pixels
 from ._jit import jit, pjit
 from ._pointwise import gemm_rm
 
@@ -196,6 +196,65 @@ def dwb_nhwc_pixels(xn, w, src, dm, p0, p1, ow_size, sh, sw, dh, dw, pt, pl,
 
 
 @jit
+def _valid_range(off, sw, wd, ow0, ow1):
+    """Sub-range of output columns ``[ow0, ow1)`` whose tap column ``ow*sw + off`` lies in ``[0, wd)``.
+
+    Unit stride needs no division (this runs once per channel, row and tap).
+    """
+    if sw == 1:
+        a = max(ow0, -off)
+        b = min(ow1, wd - off)
+        return a, max(a, b)
+    return _first_valid(off, sw, wd, ow0, ow1)
+
+
+@jit
+def dw_nchw_recompute(xn, w, dm, p0, p1, ow_size, sh, sw, dh, dw, pt, pl, dst):
+    """Depthwise output (no bias) of all channels at pixels ``p0 .. p1-1`` of one NCHW image.
+
+    As :func:`nbconv._depthwise.dw_nchw_tile` without bias and activation
+    (``dst[j, p - p0]``), with the division-free column ranges of
+    :func:`_valid_range`.
+    """
+    c, h, wd = xn.shape
+    _, kh_n, kw_n = w.shape
+    zero = dst.dtype.type(0)
+    for ci in range(c):
+        xc = xn[ci]
+        for m in range(dm):
+            j = ci * dm + m
+            drow = dst[j]
+            p = p0
+            while p < p1:
+                oh = p // ow_size
+                ow0 = p - oh * ow_size
+                ow1 = min(ow_size, ow0 + (p1 - p))
+                q0 = p - p0 - ow0
+                for ow in range(ow0, ow1):
+                    drow[q0 + ow] = zero
+                for kh in range(kh_n):
+                    ih = oh * sh - pt + kh * dh
+                    if ih < 0 or ih >= h:
+                        continue
+                    xr = xc[ih]
+                    for kw in range(kw_n):
+                        off = kw * dw - pl
+                        a, bnd = _valid_range(off, sw, wd, ow0, ow1)
+                        wv = w[j, kh, kw]
+                        # slices keep the loop index provably non-negative (no wraparound checks: it vectorises)
+                        dseg = drow[q0 + a:q0 + bnd]
+                        if sw == 1:
+                            xseg = xr[a + off:bnd + off]
+                            for i in range(bnd - a):
+                                dseg[i] += wv * xseg[i]
+                        else:
+                            xseg = xr[a * sw + off:]
+                            for i in range(bnd - a):
+                                dseg[i] += wv * xseg[i * sw]
+                p += ow1 - ow0
+
+
+@jit
 def dwb_nchw_tile(xn, w, src1, soff, ld, dm, p0, p1, ow_size, sh, sw, dh, dw, pt, pl,
                   want_dk, dkacc, want_dx, dxn, own_end, halo):
     """Depthwise backward of output pixels ``p0 .. p1-1`` (all channels) of one NCHW image.
@@ -242,24 +301,41 @@ def dwb_nchw_tile(xn, w, src1, soff, ld, dm, p0, p1, ow_size, sh, sw, dh, dw, pt
                         dxr = dxn[ci, ih] if ih < own_end else halo[ci, ih - own_end]
                     for kw in range(kw_n):
                         off = kw * dw - pl
-                        a, bnd = _first_valid(off, sw, wd, ow0, ow1)
+                        a, bnd = _valid_range(off, sw, wd, ow0, ow1)
+                        if want_dk and want_dx and sw == 1:
+                            # both gradients in one sweep over the gradient row
+                            wv = w[j, kh, kw]
+                            s = zero
+                            gseg = src1[q0 + a:q0 + bnd]
+                            xseg = xr[a + off:bnd + off]
+                            dseg = dxr[a + off:bnd + off]
+                            for i in range(bnd - a):
+                                gv = gseg[i]
+                                s += gv * xseg[i]
+                                dseg[i] += wv * gv
+                            dkacc[j, kh, kw] += s
+                            continue
                         if want_dk:
                             s = zero
+                            gseg = src1[q0 + a:q0 + bnd]
+                            xseg = xr[a * sw + off:]
                             if sw == 1:
-                                for ow in range(a, bnd):
-                                    s += src1[q0 + ow] * xr[ow + off]
+                                for i in range(bnd - a):
+                                    s += gseg[i] * xseg[i]
                             else:
-                                for ow in range(a, bnd):
-                                    s += src1[q0 + ow] * xr[ow * sw + off]
+                                for i in range(bnd - a):
+                                    s += gseg[i] * xseg[i * sw]
                             dkacc[j, kh, kw] += s
                         if want_dx:
                             wv = w[j, kh, kw]
+                            gseg = src1[q0 + a:q0 + bnd]
+                            dseg = dxr[a * sw + off:]
                             if sw == 1:
-                                for ow in range(a, bnd):
-                                    dxr[ow + off] += wv * src1[q0 + ow]
+                                for i in range(bnd - a):
+                                    dseg[i] += wv * gseg[i]
                             else:
-                                for ow in range(a, bnd):
-                                    dxr[ow * sw + off] += wv * src1[q0 + ow]
+                                for i in range(bnd - a):
+                                    dseg[i * sw] += wv * gseg[i]
                 p += ow1 - ow0
 
 
@@ -445,7 +521,7 @@ def dwsep_backward_nchw(x, dk, wmat, g3, want_dx, dx, want_dk, dkp, want_pw, dpw
                         _rowsum_rows(g1, goff, gw, npx, ohw, dba)
                     if sep:
                         if want_pw:
-                            dw_nchw_tile(xn, dk, dk[0, 0, :0], 0, dm, 0, c, p0, p1, ow_size, sh, sw, dh, dw, pt, pl, d)
+                            dw_nchw_recompute(xn, dk, dm, p0, p1, ow_size, sh, sw, dh, dw, pt, pl, d)
                             gemm_rm(0, 1, cm, f, npx, d1, 0, tp, g1, goff, ohw, True, dpw1, chunk * cm * f, f,
                                     ib, consts, chars)
                         if want_dx or want_dk:
