@@ -390,6 +390,14 @@ def _plan_fused(graph, plan, dw):
             and producer.data_format == df):
         pad_layer = producer
         padding = tuple(tuple(int(v) for v in p) for p in producer.padding)
+        # MobileNet's ZeroPadding2D(((0, 1), (0, 1))) before a stride-2 valid conv is exactly 'same' on even
+        # sizes: say so, the kernels have their fast path for Keras's own modes
+        in_shape = producer._inbound_nodes[0].input_tensors[0].shape  # before the zero padding
+        hw = in_shape[1:3] if df == "channels_last" else in_shape[2:4]
+        if None not in hw and padding == tuple(
+                same_padding(n, k, s, d) for n, p, k, s, d in
+                zip(hw, padding, dw.kernel_size, dw.strides, dw.dilation_rate)):
+            padding = "same"
 
     # folded weights, in float64 then cast to the variable dtype
     dk = _np(dw.kernel)

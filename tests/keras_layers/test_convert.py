@@ -267,6 +267,9 @@ def test_keras_applications(name, cheap_initializers):
         kinds_before, kinds_after = original.by_kind(), fused.by_kind()
         assert kinds_after["separable"] == kinds_before["depthwise"] + kinds_before["pointwise"] - kinds_after.get(
             "pointwise", 0)
+    if name == "MobileNet":  # ZeroPadding2D(((0, 1), (0, 1))) + stride-2 'valid' on even sizes is 'same'
+        strided = [layer for layer in layers if isinstance(layer, FusedSeparableConv2D) and layer.strides == (2, 2)]
+        assert len(strided) == 4 and all(layer.padding == "same" for layer in strided)
     if name == "Xception":  # every separable conv took its batch norm in
         assert sum(type(layer) is keras_layers.SeparableConv2D for layer in layers) == 34
         assert sum(isinstance(layer, keras.layers.BatchNormalization) for layer in layers) == 6  # after the 6 Conv2Ds
