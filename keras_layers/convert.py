@@ -462,9 +462,9 @@ def _plan_folded_conv(graph, plan, layer, ours):
     plan.replace[id(layer)] = (lambda: ours.from_config(config), [w.astype(dtype) for w in weights])
     for a in absorbed:
         plan.identity.add(id(a))
-    plan.entries.append((f"{type(layer).__name__} + folded {'batch norm + ' if bn is not None else ''}activation"
-                         if act != "linear" or bn is None else f"{type(layer).__name__} + folded batch norm",
-                         [layer.name] + [a.name for a in absorbed], ours.__name__))
+    folded = " + ".join(["batch norm"] * (bn is not None) + ["activation"] * (len(absorbed) > (bn is not None)))
+    plan.entries.append((f"{type(layer).__name__} + folded {folded}", [layer.name] + [a.name for a in absorbed],
+                         ours.__name__))
     return True
 
 
@@ -553,14 +553,16 @@ def convert(model, *, fold_batchnorm=False, verbose=False):
     """
     if not isinstance(model, keras.Model):
         raise TypeError(f"Expected `model` to be a keras.Model. Received: model of type {type(model).__name__}")
-    if not model.built or not hasattr(model, "outputs"):
-        raise ValueError(f"Expected a built Functional or Sequential model. Received: model={model.name!r} "
-                         "(build it, e.g. by giving an input shape, first)")
+    if not isinstance(model, (keras.Sequential, keras.src.models.Functional)):
+        raise ValueError("Expected a Functional or Sequential model (a subclassed model has no layer graph to "
+                         f"clone). Received: model={model.name!r} of type {type(model).__name__}")
     try:
-        model.outputs
-    except (AttributeError, ValueError) as exc:
-        raise ValueError(f"Expected a built Functional or Sequential model. Received: model={model.name!r} "
-                         f"({exc})") from None
+        outputs = model.outputs if model.built else None
+    except (AttributeError, ValueError):
+        outputs = None
+    if not outputs:
+        raise ValueError(f"Expected a built model with known inputs. Received: model={model.name!r}, not built "
+                         "(give it an input shape, e.g. keras.Input(...) as its first layer)")
     graph, plan = _make_plan(model, bool(fold_batchnorm))
     pairs = []  # (original, clone, weights or None=copy from original)
     kept = collections.Counter()

@@ -225,6 +225,21 @@ def test_bad_input():
         convert(keras.layers.Dense(3))
     with pytest.raises(ValueError, match="activation"):
         FusedSeparableConv2D(4, 3, activation="tanh")
+    with pytest.raises(ValueError, match="not built"):
+        convert(keras.Sequential([keras.layers.SeparableConv2D(2, 3)]))
+
+    class Subclassed(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.conv = keras.layers.SeparableConv2D(2, 3, **ZEROS, pointwise_initializer="zeros")
+
+        def call(self, x):
+            return self.conv(x)
+
+    model = Subclassed()
+    model.build((None, 8, 8, 3))
+    with pytest.raises(ValueError, match="subclassed"):
+        convert(model)
 
 
 # --- keras.applications, weights=None (no downloads), small inputs ------------------------------------------
