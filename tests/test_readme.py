@@ -1,4 +1,7 @@
-"""The README's Python examples run as written and what they assert holds."""
+"""The README's runnable examples (```python blocks) run as written and what they assert holds.
+
+Illustrative snippets that need outside resources (a Dask scheduler, remote storage) are fenced as ```py.
+"""
 import pathlib
 import re
 
