@@ -427,7 +427,8 @@ def _plan_fused(graph, plan, dw):
     for layer in chain:
         if layer is not dw:
             plan.identity.add(id(layer))
-    plan.entries.append(("fused separable block", [layer.name for layer in chain], "FusedSeparableConv2D"))
+    plan.entries.append(("fused separable block", [layer.name for layer in chain],
+                         f"FusedSeparableConv2D {dw.name + '_fused'!r}"))
     return True
 
 
@@ -464,7 +465,7 @@ def _plan_folded_conv(graph, plan, layer, ours):
         plan.identity.add(id(a))
     folded = " + ".join(["batch norm"] * (bn is not None) + ["activation"] * (len(absorbed) > (bn is not None)))
     plan.entries.append((f"{type(layer).__name__} + folded {folded}", [layer.name] + [a.name for a in absorbed],
-                         ours.__name__))
+                         f"{ours.__name__} {layer.name!r}"))
     return True
 
 
@@ -488,7 +489,7 @@ def _make_plan(model, fold_batchnorm):
             continue  # already ours: cloned and copied like any other layer
         config = _copy_config(layer)
         plan.replace[id(layer)] = (lambda c=config, cls=ours: cls.from_config(c), None)
-        plan.entries.append((type(layer).__name__, [layer.name], ours.__name__))
+        plan.entries.append((type(layer).__name__, [layer.name], f"{ours.__name__} {layer.name!r}"))
     return graph, plan
 
 
@@ -500,7 +501,7 @@ class ConversionReport:
     def __init__(self, model_name, fold_batchnorm, entries, kept):
         self.model_name = model_name
         self.fold_batchnorm = fold_batchnorm
-        #: list of (description, original layer names, new class name)
+        #: list of (description, original layer names, "NewClass 'new layer name'")
         self.entries = list(entries)
         #: {class name: count} of the layers cloned unchanged (placeholders excluded)
         self.kept = dict(kept)
