@@ -23,7 +23,7 @@ operation count for GFLOP/s is ``2 * macs``.
 :func:`model_cost` sums the same quantities over a Keras model (original or
 converted by :func:`keras_layers.convert`), layer by layer.
 """
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Tuple
 
 import numpy as np
 

@@ -88,7 +88,7 @@ def test_keras_model_cost():
     x = keras.layers.BatchNormalization()(x)
     x = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False, depthwise_initializer=z)(x)  # 6x6x8
     x = keras.layers.Conv2D(16, 1, use_bias=False, kernel_initializer=z)(x)  # 6x6x16
-    x = keras.layers.SeparableConv2D(4, 3, padding="valid", depthwise_initializer=z, pointwise_initializer=z)(x)  # 4x4x4
+    x = keras.layers.SeparableConv2D(4, 3, padding="valid", depthwise_initializer=z, pointwise_initializer=z)(x)  # 4x4
     x = keras.layers.GlobalAveragePooling2D()(x)
     outputs = keras.layers.Dense(10, kernel_initializer=z)(x)
     model = keras.Model(inputs, outputs)
