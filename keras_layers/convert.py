@@ -208,7 +208,8 @@ class FusedSeparableConv2D(keras.layers.Layer):
         def fn(*arrays):
             return _host_forward(config, *arrays)
 
-        out = _host_call(fn, self.compute_output_shape(tuple(inputs.shape)), work, tensors)
+        # the cast tensor's own dtype: jax without x64 keeps float32 whatever was asked
+        out = _host_call(fn, self.compute_output_shape(tuple(inputs.shape)), tensors[0].dtype, tensors)
         if compute_dtype != work:
             out = ops.cast(out, compute_dtype)
         return out

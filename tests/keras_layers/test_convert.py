@@ -203,6 +203,21 @@ def test_sequential_and_nested():
         assert (FusedSeparableConv2D in types) == fold and (keras_layers.DepthwiseConv2D in types) != fold
 
 
+@pytest.mark.parametrize("policy, tol", [("float64", 1e-6), ("mixed_float16", 2e-2)])
+def test_dtype_policies(policy, tol, x15):
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        model = small_functional()
+        expected = predict(model, x15)
+        got = predict(convert(model, fold_batchnorm=True), x15)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    assert got.dtype == expected.dtype
+    np.testing.assert_allclose(got.astype("float64"), expected, rtol=tol,
+                               atol=tol * float(np.abs(expected).max()))
+
+
 def test_fused_model_saves_and_loads(functional, x15):
     converted = convert(functional, fold_batchnorm=True)
     expected = predict(converted, x15)
