@@ -6,6 +6,10 @@ kernels; their backward is another pair of custom ops
 so both eager mode and ``torch.compile`` (no graph break) work.  The backward
 computes only the gradients autograd asks for (``ctx.needs_input_grad``).
 Tensors on another device are computed on the CPU and moved back.
+
+Run with ``OMP_WAIT_POLICY=PASSIVE`` set before torch is imported: otherwise
+torch's spinning OpenMP workers slow nbconv's kernels several-fold when torch
+ops and nbconv calls alternate (see :mod:`keras_layers.layers`).
 """
 from typing import List, Optional
 
