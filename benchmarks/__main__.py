@@ -43,7 +43,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 #: order in which contenders run (the sgemm peak first)
 ORDER = ("sgemm", "nbconv", "nbconv_2step", "torch_nchw", "torch_nhwc", "onnxruntime", "keras", "numpy",
-         "nbconv_layers", "keras_model")
+         "nbconv_layers", "keras_model", "models_jax", "models_tensorflow", "models_torch")
 ENV_SHOWN = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
              "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER", "NUMBA_CACHE_DIR", "KERAS_BACKEND", "JAX_PLATFORMS",
              "XLA_FLAGS")
@@ -204,6 +204,8 @@ def main(argv=None):
         contender = CONTENDERS[name]
         if name != "sgemm":
             n_cases = len([c for c in selected if contender.suites is None or c.suite in contender.suites])
+            if args.quick and getattr(contender, "full_only", False):
+                n_cases = 0
             if n_cases == 0:
                 meta["contenders"].remove(name)
                 continue
@@ -211,6 +213,7 @@ def main(argv=None):
                  "NBCONV_BENCH_QUICK": "1" if args.quick else "0", "NBCONV_BENCH_CHECK": "0" if args.no_check else "1",
                  "NBCONV_BENCH_INFO": os.path.join(raw, f"{name}.info.json"),
                  "NBCONV_BENCH_THREADS": str(args.threads)}
+        extra.update(getattr(contender, "env", {}))  # e.g. KERAS_BACKEND for the models suite's backends
         cmd = [sys.executable, "-m", "pytest", test_file, "-p", "no:cacheprovider", "-o", "addopts=", "-q", "-rfE",
                f"--benchmark-json={os.path.join(raw, name + '.json')}", "--benchmark-disable-gc",
                "--benchmark-warmup=off", "--benchmark-sort=name", "--benchmark-columns=min,median,iqr,rounds"]
@@ -226,7 +229,7 @@ def main(argv=None):
                                                                         f"  (exit code {rc}, log {name}.log)"))
 
     probes = {}
-    if "nbconv" in names and not args.no_memory:
+    if "nbconv" in meta["contenders"] and not args.no_memory:
         probes["memory"] = {}
         for mode in ("fused", "two_step"):
             t0 = time.perf_counter()
@@ -235,9 +238,9 @@ def main(argv=None):
             print(f"- memory {mode:<8} {time.perf_counter() - t0:5.1f} s  "
                   + (probes["memory"][mode].get("error") or
                      f"peak +{probes['memory'][mode]['peak_increase_mib']:.0f} MiB"))
-    if "nbconv" in names and args.quick and not args.firstcall and not args.no_firstcall:
+    if "nbconv" in meta["contenders"] and args.quick and not args.firstcall and not args.no_firstcall:
         print("- first call    skipped in a --quick run (add --firstcall)")
-    elif "nbconv" in names and not args.no_firstcall:
+    elif "nbconv" in meta["contenders"] and not args.no_firstcall:
         cache = tempfile.mkdtemp(prefix="nbconv-numba-cache-")
         try:
             probes["first_call"] = {}
@@ -265,7 +268,7 @@ def main(argv=None):
     print(f"\nsaved {paths['txt']}\n      {paths['json']}" + (f"\n      {paths['png']}" if paths["png"] else "")
           + f"\n      (also as latest.*; raw pytest-benchmark JSON and logs in {raw})")
     failed = [n for n, rc in meta["returncodes"].items() if rc not in (0, 5)]
-    return 1 if failed and "nbconv" in failed else 0
+    return 1 if any(n == "nbconv" or n.startswith("models_") for n in failed) else 0
 
 
 if __name__ == "__main__":

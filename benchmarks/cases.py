@@ -17,12 +17,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-__all__ = ["Case", "CASES", "SUITES", "SUITE_TITLES", "MOBILENET_BLOCKS", "MODEL_OPS", "select", "make_arrays",
-           "explicit_padding", "reference_nhwc"]
+__all__ = ["Case", "CASES", "SUITES", "SUITE_TITLES", "MOBILENET_BLOCKS", "MODEL_OPS", "APP_OPS", "APP_MODELS",
+           "select", "make_arrays", "explicit_padding", "reference_nhwc"]
 
 #: suites in report order
 SUITES = ("mobilenet", "xception", "classic", "hard", "depthwise", "pointwise", "fused", "overhead", "backward",
-          "keras_model")
+          "keras_model", "models")
 
 SUITE_TITLES = {
     "mobilenet": "MobileNetV1 separable blocks (224x224, alpha=1)",
@@ -36,12 +36,20 @@ SUITE_TITLES = {
     "backward": "Forward + backward (all gradients), batch 8 (issue 4)",
     "keras_model": "Keras model of MobileNetV1's 13 separable blocks (SeparableConv2D + BatchNorm + ReLU), "
                    "112x112x32 input (issue 5)",
+    "models": "keras.applications models (weights=None): original vs keras_layers.convert(model) vs "
+              "convert(model, fold_batchnorm=True), per Keras backend (issue 6)",
 }
 
 #: MobileNetV1's 13 separable blocks as (input H=W, C, F, stride); blocks 7-11 repeat
 MOBILENET_BLOCKS = ((112, 32, 64, 1), (112, 64, 128, 2), (56, 128, 128, 1), (56, 128, 256, 2), (28, 256, 256, 1),
                     (28, 256, 512, 2)) + ((14, 512, 512, 1),) * 5 + ((14, 512, 1024, 2), (7, 1024, 1024, 1))
 MODEL_OPS = ("model_predict", "model_train")
+#: the three variants of a keras.applications model timed by the "models" suite
+APP_OPS = ("app_original", "app_converted", "app_folded")
+#: keras.applications models of the "models" suite: case name -> (constructor, input H=W, forward MACs per image);
+#: the MACs are nbconv.cost.model_cost(model, 1).macs (convolutions, separable, depthwise and dense layers)
+APP_MODELS = {"mobilenet": ("MobileNet", 224, 568_740_352), "mobilenetv2": ("MobileNetV2", 224, 300_774_272),
+              "xception": ("Xception", 299, 8_357_403_496)}
 
 
 @dataclass(frozen=True)
@@ -67,7 +75,9 @@ class Case:
     dm: int = 1
     padding: object = "same"
     data_format: str = "channels_last"
-    op: str = "separable"  # separable | depthwise | pointwise | separable_fwdbwd | model_predict | model_train
+    op: str = "separable"  # separable | depthwise | pointwise | separable_fwdbwd | model_predict | model_train | app_*
+    #: the keras.applications model of an app_* case (a key of APP_MODELS)
+    model: str = ""
     quick: bool = False
     tags: tuple = field(default=())
 
@@ -95,6 +105,8 @@ class Case:
     @property
     def macs(self):
         """(depthwise MACs, pointwise MACs) of the forward pass."""
+        if self.op in APP_OPS:
+            return 0, self.n * APP_MODELS[self.model][2]
         if self.op in MODEL_OPS:
             dw = pw = 0
             for hw, c, f, s in MOBILENET_BLOCKS:
@@ -117,6 +129,8 @@ class Case:
 
     @property
     def shape_label(self):
+        if self.op in APP_OPS:
+            return f"{APP_MODELS[self.model][0]} b{self.n} {self.op[4:]}"
         oh, ow = self.out_hw
         if self.op in MODEL_OPS:
             return f"b{self.n} {'predict' if self.op == 'model_predict' else 'train step'}"
@@ -215,6 +229,13 @@ def _build():
     for n, op in ((1, "model_predict"), (8, "model_predict"), (8, "model_train")):
         cases.append(Case("keras_model", f"b{n}-{op.split('_')[1]}", n, 112, 112, 32, 1024, op=op,
                           quick=(n == 1)))
+    # keras.applications models: the variants of one (model, batch) follow each other (the contender builds the
+    # original once and converts it); --quick: MobileNet at batch 1 only
+    for model, (_, hw, _) in APP_MODELS.items():
+        for n in (1, 8):
+            for op in APP_OPS:
+                cases.append(Case("models", f"{model}-b{n}-{op[4:]}", n, hw, hw, 3, 1000, op=op, model=model,
+                                  quick=(model == "mobilenet" and n == 1)))
     ids = [c.id for c in cases]
     assert len(ids) == len(set(ids)), "duplicate case ids"
     return tuple(cases)

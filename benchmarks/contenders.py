@@ -26,9 +26,9 @@ import os
 
 import numpy as np
 
-from .cases import MOBILENET_BLOCKS, MODEL_OPS, SUITES, make_arrays
+from .cases import APP_MODELS, APP_OPS, MOBILENET_BLOCKS, MODEL_OPS, SUITES, make_arrays
 
-__all__ = ["Bench", "Unsupported", "CONTENDERS", "PEERS", "SUITE_ROLES", "get", "THREADS"]
+__all__ = ["Bench", "Unsupported", "CONTENDERS", "PEERS", "SUITE_ROLES", "MODEL_BACKENDS", "get", "THREADS"]
 
 #: threads every contender may use (the issue's targets are for 2)
 THREADS = int(os.environ.get("NBCONV_BENCH_THREADS", "2"))
@@ -42,11 +42,16 @@ class Unsupported(Exception):
 
 
 class Bench:
-    def __init__(self, fn, to_nhwc=None, pads=None, check=True):
+    """``rel_err``: a check the contender already made (instead of the float64 reference);
+    ``rounds``: a fixed number of timed rounds (for slow whole-model calls) instead of pytest-benchmark's choice."""
+
+    def __init__(self, fn, to_nhwc=None, pads=None, check=True, rel_err=None, rounds=None):
         self.fn = fn
         self.to_nhwc = to_nhwc or (lambda out: np.asarray(out))
         self.pads = pads
         self.check = check
+        self.rel_err = rel_err
+        self.rounds = rounds
 
     def __call__(self):
         return self.fn()
@@ -72,8 +77,8 @@ def _grad_output(case, seed=1):
     return g
 
 
-#: suites of single operations (every suite but the Keras model's)
-OP_SUITES = tuple(s for s in SUITES if s != "keras_model")
+#: suites of single operations (every suite but the Keras models')
+OP_SUITES = tuple(s for s in SUITES if s not in ("keras_model", "models"))
 
 
 class Contender:
@@ -106,6 +111,7 @@ class NbConv(Contender):
     label = "nbconv"
     peer = False
     ops = ("separable", "depthwise", "pointwise", "separable_fwdbwd")
+    suites = tuple(s for s in SUITES if s != "models")
 
     def available(self):
         try:
@@ -563,6 +569,116 @@ class NbConvLayers(KerasModel):
         return d
 
 
+#: Keras backends the "models" suite runs on, one process each
+MODEL_BACKENDS = ("jax", "tensorflow", "torch")
+#: timed rounds per model call (each call is tens of ms to seconds): more for the cheap calls
+MODEL_ROUNDS = {"cheap": 5, "costly": 3}
+#: above this many forward MACs per call a model call is "costly"
+MODEL_COSTLY_MACS = 5e9
+
+
+class AppModels(Contender):
+    """keras.applications models on one Keras backend: original, converted, converted with folded batch norms.
+
+    The process runs with ``KERAS_BACKEND`` set (``env``); each (model, batch) is built once with
+    ``weights=None`` and converted with :func:`keras_layers.convert`, and the converted predictions are checked
+    against the original's before anything is timed.  The timed call is ``model.predict_on_batch(x)``: jitted by
+    Keras on jax (``jax.jit``) and tensorflow (``tf.function``), eager on torch (Keras's only mode there).
+    """
+
+    peer = False
+    suites = ("models",)
+    ops = APP_OPS
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.name = f"models_{backend}"
+        self.label = f"models {backend}"
+        # torch: spinning OpenMP workers starve nbconv's threads between torch ops (keras_layers/layers.py);
+        # set for the original model too, so both sides run under the same pool policy
+        self.env = {"KERAS_BACKEND": backend}
+        if backend == "torch":
+            self.env["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
+        self._key = None
+        self._models = {}
+        #: a --quick run measures the jax backend only
+        self.full_only = backend != "jax"
+
+    def available(self):
+        import importlib.util
+        if importlib.util.find_spec(self.backend) is None:
+            return f"absent: {self.backend} is not installed"
+        try:
+            import keras
+        except Exception as exc:
+            return f"keras does not import on {self.backend}: {exc!r}"
+        if keras.backend.backend() != self.backend:
+            return f"keras runs on {keras.backend.backend()}, not {self.backend} (KERAS_BACKEND was set too late)"
+        try:
+            import keras_layers
+            keras_layers.convert  # noqa: B018
+        except Exception as exc:
+            return f"not available: keras_layers.convert does not import ({exc!r}) (issue 6)"
+        return None
+
+    def version(self):
+        import keras
+        return f"{keras.__version__} ({self.backend} {Keras._backend_version(self)})"
+
+    def init_process(self):
+        import nbconv
+        nbconv.set_num_threads(min(THREADS, nbconv.get_num_threads()) if THREADS > 0 else nbconv.get_num_threads())
+        if self.backend == "torch":
+            import torch
+            torch.set_num_threads(THREADS)
+        elif self.backend == "tensorflow":
+            import tensorflow as tf
+            try:
+                tf.config.threading.set_intra_op_parallelism_threads(THREADS)
+                tf.config.threading.set_inter_op_parallelism_threads(1)
+            except RuntimeError:
+                pass
+
+    def info(self):
+        import nbconv
+        return {"backend": self.backend, "nbconv_threads": nbconv.get_num_threads(),
+                "predict": {"jax": "predict_on_batch (jax.jit)", "tensorflow": "predict_on_batch (tf.function)"}.get(
+                    self.backend, "predict_on_batch (eager: Keras does not jit on torch)"),
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+
+    def _get(self, case):
+        """The original, converted and folded models of ``case`` (built once per (model, batch)), the input and
+        the original's prediction."""
+        import keras
+        import keras_layers
+        key = (case.model, case.n)
+        if key != self._key:
+            self._models.clear()
+            self._key = key
+            ctor, hw, _ = APP_MODELS[case.model]
+            keras.utils.set_random_seed(0)
+            # logits, not softmax: with random weights the logits are tiny and the softmax is uniform to the last
+            # bit, which would make the check below vacuous (the softmax costs nothing next to the convolutions)
+            original = getattr(keras.applications, ctor)(input_shape=(hw, hw, 3), weights=None,
+                                                          classifier_activation=None)
+            x = np.random.default_rng(0).standard_normal((case.n, hw, hw, 3), dtype=np.float32)
+            self._models.update(app_original=original, x=x, ref=np.asarray(original.predict_on_batch(x)))
+        if case.op not in self._models:
+            self._models[case.op] = keras_layers.convert(self._models["app_original"],
+                                                         fold_batchnorm=case.op == "app_folded")
+        return self._models[case.op], self._models["x"], self._models["ref"]
+
+    def setup(self, case):
+        if case.op not in APP_OPS:
+            raise Unsupported(f"op {case.op}")
+        model, x, ref = self._get(case)
+        rel_err = None
+        if case.op != "app_original":
+            rel_err = rel_error(model.predict_on_batch(x), ref.astype(np.float64))
+        rounds = MODEL_ROUNDS["costly" if sum(case.macs) > MODEL_COSTLY_MACS else "cheap"]
+        return Bench(lambda: model.predict_on_batch(x), check=False, rel_err=rel_err, rounds=rounds)
+
+
 class Sgemm(Contender):
     """The machine's sgemm peak: NumPy matmul of two 4096x4096 float32 matrices."""
 
@@ -594,7 +710,8 @@ class Sgemm(Contender):
 
 
 CONTENDERS = {c.name: c for c in (NbConv(), NbConvTwoStep(), TorchNCHW(), TorchNHWC(), OnnxRuntime(), Keras(),
-                                  NumPyBaseline(), NbConvLayers(), KerasModel(), Sgemm())}
+                                  NumPyBaseline(), NbConvLayers(), KerasModel(), Sgemm())
+               + tuple(AppModels(b) for b in MODEL_BACKENDS)}
 #: contenders that count as peers for "best peer" ratios, in report column order
 PEERS = ("torch_nchw", "torch_nhwc", "onnxruntime", "keras", "numpy")
 #: per suite, when it differs from nbconv against PEERS: (the measured subject, its peers)

@@ -23,7 +23,7 @@ import os
 import sys
 
 from . import cases as _cases
-from .contenders import CONTENDERS, PEERS, SUITE_ROLES
+from .contenders import CONTENDERS, MODEL_BACKENDS, PEERS, SUITE_ROLES
 
 __all__ = ["build", "format_text", "plot", "save", "main"]
 
@@ -38,6 +38,11 @@ SUITE_NOTES = {
     "fused": "nbconv dw+pw = nbconv.depthwise_conv2d then nbconv.pointwise_conv2d (materialises the intermediate); "
              "not a peer",
     "overhead": "the whole call on a tiny shape: for nbconv, the Python-side overhead plus one kernel launch",
+    "models": "ms per model.predict_on_batch(x) (jax.jit on jax, tf.function on tensorflow, eager on torch), "
+              "each backend in its own process; converted = keras_layers.convert(model), folded = "
+              "convert(model, fold_batchnorm=True); speedup = t(original)/t(variant); max rel err = the converted "
+              "predictions against the original's, relative to their scale, checked before timing; torch runs "
+              "with OMP_WAIT_POLICY=PASSIVE (unless set) for both the original and the converted models",
     "backward": "one forward plus the gradients with respect to x, the depthwise and the pointwise kernels; "
                 "GFLOP/s counts 3x the forward FLOPs; PyTorch via torch.autograd.grad, Keras via "
                 "jax.jit(jax.value_and_grad(...)) of keras.ops.separable_conv",
@@ -230,7 +235,66 @@ def _summary(report):
             notes.add(c.get("note"))
         if notes:
             s["keras_model_note"] = "; ".join(sorted(n for n in notes if n))
+    # 10. keras.applications models (issue 6): original vs converted vs folded, per backend
+    models = _models(report)
+    if models:
+        s["models"] = models
     return s
+
+
+#: issue 6's targets for converted Xception, per backend: minimum t(original)/t(converted)
+MODELS_TARGETS = {"jax": 3.0, "tensorflow": 1.5}
+#: on torch the converted models must never be slower (every model and batch)
+MODELS_TORCH_TARGET = 1.0
+
+
+def _models(report):
+    """Rows of the models suite per (model, batch, backend): times of the three variants and the speedups."""
+    out = []
+    for r in _rows(report, ("models",)):
+        c = r["case"]
+        for name, t in r["times_ms"].items():
+            backend = name[len("models_"):]
+            key = (c["model"], c["n"], backend)
+            if not out or (out[-1]["model"], out[-1]["n"], out[-1]["backend"]) != key:
+                hit = [o for o in out if (o["model"], o["n"], o["backend"]) == key]
+                if hit:
+                    row = hit[0]
+                else:
+                    row = {"model": c["model"], "label": _cases.APP_MODELS[c["model"]][0], "n": c["n"],
+                           "backend": backend, "ms": {}, "checks": {}}
+                    out.append(row)
+            else:
+                row = out[-1]
+            row["ms"][c["op"][4:]] = t
+            if name in r["checks"]:
+                row["checks"][c["op"][4:]] = r["checks"][name]
+    for row in out:
+        t0 = row["ms"].get("original")
+        row["speedup"] = {v: t0 / row["ms"][v] for v in ("converted", "folded") if t0 and row["ms"].get(v)}
+    out.sort(key=lambda o: (list(_cases.APP_MODELS).index(o["model"]), o["n"],
+                            list(MODEL_BACKENDS).index(o["backend"]) if o["backend"] in MODEL_BACKENDS else 99))
+    return out
+
+
+def _models_table(report):
+    rows = (report["summary"] or {}).get("models") or []
+    head = ["model", "backend", "original ms", "converted ms", "folded ms", "converted", "folded", "max rel err"]
+    body = []
+    for m in rows:
+        err = max(m["checks"].values()) if m["checks"] else None
+        body.append([f"{m['label']} b{m['n']}", m["backend"]] + [_fmt_ms(m["ms"].get(v)) for v in
+                                                               ("original", "converted", "folded")]
+                    + [f"{m['speedup'][v]:.2f}x" if v in m["speedup"] else "-" for v in ("converted", "folded")]
+                    + [f"{err:.1e}" if err is not None else "-"])
+    if not body:
+        return []
+    widths = [max(len(str(x[i])) for x in [head] + body) for i in range(len(head))]
+    out = ["  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths)))]
+    out.append("  ".join("-" * w for w in widths))
+    for line in body:
+        out.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+    return out
 
 
 # --- text -------------------------------------------------------------------
@@ -380,7 +444,8 @@ def format_text(report):
     bad = [(r["case"]["id"], n, r["checks"][n]) for rows in report["suites"].values() for r in rows
            for n in r.get("check_failed", ())]
     nchecks = sum(len(r["checks"]) for rows in report["suites"].values() for r in rows)
-    out.append(f"checks: {nchecks} outputs compared with a float64 NumPy reference; "
+    out.append(f"checks: {nchecks} outputs compared with a float64 NumPy reference (models suite: converted "
+               f"models with the original); "
                + (f"{len(bad)} MISMATCH(ES), marked '!': " + ", ".join(f"{n} {c} ({e:.1e})" for c, n, e in bad)
                   if bad else "all within the tolerance (1e-4 relative to the output's scale unless "
                                   "NBCONV_BENCH_CHECK_TOL says otherwise)"))
@@ -389,7 +454,7 @@ def format_text(report):
                "'vs best' = t(best peer)/t(nbconv); skip = does not run this case, n/a = not available yet, "
                "absent = library not installed, ! = output check failed.")
     for suite in _cases.SUITES:
-        lines = _table(report, suite)
+        lines = _models_table(report) if suite == "models" else _table(report, suite)
         if not lines:
             continue
         out.append("")
@@ -404,7 +469,7 @@ def format_text(report):
         if suite == "backward" and s.get("backward_note"):
             out.append(f"  note - {s['backward_note']}")
     out.append("")
-    out.append("## Summary against the targets of issue 3 (and issues 2, 4)")
+    out.append("## Summary against the targets of issue 3 (and issues 2, 4, 5, 6)")
     out += _summary_lines(report)
     return "\n".join(out) + "\n"
 
@@ -481,6 +546,32 @@ def _summary_lines(report):
         else:
             add(f"Keras model (issue 5) on {backend}: nbconv layers' speedup over Keras's layers: " + ", ".join(parts)
                 + " (targets: >= 10x on jax, 2x tensorflow, 1.3x torch; bridge <= 1.15x the direct calls at b8)")
+    for backend in MODEL_BACKENDS:
+        rows = [m for m in s.get("models") or [] if m["backend"] == backend]
+        c = report["contenders"].get(f"models_{backend}") or {}
+        if not rows:
+            if c.get("ran") and c.get("available") is False:
+                add(f"models (issue 6) on {backend}: {c.get('note')}")
+            elif c.get("ran"):
+                add(f"models (issue 6) on {backend}: not measured"
+                    + (f" ({'; '.join(f'{k}: {v}' for k, v in list((c.get('errors') or {}).items())[:2])})"
+                       if c.get("errors") else ""))
+            continue
+        parts = ", ".join(f"{m['label']} b{m['n']} " + "/".join(f"{m['speedup'][v]:.2f}x" if v in m["speedup"]
+                                                               else "-" for v in ("converted", "folded"))
+                          for m in rows)
+        line = f"models (issue 6) on {backend}, speedup of converted/folded over the original: {parts}"
+        if backend in MODELS_TARGETS:
+            xc = [m["speedup"]["converted"] for m in rows if m["model"] == "xception" and "converted" in m["speedup"]]
+            tgt = MODELS_TARGETS[backend]
+            line += (f"; converted Xception min {min(xc):.2f}x (target >= {tgt:g}x){_ok(min(xc), tgt, False)}" if xc
+                     else f"; converted Xception not measured (target >= {tgt:g}x)")
+        elif backend == "torch":
+            conv = [m["speedup"]["converted"] for m in rows if "converted" in m["speedup"]]
+            if conv:
+                line += (f"; converted min {min(conv):.2f}x (target: never slower, >= {MODELS_TORCH_TARGET:g}x)"
+                         f"{_ok(min(conv), MODELS_TORCH_TARGET, False)}")
+        add(line)
     mem = report["probes"].get("memory") or {}
     fused = mem.get("fused")
     if fused and "error" not in fused:

@@ -104,6 +104,10 @@ def _run(benchmark, case):
             err = _contenders.rel_error(bench.to_nhwc(out), ref)
             INFO["checks"][case.id] = err
             benchmark.extra_info["check_rel_err"] = err
+        elif bench.rel_err is not None and CHECK:
+            # the contender compared against its own reference (e.g. a converted model against the original)
+            INFO["checks"][case.id] = bench.rel_err
+            benchmark.extra_info["check_rel_err"] = bench.rel_err
         del out
         if not isinstance(case, str):
             bench()  # a second untimed call: some libraries finish their set-up on it
@@ -117,7 +121,10 @@ def _run(benchmark, case):
         benchmark.extra_info.update(flops=case.flops, shape=case.shape_label, suite=case.suite)
     else:
         benchmark.extra_info.update(flops=CONTENDER.flops)
-    benchmark(bench)
+    if bench.rounds:
+        benchmark.pedantic(bench, rounds=bench.rounds, iterations=1)
+    else:
+        benchmark(bench)
     if "threadpools" not in INFO:
         INFO["threadpools"] = _threadpools()  # after a call, so lazily loaded pools are listed
     _write_info()
