@@ -43,15 +43,17 @@ class Unsupported(Exception):
 
 class Bench:
     """``rel_err``: a check the contender already made (instead of the float64 reference);
-    ``rounds``: a fixed number of timed rounds (for slow whole-model calls) instead of pytest-benchmark's choice."""
+    ``rounds``: a fixed number of timed rounds (for slow whole-model calls) instead of pytest-benchmark's choice;
+    ``warmed``: ``setup`` already made the untimed first call(s), so the runner makes none before timing."""
 
-    def __init__(self, fn, to_nhwc=None, pads=None, check=True, rel_err=None, rounds=None):
+    def __init__(self, fn, to_nhwc=None, pads=None, check=True, rel_err=None, rounds=None, warmed=False):
         self.fn = fn
         self.to_nhwc = to_nhwc or (lambda out: np.asarray(out))
         self.pads = pads
         self.check = check
         self.rel_err = rel_err
         self.rounds = rounds
+        self.warmed = warmed
 
     def __call__(self):
         return self.fn()
@@ -571,10 +573,9 @@ class NbConvLayers(KerasModel):
 
 #: Keras backends the "models" suite runs on, one process each
 MODEL_BACKENDS = ("jax", "tensorflow", "torch")
-#: timed rounds per model call (each call is tens of ms to seconds): more for the cheap calls
-MODEL_ROUNDS = {"cheap": 5, "costly": 3}
-#: above this many forward MACs per call a model call is "costly"
-MODEL_COSTLY_MACS = 5e9
+#: timed rounds per model call, by forward MACs per call (tens of ms to seconds a call; the full run must stay
+#: within a few minutes per backend on 2 cores): (upper bound of MACs, rounds)
+MODEL_ROUNDS = ((5e9, 5), (30e9, 3), (math.inf, 2))
 
 
 class AppModels(Contender):
@@ -674,9 +675,14 @@ class AppModels(Contender):
         model, x, ref = self._get(case)
         rel_err = None
         if case.op != "app_original":
+            # this first call also compiles the converted model's predict function (outside the timing)
             rel_err = rel_error(model.predict_on_batch(x), ref.astype(np.float64))
-        rounds = MODEL_ROUNDS["costly" if sum(case.macs) > MODEL_COSTLY_MACS else "cheap"]
-        return Bench(lambda: model.predict_on_batch(x), check=False, rel_err=rel_err, rounds=rounds)
+        # the original's first call (its reference prediction, in _get) compiled it; on the cheaper calls one more
+        # untimed call lets lazily initialised pools settle (a costly call is long enough not to need it)
+        rounds = next(r for limit, r in MODEL_ROUNDS if sum(case.macs) <= limit)
+        if sum(case.macs) <= MODEL_ROUNDS[0][0]:
+            model.predict_on_batch(x)
+        return Bench(lambda: model.predict_on_batch(x), check=False, rel_err=rel_err, rounds=rounds, warmed=True)
 
 
 class Sgemm(Contender):
