@@ -47,6 +47,9 @@ def _pin_cpus(n):
     return None
 
 
+# e.g. KERAS_BACKEND of the models suite's contenders, when this file is run directly (the runner sets them)
+for _k, _v in getattr(CONTENDER, "env", {}).items():
+    os.environ.setdefault(_k, _v)
 PINNED = _pin_cpus(_contenders.THREADS)
 NOTE = CONTENDER.available()
 INFO = {"contender": CONTENDER.name, "label": CONTENDER.label, "available": NOTE is None, "note": NOTE,
