@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m benchmarks                      # full run (about 10-15 minutes on 2 cores)
+    python -m benchmarks                      # full run (about 15-20 minutes on 2 cores)
     python -m benchmarks --quick              # a couple of minutes: few shapes, few rounds
     python -m benchmarks --suite mobilenet,hard --contenders nbconv,onnxruntime
     python -m benchmarks --list               # suites, cases and contenders
