@@ -24,6 +24,7 @@ __all__ = [
     "check_bias",
     "depthwise_geometry",
     "pointwise_matrix",
+    "separable_operands",
     "same_padding",
 ]
 
@@ -319,3 +320,16 @@ def pointwise_matrix(kernel, channels, name="pointwise_kernel"):
     if matrix.shape[0] == 0 or matrix.shape[1] == 0:
         raise ValueError(f"Expected `{name}` to have at least one input channel and one filter. Received: {name} with shape {kernel.shape}")
     return matrix
+
+
+def separable_operands(x, depthwise_kernel, pointwise_kernel, strides, padding, dilation_rate, channels_last):
+    """Validate the arrays of a separable convolution (forward or backward).
+
+    Returns ``(x, depthwise_kernel, pointwise_kernel, geometry, pointwise matrix (C*dm, F))``,
+    the arrays as float ndarrays (no copies).
+    """
+    x = as_float_array(x, "x")
+    dk = as_float_array(depthwise_kernel, "depthwise_kernel")
+    pk = as_float_array(pointwise_kernel, "pointwise_kernel")
+    g = depthwise_geometry(x, dk, strides, padding, dilation_rate, channels_last, "depthwise_kernel")
+    return x, dk, pk, g, pointwise_matrix(pk, g.c * g.dm)

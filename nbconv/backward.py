@@ -366,13 +366,9 @@ def separable_conv2d_backward(grad_output, x, depthwise_kernel, pointwise_kernel
     strides, dilation_rate = _args.resolve_aliases("separable_conv2d_backward", strides, dilation_rate, aliases)
     channels_last = _args.normalize_data_format(data_format)
     names = _normalize_wrt(wrt, SeparableConv2DGrads._fields)
-    x = _args.as_float_array(x, "x")
-    dk = _args.as_float_array(depthwise_kernel, "depthwise_kernel")
-    pk = _args.as_float_array(pointwise_kernel, "pointwise_kernel")
-    g = _args.depthwise_geometry(x, dk, strides, padding, dilation_rate, channels_last, "depthwise_kernel")
-    cm = g.c * g.dm
-    wmat = _args.pointwise_matrix(pk, cm)
-    f = wmat.shape[1]
+    x, dk, pk, g, wmat = _args.separable_operands(x, depthwise_kernel, pointwise_kernel, strides, padding,
+                                                  dilation_rate, channels_last)
+    cm, f = wmat.shape
     grad_output = _check_grad_output(grad_output, g.out_shape(f), "separable_conv2d")
     compute, result = _args.dtypes_for(grad_output, x, dk, pk)
 

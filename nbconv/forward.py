@@ -289,13 +289,9 @@ def separable_conv2d(x, depthwise_kernel, pointwise_kernel, bias=None, *, stride
     channels_last = _args.normalize_data_format(data_format)
     act = _args.normalize_activation(activation)
     dact = _args.normalize_activation(depthwise_activation, "depthwise_activation")
-    x = _args.as_float_array(x, "x")
-    dk = _args.as_float_array(depthwise_kernel, "depthwise_kernel")
-    pk = _args.as_float_array(pointwise_kernel, "pointwise_kernel")
-    g = _args.depthwise_geometry(x, dk, strides, padding, dilation_rate, channels_last, "depthwise_kernel")
-    cm = g.c * g.dm
-    wmat = _args.pointwise_matrix(pk, cm)
-    f = wmat.shape[1]
+    x, dk, pk, g, wmat = _args.separable_operands(x, depthwise_kernel, pointwise_kernel, strides, padding,
+                                                  dilation_rate, channels_last)
+    cm, f = wmat.shape
     bias = _args.check_bias(bias, "bias", f)
     dbias = _args.check_bias(depthwise_bias, "depthwise_bias", cm)
     compute, result = _args.dtypes_for(x, dk, pk, bias, dbias)
