@@ -91,7 +91,7 @@ dgemm = types.ExternalFunction("nbconv_dgemm", _gemm_sig)
 
 
 class _BlasThreads:
-    """Keeps SciPy's BLAS single-threaded while any nbconv kernel runs.
+    """Keeps SciPy's BLAS single-threaded while any nbconv kernel runs (``with BLAS_THREADS:``).
 
     The kernels call BLAS from inside ``prange`` workers; BLAS threads of its
     own there would oversubscribe the cores and stall every call.  Nested and
@@ -148,10 +148,6 @@ class _BlasThreads:
             if self._set is not None and self._depth == 0 and self._saved not in (None, 1):
                 self._set(self._saved)
         return False
-
-    def single(self):
-        """Context manager: BLAS single-threaded inside (re-entrant, thread-safe)."""
-        return self
 
 
 BLAS_THREADS = _BlasThreads()
