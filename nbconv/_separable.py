@@ -30,7 +30,7 @@ from ._pointwise import epilogue_cols, epilogue_rows, gemm_rm
 
 @pjit
 def separable(x, channels_last, wt, bt, wc, bc, dact, wmat, bias, act, out1, dm, sh, sw, dh, dw, pt, pl, kh_n, kw_n,
-              oh_n, ow_n, wp, th, shared, tile_p, fb, nw, nchunks1, nchunks, xs_scr, d_scr, ibuf, consts, chars):
+              oh_n, ow_n, wp, th, shared, gn, tile_p, fb, nw, nchunks1, nchunks, xs_scr, d_scr, ibuf, consts, chars):
     """Parallel fused separable convolution.
 
     Parameters
@@ -50,6 +50,9 @@ def separable(x, channels_last, wt, bt, wc, bc, dact, wmat, bias, act, out1, dm,
     shared : bool
         Shared mode (see the module notes); ``tile_p`` is then the GEMM tile
         in pixels, and ``nchunks1`` the chunk count of phase 1.
+    gn : int
+        Shared mode: number of separate GEMMs in phase 2, ``N`` for NCHW
+        input, 1 for NHWC (the pixels of all images are contiguous rows).
     xs_scr : ndarray of shape (nchunks1 or nchunks, packed rows * wp * C*dm)
     d_scr : ndarray of shape (nchunks, th * OW * C*dm), or (1, N * OH * OW * C*dm) if shared
         Depthwise tiles, pixel-major for NHWC input and channel-major for NCHW input.
@@ -61,7 +64,7 @@ def separable(x, channels_last, wt, bt, wc, bc, dact, wmat, bias, act, out1, dm,
     filters)`` (filter blocks innermost, so a chunk reuses its depthwise tile
     across them), grouped into ``nchunks`` contiguous chunks, each owning its
     scratch rows.  Shared mode: phase 1 over ``(n, tile of th rows)``, phase
-    2 over ``(n, tile of tile_p pixels, block of fb filters)``.  Tasks write
+    2 over ``(GEMM, tile of tile_p pixels, block of fb filters)``.  Tasks write
     disjoint parts of the output (and of the shared buffer).
     """
     n_img = x.shape[0]
@@ -83,10 +86,13 @@ def separable(x, channels_last, wt, bt, wc, bc, dact, wmat, bias, act, out1, dm,
                 doff = (n * oh_n + r0) * ow_n * cm if channels_last else n * cm * ohw + r0 * ow_n
                 dw_tile(x, n, channels_last, wt, bt, wc, bc, dact, dm, r0, nr, sh, sw, dh, dw, pt, pl, kh_n, kw_n,
                         ow_n, wp, nw, xs, dall, doff, ohw)
-        ptiles = (ohw + tile_p - 1) // tile_p
+        gp = n_img * ohw // gn
+        ptiles = (gp + tile_p - 1) // tile_p
+        ntasks = gn * ptiles * fblocks
     else:
+        gp = ohw
         ptiles = rtiles
-    ntasks = n_img * ptiles * fblocks
+        ntasks = n_img * ptiles * fblocks
     for chunk in prange(nchunks):
         t0 = chunk * ntasks // nchunks
         t1 = (chunk + 1) * ntasks // nchunks
@@ -99,7 +105,7 @@ def separable(x, channels_last, wt, bt, wc, bc, dact, wmat, bias, act, out1, dm,
             n = tile // ptiles
             if shared:
                 p0 = (tile - n * ptiles) * tile_p
-                npx = min(tile_p, ohw - p0)
+                npx = min(tile_p, gp - p0)
                 d = d_scr[0]
                 doff = (n * ohw + p0) * cm if channels_last else n * cm * ohw + p0
                 ldd = ohw

@@ -7,8 +7,10 @@ from hypothesis import strategies as st
 import nbconv
 from reference import (
     assert_close,
+    depthwise_ref,
     output_size,
     pair,
+    pointwise_ref,
     random_array,
     resolve_padding,
     separable_ref,
@@ -247,3 +249,37 @@ def test_separable_explicit_padding_matches_keras_on_padded_input(rng, keras_ops
     kwargs = dict(strides=strides, padding=padding, dilation_rate=dilation, data_format=data_format)
     assert_close(nbconv.separable_conv2d(x, dk, pk, **kwargs), expected, tol=2e-5)
     assert_close(separable_ref(x, dk, pk, **kwargs), expected, tol=2e-5)
+
+
+# ---------------------------------------------------------------- work planning (forward._plan, _row_tiles)
+
+# (N, H, W, C, F, strides): batch 1 and several, pixels above and below the split threshold, filters beyond FB_TARGET
+PLAN_SHAPES = [(1, 7, 7, 24, 40, 1), (1, 10, 9, 8, 200, 1), (3, 6, 5, 6, 70, 2), (2, 13, 11, 5, 9, 1),
+               (1, 1, 5, 4, 130, 1), (5, 3, 3, 3, 7, 1)]
+
+
+@pytest.mark.parametrize("data_format", FORMATS)
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+@pytest.mark.parametrize("tiles", ["one-row", "default"])
+@pytest.mark.parametrize("shared_bytes", [0, 1 << 30])
+def test_separable_every_work_plan(rng, monkeypatch, data_format, threads, tiles, shared_bytes):
+    """Fused and shared modes, pixel and filter splits, one-row tiles, task counts for 1..5 threads."""
+    import nbconv.forward as fw
+
+    monkeypatch.setattr(fw, "planning_threads", lambda: threads)
+    monkeypatch.setattr(fw, "SHARED_BYTES", shared_bytes)
+    monkeypatch.setattr(fw, "MIN_SPLIT_P", 16)
+    monkeypatch.setattr(fw, "MIN_FB", 16)
+    monkeypatch.setattr(fw, "FB_TARGET", 48)
+    if tiles == "one-row":
+        monkeypatch.setattr(fw, "TILE_BYTES", 1)
+    for n, h, w, c, f, s in PLAN_SHAPES:
+        x, dk, pk, kwargs = _geometry_inputs(rng, (n, h, w, c, 1, f, 3, s, 1, "same"), data_format)
+        bias = random_array(rng, (f,), np.float32)
+        expected = separable_ref(x, dk, pk, bias, **kwargs)
+        assert_close(nbconv.separable_conv2d(x, dk, pk, bias, **kwargs), expected, tol=tolerance_for(np.float32))
+        xp = random_array(rng, (n, h, w, c) if data_format == "channels_last" else (n, c, h, w), np.float32)
+        assert_close(nbconv.pointwise_conv2d(xp, pk, bias, data_format=data_format),
+                     pointwise_ref(xp, pk, bias, data_format=data_format), tol=tolerance_for(np.float32))
+        assert_close(nbconv.depthwise_conv2d(x, dk, **kwargs), depthwise_ref(x, dk, **kwargs),
+                     tol=tolerance_for(np.float32))
