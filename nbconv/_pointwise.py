@@ -1,15 +1,17 @@
-"""Pointwise (1x1) convolution kernels and the GEMM tile helpers the fused kernels share.
+"""Pointwise (1x1) convolution kernels, the epilogues the fused kernels share, and the BLAS tile helper.
 
-The product runs in SciPy's BLAS ``sgemm``/``dgemm``, called straight from
-the kernels (see :mod:`nbconv._runtime`) one tile per task, with BLAS kept
-single-threaded while ``prange`` provides the parallelism.  Leading
-dimensions let every tile read its operands and write its result in place,
-in NHWC and in NCHW, with no packing or transposing copies.
+The forward products run in :func:`nbconv._gemm.gemm_nn` one tile per task,
+reading every operand in place through offsets and leading dimensions (NHWC
+and NCHW alike, no packing or transposing copies).  :func:`gemm_rm` calls
+SciPy's BLAS ``sgemm``/``dgemm`` straight from a kernel (see
+:mod:`nbconv._runtime`) for the backward products, whose transposed operands
+the micro-kernel does not read.
 """
 import numpy as np
 from numba import prange
 
 from ._elementwise import bias_act_inplace, vec_bias_act_inplace
+from ._gemm import gemm_nn
 from ._jit import jit, pjit
 from ._runtime import dgemm, sgemm
 
@@ -71,7 +73,7 @@ def epilogue_cols(c, coff, rows, cols, ldc, bias, boff, act):
 
 
 @pjit
-def pointwise_nhwc(x2, wmat, bias, act, out2, tile_p, fb, nchunks, ibuf, consts, chars):
+def pointwise_nhwc(x2, wmat, bias, act, out2, tile_p, fb, nchunks):
     """Parallel pointwise convolution, NHWC: ``out2 = act(x2 @ wmat + bias)``.
 
     Parameters
@@ -80,8 +82,6 @@ def pointwise_nhwc(x2, wmat, bias, act, out2, tile_p, fb, nchunks, ibuf, consts,
         All pixels of all images, C-contiguous.
     wmat : ndarray of shape (K, F)
     out2 : ndarray of shape (P, F)
-    ibuf : ndarray of shape (nchunks, 8), int32
-        Per-chunk BLAS argument scratch.
 
     Notes
     -----
@@ -98,19 +98,18 @@ def pointwise_nhwc(x2, wmat, bias, act, out2, tile_p, fb, nchunks, ibuf, consts,
     for chunk in prange(nchunks):
         t0 = chunk * ntasks // nchunks
         t1 = (chunk + 1) * ntasks // nchunks
-        ib = ibuf[chunk]
         for t in range(t0, t1):
             pt = t // fblocks
             f0 = (t - pt * fblocks) * fb
             nf = min(fb, f - f0)
             p0 = pt * tile_p
             npx = min(tile_p, p_all - p0)
-            gemm_rm(0, 0, npx, nf, k, x1, p0 * k, k, w1, f0, f, False, o1, p0 * f + f0, f, ib, consts, chars)
+            gemm_nn(npx, nf, k, x1, p0 * k, k, 1, w1, f0, f, o1, p0 * f + f0, f)
             epilogue_rows(o1, p0 * f + f0, npx, nf, f, bias, f0, act)
 
 
 @pjit
-def pointwise_nchw(x3, wmat, bias, act, out3, tile_p, fb, nchunks, ibuf, consts, chars):
+def pointwise_nchw(x3, wmat, bias, act, out3, tile_p, fb, nchunks):
     """Parallel pointwise convolution, NCHW: ``out3[n] = act(wmat.T @ x3[n] + bias[:, None])``.
 
     Parameters
@@ -122,7 +121,7 @@ def pointwise_nchw(x3, wmat, bias, act, out3, tile_p, fb, nchunks, ibuf, consts,
     Notes
     -----
     Parallel over tasks ``(n, tile of tile_p pixels, block of fb filters)``;
-    BLAS reads the strided pixel tile and writes the strided output tile in place.
+    the product reads the strided pixel tile and writes the strided output tile in place.
     """
     n_img, k, hw = x3.shape
     f = wmat.shape[1]
@@ -135,7 +134,6 @@ def pointwise_nchw(x3, wmat, bias, act, out3, tile_p, fb, nchunks, ibuf, consts,
     for chunk in prange(nchunks):
         t0 = chunk * ntasks // nchunks
         t1 = (chunk + 1) * ntasks // nchunks
-        ib = ibuf[chunk]
         for t in range(t0, t1):
             n = t // (ptiles * fblocks)
             r = t - n * ptiles * fblocks
@@ -145,5 +143,6 @@ def pointwise_nchw(x3, wmat, bias, act, out3, tile_p, fb, nchunks, ibuf, consts,
             p0 = pt * tile_p
             npx = min(tile_p, hw - p0)
             coff = n * f * hw + f0 * hw + p0
-            gemm_rm(1, 0, nf, npx, k, w1, f0, f, x1, n * k * hw + p0, hw, False, o1, coff, hw, ib, consts, chars)
+            # out[f, p] = sum_k wmat[k, f] x[k, p]: wmat read transposed (row stride 1, k stride F)
+            gemm_nn(nf, npx, k, w1, f0, 1, f, x1, n * k * hw + p0, hw, o1, coff, hw)
             epilogue_cols(o1, coff, nf, npx, hw, bias, f0, act)

@@ -4,8 +4,8 @@ Each task takes a tile of ``th`` whole output rows of one image: it packs the
 input rows the tile needs into zero-padded NHWC scratch (transposing NCHW
 input and repeating channels for ``dm > 1`` on the way), computes the
 depthwise result of the tile for all ``C*dm`` channels into thread-private
-scratch, and multiplies that tile straight into the output with BLAS
-(single-threaded per task).  The full depthwise intermediate is never
+scratch, and multiplies that tile straight into the output
+(:func:`nbconv._gemm.gemm_nn`, serial per task).  The full depthwise intermediate is never
 materialised.
 
 Small images (too few row tiles to keep every thread busy) switch to a
@@ -25,12 +25,13 @@ from numba import prange
 
 from ._depthwise import dw_tile
 from ._jit import pjit
-from ._pointwise import epilogue_cols, epilogue_rows, gemm_rm
+from ._gemm import gemm_nn
+from ._pointwise import epilogue_cols, epilogue_rows
 
 
 @pjit
 def separable(x, channels_last, wt, bt, wc, bc, dact, wmat, bias, act, out1, dm, sh, sw, dh, dw, pt, pl, kh_n, kw_n,
-              oh_n, ow_n, wp, th, shared, gn, tile_p, fb, nw, nchunks1, nchunks, xs_scr, d_scr, ibuf, consts, chars):
+              oh_n, ow_n, wp, th, shared, gn, tile_p, fb, nw, nchunks1, nchunks, xs_scr, d_scr):
     """Parallel fused separable convolution.
 
     Parameters
@@ -56,7 +57,6 @@ def separable(x, channels_last, wt, bt, wc, bc, dact, wmat, bias, act, out1, dm,
     xs_scr : ndarray of shape (nchunks1 or nchunks, packed rows * wp * C*dm)
     d_scr : ndarray of shape (nchunks, th * OW * C*dm), or (1, N * OH * OW * C*dm) if shared
         Depthwise tiles, pixel-major for NHWC input and channel-major for NCHW input.
-    ibuf : ndarray of shape (nchunks, 8), int32
 
     Notes
     -----
@@ -96,7 +96,6 @@ def separable(x, channels_last, wt, bt, wc, bc, dact, wmat, bias, act, out1, dm,
     for chunk in prange(nchunks):
         t0 = chunk * ntasks // nchunks
         t1 = (chunk + 1) * ntasks // nchunks
-        ib = ibuf[chunk]
         have = -1
         for t in range(t0, t1):
             tile = t // fblocks
@@ -123,9 +122,9 @@ def separable(x, channels_last, wt, bt, wc, bc, dact, wmat, bias, act, out1, dm,
                     have = tile
             if channels_last:
                 coff = (n * ohw + p0) * f + f0
-                gemm_rm(0, 0, npx, nf, cm, d, doff, cm, w1, f0, f, False, out1, coff, f, ib, consts, chars)
+                gemm_nn(npx, nf, cm, d, doff, cm, 1, w1, f0, f, out1, coff, f)
                 epilogue_rows(out1, coff, npx, nf, f, bias, f0, act)
             else:
                 coff = (n * f + f0) * ohw + p0
-                gemm_rm(1, 0, nf, npx, cm, w1, f0, f, d, doff, ldd, False, out1, coff, ohw, ib, consts, chars)
+                gemm_nn(nf, npx, cm, w1, f0, 1, f, d, doff, ldd, out1, coff, ohw)
                 epilogue_cols(out1, coff, nf, npx, ohw, bias, f0, act)

@@ -11,8 +11,8 @@ import numpy as np
 
 from . import _args
 from ._depthwise import depthwise_packed
-from ._pointwise import GEMM_CHARS, pointwise_nchw, pointwise_nhwc
-from ._runtime import GEMM_LAUNCH, LAUNCH_LOCK
+from ._pointwise import pointwise_nchw, pointwise_nhwc
+from ._runtime import LAUNCH_LOCK
 from ._separable import separable
 from ._threads import planning_threads
 
@@ -231,14 +231,6 @@ def depthwise_conv2d(x, kernel, bias=None, *, strides=_args.DEFAULT, padding="va
     return _finish(out, result)
 
 
-#: alpha, beta=0, beta=1 for the GEMM helper, per compute dtype (read-only, shared by every call)
-_GEMM_CONSTS = {np.dtype(t): np.array([1, 0, 1], t) for t in (np.float32, np.float64)}
-
-
-def _gemm_buffers(nchunks, compute):
-    return np.empty((nchunks, 8), np.int32), _GEMM_CONSTS[compute]
-
-
 def pointwise_conv2d(x, kernel, bias=None, *, data_format="channels_last", activation=None):
     """Pointwise (1x1) 2-D convolution.
 
@@ -277,17 +269,13 @@ def pointwise_conv2d(x, kernel, bias=None, *, data_format="channels_last", activ
     if channels_last:
         tile_p, fb, ntasks = _plan(1, n * h * w, f, threads)
         nchunks = _nchunks(ntasks, threads)
-        ibuf, consts = _gemm_buffers(nchunks, compute)
-        with GEMM_LAUNCH:
-            pointwise_nhwc(xc.reshape(-1, k), wc, bc, act, out.reshape(-1, f), tile_p, fb, nchunks, ibuf, consts,
-                           GEMM_CHARS)
+        with LAUNCH_LOCK:
+            pointwise_nhwc(xc.reshape(-1, k), wc, bc, act, out.reshape(-1, f), tile_p, fb, nchunks)
     else:
         tile_p, fb, ntasks = _plan(n, h * w, f, threads)
         nchunks = _nchunks(ntasks, threads)
-        ibuf, consts = _gemm_buffers(nchunks, compute)
-        with GEMM_LAUNCH:
-            pointwise_nchw(xc.reshape(n, k, -1), wc, bc, act, out.reshape(n, f, -1), tile_p, fb, nchunks, ibuf,
-                           consts, GEMM_CHARS)
+        with LAUNCH_LOCK:
+            pointwise_nchw(xc.reshape(n, k, -1), wc, bc, act, out.reshape(n, f, -1), tile_p, fb, nchunks)
     return _finish(out, result)
 
 
@@ -356,11 +344,8 @@ def separable_conv2d(x, depthwise_kernel, pointwise_kernel, bias=None, *, stride
         nchunks1, gn = 0, g.n
     nchunks = _nchunks(ntasks, threads)
     d_shape = (1, g.n * g.oh * g.ow * cm) if shared else (nchunks, th * g.ow * cm)
-    xs, d, ibuf = _workspace(((max(nchunks, nchunks1), _packed_size(g, th, wp)), compute), (d_shape, compute),
-                             ((nchunks, 8), np.int32))
-    consts = _GEMM_CONSTS[compute]
-    with GEMM_LAUNCH:
+    xs, d = _workspace(((max(nchunks, nchunks1), _packed_size(g, th, wp)), compute), (d_shape, compute))
+    with LAUNCH_LOCK:
         separable(xc, channels_last, wt, bt, wc_dw, bc_dw, dact, wc, bc, act, out.reshape(-1), g.dm, g.sh, g.sw, g.dh, g.dw,
-                  g.pt, g.pl, g.kh, g.kw, g.oh, g.ow, wp, th, shared, gn, tile_p, fb, nw, nchunks1, nchunks, xs, d,
-                  ibuf, consts, GEMM_CHARS)
+                  g.pt, g.pl, g.kh, g.kw, g.oh, g.ow, wp, th, shared, gn, tile_p, fb, nw, nchunks1, nchunks, xs, d)
     return _finish(out, result)
