@@ -21,9 +21,6 @@ from numba import prange
 from ._elementwise import bias_act_inplace, vec_bias_act_inplace
 from ._jit import jit, pjit
 
-#: channels per slice of the one-pixel depthwise loop (see :func:`dw_packed_rows`)
-DW_CHANNEL_SLICE = 100000
-
 
 @jit
 def _first_valid(offset, step, limit, lo, hi):
@@ -229,51 +226,39 @@ def dw_packed_rows(xs, wp, wt, bt, act, nrows, ow_n, sh, sw, dh, dw, kh_n, kw_n,
     nblocks = (ow_n + nw - 1) // nw
     rs = dh * wp * cm
     cs = dw * cm
-    # one pixel per block (many channels): walk channel slices of cb across the row, so the nine input
-    # streams and the weights of a slice stay in L1 from one pixel to the next
-    cb = cm if nw > 1 else min(cm, DW_CHANNEL_SLICE)
+    # the nine 3x3 tap rows, hoisted out of the loops (row 0 nine times for other kernel sizes)
+    t = 1 if kh_n == 3 and kw_n == 3 else 0
+    w0, w1, w2, w3, w4, w5, w6, w7, w8 = wt[0], wt[t], wt[2 * t], wt[3 * t], wt[4 * t], wt[5 * t], wt[6 * t], \
+        wt[7 * t], wt[8 * t]
     for r in range(nrows):
-        for c0 in range(0, cm, cb):
-            # the nine 3x3 tap rows, hoisted out of the pixel loop (row 0 nine times for other kernel sizes)
-            t = 1 if kh_n == 3 and kw_n == 3 else 0
-            w0 = wt[0, c0:]
-            w1 = wt[t, c0:]
-            w2 = wt[2 * t, c0:]
-            w3 = wt[3 * t, c0:]
-            w4 = wt[4 * t, c0:]
-            w5 = wt[5 * t, c0:]
-            w6 = wt[6 * t, c0:]
-            w7 = wt[7 * t, c0:]
-            w8 = wt[8 * t, c0:]
-            bc = bt[c0:]
-            for b in range(nblocks):
-                ow = b * nw
-                ln = min(nw, ow_n - ow) * cm if nw > 1 else min(cb, cm - c0)
-                d = dst[(r * ow_n + ow) * cm + c0:]
-                x0 = xs[((r * sh) * wp + ow * sw) * cm + c0:]
-                if kh_n == 3 and kw_n == 3:
-                    x1 = x0[cs:]
-                    x2 = x0[2 * cs:]
-                    x3 = x0[rs:]
-                    x4 = x3[cs:]
-                    x5 = x3[2 * cs:]
-                    x6 = x0[2 * rs:]
-                    x7 = x6[cs:]
-                    x8 = x6[2 * cs:]
-                    for i in range(ln):
-                        d[i] = (bc[i] + x0[i] * w0[i] + x1[i] * w1[i] + x2[i] * w2[i] + x3[i] * w3[i]
-                                + x4[i] * w4[i] + x5[i] * w5[i] + x6[i] * w6[i] + x7[i] * w7[i] + x8[i] * w8[i])
-                else:
-                    for i in range(ln):
-                        d[i] = bc[i]
-                    for kh in range(kh_n):
-                        for kw in range(kw_n):
-                            xt = x0[kh * rs + kw * cs:]
-                            wv = wt[kh * kw_n + kw, c0:]
-                            for i in range(ln):
-                                d[i] += xt[i] * wv[i]
-                if act != 0:
-                    vec_bias_act_inplace(d[:ln], bc, False, act)
+        for b in range(nblocks):
+            ow = b * nw
+            ln = min(nw, ow_n - ow) * cm
+            d = dst[(r * ow_n + ow) * cm:]
+            x0 = xs[((r * sh) * wp + ow * sw) * cm:]
+            if kh_n == 3 and kw_n == 3:
+                x1 = x0[cs:]
+                x2 = x0[2 * cs:]
+                x3 = x0[rs:]
+                x4 = x3[cs:]
+                x5 = x3[2 * cs:]
+                x6 = x0[2 * rs:]
+                x7 = x6[cs:]
+                x8 = x6[2 * cs:]
+                for i in range(ln):
+                    d[i] = (bt[i] + x0[i] * w0[i] + x1[i] * w1[i] + x2[i] * w2[i] + x3[i] * w3[i] + x4[i] * w4[i]
+                            + x5[i] * w5[i] + x6[i] * w6[i] + x7[i] * w7[i] + x8[i] * w8[i])
+            else:
+                for i in range(ln):
+                    d[i] = bt[i]
+                for kh in range(kh_n):
+                    for kw in range(kw_n):
+                        xt = x0[kh * rs + kw * cs:]
+                        wv = wt[kh * kw_n + kw]
+                        for i in range(ln):
+                            d[i] += xt[i] * wv[i]
+            if act != 0:
+                vec_bias_act_inplace(d[:ln], bt, False, act)
 
 
 @jit
