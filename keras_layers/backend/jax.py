@@ -18,6 +18,11 @@ import numpy as np
 
 from . import _common
 
+try:
+    from jax.experimental.buffer_callback import buffer_callback as _buffer_callback
+except ImportError:  # jax < 0.7
+    _buffer_callback = None
+
 
 @jax.tree_util.register_pytree_node_class
 class _Residuals:
@@ -38,11 +43,29 @@ def _sds(a):
     return jax.ShapeDtypeStruct(a.shape, a.dtype)
 
 
+def _host_call(fn, result, *args):
+    """``fn(*ndarrays)`` on the host, declared to return ``result`` (a ShapeDtypeStruct or a tuple of them).
+
+    ``fn`` returns an ndarray, or a tuple of them when ``result`` is a tuple;
+    its results are fresh arrays (they may only alias its inputs while it runs).
+    """
+    if _buffer_callback is None:
+        return jax.pure_callback(fn, result, *args, vmap_method="sequential")
+    many = isinstance(result, tuple)
+
+    def callback(ctx, out, *buffers):
+        # the buffers are XLA's own, valid during this call only: nothing read from them may outlive it
+        values = fn(*[np.asarray(b) for b in buffers])
+        for dst, src in zip(out if many else (out,), values if many else (values,)):
+            np.copyto(np.asarray(dst), src, casting="no")
+
+    return _buffer_callback(callback, result, vmap_method="sequential")(*args)
+
+
 def _forward(cfg, args):
     out_shape = _common.output_shape(cfg, args[0].shape, args[1].shape,
                                      _common.filters_of(cfg, [a.shape for a in args[1:]]))
-    return jax.pure_callback(functools.partial(_common.forward, cfg), jax.ShapeDtypeStruct(out_shape, args[0].dtype),
-                             *args, vmap_method="sequential")
+    return _host_call(functools.partial(_common.forward, cfg), jax.ShapeDtypeStruct(out_shape, args[0].dtype), *args)
 
 
 @functools.lru_cache(maxsize=None)
@@ -67,8 +90,7 @@ def _op(cfg):
         by_name = dict(zip(names, res.arrays))
         shapes = tuple(_sds(by_name[n]) for n in res.wrt)
         y = res.y if res.y is not None else g
-        grads = jax.pure_callback(functools.partial(_common.backward, cfg, res.wrt), shapes, g, y, *res.arrays,
-                                  vmap_method="sequential")
+        grads = _host_call(functools.partial(_common.backward, cfg, res.wrt), shapes, g, y, *res.arrays)
         got = dict(zip(res.wrt, grads))
         return tuple(got.get(n) for n in names)
 

@@ -173,3 +173,33 @@ def test_jitted_gradients(rng):
     assert_close(to_numpy(dx), dx_ref, tol=1e-4)
     for g, g_ref in zip(dws, dws_ref):
         assert_close(to_numpy(g), g_ref, tol=1e-4)
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="jax.vmap")
+@pytest.mark.parametrize("kind", ["separable", "depthwise"])
+def test_vmap_forward_and_gradient(kind, rng):
+    """``jax.vmap`` over an extra leading axis, of the output and of its input gradient, equals Keras's layer."""
+    import jax
+    import jax.numpy as jnp
+
+    xs = rng.standard_normal((3, 2, 6, 5, 3)).astype("float32")
+    args = dict(kernel_size=3, strides=2, padding="same", activation="relu")
+    if kind == "separable":
+        args["filters"] = 4
+    ours, ref = make_pair(kind, xs.shape[1:], rng, **args)
+
+    def batched(layer):
+        tv = [v.value for v in layer.trainable_variables]
+
+        def loss(x):
+            return jnp.sum(layer.stateless_call(tv, [], x)[0] ** 2)
+
+        def fwd(x):
+            return layer.stateless_call(tv, [], x)[0]
+
+        return jax.jit(jax.vmap(fwd))(xs), jax.jit(jax.vmap(jax.grad(loss)))(xs)
+
+    (y, dx), (y_ref, dx_ref) = batched(ours), batched(ref)
+    assert y.shape == y_ref.shape == (3,) + tuple(ours.compute_output_shape(xs.shape[1:]))
+    assert_close(np.asarray(y), np.asarray(y_ref), tol=2e-5)
+    assert_close(np.asarray(dx), np.asarray(dx_ref), tol=1e-4)
