@@ -7,52 +7,31 @@ fused kernel calls it once per small tile.  Here the operands are read where
 they lie: ``B`` (the pointwise weights, ``K x F`` row-major) in rows of
 ``NV`` vectors, ``A`` (the depthwise tile) one scalar per row and ``k``.
 
-The micro-kernel is emitted as LLVM vector IR (:func:`_microkernel`): Numba's
-loop vectoriser cannot keep a block of ``C`` in registers across the ``k``
-loop, because it cannot prove that the stores to ``C`` do not alias the
-loads of ``A`` and ``B``.  Written with explicit ``<lanes x float>`` values,
-the ``MR x NV`` accumulators live in registers (24 of the 32 zmm registers
-of AVX-512 for 6 x 4), each ``k`` step loads ``NV`` vectors of ``B`` and
-broadcasts ``MR`` scalars of ``A``.  LLVM compiles it for the host CPU, so
-the same IR gives AVX2 or AVX-512 code.
+The micro-kernel is emitted as LLVM vector IR (:func:`_microkernel`, see
+:mod:`nbconv._simd` for why): the ``MR x NV`` accumulators live in registers
+(24 of the 32 zmm registers of AVX-512 for 6 x 4), each ``k`` step loads
+``NV`` vectors of ``B`` and broadcasts ``MR`` scalars of ``A``.
 
-Blocking (:func:`gemm_nn`): columns in panels of ``NV * lanes``, ``k`` in
+Blocking (:func:`gemm_nn`): columns in panels of ``NV`` vectors, ``k`` in
 blocks of :data:`KC` (the ``KC x NR`` panel of ``B`` stays in L2 while every
 row block of ``A`` passes over it), rows in blocks of ``MR``.  The last
-columns (fewer than one vector) use masked loads and stores, and a last row
-block of fewer than ``MR`` rows re-reads its last row instead of reading
-past it, so no load or store ever leaves the arrays.
+columns (fewer than one vector) use masked loads and stores, and row blocks of
+6, 3 and 1 rows cover every row count exactly, so no load or store ever leaves the arrays.
 """
-import numpy as np
-import llvmlite.binding as llvm
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ._jit import jit
+from ._simd import AVX512, VECTOR_BYTES, VectorBuilder
 
-def _has_avx512():
-    try:
-        return "+avx512f" in llvm.get_host_cpu_features().flatten()
-    except RuntimeError:  # a CPU LLVM does not know: assume the smaller registers
-        return False
-
-
-_AVX512 = _has_avx512()
-#: bytes of one vector register: AVX-512 (32 registers) or AVX2 (16)
-VECTOR_BYTES = 64 if _AVX512 else 32
 #: rows of C per micro-kernel call
 MR = 6
 #: vectors of C per row in the micro-kernel: 6 x 4 holds 24 accumulators (of 32 registers), 6 x 2 holds 12 (of 16)
-NV = 4 if _AVX512 else 2
+NV = 4 if AVX512 else 2
 #: k-block: the KC x NR panel of B (64 KiB in float32 with AVX-512) is reused from L2 by every row block
 KC = 256
-
-
-def _lanes(dtype):
-    bits = getattr(dtype, "bitwidth", None) or np.dtype(dtype).itemsize * 8
-    return VECTOR_BYTES * 8 // bits
 
 
 def _microkernel(rows, nv, masked):
@@ -74,87 +53,40 @@ def _microkernel(rows, nv, masked):
         sig = types.void(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols)
 
         def codegen(context, builder, signature, args):
-            a_, aoff_, ars_, aks_, b_, boff_, ldb_, c_, coff_, ldc_, k_, acc_, mr_, ncols_ = args
-            dtype = signature.args[0].dtype
-            fty = context.get_value_type(dtype)
-            lanes = _lanes(dtype)
-            vty = ir.VectorType(fty, lanes)
-            vptr = vty.as_pointer()
-            i32 = ir.IntType(32)
-            i64 = ir.IntType(64)
-
-            def int64(i):
-                return context.cast(builder, args[i], signature.args[i], types.int64)
-
-            def data(i):
-                return context.make_array(signature.args[i])(context, builder, args[i]).data
-
-            def const(v):
-                return ir.Constant(i64, v)
-
-            aptr = builder.gep(data(0), [int64(1)])
-            bptr = builder.gep(data(4), [int64(5)])
-            cptr = builder.gep(data(7), [int64(8)])
-            ars64, aks64, ldb64, ldc64, mr64 = int64(2), int64(3), int64(6), int64(9), int64(12)
-            suffix = f"v{lanes}{'f32' if dtype.bitwidth == 32 else 'f64'}"
-            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty, vty, vty]),
-                                                 f"llvm.fma.{suffix}")
-            zero = ir.Constant(vty, [0.0] * lanes)
-            undef = ir.Constant(vty, ir.Undefined)
-            splat = ir.Constant(ir.VectorType(i32, lanes), [0] * lanes)
-            mask = None
-            if masked:
-                i1v = ir.VectorType(ir.IntType(1), lanes)
-                mload = cgutils.get_or_insert_function(
-                    builder.module, ir.FunctionType(vty, [vptr, i32, i1v, vty]), f"llvm.masked.load.{suffix}.p0")
-                mstore = cgutils.get_or_insert_function(
-                    builder.module, ir.FunctionType(ir.VoidType(), [vty, vptr, i32, i1v]),
-                    f"llvm.masked.store.{suffix}.p0")
-                i64v = ir.VectorType(i64, lanes)
-                nvec = builder.insert_element(ir.Constant(i64v, ir.Undefined), int64(13), ir.Constant(i32, 0))
-                nvec = builder.shuffle_vector(nvec, ir.Constant(i64v, ir.Undefined), splat)
-                mask = builder.icmp_signed("<", ir.Constant(i64v, list(range(lanes))), nvec)
-
-            def load(ptr):
-                if masked:
-                    return builder.call(mload, [ptr, ir.Constant(i32, 4), mask, zero])
-                return builder.load(ptr, align=4)
-
-            def store(val, ptr):
-                if masked:
-                    builder.call(mstore, [val, ptr, ir.Constant(i32, 4), mask])
-                else:
-                    builder.store(val, ptr, align=4)
-
-            # allocas of vector values: LLVM's mem2reg turns them into registers carried around the k loop
-            accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(nv)] for _ in range(rows)]
-            last = builder.sub(mr64, const(1))
+            vb = VectorBuilder(context, builder, signature, args, signature.args[0].dtype)
+            lanes = vb.lanes
+            aptr = vb.at(vb.data(0), vb.int64(1))
+            bptr = vb.at(vb.data(4), vb.int64(5))
+            cptr = vb.at(vb.data(7), vb.int64(8))
+            ars, aks, ldb, ldc, mr, k = vb.int64(2), vb.int64(3), vb.int64(6), vb.int64(9), vb.int64(12), vb.int64(10)
+            mask = vb.mask(vb.int64(13)) if masked else None
+            accs = [vb.accumulators(nv) for _ in range(rows)]
+            last = builder.sub(mr, vb.const(1))
             arow = []
             for r in range(rows):
-                row = builder.select(builder.icmp_signed("<", const(r), mr64), const(r), last)
-                arow.append(builder.gep(aptr, [builder.mul(row, ars64)]))
-            with cgutils.for_range(builder, int64(10)) as loop:
+                row = builder.select(builder.icmp_signed("<", vb.const(r), mr), vb.const(r), last)
+                arow.append(vb.at(aptr, builder.mul(row, ars)))
+            with cgutils.for_range(builder, k) as loop:
                 kk = loop.index
-                brow = builder.gep(bptr, [builder.mul(kk, ldb64)])
-                bv = [load(builder.bitcast(builder.gep(brow, [const(lanes * j)]), vptr)) for j in range(nv)]
-                ka = builder.mul(kk, aks64)
+                brow = vb.at(bptr, builder.mul(kk, ldb))
+                bv = [vb.load(vb.at(brow, lanes * j), mask) for j in range(nv)]
+                ka = builder.mul(kk, aks)
                 for r in range(rows):
-                    s = builder.load(builder.gep(arow[r], [ka]))
-                    v = builder.shuffle_vector(builder.insert_element(undef, s, ir.Constant(i32, 0)), undef, splat)
+                    av = vb.splat(vb.at(arow[r], ka))
                     for j in range(nv):
-                        builder.store(builder.call(fma, [v, bv[j], builder.load(accs[r][j])]), accs[r][j])
-            add = builder.icmp_unsigned("!=", acc_, ir.Constant(acc_.type, 0))
+                        builder.store(vb.fma(av, bv[j], builder.load(accs[r][j])), accs[r][j])
+            add = builder.icmp_unsigned("!=", args[11], ir.Constant(args[11].type, 0))
             for r in range(rows):
-                with builder.if_then(builder.icmp_signed("<", const(r), mr64)):
-                    crow = builder.gep(cptr, [builder.mul(const(r), ldc64)])
+                with builder.if_then(builder.icmp_signed("<", vb.const(r), mr)):
+                    crow = vb.at(cptr, builder.mul(vb.const(r), ldc))
                     for j in range(nv):
-                        p = builder.bitcast(builder.gep(crow, [const(lanes * j)]), vptr)
+                        p = vb.at(crow, lanes * j)
                         val = builder.load(accs[r][j])
                         with builder.if_else(add) as (then, otherwise):
                             with then:
-                                store(builder.fadd(load(p), val), p)
+                                vb.store(builder.fadd(vb.load(p, mask), val), p, mask)
                             with otherwise:
-                                store(val, p)
+                                vb.store(val, p, mask)
             return context.get_dummy_value()
 
         return sig, codegen

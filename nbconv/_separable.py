@@ -31,16 +31,16 @@ from ._pointwise import epilogue_cols, epilogue_rows
 
 @pjit
 def separable(x, channels_last, wt, bt, wc, bc, dact, wmat, bias, act, out1, dm, sh, sw, dh, dw, pt, pl, kh_n, kw_n,
-              oh_n, ow_n, wp, th, shared, gn, tile_p, fb, nw, nchunks1, nchunks, xs_scr, d_scr):
+              oh_n, ow_n, wp, th, shared, gn, tile_p, fb, nchunks1, nchunks, xs_scr, d_scr):
     """Parallel fused separable convolution.
 
     Parameters
     ----------
     x : ndarray of shape (N, H, W, C) if ``channels_last`` else (N, C, H, W)
-    wt : ndarray of shape (KH*KW, nw*C*dm)
-        Depthwise weights per tap, tiled ``nw`` times (see :func:`dw_packed_rows`).
-    bt : ndarray of shape (nw*C*dm,)
-        Depthwise bias tiled ``nw`` times (zeros for none); ``dact`` its activation code.
+    wt : ndarray of shape (KH*KW, C*dm)
+        Depthwise weights per tap (see :func:`nbconv._depthwise.dw_packed_rows`).
+    bt : ndarray of shape (C*dm,)
+        Depthwise bias (zeros for none); ``dact`` its activation code.
     wc, bc : depthwise weights ``(C*dm, KH*KW)`` and bias ``(C*dm,)`` or ``(0,)`` for NCHW input
     wmat : ndarray of shape (C*dm, F)
     bias, act : pointwise bias ``(F,)`` or ``(0,)`` and activation code
@@ -85,7 +85,7 @@ def separable(x, channels_last, wt, bt, wc, bc, dact, wmat, bias, act, out1, dm,
                 nr = min(th, oh_n - r0)
                 doff = (n * oh_n + r0) * ow_n * cm if channels_last else n * cm * ohw + r0 * ow_n
                 dw_tile(x, n, channels_last, wt, bt, wc, bc, dact, dm, r0, nr, sh, sw, dh, dw, pt, pl, kh_n, kw_n,
-                        ow_n, wp, nw, xs, dall, doff, ohw)
+                        ow_n, wp, xs, dall, doff, ohw)
         gp = n_img * ohw // gn
         ptiles = (gp + tile_p - 1) // tile_p
         ntasks = gn * ptiles * fblocks
@@ -118,7 +118,7 @@ def separable(x, channels_last, wt, bt, wc, bc, dact, wmat, bias, act, out1, dm,
                 ldd = th * ow_n
                 if tile != have:
                     dw_tile(x, n, channels_last, wt, bt, wc, bc, dact, dm, r0, nr, sh, sw, dh, dw, pt, pl, kh_n, kw_n,
-                            ow_n, wp, nw, xs_scr[chunk], d, 0, ldd)
+                            ow_n, wp, xs_scr[chunk], d, 0, ldd)
                     have = tile
             if channels_last:
                 coff = (n * ohw + p0) * f + f0

@@ -23,8 +23,6 @@ __all__ = ["depthwise_conv2d", "pointwise_conv2d", "separable_conv2d"]
 TILE_BYTES = 512 * 1024
 #: largest whole depthwise intermediate held at once for small images (shared mode of the fused kernel)
 SHARED_BYTES = 2 * 1024 * 1024
-#: elements of one flattened depthwise inner loop (several pixels when channels are few)
-DW_BLOCK = 512
 #: fewest pixels per thread worth splitting a GEMM's pixels for (below that, its filters are split)
 MIN_SPLIT_P = 128
 #: most pixels in one GEMM task
@@ -147,11 +145,12 @@ def _round_up(value, multiple):
 
 
 def _dw_operands(g, kernel, bias, act_dtype):
-    """Depthwise operands: ``(wt, bt, wc, bc, nw, wp)``.
+    """Depthwise operands: ``(wt, bt, wc, bc, wp)``.
 
-    NHWC: weights and bias tiled ``nw`` times for :func:`nbconv._depthwise.dw_packed_rows`
-    (``wc`` is then an empty ``(C*dm, 0)`` array: the kernels read only its row count);
-    NCHW: per-channel weights ``(C*dm, KH*KW)`` for :func:`nbconv._depthwise.dw_rows_nchw`
+    NHWC: weights per tap ``(KH*KW, C*dm)`` and the bias (zeros for none) for
+    :func:`nbconv._depthwise.dw_packed_rows` (``wc`` is then an empty
+    ``(C*dm, 0)`` array: the kernels read only its row count); NCHW:
+    per-channel weights ``(C*dm, KH*KW)`` for :func:`nbconv._depthwise.dw_rows_nchw`
     (returned in both slots).  ``wp`` is the packed row width.
     """
     cm = g.c * g.dm
@@ -161,20 +160,17 @@ def _dw_operands(g, kernel, bias, act_dtype):
     bc = _bias_array(bias, act_dtype)
     if not g.channels_last:
         wc = np.ascontiguousarray(w.T, dtype=act_dtype)
-        return wc, bc, wc, bc, 1, wp
-    nw = max(1, min(g.ow, DW_BLOCK // cm)) if g.sw == 1 else 1
-    wt = np.empty((khkw, nw * cm), act_dtype)
-    wt.reshape(khkw, nw, cm)[...] = w[:, None, :]
-    bt = np.zeros(nw * cm, act_dtype)
-    if bias is not None:
-        bt.reshape(nw, cm)[...] = bc
+        return wc, bc, wc, bc, wp
+    wt = np.ascontiguousarray(w, dtype=act_dtype)
+    bt = bc if bias is not None else np.zeros(cm, act_dtype)
     wc = _NO_TAPS[act_dtype.char][:cm] if cm <= _NO_TAPS_LEN else np.empty((cm, 0), act_dtype)
-    return wt, bt, wc, bc, nw, wp
+    return wt, bt, wc, bc, wp
 
 
 def _packed_size(g, th, wp):
-    """Elements of one chunk's packed-row scratch: the packed rows, plus a virtual row buffer per output row (NCHW)."""
-    return ((th - 1) * g.sh + (g.kh - 1) * g.dh + 1) * wp * g.c * g.dm + th * wp
+    """Elements of one chunk's packed-row scratch: the packed rows (channels padded to whole vectors, see
+    :func:`nbconv._depthwise.pack_rows`), plus a virtual row buffer per output row (NCHW)."""
+    return ((th - 1) * g.sh + (g.kh - 1) * g.dh + 1) * wp * _round_up(g.c * g.dm, 16) + th * wp
 
 
 def _finish(out, result_dtype):
@@ -221,13 +217,13 @@ def depthwise_conv2d(x, kernel, bias=None, *, strides=_args.DEFAULT, padding="va
         return _finish(out, result)
     xc = np.ascontiguousarray(x, dtype=compute)
     threads = planning_threads()
-    wt, bt, wc, bc, nw, wp = _dw_operands(g, kernel, bias, compute)
+    wt, bt, wc, bc, wp = _dw_operands(g, kernel, bias, compute)
     th = _row_tiles(g, cm, compute.itemsize, threads, 4 * threads)
     nchunks = _nchunks(g.n * -(-g.oh // th), threads)
     (xs,) = _workspace(((nchunks, _packed_size(g, th, wp)), compute))
     with LAUNCH_LOCK:
         depthwise_packed(xc, channels_last, wt, bt, wc, bc, act, out.reshape(-1), g.dm, g.sh, g.sw, g.dh, g.dw,
-                         g.pt, g.pl, g.kh, g.kw, g.oh, g.ow, wp, th, nw, nchunks, xs)
+                         g.pt, g.pl, g.kh, g.kw, g.oh, g.ow, wp, th, nchunks, xs)
     return _finish(out, result)
 
 
@@ -325,7 +321,7 @@ def separable_conv2d(x, depthwise_kernel, pointwise_kernel, bias=None, *, stride
     wc = np.ascontiguousarray(wmat, dtype=compute)
     bc = _bias_array(bias, compute)
     threads = planning_threads()
-    wt, bt, wc_dw, bc_dw, nw, wp = _dw_operands(g, dk, dbias, compute)
+    wt, bt, wc_dw, bc_dw, wp = _dw_operands(g, dk, dbias, compute)
     th = _row_tiles(g, cm, compute.itemsize, threads, 1)
     shared = g.n * -(-g.oh // th) < 2 * threads and g.n * g.oh * g.ow * cm * compute.itemsize <= SHARED_BYTES
     if shared:
@@ -347,5 +343,5 @@ def separable_conv2d(x, depthwise_kernel, pointwise_kernel, bias=None, *, stride
     xs, d = _workspace(((max(nchunks, nchunks1), _packed_size(g, th, wp)), compute), (d_shape, compute))
     with LAUNCH_LOCK:
         separable(xc, channels_last, wt, bt, wc_dw, bc_dw, dact, wc, bc, act, out.reshape(-1), g.dm, g.sh, g.sw, g.dh, g.dw,
-                  g.pt, g.pl, g.kh, g.kw, g.oh, g.ow, wp, th, shared, gn, tile_p, fb, nw, nchunks1, nchunks, xs, d)
+                  g.pt, g.pl, g.kh, g.kw, g.oh, g.ow, wp, th, shared, gn, tile_p, fb, nchunks1, nchunks, xs, d)
     return _finish(out, result)

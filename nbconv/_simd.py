@@ -1,0 +1,142 @@
+"""Explicit vector code for the micro-kernels: LLVM IR emitted through Numba intrinsics.
+
+Numba's loop vectoriser cannot keep a block of results in registers across
+an inner loop, because it cannot prove that the stores to the output do not
+alias the loads of the operands.  The micro-kernels (:mod:`nbconv._gemm`,
+:mod:`nbconv._depthwise`) are therefore written as LLVM IR with explicit
+``<lanes x float>`` values; LLVM compiles them for the host CPU.  This module
+holds what they share: the vector width of the host, and a small builder of
+vector operations (loads and stores, masked for partial vectors, FMA, splat,
+the fused activations).
+"""
+import llvmlite.binding as llvm
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ._elementwise import RELU, RELU6
+
+
+def _has_avx512():
+    try:
+        return "+avx512f" in llvm.get_host_cpu_features().flatten()
+    except RuntimeError:  # a CPU LLVM does not know: assume the smaller registers
+        return False
+
+
+#: AVX-512 (32 vector registers) on the host
+AVX512 = _has_avx512()
+#: bytes of one vector register: AVX-512 or AVX2
+VECTOR_BYTES = 64 if AVX512 else 32
+
+
+def lanes_of(dtype):
+    """Elements of ``dtype`` (a NumPy or Numba float type) in one vector register."""
+    bits = getattr(dtype, "bitwidth", None) or np.dtype(dtype).itemsize * 8
+    return VECTOR_BYTES * 8 // bits
+
+
+I32 = ir.IntType(32)
+I64 = ir.IntType(64)
+
+
+class VectorBuilder:
+    """Vector operations on one intrinsic's arguments (``context``, ``builder``, ``signature``, ``args``)."""
+
+    def __init__(self, context, builder, signature, args, dtype):
+        self.context, self.builder, self.signature, self.args = context, builder, signature, args
+        self.lanes = lanes_of(dtype)
+        self.fty = context.get_value_type(dtype)
+        self.vty = ir.VectorType(self.fty, self.lanes)
+        self.vptr = self.vty.as_pointer()
+        suffix = f"v{self.lanes}{'f32' if dtype.bitwidth == 32 else 'f64'}"
+        self.zero = ir.Constant(self.vty, [0.0] * self.lanes)
+        self._undef = ir.Constant(self.vty, ir.Undefined)
+        self._splat = ir.Constant(ir.VectorType(I32, self.lanes), [0] * self.lanes)
+        module = builder.module
+        self._fma = cgutils.get_or_insert_function(module, ir.FunctionType(self.vty, [self.vty] * 3),
+                                                   f"llvm.fma.{suffix}")
+        i1v = ir.VectorType(ir.IntType(1), self.lanes)
+        self._mload = cgutils.get_or_insert_function(
+            module, ir.FunctionType(self.vty, [self.vptr, I32, i1v, self.vty]), f"llvm.masked.load.{suffix}.p0")
+        self._mstore = cgutils.get_or_insert_function(
+            module, ir.FunctionType(ir.VoidType(), [self.vty, self.vptr, I32, i1v]), f"llvm.masked.store.{suffix}.p0")
+        self._align = ir.Constant(I32, dtype.bitwidth // 8)
+
+    def int64(self, i):
+        """Argument ``i`` (an integer) as an i64 value."""
+        return self.context.cast(self.builder, self.args[i], self.signature.args[i], types.int64)
+
+    def data(self, i):
+        """Data pointer (element type) of array argument ``i``."""
+        return self.context.make_array(self.signature.args[i])(self.context, self.builder, self.args[i]).data
+
+    def const(self, value):
+        return ir.Constant(I64, value)
+
+    def at(self, ptr, *offsets):
+        """Element pointer ``ptr + sum(offsets)`` (offsets are i64 values or ints)."""
+        for off in offsets:
+            ptr = self.builder.gep(ptr, [off if isinstance(off, ir.Value) else self.const(off)])
+        return ptr
+
+    def mask(self, n):
+        """Lane mask ``lane < n`` for an i64 value ``n``."""
+        i64v = ir.VectorType(I64, self.lanes)
+        nv = self.builder.insert_element(ir.Constant(i64v, ir.Undefined), n, ir.Constant(I32, 0))
+        nv = self.builder.shuffle_vector(nv, ir.Constant(i64v, ir.Undefined), self._splat)
+        return self.builder.icmp_signed("<", ir.Constant(i64v, list(range(self.lanes))), nv)
+
+    def load(self, ptr, mask=None):
+        """Vector at element pointer ``ptr``; with a mask, masked-off lanes read as 0 and touch no memory."""
+        vp = self.builder.bitcast(ptr, self.vptr)
+        if mask is None:
+            return self.builder.load(vp, align=self._align.constant)
+        return self.builder.call(self._mload, [vp, self._align, mask, self.zero])
+
+    def store(self, value, ptr, mask=None):
+        vp = self.builder.bitcast(ptr, self.vptr)
+        if mask is None:
+            self.builder.store(value, vp, align=self._align.constant)
+        else:
+            self.builder.call(self._mstore, [value, vp, self._align, mask])
+
+    def splat(self, ptr):
+        """Scalar at element pointer ``ptr`` broadcast to every lane."""
+        s = self.builder.load(ptr)
+        return self.builder.shuffle_vector(self.builder.insert_element(self._undef, s, ir.Constant(I32, 0)),
+                                           self._undef, self._splat)
+
+    def fma(self, a, b, c):
+        """``a * b + c``, fused."""
+        return self.builder.call(self._fma, [a, b, c])
+
+    def activation(self, v, act):
+        """``v`` through the activation with code ``act`` (an i64 value): ReLU / ReLU6 keep NaN, like the reference."""
+        b = self.builder
+        zero = self.zero
+        six = ir.Constant(self.vty, [6.0] * self.lanes)
+        relu = b.select(b.fcmp_ordered("<", v, zero), zero, v)
+        relu6 = b.select(b.fcmp_ordered(">", relu, six), six, relu)
+        out = b.select(b.icmp_signed("==", act, self.const(RELU)), relu, v)
+        return b.select(b.icmp_signed("==", act, self.const(RELU6)), relu6, out)
+
+    def accumulators(self, count):
+        """``count`` zeroed vector slots; LLVM's mem2reg keeps them in registers across loops."""
+        return [cgutils.alloca_once_value(self.builder, self.zero) for _ in range(count)]
+
+
+@intrinsic
+def copy_vector(typingctx, src, soff, dst, doff, n):
+    """``dst[doff : doff+lanes] = src[soff : soff+n]`` then zeros (``n <= lanes``; masked, reads only ``n``)."""
+    sig = types.void(src, soff, dst, doff, n)
+
+    def codegen(context, builder, signature, args):
+        vb = VectorBuilder(context, builder, signature, args, signature.args[0].dtype)
+        value = vb.load(vb.at(vb.data(0), vb.int64(1)), vb.mask(vb.int64(4)))
+        vb.store(value, vb.at(vb.data(2), vb.int64(3)))
+        return context.get_dummy_value()
+
+    return sig, codegen
