@@ -34,6 +34,8 @@ MIN_FB = 64
 FB_TARGET = 512
 #: tasks per thread from which an uneven share no longer matters
 EVEN_TASKS = 8
+#: multiply-adds below which a call runs as one task: waking a second thread costs more than it saves
+TINY_MACS = 1 << 19
 
 
 _WORKSPACE = threading.local()
@@ -46,17 +48,29 @@ def _workspace(*specs):
     returned to the OS when freed and page-faults back in on the next call
     (about 0.5 ms for 4 MB).  Each array starts 64-byte aligned.  A thread's
     next call reuses the buffer, so a call's scratch must not outlive it.
+    The views of a repeated set of shapes are cached (a layer calls with the
+    same shapes every time: a few microseconds of a tiny call).
     """
+    views = getattr(_WORKSPACE, "views", None)
+    if views is None:
+        views = _WORKSPACE.views = {}
+    arrays = views.get(specs)
+    if arrays is not None:
+        return arrays
     nbytes = [math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in specs]
     sizes = [-(-n // 64) * 64 for n in nbytes]
     buf = getattr(_WORKSPACE, "buf", None)
     if buf is None or buf.nbytes < sum(sizes) + 64:
         buf = _WORKSPACE.buf = np.empty(sum(sizes) + 64, np.uint8)
+        views.clear()  # views of the old buffer would keep it alive
     offset = -buf.ctypes.data % 64
     arrays = []
     for (shape, dtype), n, size in zip(specs, nbytes, sizes):
         arrays.append(buf[offset:offset + n].view(dtype).reshape(shape))
         offset += size
+    if len(views) >= 64:
+        views.clear()
+    views[specs] = arrays
     return arrays
 
 
@@ -107,6 +121,12 @@ def _plan(n_img, pixels, filters, threads):
     else:
         tile_p, fb = pixels, _filter_blocks(n_img, filters, threads)
     return tile_p, fb, n_img * -(-pixels // tile_p) * -(-filters // fb)
+
+
+def _threads_for(macs):
+    """Threads to plan a call of ``macs`` multiply-adds for: the pool's size (see
+    :func:`nbconv._threads.planning_threads`), or 1 for tiny calls (:data:`TINY_MACS`)."""
+    return 1 if macs < TINY_MACS else planning_threads()
 
 
 def _nchunks(ntasks, threads):
@@ -216,7 +236,7 @@ def depthwise_conv2d(x, kernel, bias=None, *, strides=_args.DEFAULT, padding="va
     if out.size == 0:
         return _finish(out, result)
     xc = np.ascontiguousarray(x, dtype=compute)
-    threads = planning_threads()
+    threads = _threads_for(g.n * g.oh * g.ow * cm * g.kh * g.kw)
     wt, bt, wc, bc, wp = _dw_operands(g, kernel, bias, compute)
     th = _row_tiles(g, cm, compute.itemsize, threads, 4 * threads)
     nchunks = _nchunks(g.n * -(-g.oh // th), threads)
@@ -261,7 +281,7 @@ def pointwise_conv2d(x, kernel, bias=None, *, data_format="channels_last", activ
     xc = np.ascontiguousarray(x, dtype=compute)
     wc = np.ascontiguousarray(wmat, dtype=compute)
     bc = _bias_array(bias, compute)
-    threads = planning_threads()
+    threads = _threads_for(n * h * w * k * f)
     if channels_last:
         tile_p, fb, ntasks = _plan(1, n * h * w, f, threads)
         nchunks = _nchunks(ntasks, threads)
@@ -320,7 +340,7 @@ def separable_conv2d(x, depthwise_kernel, pointwise_kernel, bias=None, *, stride
     xc = np.ascontiguousarray(x, dtype=compute)
     wc = np.ascontiguousarray(wmat, dtype=compute)
     bc = _bias_array(bias, compute)
-    threads = planning_threads()
+    threads = _threads_for(g.n * g.oh * g.ow * cm * (g.kh * g.kw + f))
     wt, bt, wc_dw, bc_dw, wp = _dw_operands(g, dk, dbias, compute)
     th = _row_tiles(g, cm, compute.itemsize, threads, 1)
     shared = g.n * -(-g.oh // th) < 2 * threads and g.n * g.oh * g.ow * cm * compute.itemsize <= SHARED_BYTES
