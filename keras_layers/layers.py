@@ -23,7 +23,21 @@ torch op and starve nbconv's threads on a small machine.  Setting
 ``OMP_WAIT_POLICY=PASSIVE`` in the environment before torch is first imported
 (it is read once, when torch loads libgomp) removes the fight: on a 2-core
 machine a 4-block MobileNet-like model at batch 8 predicted in 120 ms without
-it and 25 ms with it (Keras's own layers: 180 ms and 64 ms).
+it and 25 ms with it (Keras's own layers: 180 ms and 64 ms).  Measured again
+on MobileNetV1's 13 separable blocks (+ BatchNorm + ReLU) at batch 8, predict:
+about 500 ms without it, 65-100 ms with it, against 160-190 ms for Keras's own
+layers in a process of their own; nbconv's calls inside the model take what
+direct calls take, the rest is Keras's eager BatchNorm/ReLU and predict loop.
+
+Memory on the jax backend: XLA's CPU client takes its buffers from ``malloc``
+and returns them to the OS after every call, so every predict page-faults its
+buffers back in (4 KiB at a time: about 10,000 faults, 40 MiB, per predict of
+the model above), and the kernel's result is written into such fresh pages.
+``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` in the environment before Python
+starts (glibc 2.35+, Linux with transparent huge pages in ``madvise`` mode)
+makes those faults 2 MiB each: about 1,000 faults per predict, the copies of
+the results into XLA's buffers went from 17-20 ms to 7-8 ms, and the model's
+time over the same 13 direct nbconv calls from 1.3-1.6x to 1.13-1.22x.
 """
 import inspect
 
