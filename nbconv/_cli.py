@@ -120,8 +120,10 @@ def info(out=sys.stdout):
         p("  widest vectors  AVX-512 (512-bit)")
     elif "avx2" in feats:
         p("  widest vectors  AVX2 (256-bit)")
+    from . import _simd
+    p(f"  micro-kernels  {_simd.VECTOR_BYTES * 8}-bit vectors (forward GEMM and NHWC depthwise)")
     blas = _blas_info()
-    p("BLAS (threadpoolctl):")
+    p("BLAS (threadpoolctl; nbconv's backward products use SciPy's):")
     if blas is None:
         p("  threadpoolctl is not installed")
     elif not blas:
