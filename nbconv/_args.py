@@ -246,6 +246,25 @@ class Geometry(NamedTuple):
         return (self.n, self.c, self.h, self.w)
 
 
+def check_out(out, shape, dtype, inputs):
+    """Validate a caller's ``out`` array: a writeable C-contiguous ndarray of the result's shape and dtype,
+    sharing no memory with the inputs (the kernels read them while writing it)."""
+    if out is None:
+        return
+    dtype = np.dtype(dtype)
+    if (not isinstance(out, np.ndarray) or out.shape != tuple(shape) or out.dtype != dtype
+            or not out.flags.c_contiguous or not out.flags.writeable):
+        got = (f"ndarray of shape {out.shape}, dtype {out.dtype}, c_contiguous={out.flags.c_contiguous}, "
+               f"writeable={out.flags.writeable}" if isinstance(out, np.ndarray) else type(out).__name__)
+        raise ValueError(
+            f"Expected `out` to be a writeable C-contiguous ndarray of shape {tuple(shape)} and dtype {dtype}. "
+            f"Received: out={got}"
+        )
+    for name, arr in inputs:
+        if arr is not None and np.may_share_memory(out, arr):
+            raise ValueError(f"Expected `out` to share no memory with the inputs. Received: out overlapping {name}")
+
+
 def same_padding(size, k, s, d):
     """Keras/TF 'same' padding (before, after): the odd extra row/column goes at the end."""
     out = -(-size // s)

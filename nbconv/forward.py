@@ -193,12 +193,24 @@ def _packed_size(g, th, wp):
     return ((th - 1) * g.sh + (g.kh - 1) * g.dh + 1) * wp * _round_up(g.c * g.dm, 16) + th * wp
 
 
-def _finish(out, result_dtype):
-    return out if out.dtype == result_dtype else out.astype(result_dtype)
+def _finish(res, result_dtype, out=None):
+    if out is not None:
+        if res is not out:
+            out[...] = res
+        return out
+    return res if res.dtype == result_dtype else res.astype(result_dtype)
+
+
+def _result(shape, compute, result, out, inputs):
+    """The array the kernel writes: the caller's ``out`` (validated) if the kernel can write it, else a new one."""
+    _args.check_out(out, shape, result, inputs)
+    if out is not None and out.dtype == compute:
+        return out
+    return np.empty(shape, compute)
 
 
 def depthwise_conv2d(x, kernel, bias=None, *, strides=_args.DEFAULT, padding="valid", dilation_rate=_args.DEFAULT,
-                     data_format="channels_last", activation=None, **aliases):
+                     data_format="channels_last", activation=None, out=None, **aliases):
     """Depthwise 2-D convolution (Keras's ``DepthwiseConv2D`` / ``ops.depthwise_conv``).
 
     Parameters
@@ -215,6 +227,10 @@ def depthwise_conv2d(x, kernel, bias=None, *, strides=_args.DEFAULT, padding="va
     data_format : {"channels_last", "channels_first"}
     activation : {None, "linear", "relu", "relu6"}
         Fused into the kernel.
+    out : ndarray, optional
+        Where to write the result: C-contiguous, writeable, of the result's
+        shape and dtype, sharing no memory with the inputs (for example a
+        framework's output buffer).  Returned.
 
     Returns
     -------
@@ -232,9 +248,9 @@ def depthwise_conv2d(x, kernel, bias=None, *, strides=_args.DEFAULT, padding="va
     bias = _args.check_bias(bias, "bias", cm)
     compute, result = _args.dtypes_for(x, kernel, bias)
 
-    out = np.empty(g.out_shape(cm), compute)
-    if out.size == 0:
-        return _finish(out, result)
+    res = _result(g.out_shape(cm), compute, result, out, (("x", x), ("kernel", kernel), ("bias", bias)))
+    if res.size == 0:
+        return _finish(res, result, out)
     xc = np.ascontiguousarray(x, dtype=compute)
     threads = _threads_for(g.n * g.oh * g.ow * cm * g.kh * g.kw)
     wt, bt, wc, bc, wp = _dw_operands(g, kernel, bias, compute)
@@ -242,12 +258,12 @@ def depthwise_conv2d(x, kernel, bias=None, *, strides=_args.DEFAULT, padding="va
     nchunks = _nchunks(g.n * -(-g.oh // th), threads)
     (xs,) = _workspace(((nchunks, _packed_size(g, th, wp)), compute))
     with LAUNCH_LOCK:
-        depthwise_packed(xc, channels_last, wt, bt, wc, bc, act, out.reshape(-1), g.dm, g.sh, g.sw, g.dh, g.dw,
+        depthwise_packed(xc, channels_last, wt, bt, wc, bc, act, res.reshape(-1), g.dm, g.sh, g.sw, g.dh, g.dw,
                          g.pt, g.pl, g.kh, g.kw, g.oh, g.ow, wp, th, nchunks, xs)
-    return _finish(out, result)
+    return _finish(res, result, out)
 
 
-def pointwise_conv2d(x, kernel, bias=None, *, data_format="channels_last", activation=None):
+def pointwise_conv2d(x, kernel, bias=None, *, data_format="channels_last", activation=None, out=None):
     """Pointwise (1x1) 2-D convolution.
 
     Parameters
@@ -257,6 +273,10 @@ def pointwise_conv2d(x, kernel, bias=None, *, data_format="channels_last", activ
     bias : array_like of shape (F,), optional
     data_format : {"channels_last", "channels_first"}
     activation : {None, "linear", "relu", "relu6"}
+    out : ndarray, optional
+        Where to write the result: C-contiguous, writeable, of the result's
+        shape and dtype, sharing no memory with the inputs (for example a
+        framework's output buffer).  Returned.
 
     Returns
     -------
@@ -275,9 +295,10 @@ def pointwise_conv2d(x, kernel, bias=None, *, data_format="channels_last", activ
 
     n = x.shape[0]
     h, w = (x.shape[1], x.shape[2]) if channels_last else (x.shape[2], x.shape[3])
-    out = np.empty((n, h, w, f) if channels_last else (n, f, h, w), compute)
-    if out.size == 0:
-        return _finish(out, result)
+    res = _result((n, h, w, f) if channels_last else (n, f, h, w), compute, result, out,
+                  (("x", x), ("kernel", kernel), ("bias", bias)))
+    if res.size == 0:
+        return _finish(res, result, out)
     xc = np.ascontiguousarray(x, dtype=compute)
     wc = np.ascontiguousarray(wmat, dtype=compute)
     bc = _bias_array(bias, compute)
@@ -286,18 +307,18 @@ def pointwise_conv2d(x, kernel, bias=None, *, data_format="channels_last", activ
         tile_p, fb, ntasks = _plan(1, n * h * w, f, threads)
         nchunks = _nchunks(ntasks, threads)
         with LAUNCH_LOCK:
-            pointwise_nhwc(xc.reshape(-1, k), wc, bc, act, out.reshape(-1, f), tile_p, fb, nchunks)
+            pointwise_nhwc(xc.reshape(-1, k), wc, bc, act, res.reshape(-1, f), tile_p, fb, nchunks)
     else:
         tile_p, fb, ntasks = _plan(n, h * w, f, threads)
         nchunks = _nchunks(ntasks, threads)
         with LAUNCH_LOCK:
-            pointwise_nchw(xc.reshape(n, k, -1), wc, bc, act, out.reshape(n, f, -1), tile_p, fb, nchunks)
-    return _finish(out, result)
+            pointwise_nchw(xc.reshape(n, k, -1), wc, bc, act, res.reshape(n, f, -1), tile_p, fb, nchunks)
+    return _finish(res, result, out)
 
 
 def separable_conv2d(x, depthwise_kernel, pointwise_kernel, bias=None, *, strides=_args.DEFAULT, padding="valid",
                      dilation_rate=_args.DEFAULT, data_format="channels_last", activation=None, depthwise_bias=None,
-                     depthwise_activation=None, **aliases):
+                     depthwise_activation=None, out=None, **aliases):
     """Fused depthwise-separable 2-D convolution (Keras's ``SeparableConv2D`` / ``ops.separable_conv``).
 
     A depthwise convolution (``depthwise_kernel``, strides, padding, dilation),
@@ -318,6 +339,10 @@ def separable_conv2d(x, depthwise_kernel, pointwise_kernel, bias=None, *, stride
     depthwise_activation : {None, "linear", "relu", "relu6"}
         Applied to the depthwise result before the pointwise product
         (MobileNet blocks with batch norm folded in); Keras's layer uses neither.
+    out : ndarray, optional
+        Where to write the result: C-contiguous, writeable, of the result's
+        shape and dtype, sharing no memory with the inputs (for example a
+        framework's output buffer).  Returned.
 
     Returns
     -------
@@ -334,9 +359,11 @@ def separable_conv2d(x, depthwise_kernel, pointwise_kernel, bias=None, *, stride
     dbias = _args.check_bias(depthwise_bias, "depthwise_bias", cm)
     compute, result = _args.dtypes_for(x, dk, pk, bias, dbias)
 
-    out = np.empty(g.out_shape(f), compute)
-    if out.size == 0:
-        return _finish(out, result)
+    res = _result(g.out_shape(f), compute, result, out,
+                  (("x", x), ("depthwise_kernel", dk), ("pointwise_kernel", pk), ("bias", bias),
+                   ("depthwise_bias", dbias)))
+    if res.size == 0:
+        return _finish(res, result, out)
     xc = np.ascontiguousarray(x, dtype=compute)
     wc = np.ascontiguousarray(wmat, dtype=compute)
     bc = _bias_array(bias, compute)
@@ -362,6 +389,6 @@ def separable_conv2d(x, depthwise_kernel, pointwise_kernel, bias=None, *, stride
     d_shape = (1, g.n * g.oh * g.ow * cm) if shared else (nchunks, th * g.ow * cm)
     xs, d = _workspace(((max(nchunks, nchunks1), _packed_size(g, th, wp)), compute), (d_shape, compute))
     with LAUNCH_LOCK:
-        separable(xc, channels_last, wt, bt, wc_dw, bc_dw, dact, wc, bc, act, out.reshape(-1), g.dm, g.sh, g.sw, g.dh, g.dw,
+        separable(xc, channels_last, wt, bt, wc_dw, bc_dw, dact, wc, bc, act, res.reshape(-1), g.dm, g.sh, g.sw, g.dh, g.dw,
                   g.pt, g.pl, g.kh, g.kw, g.oh, g.ow, wp, th, shared, gn, tile_p, fb, nchunks1, nchunks, xs, d)
-    return _finish(out, result)
+    return _finish(res, result, out)

@@ -284,3 +284,46 @@ def test_separable_every_work_plan(rng, monkeypatch, data_format, threads, tiles
                      pointwise_ref(xp, pk, bias, data_format=data_format), tol=tolerance_for(np.float32))
         assert_close(nbconv.depthwise_conv2d(x, dk, **kwargs), depthwise_ref(x, dk, **kwargs),
                      tol=tolerance_for(np.float32))
+
+
+# ---------------------------------------------------------------- out=
+
+CALLS = {
+    "separable": lambda x, dk, pk, **kw: nbconv.separable_conv2d(x, dk, pk, padding="same", **kw),
+    "depthwise": lambda x, dk, pk, **kw: nbconv.depthwise_conv2d(x, dk, padding="same", **kw),
+    "pointwise": lambda x, dk, pk, **kw: nbconv.pointwise_conv2d(x, pk, **kw),
+}
+
+
+@pytest.mark.parametrize("data_format", FORMATS)
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("func", sorted(CALLS))
+def test_out_receives_the_result(rng, func, dtype, data_format):
+    x, dk, pk, _ = _geometry_inputs(rng, (2, 9, 7, 5, 1, 6, 3, 1, 1, "same"), data_format, dtype)
+    expected = CALLS[func](x, dk, pk, data_format=data_format)
+    out = np.full(expected.shape, np.nan, dtype)
+    got = CALLS[func](x, dk, pk, data_format=data_format, out=out)
+    assert got is out
+    np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("func", sorted(CALLS))
+def test_out_rejects_wrong_arrays(rng, func):
+    x, dk, pk, _ = _geometry_inputs(rng, (1, 6, 6, 4, 1, 4, 3, 1, 1, "same"), "channels_last")
+    shape = CALLS[func](x, dk, pk).shape
+    bad = {
+        "shape": np.empty(shape[:-1] + (shape[-1] + 1,), np.float32),
+        "dtype": np.empty(shape, np.float64),
+        "order": np.empty(shape[::-1], np.float32).T,
+        "list": np.empty(shape, np.float32).tolist(),
+    }
+    readonly = np.empty(shape, np.float32)
+    readonly.flags.writeable = False
+    bad["readonly"] = readonly
+    for why, out in bad.items():
+        with pytest.raises(ValueError, match=r"Expected `out` to be a writeable C-contiguous ndarray .* Received: out="):
+            CALLS[func](x, dk, pk, out=out)
+    # the kernels read the input while writing out: no overlap
+    big = np.zeros((2,) + shape, np.float32)
+    with pytest.raises(ValueError, match="Expected `out` to share no memory with the inputs. Received: out overlapping x"):
+        CALLS[func](big[0][..., :4] if func != "pointwise" else big[0], dk, pk, out=big[0])

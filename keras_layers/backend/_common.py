@@ -93,17 +93,24 @@ def _geometry_kwargs(cfg):
                 data_format=cfg.data_format)
 
 
-def forward(cfg, *arrays):
-    """``activation(conv(x) + bias)`` on NumPy arrays; the result has ``x``'s dtype."""
+def forward(cfg, *arrays, out=None):
+    """``activation(conv(x) + bias)`` on NumPy arrays; the result has ``x``'s dtype.
+
+    ``out``, if given, is a C-contiguous array of the result's shape and dtype
+    that receives the result (a framework's output buffer: no copy).
+    """
     arrays = [np.asarray(a) for a in arrays]
     bias = arrays[-1] if cfg.has_bias else None
     act = None if cfg.activation == "linear" else cfg.activation
+    if out is not None and out.dtype != arrays[0].dtype:
+        out[...] = forward(cfg, *arrays)
+        return out
     if cfg.kind == "depthwise":
-        out = nbconv.depthwise_conv2d(arrays[0], arrays[1], bias, activation=act, **_geometry_kwargs(cfg))
+        res = nbconv.depthwise_conv2d(arrays[0], arrays[1], bias, activation=act, out=out, **_geometry_kwargs(cfg))
     else:
-        out = nbconv.separable_conv2d(arrays[0], arrays[1], arrays[2], bias, activation=act,
+        res = nbconv.separable_conv2d(arrays[0], arrays[1], arrays[2], bias, activation=act, out=out,
                                       **_geometry_kwargs(cfg))
-    return np.asarray(out, dtype=arrays[0].dtype)
+    return np.asarray(res, dtype=arrays[0].dtype)
 
 
 def mask_grad(cfg, grad_output, y):

@@ -43,11 +43,13 @@ def _sds(a):
     return jax.ShapeDtypeStruct(a.shape, a.dtype)
 
 
-def _host_call(fn, result, *args):
+def _host_call(fn, result, *args, writes_out=False):
     """``fn(*ndarrays)`` on the host, declared to return ``result`` (a ShapeDtypeStruct or a tuple of them).
 
     ``fn`` returns an ndarray, or a tuple of them when ``result`` is a tuple;
     its results are fresh arrays (they may only alias its inputs while it runs).
+    With ``writes_out``, ``fn`` also takes ``out=``, XLA's output buffer, and
+    writes the (single) result there: no copy.
     """
     if _buffer_callback is None:
         return jax.pure_callback(fn, result, *args, vmap_method="sequential")
@@ -55,6 +57,11 @@ def _host_call(fn, result, *args):
 
     def callback(ctx, out, *buffers):
         # the buffers are XLA's own, valid during this call only: nothing read from them may outlive it
+        if writes_out and not many:
+            dst = np.asarray(out)
+            if dst.flags.c_contiguous and dst.flags.writeable:
+                fn(*[np.asarray(b) for b in buffers], out=dst)
+                return
         values = fn(*[np.asarray(b) for b in buffers])
         for dst, src in zip(out if many else (out,), values if many else (values,)):
             np.copyto(np.asarray(dst), src, casting="no")
@@ -65,7 +72,8 @@ def _host_call(fn, result, *args):
 def _forward(cfg, args):
     out_shape = _common.output_shape(cfg, args[0].shape, args[1].shape,
                                      _common.filters_of(cfg, [a.shape for a in args[1:]]))
-    return _host_call(functools.partial(_common.forward, cfg), jax.ShapeDtypeStruct(out_shape, args[0].dtype), *args)
+    return _host_call(functools.partial(_common.forward, cfg), jax.ShapeDtypeStruct(out_shape, args[0].dtype), *args,
+                      writes_out=True)
 
 
 @functools.lru_cache(maxsize=None)
