@@ -23,6 +23,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from ._elementwise import bias_act_inplace, vec_bias_act_inplace
 from ._jit import jit
 from ._simd import AVX512, VECTOR_BYTES, VectorBuilder
 
@@ -35,7 +36,7 @@ KC = 256
 
 
 def _microkernel(rows, nv, masked):
-    """An intrinsic ``mk(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols)``.
+    """An intrinsic ``mk(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act)``.
 
     Computes ``C[r, j] (+)= sum_k A[aoff + r*ars + k*aks] * B[boff + k*ldb + j]``
     for ``r < mr <= rows`` and ``j < ncols`` (flat arrays, offsets in
@@ -44,13 +45,15 @@ def _microkernel(rows, nv, masked):
     ``nv == 1``) anything from 1 to ``lanes``: loads and stores of the
     missing lanes are masked off and never touch memory.  Rows past ``mr``
     are computed from row ``mr - 1`` and not stored (never read past the
-    operands).  The caller guarantees that every index it names is inside
-    its array.
+    operands).  Before the store, an epilogue: ``bmode`` 1 adds
+    ``bias[bioff + j]`` to column ``j``, ``bmode`` 2 adds ``bias[bioff + r]``
+    to row ``r``, 0 adds none; then activation ``act`` (0 for none).  The
+    caller guarantees that every index it names is inside its array.
     """
 
     @intrinsic
-    def mk(typingctx, a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols):
-        sig = types.void(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols)
+    def mk(typingctx, a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act):
+        sig = types.void(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act)
 
         def codegen(context, builder, signature, args):
             vb = VectorBuilder(context, builder, signature, args, signature.args[0].dtype)
@@ -76,17 +79,28 @@ def _microkernel(rows, nv, masked):
                     for j in range(nv):
                         builder.store(vb.fma(av, bv[j], builder.load(accs[r][j])), accs[r][j])
             add = builder.icmp_unsigned("!=", args[11], ir.Constant(args[11].type, 0))
+            bmode, act = vb.int64(16), vb.int64(17)
+            bptr_ = vb.at(vb.data(14), vb.int64(15))
+            is_col = builder.icmp_signed("==", bmode, vb.const(1))
+            is_row = builder.icmp_signed("==", bmode, vb.const(2))
+            epilogue = builder.or_(builder.icmp_signed("!=", bmode, vb.const(0)),
+                                   builder.icmp_signed("!=", act, vb.const(0)))
             for r in range(rows):
                 with builder.if_then(builder.icmp_signed("<", vb.const(r), mr)):
                     crow = vb.at(cptr, builder.mul(vb.const(r), ldc))
                     for j in range(nv):
                         p = vb.at(crow, lanes * j)
                         val = builder.load(accs[r][j])
-                        with builder.if_else(add) as (then, otherwise):
-                            with then:
-                                vb.store(builder.fadd(vb.load(p, mask), val), p, mask)
-                            with otherwise:
-                                vb.store(val, p, mask)
+                        with builder.if_then(add):
+                            builder.store(builder.fadd(vb.load(p, mask), val), accs[r][j])
+                        with builder.if_then(epilogue):
+                            val = builder.load(accs[r][j])
+                            with builder.if_then(is_col):
+                                builder.store(builder.fadd(val, vb.load(vb.at(bptr_, lanes * j), mask)), accs[r][j])
+                            with builder.if_then(is_row):
+                                builder.store(builder.fadd(val, vb.splat(vb.at(bptr_, r))), accs[r][j])
+                            builder.store(vb.activation(builder.load(accs[r][j]), act), accs[r][j])
+                        vb.store(builder.load(accs[r][j]), p, mask)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -103,69 +117,71 @@ _mk6_m, _mk3_m, _mk1_m = (_microkernel(r, 1, True) for r in (6, 3, 1))
 
 
 @jit
-def _rows6(nv, a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols):
+def _rows6(nv, a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act):
     if nv == 0:
-        _mk6_m(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols)
+        _mk6_m(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act)
     elif nv == 1:
-        _mk6_1(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols)
+        _mk6_1(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act)
     elif nv == 2:
-        _mk6_2(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols)
+        _mk6_2(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act)
     elif nv == 3:
-        _mk6_3(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols)
+        _mk6_3(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act)
     else:
-        _mk6_4(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols)
+        _mk6_4(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act)
 
 
 @jit
-def _rows3(nv, a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols):
+def _rows3(nv, a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act):
     if nv == 0:
-        _mk3_m(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols)
+        _mk3_m(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act)
     elif nv == 1:
-        _mk3_1(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols)
+        _mk3_1(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act)
     elif nv == 2:
-        _mk3_2(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols)
+        _mk3_2(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act)
     elif nv == 3:
-        _mk3_3(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols)
+        _mk3_3(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act)
     else:
-        _mk3_4(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols)
+        _mk3_4(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act)
 
 
 @jit
-def _rows1(nv, a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols):
+def _rows1(nv, a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act):
     if nv == 0:
-        _mk1_m(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols)
+        _mk1_m(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act)
     elif nv == 1:
-        _mk1_1(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols)
+        _mk1_1(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act)
     elif nv == 2:
-        _mk1_2(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols)
+        _mk1_2(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act)
     elif nv == 3:
-        _mk1_3(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols)
+        _mk1_3(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act)
     else:
-        _mk1_4(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols)
+        _mk1_4(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act)
 
 
 @jit
-def _column_panel(nv, ncols, m, a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate):
+def _column_panel(nv, ncols, m, a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, bias, bioff, bmode,
+                  act):
     """All ``m`` rows of one panel of ``nv`` vectors of columns (``nv == 0``: one masked vector of ``ncols``)."""
     i0 = 0
     while i0 < m:
         left = m - i0
         ai = aoff + i0 * ars
         ci = coff + i0 * ldc
+        bi = bioff + i0 if bmode == 2 else bioff
         if left >= MR:
-            _rows6(nv, a, ai, ars, aks, b, boff, ldb, c, ci, ldc, k, accumulate, MR, ncols)
+            _rows6(nv, a, ai, ars, aks, b, boff, ldb, c, ci, ldc, k, accumulate, MR, ncols, bias, bi, bmode, act)
             i0 += MR
         elif left >= 3:
-            _rows3(nv, a, ai, ars, aks, b, boff, ldb, c, ci, ldc, k, accumulate, 3, ncols)
+            _rows3(nv, a, ai, ars, aks, b, boff, ldb, c, ci, ldc, k, accumulate, 3, ncols, bias, bi, bmode, act)
             i0 += 3
         else:
-            _rows1(nv, a, ai, ars, aks, b, boff, ldb, c, ci, ldc, k, accumulate, 1, ncols)
+            _rows1(nv, a, ai, ars, aks, b, boff, ldb, c, ci, ldc, k, accumulate, 1, ncols, bias, bi, bmode, act)
             i0 += 1
 
 
 @jit
-def gemm_nn(m, n, k, a, aoff, ars, aks, b, boff, ldb, c, coff, ldc):
-    """``C[i, j] = sum_k A[i, k] * B[k, j]`` for ``i < m``, ``j < n`` on flat arrays (serial).
+def gemm_nn(m, n, k, a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, accumulate, bias, bioff, bmode, act):
+    """``C[i, j] (+)= sum_k A[i, k] * B[k, j]`` for ``i < m``, ``j < n`` on flat arrays (serial), with an epilogue.
 
     Parameters
     ----------
@@ -175,32 +191,52 @@ def gemm_nn(m, n, k, a, aoff, ars, aks, b, boff, ldb, c, coff, ldc):
     b : ndarray, flat
         ``B[k, j]`` is ``b[boff + k*ldb + j]``.
     c : ndarray, flat
-        ``C[i, j]`` is ``c[coff + i*ldc + j]``; overwritten.
+        ``C[i, j]`` is ``c[coff + i*ldc + j]``; overwritten, or added to if ``accumulate``.
+    bias, bioff, bmode : ndarray, int, int
+        ``bmode`` 1: ``bias[bioff + j]`` added to column ``j`` (NHWC output);
+        2: ``bias[bioff + i]`` added to row ``i`` (NCHW output); 0: no bias.
+    act : int
+        Activation code (:mod:`nbconv._elementwise`) applied last.
 
     Notes
     -----
-    Serial and re-entrant (no scratch): the parallel kernels call it once per task.
+    The epilogue runs as the last ``k`` block is stored, while the result
+    is still in registers.  Serial and re-entrant (no scratch): the parallel
+    kernels call it once per task.
     """
     if m <= 0 or n <= 0:
         return
     if k <= 0:
         zero = c.dtype.type(0)
         for i in range(m):
-            for j in range(n):
-                c[coff + i * ldc + j] = zero
+            row = c[coff + i * ldc:coff + i * ldc + n]
+            if not accumulate:
+                for j in range(n):
+                    row[j] = zero
+            if bmode == 1:
+                vec_bias_act_inplace(row, bias[bioff:bioff + n], True, act)
+            else:
+                bias_act_inplace(row, bias[bioff + i] if bmode == 2 else zero, act)
         return
     lanes = VECTOR_BYTES // c.itemsize
     nfull = n // lanes * lanes
     nr = NV * lanes
     for j0 in range(0, n, nr):
         nv = min(NV, (nfull - j0) // lanes)
+        bcol = bioff + j0 if bmode == 1 else bioff
         for k0 in range(0, k, KC):
             kl = min(KC, k - k0)
             ai = aoff + k0 * aks
             bi = boff + k0 * ldb + j0
+            add = accumulate or k0 > 0
+            last = k0 + KC >= k
+            em = bmode if last else 0
+            ea = act if last else 0
             if nv > 0:
-                _column_panel(nv, nv * lanes, m, a, ai, ars, aks, b, bi, ldb, c, coff + j0, ldc, kl, k0 > 0)
+                _column_panel(nv, nv * lanes, m, a, ai, ars, aks, b, bi, ldb, c, coff + j0, ldc, kl, add, bias, bcol, em,
+                              ea)
             if j0 + nr > nfull and n > nfull:
                 # the last n - nfull < lanes columns, in a masked vector
                 t = nv * lanes
-                _column_panel(0, n - nfull, m, a, ai, ars, aks, b, bi + t, ldb, c, coff + j0 + t, ldc, kl, k0 > 0)
+                _column_panel(0, n - nfull, m, a, ai, ars, aks, b, bi + t, ldb, c, coff + j0 + t, ldc, kl, add, bias,
+                              bcol + t if bmode == 1 else bcol, em, ea)

@@ -1,4 +1,4 @@
-"""Pointwise (1x1) convolution kernels, the epilogues the fused kernels share, and the BLAS tile helper.
+"""Pointwise (1x1) convolution kernels and the BLAS tile helper of the backward kernels.
 
 The forward products run in :func:`nbconv._gemm.gemm_nn` one tile per task,
 reading every operand in place through offsets and leading dimensions (NHWC
@@ -49,29 +49,6 @@ def gemm_rm(ta, tb, m, n, k, a, aoff, lda, b, boff, ldb, beta, c, coff, ldc, ibu
         dgemm(pchars + tb, pchars + ta, pib, pib + 4, pib + 8, pconst, pb, pib + 12, pa, pib + 16, pbeta, pc, pib + 20)
 
 
-@jit
-def epilogue_rows(c, coff, rows, cols, ldc, bias, boff, act):
-    """Bias along columns + activation on a ``rows x cols`` block of flat ``c`` (NHWC output)."""
-    has_bias = bias.shape[0] > 0
-    if not has_bias and act == 0:
-        return
-    for r in range(rows):
-        s = coff + r * ldc
-        vec_bias_act_inplace(c[s:s + cols], bias[boff:boff + cols], has_bias, act)
-
-
-@jit
-def epilogue_cols(c, coff, rows, cols, ldc, bias, boff, act):
-    """Bias along rows (one value per row) + activation on a ``rows x cols`` block of flat ``c`` (NCHW output)."""
-    has_bias = bias.shape[0] > 0
-    if not has_bias and act == 0:
-        return
-    zero = c.dtype.type(0)
-    for r in range(rows):
-        s = coff + r * ldc
-        bias_act_inplace(c[s:s + cols], bias[boff + r] if has_bias else zero, act)
-
-
 @pjit
 def pointwise_nhwc(x2, wmat, bias, act, out2, tile_p, fb, nchunks):
     """Parallel pointwise convolution, NHWC: ``out2 = act(x2 @ wmat + bias)``.
@@ -104,8 +81,8 @@ def pointwise_nhwc(x2, wmat, bias, act, out2, tile_p, fb, nchunks):
             nf = min(fb, f - f0)
             p0 = pt * tile_p
             npx = min(tile_p, p_all - p0)
-            gemm_nn(npx, nf, k, x1, p0 * k, k, 1, w1, f0, f, o1, p0 * f + f0, f)
-            epilogue_rows(o1, p0 * f + f0, npx, nf, f, bias, f0, act)
+            gemm_nn(npx, nf, k, x1, p0 * k, k, 1, w1, f0, f, o1, p0 * f + f0, f, False, bias, f0,
+                    1 if bias.shape[0] > 0 else 0, act)
 
 
 @pjit
@@ -144,5 +121,5 @@ def pointwise_nchw(x3, wmat, bias, act, out3, tile_p, fb, nchunks):
             npx = min(tile_p, hw - p0)
             coff = n * f * hw + f0 * hw + p0
             # out[f, p] = sum_k wmat[k, f] x[k, p]: wmat read transposed (row stride 1, k stride F)
-            gemm_nn(nf, npx, k, w1, f0, 1, f, x1, n * k * hw + p0, hw, o1, coff, hw)
-            epilogue_cols(o1, coff, nf, npx, hw, bias, f0, act)
+            gemm_nn(nf, npx, k, w1, f0, 1, f, x1, n * k * hw + p0, hw, o1, coff, hw, False, bias, f0,
+                    2 if bias.shape[0] > 0 else 0, act)

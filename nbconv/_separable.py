@@ -26,7 +26,6 @@ from numba import prange
 from ._depthwise import dw_tile
 from ._jit import pjit
 from ._gemm import gemm_nn
-from ._pointwise import epilogue_cols, epilogue_rows
 
 
 @pjit
@@ -122,9 +121,9 @@ def separable(x, channels_last, wt, bt, wc, bc, dact, wmat, bias, act, out1, dm,
                     have = tile
             if channels_last:
                 coff = (n * ohw + p0) * f + f0
-                gemm_nn(npx, nf, cm, d, doff, cm, 1, w1, f0, f, out1, coff, f)
-                epilogue_rows(out1, coff, npx, nf, f, bias, f0, act)
+                gemm_nn(npx, nf, cm, d, doff, cm, 1, w1, f0, f, out1, coff, f, False, bias, f0,
+                        1 if bias.shape[0] > 0 else 0, act)
             else:
                 coff = (n * f + f0) * ohw + p0
-                gemm_nn(nf, npx, cm, w1, f0, 1, f, d, doff, ldd, out1, coff, ohw)
-                epilogue_cols(out1, coff, nf, npx, ohw, bias, f0, act)
+                gemm_nn(nf, npx, cm, w1, f0, 1, f, d, doff, ldd, out1, coff, ohw, False, bias, f0,
+                        2 if bias.shape[0] > 0 else 0, act)

@@ -35,7 +35,7 @@ def _layout(rng, m, n, k, dtype, transposed_a):
 def test_gemm_nn_matches_numpy(rng, shape, dtype, transposed_a):
     m, n, k = shape
     a, b, abuf, ars, aks, bbuf, ldb, cbuf, ldc, pad = _layout(rng, m, n, k, dtype, transposed_a)
-    _gemm.gemm_nn(m, n, k, abuf, pad, ars, aks, bbuf, pad, ldb, cbuf, pad, ldc)
+    _gemm.gemm_nn(m, n, k, abuf, pad, ars, aks, bbuf, pad, ldb, cbuf, pad, ldc, False, np.empty(0, dtype), 0, 0, 0)
     expected = a.astype(dtype).astype(np.float64) @ b.astype(dtype).astype(np.float64)
     c = cbuf[pad:pad + m * ldc].reshape(m, ldc) if m else np.empty((0, ldc))
     tol = (2e-6 if dtype == np.float32 else 1e-14) * max(1, k)
@@ -49,5 +49,28 @@ def test_gemm_nn_overwrites_c():
     a = np.ones(6 * 4, np.float32)
     b = np.ones(4 * 20, np.float32)
     c = np.full(6 * 20, 1e30, np.float32)
-    _gemm.gemm_nn(6, 20, 4, a, 0, 4, 1, b, 0, 20, c, 0, 20)
+    _gemm.gemm_nn(6, 20, 4, a, 0, 4, 1, b, 0, 20, c, 0, 20, False, np.empty(0, np.float32), 0, 0, 0)
     assert (c == 4).all()
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("act", [0, 1, 2])
+@pytest.mark.parametrize("bmode", [0, 1, 2])
+@pytest.mark.parametrize("shape", [(7, 37, 300), (13, 16, 5), (1, 3, 1), (4, 2, 0)])
+def test_gemm_nn_epilogue(rng, shape, bmode, act, accumulate):
+    """C (+)= A @ B, plus a bias per column (NHWC) or per row (NCHW), then linear / ReLU / ReLU6."""
+    m, n, k = shape
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal((k, n)).astype(np.float32)
+    c0 = (3 * rng.standard_normal((m, n))).astype(np.float32)
+    bias = (4 * rng.standard_normal(3 + max(m, n))).astype(np.float32)
+    expected = a.astype(np.float64) @ b + (c0 if accumulate else 0)
+    if bmode == 1:
+        expected = expected + bias[3:3 + n][None, :]
+    elif bmode == 2:
+        expected = expected + bias[3:3 + m][:, None]
+    expected = {0: expected, 1: np.maximum(expected, 0), 2: np.clip(expected, 0, 6)}[act]
+    c = c0.copy()
+    _gemm.gemm_nn(m, n, k, a.reshape(-1), 0, k, 1, b.reshape(-1), 0, n, c.reshape(-1), 0, n, accumulate, bias, 3,
+                  bmode, act)
+    np.testing.assert_allclose(c, expected, rtol=0, atol=2e-5 * max(1, k))
