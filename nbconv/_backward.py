@@ -48,6 +48,7 @@ from numba import prange
 
 from ._depthwise import _first_valid, dw_nhwc_pixels
 from ._jit import jit, pjit
+from ._gemm import gemm_nn
 from ._pointwise import gemm_rm
 
 
@@ -361,7 +362,7 @@ def _rowsum_rows(g1, off, rows, cols, ld, acc):
 
 
 @pjit
-def dwsep_backward_nhwc(x, dk, wmat, g2, want_dx, dx, want_dk, dkp, want_pw, dpwp, want_b, dbp,
+def dwsep_backward_nhwc(x, dk, wmat, wmat_t, g2, want_dx, dx, want_dk, dkp, want_pw, dpwp, want_b, dbp,
                         halo, halo_pos, sh, sw, dh, dw, pt, pl, oh_size, ow_size, tile_p, nchunks,
                         dscr, ddscr, ibuf, consts, chars):
     """Parallel backward of depthwise (``wmat`` empty) or fused separable convolution, NHWC.
@@ -371,6 +372,8 @@ def dwsep_backward_nhwc(x, dk, wmat, g2, want_dx, dx, want_dk, dkp, want_pw, dpw
     x : ndarray of shape (N, H, W, C)
     dk : ndarray of shape (KH, KW, C*dm)
     wmat : ndarray of shape (C*dm, F), or (0, 0) for a plain depthwise backward
+    wmat_t : ndarray of shape (F, C*dm)
+        ``wmat`` transposed, C-contiguous (``dD = G @ wmat.T`` reads its rows).
     g2 : ndarray of shape (N*OH*OW, G)
         Gradient of the output, ``G = F`` (separable) or ``C*dm`` (depthwise).
     dx : ndarray of shape (N, H, W, C)
@@ -401,7 +404,8 @@ def dwsep_backward_nhwc(x, dk, wmat, g2, want_dx, dx, want_dk, dkp, want_pw, dpw
     ohw = oh_size * ow_size
     rows = n_img * oh_size
     g1 = g2.reshape(-1)
-    w1 = wmat.reshape(-1)
+    wt1 = wmat_t.reshape(-1)
+    nobias = wt1[:0]
     dpw1 = dpwp.reshape(-1)
     for chunk in prange(nchunks):
         r0, r1 = _chunk_rows(chunk, nchunks, rows)
@@ -437,10 +441,10 @@ def dwsep_backward_nhwc(x, dk, wmat, g2, want_dx, dx, want_dk, dkp, want_pw, dpw
                     if sep:
                         if want_pw:
                             dw_nhwc_pixels(xn, dk, dk[0, 0, :0], 0, dm, p0, p1, ow_size, sh, sw, dh, dw, pt, pl, d)
-                            gemm_rm(1, 0, cm, f, npx, d1, 0, cm, g1, grow * f, f, True, dpw1, chunk * cm * f, f,
-                                    ib, consts, chars)
+                            gemm_nn(cm, f, npx, d1, 0, 1, cm, g1, grow * f, f, dpw1, chunk * cm * f, f, True,
+                                    nobias, 0, 0, 0)
                         if want_dx or want_dk:
-                            gemm_rm(0, 1, npx, cm, f, g1, grow * f, f, w1, 0, f, False, dd1, 0, cm, ib, consts, chars)
+                            gemm_nn(npx, cm, f, g1, grow * f, f, 1, wt1, 0, cm, dd1, 0, cm, False, nobias, 0, 0, 0)
                             dwb_nhwc_pixels(xn, dk, dd, dm, p0, p1, ow_size, sh, sw, dh, dw, pt, pl,
                                             want_dk, dka, want_dx, dxn, own_end, hal)
                     elif want_dx or want_dk:
@@ -525,7 +529,7 @@ def dwsep_backward_nchw(x, dk, wmat, g3, want_dx, dx, want_dk, dkp, want_pw, dpw
                             gemm_rm(0, 1, cm, f, npx, d1, 0, tp, g1, goff, ohw, True, dpw1, chunk * cm * f, f,
                                     ib, consts, chars)
                         if want_dx or want_dk:
-                            gemm_rm(0, 0, cm, npx, f, w1, 0, f, g1, goff, ohw, False, dd1, 0, tp, ib, consts, chars)
+                            gemm_nn(cm, npx, f, w1, 0, f, 1, g1, goff, ohw, dd1, 0, tp, False, w1[:0], 0, 0, 0)
                             dwb_nchw_tile(xn, dk, dd1, 0, tp, dm, p0, p1, ow_size, sh, sw, dh, dw, pt, pl,
                                           want_dk, dka, want_dx, dxn, own_end, hal)
                     elif want_dx or want_dk:
@@ -596,7 +600,7 @@ def reduce_chunks(parts, out, block):
 
 
 @pjit
-def pointwise_backward_nhwc(x2, wmat, g2, want_dx, dx2, want_w, dwp, want_b, dbp, tile_p, nchunks,
+def pointwise_backward_nhwc(x2, wmat, wmat_t, g2, want_dx, dx2, want_w, dwp, want_b, dbp, tile_p, nchunks,
                             ibuf, consts, chars):
     """Parallel backward of a pointwise convolution, NHWC: ``dx2 = g2 @ wmat.T``, ``dW = x2.T @ g2``, ``db = sum g2``.
 
@@ -604,6 +608,8 @@ def pointwise_backward_nhwc(x2, wmat, g2, want_dx, dx2, want_w, dwp, want_b, dbp
     ----------
     x2 : ndarray of shape (P, K)
     wmat : ndarray of shape (K, F)
+    wmat_t : ndarray of shape (F, K)
+        ``wmat`` transposed, C-contiguous.
     g2 : ndarray of shape (P, F)
     dx2 : ndarray of shape (P, K)
     dwp : ndarray of shape (nchunks, K, F), zeros
@@ -612,13 +618,14 @@ def pointwise_backward_nhwc(x2, wmat, g2, want_dx, dx2, want_w, dwp, want_b, dbp
     Notes
     -----
     Parallel over ``nchunks`` chunks of pixel tiles; each chunk writes its
-    own ``dx2`` rows and accumulates its own partial sums (BLAS with beta=1).
+    own ``dx2`` rows and accumulates its own partial sums.
     """
     p_all, k = x2.shape
     f = wmat.shape[1]
     ntiles = (p_all + tile_p - 1) // tile_p
     x1 = x2.reshape(-1)
-    w1 = wmat.reshape(-1)
+    wt1 = wmat_t.reshape(-1)
+    nobias = wt1[:0]
     g1 = g2.reshape(-1)
     dx1 = dx2.reshape(-1)
     dw1 = dwp.reshape(-1)
@@ -629,9 +636,9 @@ def pointwise_backward_nhwc(x2, wmat, g2, want_dx, dx2, want_w, dwp, want_b, dbp
             p0 = t * tile_p
             npx = min(tile_p, p_all - p0)
             if want_dx:
-                gemm_rm(0, 1, npx, k, f, g1, p0 * f, f, w1, 0, f, False, dx1, p0 * k, k, ib, consts, chars)
+                gemm_nn(npx, k, f, g1, p0 * f, f, 1, wt1, 0, k, dx1, p0 * k, k, False, nobias, 0, 0, 0)
             if want_w:
-                gemm_rm(1, 0, k, f, npx, x1, p0 * k, k, g1, p0 * f, f, True, dw1, chunk * k * f, f, ib, consts, chars)
+                gemm_nn(k, f, npx, x1, p0 * k, 1, k, g1, p0 * f, f, dw1, chunk * k * f, f, True, nobias, 0, 0, 0)
             if want_b:
                 _colsum_rows(g1, p0 * f, npx, f, f, dbp[chunk])
 
@@ -674,7 +681,7 @@ def pointwise_backward_nchw(x3, wmat, g3, want_dx, dx3, want_w, dwp, want_b, dbp
             xoff = n * k * hw + p0
             goff = n * f * hw + p0
             if want_dx:
-                gemm_rm(0, 0, k, npx, f, w1, 0, f, g1, goff, hw, False, dx1, xoff, hw, ib, consts, chars)
+                gemm_nn(k, npx, f, w1, 0, f, 1, g1, goff, hw, dx1, xoff, hw, False, w1[:0], 0, 0, 0)
             if want_w:
                 gemm_rm(0, 1, k, f, npx, x1, xoff, hw, g1, goff, hw, True, dw1, chunk * k * f, f, ib, consts, chars)
             if want_b:

@@ -155,9 +155,9 @@ def _dwsep_backward(g, xc, dkc, wc, gc, want_dx, want_dk, want_pw, want_b, compu
     ibuf, consts = _gemm_buffers(nchunks, compute)
     if g.channels_last:
         with GEMM_LAUNCH:
-            dwsep_backward_nhwc(xc, dkc, wc, gc.reshape(-1, f), want_dx, dx, want_dk, dkp, want_pw, dpwp, want_b,
-                                dbp, halo, halo_pos, g.sh, g.sw, g.dh, g.dw, g.pt, g.pl, g.oh, g.ow, tile_p, nchunks,
-                                dscr, ddscr, ibuf, consts, GEMM_CHARS)
+            dwsep_backward_nhwc(xc, dkc, wc, np.ascontiguousarray(wc.T), gc.reshape(-1, f), want_dx, dx, want_dk, dkp,
+                                want_pw, dpwp, want_b, dbp, halo, halo_pos, g.sh, g.sw, g.dh, g.dw, g.pt, g.pl, g.oh,
+                                g.ow, tile_p, nchunks, dscr, ddscr, ibuf, consts, GEMM_CHARS)
         if want_dx:
             add_halos_nhwc(dx, halo, halo_pos)
     else:
@@ -316,7 +316,7 @@ def pointwise_conv2d_backward(grad_output, x, kernel, *, data_format="channels_l
     ibuf, consts = _gemm_buffers(nchunks, compute)
     if channels_last:
         with GEMM_LAUNCH:
-            pointwise_backward_nhwc(xc.reshape(-1, k), wc, gc.reshape(-1, f), want_dx,
+            pointwise_backward_nhwc(xc.reshape(-1, k), wc, np.ascontiguousarray(wc.T), gc.reshape(-1, f), want_dx,
                                     dx.reshape(-1, k) if want_dx else dx.reshape(1, 1), want_w, dwp, want_b, dbp,
                                     tile_p, nchunks, ibuf, consts, GEMM_CHARS)
     else:
