@@ -144,7 +144,12 @@ def normalize_padding(padding):
 
 
 def normalize_data_format(data_format):
-    """Return True for channels_last (NHWC), False for channels_first (NCHW)."""
+    """Return True for channels_last (NHWC), False for channels_first (NCHW).
+
+    None means "channels_last", the default of Keras's ``image_data_format`` (Keras passes None for "the default").
+    """
+    if data_format is None:
+        return True
     if isinstance(data_format, str):
         df = data_format.lower()
         if df == "channels_last":
@@ -152,7 +157,7 @@ def normalize_data_format(data_format):
         if df == "channels_first":
             return False
     raise ValueError(
-        "Expected `data_format` to be 'channels_last' or 'channels_first'. "
+        "Expected `data_format` to be 'channels_last', 'channels_first' or None. "
         f"Received: data_format={data_format!r}"
     )
 

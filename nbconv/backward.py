@@ -261,7 +261,7 @@ def pointwise_conv2d_backward(grad_output, x, kernel, *, data_format="channels_l
     grad_output : array_like of shape (N, H, W, F) or, channels_first, (N, F, H, W)
     x : array_like of shape (N, H, W, K) or (N, K, H, W)
     kernel : array_like of shape (1, 1, K, F) or (K, F)
-    data_format : {"channels_last", "channels_first"}
+    data_format : {"channels_last", "channels_first"} or None (channels_last)
     wrt : iterable of {"x", "kernel", "bias"}
 
     Returns

@@ -224,7 +224,7 @@ def depthwise_conv2d(x, kernel, bias=None, *, strides=_args.DEFAULT, padding="va
     padding : {"valid", "same"}, int, (ph, pw) or ((top, bottom), (left, right))
         "same" follows Keras/TF: the odd extra row/column goes at the end.
         Integers are explicit zero padding (PyTorch's ``padding=1``).
-    data_format : {"channels_last", "channels_first"}
+    data_format : {"channels_last", "channels_first"} or None (channels_last)
     activation : {None, "linear", "relu", "relu6"}
         Fused into the kernel.
     out : ndarray, optional
@@ -271,7 +271,7 @@ def pointwise_conv2d(x, kernel, bias=None, *, data_format="channels_last", activ
     x : array_like of shape (N, H, W, K) or, channels_first, (N, K, H, W)
     kernel : array_like of shape (1, 1, K, F) or (K, F)
     bias : array_like of shape (F,), optional
-    data_format : {"channels_last", "channels_first"}
+    data_format : {"channels_last", "channels_first"} or None (channels_last)
     activation : {None, "linear", "relu", "relu6"}
     out : ndarray, optional
         Where to write the result: C-contiguous, writeable, of the result's

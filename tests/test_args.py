@@ -231,6 +231,16 @@ def test_strings_case_insensitive(rng):
     assert_close(y, separable_ref(x, dk, pk, padding="same", data_format="channels_first", activation="relu"))
 
 
+def test_data_format_none_is_channels_last(rng):
+    """Keras passes data_format=None for its default image_data_format, channels_last."""
+    x = random_array(rng, (1, 5, 4, 3))
+    dk = random_array(rng, (3, 3, 3, 1))
+    pk = random_array(rng, (1, 1, 3, 2))
+    assert_close(nbconv.separable_conv2d(x, dk, pk, data_format=None), separable_ref(x, dk, pk))
+    assert_close(nbconv.depthwise_conv2d(x, dk, data_format=None), depthwise_ref(x, dk))
+    assert_close(nbconv.pointwise_conv2d(x, pk, data_format=None), pointwise_ref(x, pk))
+
+
 # --- aliases ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("stride", [2, (1, 2), (3, 1)])
