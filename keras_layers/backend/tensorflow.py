@@ -10,12 +10,74 @@ not carry the kernel: it only runs in a Python process that can import nbconv.
 The gradient is split into two stateless calls, one for ``x`` and one for the
 weights, so that graph pruning drops the ``x`` gradient when nothing uses it
 (the first layer of a model).  Eager ``GradientTape`` computes both.
+
+The forward result is written by the kernel into a 64-byte aligned buffer
+(``out=``) that is reused once TensorFlow has let go of it.  ``numpy_function``
+wraps a returned array without a copy only when its data is aligned to
+``EIGEN_MAX_ALIGN_BYTES`` (64 in TensorFlow's CPU builds); NumPy's own
+allocations are 16-byte aligned, so every result used to be copied into a new
+tensor.  A fresh array also page-faults all its memory in (and the kernel's
+first write zero-fills it) on every call.  A wrapped array stays referenced by
+the tensor's buffer (and by anything sharing it: a downstream op writing in
+place, ``.numpy()`` views) until TensorFlow frees it, so a buffer is handed out
+again only when the pool holds the last reference.  The pool keeps at most
+:data:`POOL_PER_SHAPE` buffers per (shape, dtype) of forward result;
+:func:`clear_buffers` drops them.
 """
 import functools
+import sys
+import threading
 
+import numpy as np
 import tensorflow as tf
 
+
 from . import _common
+
+#: alignment (bytes) at which ``numpy_function`` adopts a returned array instead of copying it
+ALIGN = 64
+#: forward result buffers kept per (shape, dtype)
+POOL_PER_SHAPE = 4
+
+_pool = {}
+_pool_lock = threading.Lock()
+
+
+def _aligned_empty(shape, dtype):
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + ALIGN, np.uint8)
+    start = -raw.ctypes.data % ALIGN
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def _result_buffer(shape, dtype):
+    """An aligned array of ``shape``/``dtype`` that nothing else references: a pooled one if one is free."""
+    key = (tuple(shape), np.dtype(dtype).str)
+    with _pool_lock:
+        buffers = _pool.setdefault(key, [])
+        for buf in buffers:
+            # referenced only by the list, ``buf`` and getrefcount's argument: TensorFlow has released it
+            if sys.getrefcount(buf) == 3:
+                return buf
+        buf = _aligned_empty(shape, dtype)
+        if len(buffers) < POOL_PER_SHAPE:
+            buffers.append(buf)
+        return buf
+
+
+def clear_buffers():
+    """Drop the pooled forward result buffers (those still in use stay alive with their tensors)."""
+    with _pool_lock:
+        _pool.clear()
+
+
+def _forward(cfg, *arrays):
+    arrays = [np.asarray(a) for a in arrays]
+    x, kernel = arrays[0], arrays[1]
+    filters = _common.filters_of(cfg, [a.shape for a in arrays[1:]])
+    out = _result_buffer(_common.output_shape(cfg, x.shape, kernel.shape, filters), x.dtype)
+    return _common.forward(cfg, *arrays, out=out)
 
 
 def _grads(cfg, wrt, inputs, like):
@@ -40,7 +102,7 @@ def _op(cfg):
     @tf.custom_gradient
     def op(*args):
         x = args[0]
-        y = tf.numpy_function(functools.partial(_common.forward, cfg), list(args), Tout=x.dtype, stateful=False)
+        y = tf.numpy_function(functools.partial(_forward, cfg), list(args), Tout=x.dtype, stateful=False)
         filters = _common.filters_of(cfg, [a.shape for a in args[1:]])
         y.set_shape(_common.output_shape(cfg, x.shape, args[1].shape, filters))
 

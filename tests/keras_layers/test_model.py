@@ -71,6 +71,43 @@ def test_predict_jitted_and_not(jit_compile):
     assert_close(got, expected, tol=2e-5)
 
 
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_results_of_earlier_calls_stay_intact(jit_compile):
+    """A result the caller still holds is never written by a later call (bridges may reuse result buffers).
+
+    Layers of equal output shape are chained, so a buffer released inside one
+    call could be handed to the next layer; the final output is the layer's
+    own result (no op after it), returned to the caller eagerly and by predict.
+    """
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(2)
+    inputs = keras.Input((7, 6, 4))
+    h = inputs
+    for _ in range(3):
+        h = keras_layers.SeparableConv2D(4, 3, padding="same", activation="relu")(h)
+    h = keras_layers.DepthwiseConv2D(3, padding="same")(h)
+    ours = keras.Model(inputs, h)
+    keras.utils.set_random_seed(0)
+    ref_in = keras.Input((7, 6, 4))
+    r = ref_in
+    for _ in range(3):
+        r = keras.layers.SeparableConv2D(4, 3, padding="same", activation="relu")(r)
+    r = keras.layers.DepthwiseConv2D(3, padding="same")(r)
+    ref = keras.Model(ref_in, r)
+    ref.set_weights(ours.get_weights())
+    if BACKEND != "numpy":
+        ours.compile(jit_compile=jit_compile)
+    xs = [rng.standard_normal((2, 7, 6, 4)).astype("float32") for _ in range(4)]
+    kept = [to_numpy(ours.predict_on_batch(x)) for x in xs[:2]] + [to_numpy(ours(x)) for x in xs[2:]]
+    copies = [k.copy() for k in kept]
+    for x in xs:  # more calls of every shape while the earlier results are alive
+        ours.predict_on_batch(x)
+        ours(x)
+    for k, c, x in zip(kept, copies, xs):
+        np.testing.assert_array_equal(k, c)
+        assert_close(k, to_numpy(ref(x)), tol=2e-5)
+
+
 def test_supports_jit_only_off_on_tensorflow():
     layer = keras_layers.SeparableConv2D(2, 3)
     assert layer.supports_jit == (BACKEND != "tensorflow")
