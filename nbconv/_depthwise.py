@@ -24,6 +24,7 @@ share loaded once.  Measured on one thread, 56x56x128: 50 GFLOP/s for the
 flat loop over the NHWC rows, 130 for the micro-kernel on blocked rows.
 """
 import numpy as np
+from llvmlite import ir
 from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -36,8 +37,9 @@ from ._simd import VECTOR_BYTES, VectorBuilder, copy_vector
 DW_PIXELS = 8
 
 
-def _dw_microkernel(masked, steps):
-    """An intrinsic ``mk(xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n, bt, boff, d, doff, drs, dps, nrows, ow_n, nch, act)``.
+def _dw_microkernel(masked, steps, channel_major=False):
+    """An intrinsic ``mk(xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n, bt, boff, d, doff, drs, dps, nrows,
+                       ow_n, nch, act)``.
 
     One vector of channels of ``nrows`` output rows of ``ow_n`` pixels::
 
@@ -70,7 +72,7 @@ def _dw_microkernel(masked, steps):
             wptr = vb.at(vb.data(6), vb.int64(7))
             dptr = vb.at(vb.data(13), vb.int64(14))
             xrs, rs, cs, ps, wstr = vb.int64(2), vb.int64(3), vb.int64(4), vb.int64(5), vb.int64(8)
-            khn, kwn, drs, dps, nrows_, own, act_ = (vb.int64(i) for i in (9, 10, 15, 16, 17, 18, 20))
+            khn, kwn, drs, dps, nrows_, own, nch_, act_ = (vb.int64(i) for i in (9, 10, 15, 16, 17, 18, 19, 20))
             mask = vb.mask(vb.int64(19)) if masked else None
             bias = vb.load(vb.at(vb.data(11), vb.int64(12)), mask)
             accs = vb.accumulators(DW_PIXELS)
@@ -122,26 +124,50 @@ def _dw_microkernel(masked, steps):
                                 if i not in x:
                                     x[i] = vb.load(vb.at(xrow, cols[i]), mask)
                                 acc[p] = vb.fma(x[i], w9[kh * 3 + kw], acc[p])
-                for p in range(DW_PIXELS):
-                    out = vb.activation(acc[p], act_)
-                    dp = vb.at(d0, builder.mul(const(p), dps))
-                    if npix is None:
-                        vb.store(out, dp, mask)
-                    else:
-                        with builder.if_then(builder.icmp_signed("<", const(p), npix)):
-                            vb.store(out, dp, mask)
+                outs = [vb.activation(acc[p], act_) for p in range(DW_PIXELS)]
+                if channel_major:
+                    # lane j of the DW_PIXELS vectors -> one vector of pixels for channel j
+                    pty = ir.VectorType(vb.fty, DW_PIXELS)
+                    i32 = ir.IntType(32)
+                    pmask = None
+                    if npix is not None:
+                        i64v = ir.VectorType(ir.IntType(64), DW_PIXELS)
+                        nvec = builder.insert_element(ir.Constant(i64v, ir.Undefined), npix, ir.Constant(i32, 0))
+                        nvec = builder.shuffle_vector(nvec, ir.Constant(i64v, ir.Undefined),
+                                                      ir.Constant(ir.VectorType(i32, DW_PIXELS), [0] * DW_PIXELS))
+                        pmask = builder.icmp_signed("<", ir.Constant(i64v, list(range(DW_PIXELS))), nvec)
+                    for j in range(vb.lanes):
+                        col = ir.Constant(pty, ir.Undefined)
+                        for p in range(DW_PIXELS):
+                            col = builder.insert_element(col, builder.extract_element(outs[p], ir.Constant(i32, j)),
+                                                         ir.Constant(i32, p))
+                        dp = vb.at(d0, builder.mul(const(j), dps))
+                        if masked:
+                            with builder.if_then(builder.icmp_signed("<", const(j), nch_)):
+                                vb.store_narrow(col, dp, pmask)
+                        else:
+                            vb.store_narrow(col, dp, pmask)
+                else:
+                    for p in range(DW_PIXELS):
+                        dp = vb.at(d0, builder.mul(const(p), dps))
+                        if npix is None:
+                            vb.store(outs[p], dp, mask)
+                        else:
+                            with builder.if_then(builder.icmp_signed("<", const(p), npix)):
+                                vb.store(outs[p], dp, mask)
 
             nfull = builder.sdiv(own, const(DW_PIXELS))
             rest = builder.sub(own, builder.mul(nfull, const(DW_PIXELS)))
             with cgutils.for_range(builder, nrows_) as row:
                 xr = vb.at(xptr, builder.mul(row.index, xrs))
                 dr = vb.at(dptr, builder.mul(row.index, drs))
+                dq = const(1) if channel_major else dps
                 with cgutils.for_range(builder, nfull) as blk:
                     q = builder.mul(blk.index, const(DW_PIXELS))
-                    block(vb.at(xr, builder.mul(q, ps)), vb.at(dr, builder.mul(q, dps)), None)
+                    block(vb.at(xr, builder.mul(q, ps)), vb.at(dr, builder.mul(q, dq)), None)
                 with builder.if_then(builder.icmp_signed(">", rest, const(0))):
                     q = builder.mul(nfull, const(DW_PIXELS))
-                    block(vb.at(xr, builder.mul(q, ps)), vb.at(dr, builder.mul(q, dps)), rest)
+                    block(vb.at(xr, builder.mul(q, ps)), vb.at(dr, builder.mul(q, dq)), rest)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -154,39 +180,74 @@ _dw_any, _dw_any_m = _dw_microkernel(False, None), _dw_microkernel(True, None)
 _dw_s1, _dw_s1_m = _dw_microkernel(False, (1, 1)), _dw_microkernel(True, (1, 1))
 _dw_s2, _dw_s2_m = _dw_microkernel(False, (2, 1)), _dw_microkernel(True, (2, 1))
 _dw_d2, _dw_d2_m = _dw_microkernel(False, (1, 2)), _dw_microkernel(True, (1, 2))
+# the same, storing channel-major (NCHW tiles)
+_cm_any, _cm_any_m = _dw_microkernel(False, None, True), _dw_microkernel(True, None, True)
+_cm_s1, _cm_s1_m = _dw_microkernel(False, (1, 1), True), _dw_microkernel(True, (1, 1), True)
+_cm_s2, _cm_s2_m = _dw_microkernel(False, (2, 1), True), _dw_microkernel(True, (2, 1), True)
+_cm_d2, _cm_d2_m = _dw_microkernel(False, (1, 2), True), _dw_microkernel(True, (1, 2), True)
 
 
 @jit
 def _dw_call(kind, masked, xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n, bt, boff, d, doff, drs, dps, nrows,
              ow_n, nch, act):
-    """Dispatch to a depthwise micro-kernel: ``kind`` 1, 2, 3 for the 3x3 sliding windows (s1, s2, d2), 0 general."""
-    if kind == 1:
+    """Dispatch to a depthwise micro-kernel: ``kind`` 1, 2, 3 for the 3x3 sliding windows (s1, s2, d2), 0 general;
+    plus 4 for the channel-major (NCHW) store."""
+    if kind == 0:
         if masked:
-            _dw_s1_m(xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n, bt, boff, d, doff, drs, dps, nrows, ow_n,
-                     nch, act)
+            _dw_any_m(xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n, bt, boff, d, doff, drs, dps, nrows,
+                       ow_n, nch, act)
         else:
-            _dw_s1(xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n, bt, boff, d, doff, drs, dps, nrows, ow_n,
-                   nch, act)
+            _dw_any(xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n, bt, boff, d, doff, drs, dps, nrows,
+                       ow_n, nch, act)
+    elif kind == 1:
+        if masked:
+            _dw_s1_m(xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n, bt, boff, d, doff, drs, dps, nrows,
+                       ow_n, nch, act)
+        else:
+            _dw_s1(xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n, bt, boff, d, doff, drs, dps, nrows,
+                       ow_n, nch, act)
     elif kind == 2:
         if masked:
-            _dw_s2_m(xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n, bt, boff, d, doff, drs, dps, nrows, ow_n,
-                     nch, act)
+            _dw_s2_m(xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n, bt, boff, d, doff, drs, dps, nrows,
+                       ow_n, nch, act)
         else:
-            _dw_s2(xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n, bt, boff, d, doff, drs, dps, nrows, ow_n,
-                   nch, act)
+            _dw_s2(xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n, bt, boff, d, doff, drs, dps, nrows,
+                       ow_n, nch, act)
     elif kind == 3:
         if masked:
-            _dw_d2_m(xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n, bt, boff, d, doff, drs, dps, nrows, ow_n,
-                     nch, act)
+            _dw_d2_m(xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n, bt, boff, d, doff, drs, dps, nrows,
+                       ow_n, nch, act)
         else:
-            _dw_d2(xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n, bt, boff, d, doff, drs, dps, nrows, ow_n,
-                   nch, act)
-    elif masked:
-        _dw_any_m(xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n, bt, boff, d, doff, drs, dps, nrows, ow_n,
-                  nch, act)
-    else:
-        _dw_any(xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n, bt, boff, d, doff, drs, dps, nrows, ow_n, nch,
-                act)
+            _dw_d2(xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n, bt, boff, d, doff, drs, dps, nrows,
+                       ow_n, nch, act)
+    elif kind == 4:
+        if masked:
+            _cm_any_m(xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n, bt, boff, d, doff, drs, dps, nrows,
+                       ow_n, nch, act)
+        else:
+            _cm_any(xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n, bt, boff, d, doff, drs, dps, nrows,
+                       ow_n, nch, act)
+    elif kind == 5:
+        if masked:
+            _cm_s1_m(xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n, bt, boff, d, doff, drs, dps, nrows,
+                       ow_n, nch, act)
+        else:
+            _cm_s1(xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n, bt, boff, d, doff, drs, dps, nrows,
+                       ow_n, nch, act)
+    elif kind == 6:
+        if masked:
+            _cm_s2_m(xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n, bt, boff, d, doff, drs, dps, nrows,
+                       ow_n, nch, act)
+        else:
+            _cm_s2(xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n, bt, boff, d, doff, drs, dps, nrows,
+                       ow_n, nch, act)
+    elif kind == 7:
+        if masked:
+            _cm_d2_m(xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n, bt, boff, d, doff, drs, dps, nrows,
+                       ow_n, nch, act)
+        else:
+            _cm_d2(xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n, bt, boff, d, doff, drs, dps, nrows,
+                       ow_n, nch, act)
 
 
 @jit
@@ -375,7 +436,7 @@ def pack_rows(xn, dm, pr0, nrows, pt, pl, wp, lanes, xs):
 
 
 @jit
-def dw_packed_rows(xs, nin, wp, wt, bt, act, nrows, ow_n, sh, sw, dh, dw, kh_n, kw_n, cm, dst):
+def dw_packed_rows(xs, nin, wp, wt, bt, act, nrows, ow_n, sh, sw, dh, dw, kh_n, kw_n, cm, dst, channel_major, ldd):
     """Depthwise output rows from channel-blocked packed rows (:func:`pack_rows`), by vector micro-kernels.
 
     Parameters
@@ -388,7 +449,8 @@ def dw_packed_rows(xs, nin, wp, wt, bt, act, nrows, ow_n, sh, sw, dh, dw, kh_n, 
     bt : ndarray of shape (cm,)
         Bias (zeros for no bias); ``act`` the activation code.
     dst : ndarray, flat
-        Receives ``nrows*ow_n`` pixels of ``cm`` channels, row-major.
+        Receives ``nrows*ow_n`` pixels of ``cm`` channels, row-major, or with
+        ``channel_major`` pixel ``q`` of channel ``j`` at ``dst[j*ldd + q]``.
 
     Notes
     -----
@@ -408,121 +470,55 @@ def dw_packed_rows(xs, nin, wp, wt, bt, act, nrows, ow_n, sh, sw, dh, dw, kh_n, 
             kind = 3
     for c0 in range(0, cm, lanes):
         nch = min(lanes, cm - c0)
-        _dw_call(kind, nch < lanes, xs, c0 * nin * wp, sh * wp * lanes, rs, cs, ps, wt, c0, cm, kh_n, kw_n, bt, c0,
-                 dst, c0, ow_n * cm, cm, nrows, ow_n, nch, act)
+        if channel_major:
+            _dw_call(kind + 4, nch < lanes, xs, c0 * nin * wp, sh * wp * lanes, rs, cs, ps, wt, c0, cm, kh_n, kw_n, bt,
+                     c0, dst, c0 * ldd, ow_n, ldd, nrows, ow_n, nch, act)
+        else:
+            _dw_call(kind, nch < lanes, xs, c0 * nin * wp, sh * wp * lanes, rs, cs, ps, wt, c0, cm, kh_n, kw_n, bt, c0,
+                     dst, c0, ow_n * cm, cm, nrows, ow_n, nch, act)
 
 
 @jit
-def pack_rows_nchw(xn, pr0, nrows, pt, pl, wp, xs):
-    """Zero-padded copy of padded-input rows ``pr0 .. pr0+nrows-1`` of one NCHW image, kept channel-major.
+def pack_rows_nchw(xn, dm, pr0, nrows, pt, pl, wp, lanes, xs):
+    """:func:`pack_rows` for one NCHW image ``xn`` of shape (C, H, W): the same channel-blocked layout.
 
-    Parameters
-    ----------
-    xn : ndarray of shape (C, H, W)
-    xs : ndarray of shape (>= C*nrows*wp,), flat
-        Receives ``xs[(c*nrows + r)*wp + col] = x[c, pr0 + r - pt, col - pl]``, zero outside the input.
+    The transpose happens here, once per input row, so NCHW tiles run the
+    same micro-kernels as NHWC ones.
     """
     c, h, w = xn.shape
+    cm = c * dm
+    nb = (cm + lanes - 1) // lanes
     zero = xs.dtype.type(0)
     col0 = min(pl, wp)
     col1 = min(pl + w, wp)
-    for ci in range(c):
+    for b in range(nb):
+        j1 = min(lanes, cm - b * lanes)
         for r in range(nrows):
-            row = xs[(ci * nrows + r) * wp:(ci * nrows + r + 1) * wp]
+            row = xs[(b * nrows + r) * wp * lanes:(b * nrows + r + 1) * wp * lanes]
             ih = pr0 + r - pt
             if ih < 0 or ih >= h or col1 <= col0:
-                for i in range(wp):
+                for i in range(wp * lanes):
                     row[i] = zero
                 continue
-            for i in range(col0):
+            for i in range(col0 * lanes):
                 row[i] = zero
-            for i in range(col1, wp):
+            for i in range(col1 * lanes, wp * lanes):
                 row[i] = zero
-            seg = xn[ci, ih, col0 - pl:col1 - pl]
-            dst = row[col0:col1]
-            for i in range(col1 - col0):
-                dst[i] = seg[i]
-
-
-@jit
-def dw_rows_nchw(xs, nrows_in, wp, wc, bias, act, dm, nr, ow_n, sh, sw, dh, dw, kh_n, kw_n, dst, doff, ldd, vbuf):
-    """Depthwise output rows from channel-major packed rows (:func:`pack_rows_nchw`), vectorised along W.
-
-    Parameters
-    ----------
-    xs : ndarray, flat
-        Packed input, ``nrows_in`` rows of ``wp`` columns per input channel.
-    wc : ndarray of shape (C*dm, KH*KW)
-    bias : ndarray of shape (C*dm,) or (0,)
-    dst : ndarray, flat
-        ``dst[doff + j*ldd + r*ow_n + ow]`` receives output channel ``j`` at tile row ``r``, column ``ow``.
-    vbuf : ndarray, flat
-        Scratch of at least ``nr * wp`` elements for the stride-1 path.
-
-    Notes
-    -----
-    With unit strides, all rows of a channel are computed in one loop over a
-    "virtual" row of ``wp`` columns (the columns past ``ow_n`` are discarded
-    when copying to ``dst``), so short rows cost no per-row overhead.
-    """
-    cm = wc.shape[0]
-    has_bias = bias.shape[0] > 0
-    zero = dst.dtype.type(0)
-    flat = sh == 1 and sw == 1
-    if flat:
-        nrun, step, rows = (nr - 1) * wp + ow_n, 1, 1
-    else:
-        nrun, step, rows = ow_n, sw, nr
-    rs = dh * wp
-    for j in range(cm):
-        cbase = (j // dm) * nrows_in * wp
-        wj = wc[j]
-        b = bias[j] if has_bias else zero
-        for r in range(rows):
-            d = vbuf if flat else dst[doff + j * ldd + r * ow_n:doff + j * ldd + (r + 1) * ow_n]
-            x0 = xs[cbase + r * sh * wp:]
-            if kh_n == 3 and kw_n == 3:
-                w0, w1, w2, w3, w4, w5, w6, w7, w8 = wj[0], wj[1], wj[2], wj[3], wj[4], wj[5], wj[6], wj[7], wj[8]
-                x1 = x0[dw:]
-                x2 = x0[2 * dw:]
-                x3 = x0[rs:]
-                x4 = x3[dw:]
-                x5 = x3[2 * dw:]
-                x6 = x0[2 * rs:]
-                x7 = x6[dw:]
-                x8 = x6[2 * dw:]
-                if step == 1:
-                    for i in range(nrun):
-                        d[i] = (b + x0[i] * w0 + x1[i] * w1 + x2[i] * w2 + x3[i] * w3 + x4[i] * w4 + x5[i] * w5
-                                + x6[i] * w6 + x7[i] * w7 + x8[i] * w8)
-                else:
-                    for i in range(nrun):
-                        k = i * step
-                        d[i] = (b + x0[k] * w0 + x1[k] * w1 + x2[k] * w2 + x3[k] * w3 + x4[k] * w4 + x5[k] * w5
-                                + x6[k] * w6 + x7[k] * w7 + x8[k] * w8)
-            else:
-                for i in range(nrun):
-                    d[i] = b
-                for kh in range(kh_n):
-                    for kw in range(kw_n):
-                        xt = x0[kh * rs + kw * dw:]
-                        wv = wj[kh * kw_n + kw]
-                        if step == 1:
-                            for i in range(nrun):
-                                d[i] += xt[i] * wv
-                        else:
-                            for i in range(nrun):
-                                d[i] += xt[i * step] * wv
-            if flat:
-                for rr in range(nr):
-                    out = dst[doff + j * ldd + rr * ow_n:doff + j * ldd + (rr + 1) * ow_n]
-                    v = vbuf[rr * wp:rr * wp + ow_n]
-                    for i in range(ow_n):
-                        out[i] = v[i]
-                    if act != 0:
-                        bias_act_inplace(out, zero, act)
-            elif act != 0:
-                bias_act_inplace(d, zero, act)
+            if dm == 1 and j1 == lanes:
+                # a (lanes x W) block of channel rows, written column by column (contiguous stores)
+                blk = xn[b * lanes:(b + 1) * lanes, ih]
+                for col in range(col0, col1):
+                    dst = row[col * lanes:(col + 1) * lanes]
+                    for j in range(lanes):
+                        dst[j] = blk[j, col - pl]
+                continue
+            for j in range(j1, lanes):
+                for col in range(col0, col1):
+                    row[col * lanes + j] = zero
+            for j in range(j1):
+                src = xn[(b * lanes + j) // dm, ih]
+                for col in range(col0, col1):
+                    row[col * lanes + j] = src[col - pl]
 
 
 @jit
@@ -536,12 +532,12 @@ def dw_tile(x, n, channels_last, wt, bt, wc, bc, act, dm, r0, nr, sh, sw, dh, dw
     nin = (nr - 1) * sh + (kh_n - 1) * dh + 1
     if channels_last:
         pack_rows(x[n], dm, r0 * sh, nin, pt, pl, wp, VECTOR_BYTES // xs.itemsize, xs)
-        dw_packed_rows(xs, nin, wp, wt, bt, act, nr, ow_n, sh, sw, dh, dw, kh_n, kw_n, wc.shape[0], dst[doff:])
+        dw_packed_rows(xs, nin, wp, wt, bt, act, nr, ow_n, sh, sw, dh, dw, kh_n, kw_n, wc.shape[0], dst[doff:], False,
+                       ldd)
     else:
-        pack_rows_nchw(x[n], r0 * sh, nin, pt, pl, wp, xs)
-        # the virtual-row scratch of dw_rows_nchw lives after the packed rows
-        dw_rows_nchw(xs, nin, wp, wc, bc, act, dm, nr, ow_n, sh, sw, dh, dw, kh_n, kw_n, dst, doff, ldd,
-                     xs[wc.shape[0] // dm * nin * wp:])
+        pack_rows_nchw(x[n], dm, r0 * sh, nin, pt, pl, wp, VECTOR_BYTES // xs.itemsize, xs)
+        dw_packed_rows(xs, nin, wp, wt, bt, act, nr, ow_n, sh, sw, dh, dw, kh_n, kw_n, wc.shape[0], dst[doff:], True,
+                       ldd)
 
 
 @pjit
@@ -553,7 +549,7 @@ def depthwise_packed(x, channels_last, wt, bt, wc, bc, act, out1, dm, sh, sw, dh
     ----------
     x : ndarray of shape (N, H, W, C) if ``channels_last`` else (N, C, H, W)
     wt, bt : NHWC weights per tap and bias, see :func:`dw_packed_rows`
-    wc, bc : NCHW weights ``(C*dm, KH*KW)`` and bias ``(C*dm,)`` or ``(0,)``, see :func:`dw_rows_nchw`
+    wc, bc : an empty ``(C*dm, 0)`` array (its row count is read) and the bias or ``(0,)``
     out1 : ndarray, flat
         The output, ``(N, OH, OW, C*dm)`` or ``(N, C*dm, OH, OW)`` (same layout as ``x``) in C order.
     xs_scr : ndarray of shape (nchunks, packed rows * wp * C*dm)

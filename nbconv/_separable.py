@@ -40,7 +40,7 @@ def separable(x, channels_last, wt, bt, wc, bc, dact, wmat, bias, act, out1, dm,
         Depthwise weights per tap (see :func:`nbconv._depthwise.dw_packed_rows`).
     bt : ndarray of shape (C*dm,)
         Depthwise bias (zeros for none); ``dact`` its activation code.
-    wc, bc : depthwise weights ``(C*dm, KH*KW)`` and bias ``(C*dm,)`` or ``(0,)`` for NCHW input
+    wc, bc : an empty ``(C*dm, 0)`` array (its row count is read) and the depthwise bias or ``(0,)``
     wmat : ndarray of shape (C*dm, F)
     bias, act : pointwise bias ``(F,)`` or ``(0,)`` and activation code
     out1 : ndarray, flat

@@ -103,6 +103,19 @@ class VectorBuilder:
         else:
             self.builder.call(self._mstore, [value, vp, self._align, mask])
 
+    def store_narrow(self, value, ptr, mask=None):
+        """Store a vector of any width (``value``'s own) at element pointer ``ptr``, lanes off in ``mask`` untouched."""
+        vty = value.type
+        vp = self.builder.bitcast(ptr, vty.as_pointer())
+        if mask is None:
+            self.builder.store(value, vp, align=self._align.constant)
+            return
+        name = f"llvm.masked.store.v{vty.count}{'f32' if self.fty == ir.FloatType() else 'f64'}.p0"
+        fn = cgutils.get_or_insert_function(
+            self.builder.module,
+            ir.FunctionType(ir.VoidType(), [vty, vty.as_pointer(), I32, ir.VectorType(ir.IntType(1), vty.count)]), name)
+        self.builder.call(fn, [value, vp, self._align, mask])
+
     def splat(self, ptr):
         """Scalar at element pointer ``ptr`` broadcast to every lane."""
         s = self.builder.load(ptr)

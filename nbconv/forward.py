@@ -167,30 +167,24 @@ def _round_up(value, multiple):
 def _dw_operands(g, kernel, bias, act_dtype):
     """Depthwise operands: ``(wt, bt, wc, bc, wp)``.
 
-    NHWC: weights per tap ``(KH*KW, C*dm)`` and the bias (zeros for none) for
-    :func:`nbconv._depthwise.dw_packed_rows` (``wc`` is then an empty
-    ``(C*dm, 0)`` array: the kernels read only its row count); NCHW:
-    per-channel weights ``(C*dm, KH*KW)`` for :func:`nbconv._depthwise.dw_rows_nchw`
-    (returned in both slots).  ``wp`` is the packed row width.
+    Weights per tap ``(KH*KW, C*dm)`` and the bias (zeros for none) for
+    :func:`nbconv._depthwise.dw_packed_rows`; ``wc`` is an empty ``(C*dm, 0)``
+    array (the kernels read only its row count) and ``bc`` the bias or an
+    empty array.  ``wp`` is the packed row width.
     """
     cm = g.c * g.dm
-    khkw = g.kh * g.kw
     wp = (g.ow - 1) * g.sw + (g.kw - 1) * g.dw + 1
-    w = kernel.reshape(khkw, cm)
+    wt = np.ascontiguousarray(kernel.reshape(g.kh * g.kw, cm), dtype=act_dtype)
     bc = _bias_array(bias, act_dtype)
-    if not g.channels_last:
-        wc = np.ascontiguousarray(w.T, dtype=act_dtype)
-        return wc, bc, wc, bc, wp
-    wt = np.ascontiguousarray(w, dtype=act_dtype)
     bt = bc if bias is not None else np.zeros(cm, act_dtype)
     wc = _NO_TAPS[act_dtype.char][:cm] if cm <= _NO_TAPS_LEN else np.empty((cm, 0), act_dtype)
     return wt, bt, wc, bc, wp
 
 
 def _packed_size(g, th, wp):
-    """Elements of one chunk's packed-row scratch: the packed rows (channels padded to whole vectors, see
-    :func:`nbconv._depthwise.pack_rows`), plus a virtual row buffer per output row (NCHW)."""
-    return ((th - 1) * g.sh + (g.kh - 1) * g.dh + 1) * wp * _round_up(g.c * g.dm, 16) + th * wp
+    """Elements of one chunk's packed-row scratch: the packed rows, channels padded to whole vectors (16
+    lanes covers every vector width, see :func:`nbconv._depthwise.pack_rows`)."""
+    return ((th - 1) * g.sh + (g.kh - 1) * g.dh + 1) * wp * _round_up(g.c * g.dm, 16)
 
 
 def _finish(res, result_dtype, out=None):
