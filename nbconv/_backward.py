@@ -46,7 +46,7 @@ wanted may be 1-element dummies of the right rank.
 """
 from numba import prange
 
-from ._depthwise import _first_valid, dw_nhwc_pixels
+from ._depthwise import _first_valid, dw_tile
 from ._jit import jit, pjit
 from ._gemm import gemm_nn
 from ._pointwise import gemm_rm
@@ -213,9 +213,8 @@ def _valid_range(off, sw, wd, ow0, ow1):
 def dw_nchw_recompute(xn, w, dm, p0, p1, ow_size, sh, sw, dh, dw, pt, pl, dst):
     """Depthwise output (no bias) of all channels at pixels ``p0 .. p1-1`` of one NCHW image.
 
-    As :func:`nbconv._depthwise.dw_nchw_tile` without bias and activation
-    (``dst[j, p - p0]``), with the division-free column ranges of
-    :func:`_valid_range`.
+    Channel-major (``dst[j, p - p0]``), vectorised along output columns,
+    with the division-free column ranges of :func:`_valid_range`.
     """
     c, h, wd = xn.shape
     _, kh_n, kw_n = w.shape
@@ -364,7 +363,7 @@ def _rowsum_rows(g1, off, rows, cols, ld, acc):
 @pjit
 def dwsep_backward_nhwc(x, dk, wmat, wmat_t, g2, want_dx, dx, want_dk, dkp, want_pw, dpwp, want_b, dbp,
                         halo, halo_pos, sh, sw, dh, dw, pt, pl, oh_size, ow_size, tile_p, nchunks,
-                        dscr, ddscr, ibuf, consts, chars):
+                        dscr, ddscr, ibuf, consts, chars, wt, bt, wc0, xs_scr, wp):
     """Parallel backward of depthwise (``wmat`` empty) or fused separable convolution, NHWC.
 
     Parameters
@@ -388,6 +387,10 @@ def dwsep_backward_nhwc(x, dk, wmat, wmat_t, g2, want_dx, dx, want_dk, dkp, want
     dscr, ddscr : ndarray of shape (nchunks, tile_p, C*dm)
         Thread-private tiles of ``D`` and ``dD`` (separable only).
     ibuf : ndarray of shape (nchunks, 8), int32
+    wt, bt, wc0, xs_scr, wp : operands of :func:`nbconv._depthwise.dw_tile` for the recompute of ``D``
+        (``(KH*KW, C*dm)`` weights, zero bias, an empty ``(C*dm, 0)`` array, per-chunk packed-row scratch,
+        packed row width);
+        ``tile_p`` is then a multiple of ``OW``.
 
     Notes
     -----
@@ -440,7 +443,9 @@ def dwsep_backward_nhwc(x, dk, wmat, wmat_t, g2, want_dx, dx, want_dk, dkp, want
                         _colsum_rows(g1, grow * gw, npx, gw, gw, dba)
                     if sep:
                         if want_pw:
-                            dw_nhwc_pixels(xn, dk, dk[0, 0, :0], 0, dm, p0, p1, ow_size, sh, sw, dh, dw, pt, pl, d)
+                            dw_tile(x, n, True, wt, bt, wc0, bt[:0], 0, dm, p0 // ow_size, npx // ow_size,
+                                    sh, sw, dh, dw, pt, pl, dk.shape[0], dk.shape[1], ow_size, wp, xs_scr[chunk], d1, 0,
+                                    npx)
                             gemm_nn(cm, f, npx, d1, 0, 1, cm, g1, grow * f, f, dpw1, chunk * cm * f, f, True,
                                     nobias, 0, 0, 0)
                         if want_dx or want_dk:

@@ -135,6 +135,9 @@ def _dwsep_backward(g, xc, dkc, wc, gc, want_dx, want_dk, want_pw, want_b, compu
     nchunks = max(1, min(rows, limit))
     if sep:
         tile_p = max(16, min(ohw, TILE_BYTES // max(1, cm * itemsize)))
+        if g.channels_last:
+            # whole output rows: the NHWC recompute of D runs the forward's row-tile micro-kernels
+            tile_p = max(1, tile_p // g.ow) * g.ow
     else:
         tile_p = ohw  # no scratch: a chunk walks its rows in one go
     hr = max(1, (g.kh - 1) * g.dh - g.sh + 1)
@@ -154,10 +157,17 @@ def _dwsep_backward(g, xc, dkc, wc, gc, want_dx, want_dk, want_pw, want_b, compu
         dscr = ddscr = np.empty((nchunks, 1, 1), compute)
     ibuf, consts = _gemm_buffers(nchunks, compute)
     if g.channels_last:
+        # packed-row scratch and operands of the forward's depthwise row tiles (recompute of D)
+        th = tile_p // g.ow if sep and want_pw else 1
+        wp = (g.ow - 1) * g.sw + (g.kw - 1) * g.dw + 1
+        xs = np.empty((nchunks, ((th - 1) * g.sh + (g.kh - 1) * g.dh + 1) * wp * -(-cm // 16) * 16
+                       if sep and want_pw else 1), compute)
+        wt = np.ascontiguousarray(dkc.reshape(g.kh * g.kw, cm))
         with GEMM_LAUNCH:
             dwsep_backward_nhwc(xc, dkc, wc, np.ascontiguousarray(wc.T), gc.reshape(-1, f), want_dx, dx, want_dk, dkp,
                                 want_pw, dpwp, want_b, dbp, halo, halo_pos, g.sh, g.sw, g.dh, g.dw, g.pt, g.pl, g.oh,
-                                g.ow, tile_p, nchunks, dscr, ddscr, ibuf, consts, GEMM_CHARS)
+                                g.ow, tile_p, nchunks, dscr, ddscr, ibuf, consts, GEMM_CHARS, wt,
+                                np.zeros(cm, compute), np.empty((cm, 0), compute), xs, wp)
         if want_dx:
             add_halos_nhwc(dx, halo, halo_pos)
     else:
