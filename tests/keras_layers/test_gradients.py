@@ -203,3 +203,47 @@ def test_vmap_forward_and_gradient(kind, rng):
     assert y.shape == y_ref.shape == (3,) + tuple(ours.compute_output_shape(xs.shape[1:]))
     assert_close(np.asarray(y), np.asarray(y_ref), tol=2e-5)
     assert_close(np.asarray(dx), np.asarray(dx_ref), tol=1e-4)
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="GradientTape watching")
+@pytest.mark.parametrize("graph", [False, True])
+def test_tensorflow_host_calls_follow_the_tape(monkeypatch, rng, graph):
+    """The watched inputs' gradients come from one host call; inputs no tape watched get none (values: Keras's)."""
+    import tensorflow as tf
+
+    from keras_layers.backend import _common
+
+    calls = []
+    real = _common.backward
+
+    def spy(cfg, wrt, *arrays):
+        calls.append(tuple(wrt))
+        return real(cfg, wrt, *arrays)
+
+    monkeypatch.setattr(_common, "backward", spy)
+    x = rng.standard_normal((2, 7, 6, 3)).astype("float32")
+    ours, ref = make_pair("separable", x.shape, rng, filters=4, kernel_size=3, padding="same", activation="relu")
+    cot = rng.standard_normal(ours.compute_output_shape(x.shape)).astype("float32")
+    _, dx_ref, dws_ref = gradients(ref, x, cot)
+    all_names = ("x", "depthwise_kernel", "pointwise_kernel", "bias")
+
+    def run(watch_x, watch_weights):
+        def body(xt):
+            weights = [v.value for v in ours.trainable_variables]
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                if watch_x:
+                    tape.watch(xt)
+                if watch_weights:
+                    tape.watch(weights)
+                loss = tf.reduce_sum(ours(xt) * cot)
+            return tape.gradient(loss, ([xt] if watch_x else []) + (weights if watch_weights else []))
+        return (tf.function(body) if graph else body)(tf.constant(x))
+
+    for watch_x, watch_weights in ((True, True), (False, True), (True, False)):
+        calls.clear()
+        got = run(watch_x, watch_weights)
+        assert calls == [tuple(n for n, w in zip(all_names, (watch_x,) + (watch_weights,) * 3) if w)]
+        expected = ([dx_ref] if watch_x else []) + (list(dws_ref) if watch_weights else [])
+        assert len(got) == len(expected)
+        for g, g_ref in zip(got, expected):
+            assert_close(to_numpy(g), g_ref, tol=1e-4)
