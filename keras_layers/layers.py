@@ -42,20 +42,22 @@ time over the same 13 direct nbconv calls from 1.3-1.6x to 1.13-1.22x.
 TensorFlow needs no process setting.  Its CPU build has no OpenMP pool (its
 oneDNN runs on TF's own Eigen pool), and inside the ``numpy_function``
 callbacks the 13 calls of the model above take what the direct calls take
-(57 against 60 ms at batch 8, interleaved in one process): TF's pool does not
-spin against Numba's.  Intra-/inter-op pool sizes of 1 or 2 and
-``glibc.malloc.hugetlb=1`` moved our model and Keras's alike (ratio 0.74-0.90x
-in every setting).  On this backend Keras's own layers run TF's oneDNN
-depthwise and 1x1 kernels, which are about as fast as nbconv's: at batch 8 the
-model with Keras's layers took 59-65 ms, the 13 direct nbconv calls 60-62 ms,
-and the model with ours 78-83 ms, the difference being BatchNorm and ReLU
-(separate passes over every block's output after a host call, about 14 ms,
-against about 9 ms after TF's own convolutions) and the host calls (about
-3 ms).  ``convert(model, fold_batchnorm=True)`` removes those passes for
-inference: against the original keras.applications model (interleaved
-medians) MobileNet ran 1.55x faster at batch 1 and 1.04x at batch 8, Xception
-1.01x at batch 1, while the unfolded conversion ran at 0.83-0.90x (2 cores,
-another process using about one of them: ratios, not absolute times).
+(39 against 39-40 ms at batch 8, interleaved in one process): TF's pool does
+not spin against Numba's.  Intra-/inter-op pool sizes of 1 or 2 and
+``glibc.malloc.hugetlb=1`` helped neither model consistently (one intra-op
+thread slowed Keras's own model at batch 8 from 42-46 to 64 ms).  On this
+backend Keras's own layers run TF's oneDNN depthwise and 1x1 kernels, nearly
+as fast as nbconv's: at batch 8 the model with Keras's layers took 42-46 ms,
+the 13 direct nbconv calls 41-43 ms and the model with ours 59-68 ms.  The
+difference is BatchNorm and ReLU, separate TF passes over every block's output
+that cannot fuse with a host call (about 12 ms: the model with a host call
+returning a cached result took 15 ms, 3 ms without BatchNorm and ReLU), and
+the host calls themselves (about 3 ms).  ``convert(model,
+fold_batchnorm=True)`` removes those passes for inference: against the
+original keras.applications model (interleaved medians) MobileNet ran
+1.24-1.55x faster at batch 1 and 1.04x at batch 8, Xception 0.93-1.01x at
+batch 1, the unfolded conversion 0.78-0.90x (2 cores, another process using
+about one of them: ratios, not absolute times).
 """
 import inspect
 
