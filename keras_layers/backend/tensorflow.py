@@ -24,9 +24,10 @@ first write zero-fills it) on every call.  A wrapped array stays referenced by
 the tensor's buffer (and by anything sharing it: a downstream op writing in
 place, ``.numpy()`` views) until TensorFlow frees it, so a buffer is handed out
 again only when the pool holds the last reference.  The pool keeps at most
-:data:`POOL_PER_SHAPE` buffers per (shape, dtype) of forward result;
-:func:`clear_buffers` drops them.
+:data:`POOL_PER_SHAPE` buffers per (shape, dtype) of forward result, for the
+:data:`POOL_SHAPES` pairs used last; :func:`clear_buffers` drops them.
 """
+import collections
 import functools
 import sys
 import threading
@@ -39,15 +40,16 @@ try:  # which inputs a GradientTape watches (private module; without it every gr
 except ImportError:  # pragma: no cover
     _record = None
 
-
 from . import _common
 
 #: alignment (bytes) at which ``numpy_function`` adopts a returned array instead of copying it
 ALIGN = 64
 #: forward result buffers kept per (shape, dtype)
 POOL_PER_SHAPE = 4
+#: (shape, dtype) pairs kept, least recently used dropped first
+POOL_SHAPES = 64
 
-_pool = {}
+_pool = collections.OrderedDict()
 _pool_lock = threading.Lock()
 
 
@@ -63,7 +65,13 @@ def _result_buffer(shape, dtype):
     """An aligned array of ``shape``/``dtype`` that nothing else references: a pooled one if one is free."""
     key = (tuple(shape), np.dtype(dtype).str)
     with _pool_lock:
-        buffers = _pool.setdefault(key, [])
+        buffers = _pool.get(key)
+        if buffers is None:
+            buffers = _pool[key] = []
+            while len(_pool) > POOL_SHAPES:  # least recently used first (inputs of ever new sizes)
+                del _pool[next(iter(_pool))]
+        else:
+            _pool.move_to_end(key)
         for buf in buffers:
             # referenced only by the list, ``buf`` and getrefcount's argument: TensorFlow has released it
             if sys.getrefcount(buf) == 3:

@@ -242,3 +242,24 @@ def test_dtype_policies(kind, policy, rng):
         for g, g_ref in zip(dws, dws_ref):
             assert g.dtype == g_ref.dtype
             assert_close(g.astype("float32"), g_ref.astype("float32"), tol=tol)
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="the tensorflow bridge's result buffers")
+def test_tensorflow_result_buffers_bounded_and_reused():
+    """Inputs of ever new sizes do not grow the pool without bound; a repeated shape reuses its buffers."""
+    from keras_layers.backend import tensorflow as tfb
+
+    tfb.clear_buffers()
+    layer = keras_layers.DepthwiseConv2D(3, padding="same")
+    layer.build((1, None, None, 2))
+    for size in range(4, 4 + tfb.POOL_SHAPES + 8):
+        layer(np.ones((1, size, 5, 2), "float32"))
+    assert len(tfb._pool) <= tfb.POOL_SHAPES
+    x = np.ones((1, 6, 6, 2), "float32")
+    first = to_numpy(layer(x))
+    ids = {id(b) for bufs in tfb._pool.values() for b in bufs}
+    for _ in range(3):
+        np.testing.assert_array_equal(to_numpy(layer(x)), first)
+    assert {id(b) for bufs in tfb._pool.values() for b in bufs} == ids
+    tfb.clear_buffers()
+    assert not tfb._pool
