@@ -33,13 +33,11 @@ from ._elementwise import bias_act_inplace, vec_bias_act_inplace
 from ._jit import jit, pjit
 from ._simd import VECTOR_BYTES, VectorBuilder, copy_vector
 
-#: added to a micro-kernel kind (:func:`_dw_call`) for the channel-major store
-CHANNEL_MAJOR = 6
 #: output pixels of one NHWC depthwise micro-kernel call (each tap: one weight vector, DW_PIXELS input vectors)
 DW_PIXELS = 8
 
 
-def _dw_microkernel(masked, steps, channel_major=False, size=3):
+def _dw_microkernel(masked, steps, channel_major=False):
     """An intrinsic ``mk(xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n, bt, boff, d, doff, drs, dps, nrows,
                        ow_n, nch, act)``.
 
@@ -56,9 +54,7 @@ def _dw_microkernel(masked, steps, channel_major=False, size=3):
     b*u``: the nine weight vectors stay in registers for the whole call, the
     taps are unrolled, and the input columns that neighbouring pixels share
     (a sliding window) are loaded once per kernel row:
-    ``(DW_PIXELS - 1)*a + 2*b + 1`` loads instead of ``3*DW_PIXELS``.  ``size``
-    5 or 7 is the same sliding window for a 5x5 or 7x7 kernel (stride 1),
-    its weights loaded one kernel row at a time.  In the
+    ``(DW_PIXELS - 1)*a + 2*b + 1`` loads instead of ``3*DW_PIXELS``.  In the
     last block of a row, pixels and columns past the last valid ones repeat
     it and are not stored, so nothing is read outside the caller's arrays
     (which the caller guarantees for the valid pixels).
@@ -81,8 +77,7 @@ def _dw_microkernel(masked, steps, channel_major=False, size=3):
             bias = vb.load(vb.at(vb.data(11), vb.int64(12)), mask)
             accs = vb.accumulators(DW_PIXELS)
             const = vb.const
-            if steps is not None and size == 3:
-                # the nine weight vectors stay in registers for the whole call
+            if steps is not None:
                 w9 = [vb.load(vb.at(wptr, builder.mul(const(t), wstr)), mask) for t in range(9)]
 
             def clamp(i, last):
@@ -112,28 +107,23 @@ def _dw_microkernel(masked, steps, channel_major=False, size=3):
                 else:
                     a, b = steps
                     unit = cs if b == 1 else ps
-                    ncols = (DW_PIXELS - 1) * a + (size - 1) * b + 1
+                    ncols = (DW_PIXELS - 1) * a + 2 * b + 1
                     if npix is None:
                         cols = [builder.mul(const(i), unit) for i in range(ncols)]
                     else:
-                        # the last column the valid pixels read: (npix - 1)*a + (size - 1)*b
-                        last = builder.add(builder.mul(builder.sub(npix, const(1)), const(a)), const((size - 1) * b))
+                        # the last column the valid pixels read: (npix - 1)*a + 2*b
+                        last = builder.add(builder.mul(builder.sub(npix, const(1)), const(a)), const(2 * b))
                         cols = [builder.mul(clamp(i, last), unit) for i in range(ncols)]
-                    for kh in range(size):
+                    for kh in range(3):
                         xrow = vb.at(x0, builder.mul(const(kh), rs))
-                        if size == 3:
-                            w = w9[3 * kh:3 * kh + 3]
-                        else:  # 5x5, 7x7: one kernel row of weight vectors at a time
-                            w = [vb.load(vb.at(wptr, builder.mul(const(kh * size + kw), wstr)), mask)
-                                 for kw in range(size)]
                         # each column loaded where first used: fewer vectors live at once, no spills
                         x = {}
                         for p in range(DW_PIXELS):
-                            for kw in range(size):
+                            for kw in range(3):
                                 i = p * a + kw * b
                                 if i not in x:
                                     x[i] = vb.load(vb.at(xrow, cols[i]), mask)
-                                acc[p] = vb.fma(x[i], w[kw], acc[p])
+                                acc[p] = vb.fma(x[i], w9[kh * 3 + kw], acc[p])
                 outs = [vb.activation(acc[p], act_) for p in range(DW_PIXELS)]
                 if channel_major:
                     # lane j of the DW_PIXELS vectors -> one vector of pixels for channel j
@@ -190,22 +180,18 @@ _dw_any, _dw_any_m = _dw_microkernel(False, None), _dw_microkernel(True, None)
 _dw_s1, _dw_s1_m = _dw_microkernel(False, (1, 1)), _dw_microkernel(True, (1, 1))
 _dw_s2, _dw_s2_m = _dw_microkernel(False, (2, 1)), _dw_microkernel(True, (2, 1))
 _dw_d2, _dw_d2_m = _dw_microkernel(False, (1, 2)), _dw_microkernel(True, (1, 2))
-_dw_k5, _dw_k5_m = _dw_microkernel(False, (1, 1), size=5), _dw_microkernel(True, (1, 1), size=5)
-_dw_k7, _dw_k7_m = _dw_microkernel(False, (1, 1), size=7), _dw_microkernel(True, (1, 1), size=7)
 # the same, storing channel-major (NCHW tiles)
 _cm_any, _cm_any_m = _dw_microkernel(False, None, True), _dw_microkernel(True, None, True)
 _cm_s1, _cm_s1_m = _dw_microkernel(False, (1, 1), True), _dw_microkernel(True, (1, 1), True)
 _cm_s2, _cm_s2_m = _dw_microkernel(False, (2, 1), True), _dw_microkernel(True, (2, 1), True)
 _cm_d2, _cm_d2_m = _dw_microkernel(False, (1, 2), True), _dw_microkernel(True, (1, 2), True)
-_cm_k5, _cm_k5_m = _dw_microkernel(False, (1, 1), True, 5), _dw_microkernel(True, (1, 1), True, 5)
-_cm_k7, _cm_k7_m = _dw_microkernel(False, (1, 1), True, 7), _dw_microkernel(True, (1, 1), True, 7)
 
 
 @jit
 def _dw_call(kind, masked, xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n, bt, boff, d, doff, drs, dps, nrows,
              ow_n, nch, act):
-    """Dispatch to a depthwise micro-kernel: ``kind`` 0 general, 1-3 the 3x3 sliding windows (s1, s2, d2),
-    4-5 the 5x5 and 7x7 ones (s1); plus :data:`CHANNEL_MAJOR` for the channel-major (NCHW) store."""
+    """Dispatch to a depthwise micro-kernel: ``kind`` 1, 2, 3 for the 3x3 sliding windows (s1, s2, d2), 0 general;
+    plus 4 for the channel-major (NCHW) store."""
     if kind == 0:
         if masked:
             _dw_any_m(xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n, bt, boff, d, doff, drs, dps, nrows,
@@ -236,59 +222,31 @@ def _dw_call(kind, masked, xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n
                        ow_n, nch, act)
     elif kind == 4:
         if masked:
-            _dw_k5_m(xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n, bt, boff, d, doff, drs, dps, nrows,
-                       ow_n, nch, act)
-        else:
-            _dw_k5(xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n, bt, boff, d, doff, drs, dps, nrows,
-                       ow_n, nch, act)
-    elif kind == 5:
-        if masked:
-            _dw_k7_m(xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n, bt, boff, d, doff, drs, dps, nrows,
-                       ow_n, nch, act)
-        else:
-            _dw_k7(xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n, bt, boff, d, doff, drs, dps, nrows,
-                       ow_n, nch, act)
-    elif kind == 6:
-        if masked:
             _cm_any_m(xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n, bt, boff, d, doff, drs, dps, nrows,
                        ow_n, nch, act)
         else:
             _cm_any(xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n, bt, boff, d, doff, drs, dps, nrows,
                        ow_n, nch, act)
-    elif kind == 7:
+    elif kind == 5:
         if masked:
             _cm_s1_m(xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n, bt, boff, d, doff, drs, dps, nrows,
                        ow_n, nch, act)
         else:
             _cm_s1(xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n, bt, boff, d, doff, drs, dps, nrows,
                        ow_n, nch, act)
-    elif kind == 8:
+    elif kind == 6:
         if masked:
             _cm_s2_m(xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n, bt, boff, d, doff, drs, dps, nrows,
                        ow_n, nch, act)
         else:
             _cm_s2(xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n, bt, boff, d, doff, drs, dps, nrows,
                        ow_n, nch, act)
-    elif kind == 9:
+    elif kind == 7:
         if masked:
             _cm_d2_m(xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n, bt, boff, d, doff, drs, dps, nrows,
                        ow_n, nch, act)
         else:
             _cm_d2(xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n, bt, boff, d, doff, drs, dps, nrows,
-                       ow_n, nch, act)
-    elif kind == 10:
-        if masked:
-            _cm_k5_m(xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n, bt, boff, d, doff, drs, dps, nrows,
-                       ow_n, nch, act)
-        else:
-            _cm_k5(xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n, bt, boff, d, doff, drs, dps, nrows,
-                       ow_n, nch, act)
-    elif kind == 11:
-        if masked:
-            _cm_k7_m(xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n, bt, boff, d, doff, drs, dps, nrows,
-                       ow_n, nch, act)
-        else:
-            _cm_k7(xs, xoff, xrs, rs, cs, ps, wt, woff, wstr, kh_n, kw_n, bt, boff, d, doff, drs, dps, nrows,
                        ow_n, nch, act)
 
 
@@ -401,13 +359,11 @@ def dw_packed_rows(xs, nin, wp, wt, bt, act, nrows, ow_n, sh, sw, dh, dw, kh_n, 
             kind = 2
         elif dw == 2 * sw:
             kind = 3
-    elif kh_n == kw_n and sw == dw:
-        kind = 4 if kh_n == 5 else (5 if kh_n == 7 else 0)
     for c0 in range(0, cm, lanes):
         nch = min(lanes, cm - c0)
         if channel_major:
-            _dw_call(kind + CHANNEL_MAJOR, nch < lanes, xs, c0 * nin * wp, sh * wp * lanes, rs, cs, ps, wt, c0, cm,
-                     kh_n, kw_n, bt, c0, dst, c0 * ldd, ow_n, ldd, nrows, ow_n, nch, act)
+            _dw_call(kind + 4, nch < lanes, xs, c0 * nin * wp, sh * wp * lanes, rs, cs, ps, wt, c0, cm, kh_n, kw_n, bt,
+                     c0, dst, c0 * ldd, ow_n, ldd, nrows, ow_n, nch, act)
         else:
             _dw_call(kind, nch < lanes, xs, c0 * nin * wp, sh * wp * lanes, rs, cs, ps, wt, c0, cm, kh_n, kw_n, bt, c0,
                      dst, c0, ow_n * cm, cm, nrows, ow_n, nch, act)
