@@ -31,7 +31,7 @@ from numba.extending import intrinsic
 
 from ._elementwise import bias_act_inplace, vec_bias_act_inplace
 from ._jit import jit, pjit
-from ._simd import VECTOR_BYTES, VectorBuilder, copy_vector
+from ._simd import VECTOR_BYTES, VectorBuilder, copy_vector, gather_vector, transpose_block
 
 #: output pixels of one NHWC depthwise micro-kernel call (each tap: one weight vector, DW_PIXELS input vectors)
 DW_PIXELS = 8
@@ -292,6 +292,9 @@ def pack_rows(xn, dm, pr0, nrows, pt, pl, wp, lanes, xs):
     zero = xs.dtype.type(0)
     col0 = min(pl, wp)
     col1 = min(pl + w, wp)
+    # packed channel -> input channel, for one gather per vector: a scalar loop per element (with its division)
+    # took 1.4 ms of a 56x56x128 dm=2 depthwise call, against 0.17 ms for the same output at dm=1
+    src_of = np.arange(cm if dm > 1 else 0) // dm
     for r in range(nrows):
         ih = pr0 + r - pt
         inside = 0 <= ih < h and col0 < col1
@@ -315,15 +318,12 @@ def pack_rows(xn, dm, pr0, nrows, pt, pl, wp, lanes, xs):
                 for b in range(nb):
                     copy_vector(src, s0 + b * lanes, xs, ((b * nrows + r) * wp + col) * lanes, min(lanes, cm - b * lanes))
             continue
-        for b in range(nb):
-            j1 = min(lanes, cm - b * lanes)
-            for col in range(col0, col1):
-                px = xn[ih, col - pl]
-                dst = xs[((b * nrows + r) * wp + col) * lanes:((b * nrows + r) * wp + col + 1) * lanes]
-                for j in range(j1):
-                    dst[j] = px[(b * lanes + j) // dm]
-                for j in range(j1, lanes):
-                    dst[j] = zero
+        src = xn[ih].reshape(-1)
+        for col in range(col0, col1):
+            s0 = (col - pl) * c
+            for b in range(nb):
+                gather_vector(src, s0, src_of, b * lanes, xs, ((b * nrows + r) * wp + col) * lanes,
+                              min(lanes, cm - b * lanes))
 
 
 @jit
@@ -395,13 +395,14 @@ def pack_rows_nchw(xn, dm, pr0, nrows, pt, pl, wp, lanes, xs):
                 row[i] = zero
             for i in range(col1 * lanes, wp * lanes):
                 row[i] = zero
-            if dm == 1 and j1 == lanes:
-                # a (lanes x W) block of channel rows, written column by column (contiguous stores)
-                blk = xn[b * lanes:(b + 1) * lanes, ih]
-                for col in range(col0, col1):
-                    dst = row[col * lanes:(col + 1) * lanes]
-                    for j in range(lanes):
-                        dst[j] = blk[j, col - pl]
+            if dm == 1:
+                # (lanes x lanes) blocks of channel rows transposed in registers: 2.6x faster than element by
+                # element, which put the NCHW depthwise at twice the NHWC time
+                src = xn.reshape(-1)
+                s0 = b * lanes * h * w + ih * w - pl
+                d0 = (b * nrows + r) * wp * lanes
+                for col in range(col0, col1, lanes):
+                    transpose_block(src, s0 + col, h * w, j1, min(lanes, col1 - col), xs, d0 + col * lanes, lanes)
                 continue
             for j in range(j1, lanes):
                 for col in range(col0, col1):

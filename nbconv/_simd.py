@@ -153,3 +153,84 @@ def copy_vector(typingctx, src, soff, dst, doff, n):
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+@intrinsic
+def gather_vector(typingctx, src, soff, idx, ioff, dst, doff, n):
+    """``dst[doff + j] = src[soff + idx[ioff + j]]`` for ``j < n``, then zeros up to a whole vector (``n <= lanes``).
+
+    One masked gather (``idx`` holds int64 indices): channels repeated for a
+    depth multiplier, without a scalar loop per element.
+    """
+    sig = types.void(src, soff, idx, ioff, dst, doff, n)
+
+    def codegen(context, builder, signature, args):
+        vb = VectorBuilder(context, builder, signature, args, signature.args[0].dtype)
+        lanes = vb.lanes
+        i64v = ir.VectorType(I64, lanes)
+        ivp = builder.bitcast(vb.at(vb.data(2), vb.int64(3)), i64v.as_pointer())
+        mask = vb.mask(vb.int64(6))
+        # masked-off lanes of the index vector are never used as addresses, but must not be read either
+        iload = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(i64v, [i64v.as_pointer(), I32, mask.type, i64v]),
+            f"llvm.masked.load.v{lanes}i64.p0")
+        ivec = builder.call(iload, [ivp, ir.Constant(I32, 8), mask, ir.Constant(i64v, [0] * lanes)])
+        base = builder.ptrtoint(vb.at(vb.data(0), vb.int64(1)), I64)
+        bvec = builder.shuffle_vector(builder.insert_element(ir.Constant(i64v, ir.Undefined), base, ir.Constant(I32, 0)),
+                                      ir.Constant(i64v, ir.Undefined), vb._splat)
+        size = ir.Constant(i64v, [signature.args[0].dtype.bitwidth // 8] * lanes)
+        pty = ir.VectorType(vb.fty.as_pointer(), lanes)
+        ptrs = builder.inttoptr(builder.add(bvec, builder.mul(ivec, size)), pty)
+        suffix = f"v{lanes}{'f32' if signature.args[0].dtype.bitwidth == 32 else 'f64'}"
+        gather = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vb.vty, [pty, I32, mask.type, vb.vty]), f"llvm.masked.gather.{suffix}.v{lanes}p0")
+        value = builder.call(gather, [ptrs, vb._align, mask, vb.zero])
+        vb.store(value, vb.at(vb.data(4), vb.int64(5)))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def transpose_block(typingctx, src, soff, srs, nrows, ncols, dst, doff, dcs):
+    """A ``lanes x lanes`` transpose: ``dst[doff + q*dcs + j] = src[soff + j*srs + q]`` for ``q < ncols``.
+
+    Lanes ``j >= nrows`` of each stored vector are zeros and those rows of
+    ``src`` are not read; columns ``q >= ncols`` are neither read nor stored
+    (``nrows, ncols <= lanes``).  The transpose swaps one bit of the row
+    index with the same bit of the lane index per stage: log2(lanes) stages
+    of two-source shuffles, where element-wise inserts cost a scalar move each
+    (NCHW rows packed channel-blocked for the depthwise micro-kernels).
+    """
+    sig = types.void(src, soff, srs, nrows, ncols, dst, doff, dcs)
+
+    def codegen(context, builder, signature, args):
+        vb = VectorBuilder(context, builder, signature, args, signature.args[0].dtype)
+        lanes = vb.lanes
+        base = vb.at(vb.data(0), vb.int64(1))
+        srs_, nrows_, ncols_, dcs_ = vb.int64(2), vb.int64(3), vb.int64(4), vb.int64(7)
+        mask = vb.mask(ncols_)
+        rows = []
+        for j in range(lanes):
+            slot = cgutils.alloca_once_value(builder, vb.zero)
+            with builder.if_then(builder.icmp_signed("<", vb.const(j), nrows_)):
+                builder.store(vb.load(vb.at(base, builder.mul(vb.const(j), srs_)), mask), slot)
+            rows.append(builder.load(slot))
+        h = 1
+        while h < lanes:
+            lo = [l if not l & h else lanes + l - h for l in range(lanes)]
+            hi = [l + h if not l & h else lanes + l for l in range(lanes)]
+            for r in range(lanes):
+                if r & h:
+                    continue
+                a, b = rows[r], rows[r + h]
+                rows[r] = builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(I32, lanes), lo))
+                rows[r + h] = builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(I32, lanes), hi))
+            h *= 2
+        out = vb.at(vb.data(5), vb.int64(6))
+        for q in range(lanes):
+            with builder.if_then(builder.icmp_signed("<", vb.const(q), ncols_)):
+                vb.store(rows[q], vb.at(out, builder.mul(vb.const(q), dcs_)))
+        return context.get_dummy_value()
+
+    return sig, codegen

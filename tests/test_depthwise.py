@@ -220,3 +220,39 @@ def test_depthwise_explicit_padding_matches_keras_on_padded_input(rng, keras_ops
     kwargs = dict(strides=strides, padding=padding, dilation_rate=dilation, data_format=data_format)
     assert_close(nbconv.depthwise_conv2d(x, kernel, **kwargs), expected, tol=2e-5)
     assert_close(depthwise_ref(x, kernel, **kwargs), expected, tol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("c, dm", [(1, 1), (16, 1), (37, 1), (5, 3), (24, 2), (7, 4)])
+def test_pack_rows_layout(rng, dtype, channels_last, c, dm):
+    """The channel-blocked packed rows the micro-kernels read, built element by element in NumPy.
+
+    The scratch lies inside a NaN-filled buffer: a store before or after its
+    span, or a read of padding from outside the input, shows as a changed
+    guard or a NaN in the packed rows.
+    """
+    from nbconv._depthwise import pack_rows, pack_rows_nchw
+    from nbconv._simd import lanes_of
+
+    lanes = lanes_of(dtype)
+    h, w, pt, pl, pr0, nrows = 4, 37, 1, 2, 0, 6
+    wp = w + 3  # two zero columns on the left, one on the right
+    x = random_array(rng, (h, w, c) if channels_last else (c, h, w), dtype)
+    cm = c * dm
+    nb = -(-cm // lanes)
+    span = nb * nrows * wp * lanes
+    buf = np.full(span + 2 * lanes, np.nan, dtype)
+    (pack_rows if channels_last else pack_rows_nchw)(x, dm, pr0, nrows, pt, pl, wp, lanes, buf[lanes:lanes + span])
+    assert np.isnan(buf[:lanes]).all() and np.isnan(buf[lanes + span:]).all()
+
+    xh = x if channels_last else x.transpose(1, 2, 0)
+    expected = np.zeros((nb, nrows, wp, lanes), dtype)
+    for r in range(nrows):
+        ih = pr0 + r - pt
+        for col in range(wp):
+            iw = col - pl
+            if 0 <= ih < h and 0 <= iw < w:
+                for k in range(cm):
+                    expected[k // lanes, r, col, k % lanes] = xh[ih, iw, k // dm]
+    np.testing.assert_array_equal(buf[lanes:lanes + span].reshape(expected.shape), expected)
