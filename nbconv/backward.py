@@ -10,17 +10,23 @@ nothing here loops over data.
 """
 from typing import NamedTuple, Optional
 
+import math
+
 import numpy as np
 
 from . import _args
+from . import forward as _forward
 from ._backward import (
     add_halos_nchw,
     add_halos_nhwc,
+    dk3_nhwc,
     dwsep_backward_nchw,
     dwsep_backward_nhwc,
     pointwise_backward_nchw,
     pointwise_backward_nhwc,
     reduce_chunks,
+    transpose_into,
+    weight_grad_nhwc,
 )
 from ._pointwise import GEMM_CHARS
 from ._runtime import GEMM_LAUNCH, LAUNCH_LOCK
@@ -43,6 +49,14 @@ PW_TILE_BYTES = 512 * 1024
 PARTIALS_BYTES = 16 * 1024 * 1024
 #: elements per block of the parallel chunk reduction
 REDUCE_BLOCK = 4096
+#: largest depthwise intermediate the NHWC separable backward holds whole (one buffer, D then dD), running
+#: the three products over all pixels at once instead of per tile (see :func:`_sep_backward_whole`) ...
+WHOLE_BYTES = 16 * 1024 * 1024
+#: ... when the pointwise weights exceed this: measured at batch 8, 14x14x512 and 7x7x1024 took 0.77x and
+#: 0.61x the tiled time, 28x28x256 and 56x56x128 (weights of 256 and 64 KiB) 1.05x and 1.2x
+WHOLE_WEIGHT_BYTES = 256 * 1024
+#: block of a weight gradient per task (rows x columns): 512 KiB of float32, within L2 while the pixels stream
+WG_BLOCK = (256, 512)
 
 
 class DepthwiseConv2DGrads(NamedTuple):
@@ -158,13 +172,13 @@ def _dwsep_backward(g, xc, dkc, wc, gc, want_dx, want_dk, want_pw, want_b, compu
     ibuf, consts = _gemm_buffers(nchunks, compute)
     if g.channels_last:
         # packed-row scratch and operands of the forward's depthwise row tiles (recompute of D)
-        th = tile_p // g.ow if sep and want_pw else 1
+        th = tile_p // g.ow if sep else 1
         wp = (g.ow - 1) * g.sw + (g.kw - 1) * g.dw + 1
         xs = np.empty((nchunks, ((th - 1) * g.sh + (g.kh - 1) * g.dh + 1) * wp * -(-cm // 16) * 16
-                       if sep and want_pw else 1), compute)
+                       if sep and (want_pw or want_dk) else 1), compute)
         wt = np.ascontiguousarray(dkc.reshape(g.kh * g.kw, cm))
         with GEMM_LAUNCH:
-            dwsep_backward_nhwc(xc, dkc, wc, np.ascontiguousarray(wc.T), gc.reshape(-1, f), want_dx, dx, want_dk, dkp,
+            dwsep_backward_nhwc(xc, dkc, wc, _transposed(wc), gc.reshape(-1, f), want_dx, dx, want_dk, dkp,
                                 want_pw, dpwp, want_b, dbp, halo, halo_pos, g.sh, g.sw, g.dh, g.dw, g.pt, g.pl, g.oh,
                                 g.ow, tile_p, nchunks, dscr, ddscr, ibuf, consts, GEMM_CHARS, wt,
                                 np.zeros(cm, compute), np.empty((cm, 0), compute), xs, wp)
@@ -183,6 +197,101 @@ def _dwsep_backward(g, xc, dkc, wc, gc, want_dx, want_dk, want_pw, want_b, compu
         _reduce(dpwp, compute) if (sep and want_pw) else None,
         _reduce(dbp, compute) if want_b else None,
     )
+
+
+def _transposed(w):
+    """``w.T`` as a new C-contiguous array (``w`` C-contiguous, 2-D)."""
+    out = np.empty(w.shape[::-1], w.dtype)
+    if w.size:
+        with LAUNCH_LOCK:
+            transpose_into(w, out)
+    return out
+
+
+def _weight_grad(x2, g2, want_b, compute):
+    """``(x2.T @ g2, column sums of g2 or None)`` of ``(P, K)`` and ``(P, F)`` arrays, in parallel blocks."""
+    threads = get_num_threads()
+    k, f = x2.shape[1], g2.shape[1]
+    mb, nb = min(k, WG_BLOCK[0]), min(f, WG_BLOCK[1])
+    blocks = -(-k // mb) * -(-f // nb)
+    # too few blocks to share evenly: split the pixels too, into partial sums added afterwards
+    parts = 1 if blocks % threads == 0 or blocks >= 4 * threads else threads // math.gcd(blocks, threads)
+    dwp = np.empty((parts, k, f), compute)
+    dbp = np.empty((parts, f) if want_b else (parts, 1), compute)
+    with GEMM_LAUNCH:
+        weight_grad_nhwc(x2, g2, parts, mb, nb, dwp, want_b, dbp)
+    if parts == 1:
+        return dwp[0], (dbp[0] if want_b else None)
+    return _reduce(dwp, compute), (_reduce(dbp, compute) if want_b else None)
+
+
+def _sep_backward_whole(g, xc, dk, wc, gc, want_dx, want_dk, want_pw, want_b, compute):
+    """NHWC separable backward with the depthwise intermediate held whole (at most :data:`WHOLE_BYTES`).
+
+    ``D`` comes from the forward depthwise kernels, ``dPW = D^T G`` from
+    :func:`_weight_grad`, then ``dD = G PW^T`` (the forward pointwise
+    kernel) overwrites ``D``, and the depthwise backward of ``dD`` gives
+    ``dx`` and the depthwise-kernel gradient.  Each product runs once over
+    all pixels, in blocks of its own output: the tiled path
+    (:func:`_dwsep_backward`) re-reads the ``C*dm x F`` weights and partial
+    sums for every tile of a few hundred pixels, which on small images with
+    many channels (7x7x1024) cost more than the products.
+    """
+    strides, dilation = (g.sh, g.sw), (g.dh, g.dw)
+    padding = ((g.pt, g.pb), (g.pl, g.pr))
+    cm, f = wc.shape
+    buf = np.empty((g.n, g.oh, g.ow, cm), compute)
+    dpw = db = dx = ddk = None
+    if want_pw:
+        _forward.depthwise_conv2d(xc, dk, strides=strides, padding=padding, dilation_rate=dilation, out=buf)
+    g2 = gc.reshape(-1, f)
+    if want_pw or want_b:
+        if want_pw:
+            dpw, db = _weight_grad(buf.reshape(-1, cm), g2, want_b, compute)
+        else:
+            db = g2.sum(axis=0, dtype=compute)
+    if want_dx or want_dk:
+        _forward.pointwise_conv2d(gc, _transposed(wc), out=buf)
+        dx, ddk = _dw_grads_nhwc(g, xc, dk, buf, want_dx, want_dk, compute)
+    return dx, ddk, dpw, db
+
+
+def _dw_grads_nhwc(g, xc, dk, gd, want_dx, want_dk, compute):
+    """``(dx, kernel gradient (KH, KW, C*dm))`` of an NHWC depthwise convolution, given ``gd``, the gradient of its
+    output, and ``dk`` in Keras's layout; None for those not wanted.
+
+    3x3 kernel gradients run in vector micro-kernels over packed rows
+    (:func:`nbconv._backward.dk3_nhwc`).  At stride 1 and ``dm == 1`` the
+    input gradient is a forward depthwise convolution of ``gd`` with the
+    kernel flipped and the complementary padding, so it runs in the
+    forward's micro-kernels.  Other cases take the scalar scatter kernel.
+    """
+    cm = g.c * g.dm
+    flip_pad = ((g.kh - 1) * g.dh - g.pt, (g.kh - 1) * g.dh - g.pb), ((g.kw - 1) * g.dw - g.pl, (g.kw - 1) * g.dw - g.pr)
+    fast_dx = want_dx and g.sh == g.sw == 1 and g.dm == 1 and min(min(p) for p in flip_pad) >= 0
+    fast_dk = want_dk and g.kh == g.kw == 3
+    dx = ddk = None
+    if fast_dk:
+        threads = get_num_threads()
+        th = _forward._row_tiles(g, cm, compute.itemsize, threads, 4 * threads)
+        nchunks = _forward._nchunks(g.n * -(-g.oh // th), threads)
+        wp = (g.ow - 1) * g.sw + (g.kw - 1) * g.dw + 1
+        xs = np.empty((nchunks, _forward._packed_size(g, th, wp)), compute)
+        dkp = np.zeros((nchunks, 9 * cm), compute)
+        with LAUNCH_LOCK:
+            dk3_nhwc(xc, gd.reshape(-1, cm), g.dm, g.sh, g.sw, g.dh, g.dw, g.pt, g.pl, g.oh, g.ow, wp, th, nchunks, xs,
+                     dkp)
+        ddk = _reduce(dkp, compute).reshape(3, 3, cm)
+    if fast_dx:
+        dx = _forward.depthwise_conv2d(gd, np.ascontiguousarray(dk[::-1, ::-1]), padding=flip_pad,
+                                       dilation_rate=(g.dh, g.dw))
+    slow_dx, slow_dk = want_dx and not fast_dx, want_dk and not fast_dk
+    if slow_dx or slow_dk:
+        sdx, sdk, _, _ = _dwsep_backward(g, xc, _internal_dk(dk, g, compute), np.empty((0, 0), compute), gd,
+                                         slow_dx, slow_dk, False, False, compute)
+        dx = sdx if slow_dx else dx
+        ddk = sdk if slow_dk else ddk
+    return dx, ddk
 
 
 def _dk_to_keras(dk, g):
@@ -253,9 +362,12 @@ def depthwise_conv2d_backward(grad_output, x, kernel, *, strides=_args.DEFAULT, 
         )
     xc = np.ascontiguousarray(x, dtype=compute)
     gc = np.ascontiguousarray(grad_output, dtype=compute)
-    dkc = _internal_dk(kernel, g, compute)
-    dx, dk, _, db = _dwsep_backward(g, xc, dkc, np.empty((0, 0), compute), gc, want_dx, want_dk, False, want_b,
-                                    compute)
+    if channels_last:
+        dx, dk = _dw_grads_nhwc(g, xc, np.asarray(kernel, dtype=compute), gc, want_dx, want_dk, compute)
+        db = gc.reshape(-1, cm).sum(axis=0, dtype=compute) if want_b else None
+    else:
+        dx, dk, _, db = _dwsep_backward(g, xc, _internal_dk(kernel, g, compute), np.empty((0, 0), compute), gc,
+                                        want_dx, want_dk, False, want_b, compute)
     return DepthwiseConv2DGrads(
         _finish(dx, result) if want_dx else None,
         _finish(_dk_to_keras(dk, g), result) if want_dk else None,
@@ -326,7 +438,7 @@ def pointwise_conv2d_backward(grad_output, x, kernel, *, data_format="channels_l
     ibuf, consts = _gemm_buffers(nchunks, compute)
     if channels_last:
         with GEMM_LAUNCH:
-            pointwise_backward_nhwc(xc.reshape(-1, k), wc, np.ascontiguousarray(wc.T), gc.reshape(-1, f), want_dx,
+            pointwise_backward_nhwc(xc.reshape(-1, k), wc, _transposed(wc), gc.reshape(-1, f), want_dx,
                                     dx.reshape(-1, k) if want_dx else dx.reshape(1, 1), want_w, dwp, want_b, dbp,
                                     tile_p, nchunks, ibuf, consts, GEMM_CHARS)
     else:
@@ -366,12 +478,20 @@ def separable_conv2d_backward(grad_output, x, depthwise_kernel, pointwise_kernel
     -----
     One fused parallel pass: per tile of output pixels the depthwise tile
     ``D`` is recomputed (only when the pointwise-kernel gradient is wanted),
-    ``dPW += D^T G`` and ``dD = G PW^T`` run in BLAS, and the depthwise
-    backward of ``dD`` gives the depthwise-kernel and input gradients.  The
-    depthwise intermediate is never stored: scratch is two tiles of at most
-    256 KiB per chunk, plus per-chunk partial sums of the weight gradients
-    (``nchunks * C*dm * F``, with ``nchunks`` cut down towards the thread
-    count when that exceeds about 16 MiB) and ``nchunks`` halo rows of ``dx``.
+    ``dPW += D^T G`` and ``dD = G PW^T`` run in nbconv's GEMM micro-kernel,
+    and the depthwise backward of ``dD`` gives the depthwise-kernel and input
+    gradients.  The depthwise intermediate is never stored: scratch is two
+    tiles of at most 256 KiB per chunk, plus per-chunk partial sums of the
+    weight gradients (``nchunks * C*dm * F``, with ``nchunks`` cut down
+    towards the thread count when that exceeds about 16 MiB) and ``nchunks``
+    halo rows of ``dx``.
+
+    Exception, NHWC with pointwise weights over 256 KiB (few pixels, many
+    channels): when the intermediate is at most 16 MiB it is held whole, in
+    one buffer (``D``, then ``dD``), and each product runs once over all
+    pixels in parallel blocks of its result; re-reading megabytes of weights
+    and partial sums per tile of a few hundred pixels cost more than the
+    products there.
     """
     strides, dilation_rate = _args.resolve_aliases("separable_conv2d_backward", strides, dilation_rate, aliases)
     channels_last = _args.normalize_data_format(data_format)
@@ -395,9 +515,14 @@ def separable_conv2d_backward(grad_output, x, depthwise_kernel, pointwise_kernel
         )
     xc = np.ascontiguousarray(x, dtype=compute)
     gc = np.ascontiguousarray(grad_output, dtype=compute)
-    dkc = _internal_dk(dk, g, compute)
     wc = np.ascontiguousarray(wmat, dtype=compute)
-    dx, ddk, dpw, db = _dwsep_backward(g, xc, dkc, wc, gc, want_dx, want_dk, want_pw, want_b, compute)
+    if (channels_last and g.n * g.oh * g.ow * cm * compute.itemsize <= WHOLE_BYTES
+            and cm * f * compute.itemsize > WHOLE_WEIGHT_BYTES):
+        dx, ddk, dpw, db = _sep_backward_whole(g, xc, np.asarray(dk, dtype=compute), wc, gc, want_dx, want_dk,
+                                               want_pw, want_b, compute)
+    else:
+        dx, ddk, dpw, db = _dwsep_backward(g, xc, _internal_dk(dk, g, compute), wc, gc, want_dx, want_dk, want_pw,
+                                           want_b, compute)
     return SeparableConv2DGrads(
         _finish(dx, result) if want_dx else None,
         _finish(_dk_to_keras(ddk, g), result) if want_dk else None,

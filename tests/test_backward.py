@@ -195,9 +195,15 @@ def test_depthwise_backward_matches_jax_grad(rng, jx, case, data_format):
         assert_close(actual, expected, tol=1e-10)
 
 
-@pytest.mark.parametrize("data_format", FORMATS)
+@pytest.mark.parametrize("data_format, path", [("channels_first", "auto"), ("channels_last", "auto"),
+                                               ("channels_last", "whole"), ("channels_last", "tiled")])
 @pytest.mark.parametrize("case", JAX_CASES, ids=[str(c) for c in JAX_CASES])
-def test_separable_backward_matches_jax_grad(rng, jx, case, data_format):
+def test_separable_backward_matches_jax_grad(rng, jx, case, data_format, path, monkeypatch):
+    """Both NHWC strategies (the intermediate held whole, or recomputed per tile) are forced in turn."""
+    if path == "whole":
+        monkeypatch.setattr(nbb, "WHOLE_WEIGHT_BYTES", 0)
+    elif path == "tiled":
+        monkeypatch.setattr(nbb, "WHOLE_BYTES", 0)
     jax, jnp, ops = jx
     h, w, c, dm, (kh, kw), strides, dilation, padding = case
     f = 5
@@ -366,7 +372,10 @@ def test_mixed_dtypes_promote(rng, jx):
 @pytest.mark.parametrize("data_format", FORMATS)
 @pytest.mark.parametrize("wrt", [("x",), ("depthwise_kernel",), ("pointwise_kernel",), ("bias",),
                                  ("x", "bias"), ("depthwise_kernel", "pointwise_kernel"), "x", ()])
-def test_separable_wrt_subsets(rng, jx, data_format, wrt):
+@pytest.mark.parametrize("whole", [False, True])
+def test_separable_wrt_subsets(rng, jx, data_format, wrt, whole, monkeypatch):
+    if whole:  # the NHWC whole-intermediate strategy (channels_first ignores the setting)
+        monkeypatch.setattr(nbb, "WHOLE_WEIGHT_BYTES", 0)
     kwargs = dict(strides=2, padding="same", dilation_rate=1, data_format=data_format)
     x = random_array(rng, _x_shape(2, 9, 8, 4, data_format), np.float64)
     dk = random_array(rng, (3, 3, 4, 2), np.float64)
@@ -607,3 +616,21 @@ def test_backward_adjoint_property(n, h, w, c, dm, kh, kw, sh, sw, dh, dw, f, pa
         assert abs(actual - expected) <= 1e-9 * max(1.0, abs(expected)), (actual, expected)
     assert_close(got.bias, _bias_grad(g, data_format), tol=1e-12)
     assert_close(gotd.bias, _bias_grad(gd, data_format), tol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 40), (17, 3), (16, 16), (33, 70), (130, 257)])
+def test_transposed_weights(rng, dtype, shape):
+    """The pointwise weights transposed for ``dD = G W^T``: equal to NumPy's transpose, nothing written outside
+    (the destination lies inside a NaN-filled buffer)."""
+    from nbconv._backward import transpose_into
+
+    w = random_array(rng, shape, dtype)
+    t = nbb._transposed(w)
+    assert t.flags.c_contiguous and t.dtype == dtype
+    np.testing.assert_array_equal(t, w.T)
+    guard = 64
+    buf = np.full(w.size + 2 * guard, np.nan, dtype)
+    transpose_into(w, buf[guard:guard + w.size].reshape(shape[::-1]))
+    assert np.isnan(buf[:guard]).all() and np.isnan(buf[guard + w.size:]).all()
+    np.testing.assert_array_equal(buf[guard:guard + w.size].reshape(shape[::-1]), w.T)
