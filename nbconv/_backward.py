@@ -149,6 +149,9 @@ def dwb_nhwc_pixels(xn, w, src, dm, p0, p1, ow_size, sh, sw, dh, dw, pt, pl,
     """
     h, wd, c = xn.shape
     kh_n, kw_n, cm = w.shape
+    if dm == 1 and want_dx and not want_dk and p0 % ow_size == 0 and p1 % ow_size == 0:
+        _dx_rows_nhwc(w, src, p0 // ow_size, p1 // ow_size, ow_size, sh, sw, dh, dw, pt, pl, dxn, own_end, halo)
+        return
     for p in range(p0, p1):
         oh = p // ow_size
         ow = p - oh * ow_size
@@ -197,6 +200,41 @@ def dwb_nhwc_pixels(xn, w, src, dm, p0, p1, ow_size, sh, sw, dh, dw, pt, pl,
                             for m in range(dm):
                                 s += g[ci * dm + m] * wr[ci * dm + m]
                             d[ci] = s
+
+
+@jit
+def _dx_rows_nhwc(w, src, o0, o1, ow_size, sh, sw, dh, dw, pt, pl, dxn, own_end, halo):
+    """Input gradient (``dm == 1``) of output rows ``o0 .. o1-1``: :func:`dwb_nhwc_pixels` without the per-pixel
+    bounds tests and array views.
+
+    Each tap walks the range of output columns whose input column exists
+    (:func:`nbconv._depthwise._first_valid`) over flat rows, so the channel
+    loop is all that runs per pixel (measured, 112x112x32 at batch 8: the
+    per-pixel form took 11 ms).
+    """
+    h, wd, c = dxn.shape
+    kh_n, kw_n, cm = w.shape
+    w1 = w.reshape(-1)
+    g1 = src.reshape(-1)
+    for oh in range(o0, o1):
+        grow = (oh - o0) * ow_size * cm
+        for kh in range(kh_n):
+            ih = oh * sh - pt + kh * dh
+            if ih < 0 or ih >= h:
+                continue
+            drow = dxn[ih].reshape(-1) if ih < own_end else halo[ih - own_end].reshape(-1)
+            for kw in range(kw_n):
+                a, b = _first_valid(kw * dw - pl, sw, wd, 0, ow_size)
+                wv = w1[(kh * kw_n + kw) * cm:(kh * kw_n + kw + 1) * cm]
+                for ow in range(a, b):
+                    d0 = (ow * sw - pl + kw * dw) * c
+                    g0 = grow + ow * cm
+                    # slices indexed by the loop counter: a computed index may be negative as far as Numba
+                    # knows, and its wraparound test keeps the loop scalar
+                    dseg = drow[d0:d0 + cm]
+                    gseg = g1[g0:g0 + cm]
+                    for j in range(cm):
+                        dseg[j] += gseg[j] * wv[j]
 
 
 @jit
@@ -346,9 +384,9 @@ def dwb_nchw_tile(xn, w, src1, soff, ld, dm, p0, p1, ow_size, sh, sw, dh, dw, pt
 def _colsum_rows(g1, off, rows, cols, ld, acc):
     """``acc[:cols] += sum of rows`` of a ``rows x cols`` block of flat ``g1`` (row stride ``ld``)."""
     for r in range(rows):
-        s = off + r * ld
+        row = g1[off + r * ld:off + r * ld + cols]  # indexed by the loop counter only: vectorised
         for j in range(cols):
-            acc[j] += g1[s + j]
+            acc[j] += row[j]
 
 
 @jit
@@ -356,10 +394,10 @@ def _rowsum_rows(g1, off, rows, cols, ld, acc):
     """``acc[r] += sum of row r`` of a ``rows x cols`` block of flat ``g1``."""
     zero = g1.dtype.type(0)
     for r in range(rows):
-        s = off + r * ld
+        row = g1[off + r * ld:off + r * ld + cols]
         t = zero
         for j in range(cols):
-            t += g1[s + j]
+            t += row[j]
         acc[r] += t
 
 

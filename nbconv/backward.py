@@ -11,6 +11,7 @@ nothing here loops over data.
 from typing import NamedTuple, Optional
 
 import math
+import threading
 
 import numpy as np
 
@@ -199,6 +200,26 @@ def _dwsep_backward(g, xc, dkc, wc, gc, want_dx, want_dk, want_pw, want_b, compu
     )
 
 
+_SCRATCH = threading.local()
+
+
+def _intermediate(shape, dtype):
+    """An uninitialised array for the whole depthwise intermediate, from a grow-only buffer private to the
+    calling Python thread (reused by its next call, so it must not outlive this one).
+
+    A fresh ``np.empty`` of 12 MiB is returned to the OS when freed and
+    page-faults back in on the next call: milliseconds of a training step.
+    The forward functions this backward calls keep their own scratch apart
+    (:func:`nbconv.forward._workspace`).
+    """
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.nbytes < nbytes + 64:
+        buf = _SCRATCH.buf = np.empty(nbytes + 64, np.uint8)
+    offset = -buf.ctypes.data % 64
+    return buf[offset:offset + nbytes].view(dtype).reshape(shape)
+
+
 def _transposed(w):
     """``w.T`` as a new C-contiguous array (``w`` C-contiguous, 2-D)."""
     out = np.empty(w.shape[::-1], w.dtype)
@@ -240,7 +261,7 @@ def _sep_backward_whole(g, xc, dk, wc, gc, want_dx, want_dk, want_pw, want_b, co
     strides, dilation = (g.sh, g.sw), (g.dh, g.dw)
     padding = ((g.pt, g.pb), (g.pl, g.pr))
     cm, f = wc.shape
-    buf = np.empty((g.n, g.oh, g.ow, cm), compute)
+    buf = _intermediate((g.n, g.oh, g.ow, cm), compute)
     dpw = db = dx = ddk = None
     if want_pw:
         _forward.depthwise_conv2d(xc, dk, strides=strides, padding=padding, dilation_rate=dilation, out=buf)
