@@ -8,7 +8,8 @@ scratch, and multiplies that tile straight into the output
 (:func:`nbconv._gemm.gemm_nn`, serial per task).  The full depthwise intermediate is never
 materialised.
 
-Small images (too few row tiles to keep every thread busy) switch to a
+Small images (too few row tiles to keep every thread busy), and layers of
+256+ channels whose row tiles would make GEMMs of few pixels, switch to a
 *shared* mode: phase 1 computes the whole depthwise result, in parallel over
 rows, into one buffer; phase 2 runs GEMM tasks over (pixel tile, filter
 block).  Splitting filters then costs no depthwise recomputation.

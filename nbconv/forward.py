@@ -21,8 +21,13 @@ __all__ = ["depthwise_conv2d", "pointwise_conv2d", "separable_conv2d"]
 #: bytes of one thread-private depthwise tile (and of its packed input rows) in the fused kernel: half the
 #: 1 MiB L2 of the target machines (256 KiB tiles of 700+ channels made GEMMs of under 100 pixels, 30% slower)
 TILE_BYTES = 512 * 1024
-#: largest whole depthwise intermediate held at once for small images (shared mode of the fused kernel)
-SHARED_BYTES = 2 * 1024 * 1024
+#: largest whole depthwise intermediate held at once (shared mode of the fused kernel), used for small images
+#: (fewer row tiles than two per thread) ...
+SHARED_BYTES = 8 * 1024 * 1024
+#: ... and for many channels: tiles of 512 KiB are GEMMs of under 150 pixels there, each streaming all the
+#: weights (measured, Xception's 37x37x728->728: 4.61 ms shared against 5.25 fused, medians of 40
+#: alternating calls; 74x74x256 and 28x28x256 at batch 8 equal within noise)
+SHARED_MIN_CM = 256
 #: fewest pixels per thread worth splitting a GEMM's pixels for (below that, its filters are split)
 MIN_SPLIT_P = 128
 #: most pixels in one GEMM task
@@ -364,7 +369,8 @@ def separable_conv2d(x, depthwise_kernel, pointwise_kernel, bias=None, *, stride
     threads = _threads_for(g.n * g.oh * g.ow * cm * (g.kh * g.kw + f))
     wt, bt, wc_dw, bc_dw, wp = _dw_operands(g, dk, dbias, compute)
     th = _row_tiles(g, cm, compute.itemsize, threads, 1)
-    shared = g.n * -(-g.oh // th) < 2 * threads and g.n * g.oh * g.ow * cm * compute.itemsize <= SHARED_BYTES
+    shared = ((g.n * -(-g.oh // th) < 2 * threads or cm >= SHARED_MIN_CM)
+              and g.n * g.oh * g.ow * cm * compute.itemsize <= SHARED_BYTES)
     if shared:
         # small images: depthwise for all rows first (parallel over rows), then GEMM tiles x filter blocks;
         # NHWC pixels of all images are one GEMM

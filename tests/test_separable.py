@@ -269,6 +269,7 @@ def test_separable_every_work_plan(rng, monkeypatch, data_format, threads, tiles
     monkeypatch.setattr(fw, "planning_threads", lambda: threads)
     monkeypatch.setattr(fw, "TINY_MACS", 0)
     monkeypatch.setattr(fw, "SHARED_BYTES", shared_bytes)
+    monkeypatch.setattr(fw, "SHARED_MIN_CM", 1)  # with room, shared mode whatever the tile count
     monkeypatch.setattr(fw, "MIN_SPLIT_P", 16)
     monkeypatch.setattr(fw, "MIN_FB", 16)
     monkeypatch.setattr(fw, "FB_TARGET", 48)
