@@ -25,6 +25,10 @@ in processes of their own.  The ``models`` suite (issue 6) runs one process per
 Keras backend (``models_jax``, ``models_tensorflow``, ``models_torch``), with
 ``KERAS_BACKEND`` set by the runner before Keras is imported; a backend that is
 not installed is reported as absent, and a ``--quick`` run measures jax only.
+A full run makes two passes over the contenders, alternating (``--passes``),
+and per case keeps each contender's faster pass: the speed of a shared
+machine drifts between spells, and one process per contender would rank a
+contender by the spell it fell in.
 Environment variables such as ``OPENBLAS_CORETYPE``
 are passed through unchanged and printed in the report.
 """
@@ -78,6 +82,10 @@ def _parser():
     p.add_argument("--stat", choices=("median", "min"), default="median",
                    help="statistic of the rounds the report uses (default median; min resists a noisy machine)")
     p.add_argument("--show-output", action="store_true", help="print each pytest process's output")
+    p.add_argument("--passes", type=int, default=None,
+                   help="times each contender runs, alternating with the others (default 2, 1 with --quick); per "
+                        "case the pass with the lowest time counts, as this machine's speed drifts between spells "
+                        "(the models suite runs once)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per process (default 1800)")
     p.add_argument("--list", action="store_true", help="list suites, cases and contenders, then exit")
     return p
@@ -159,6 +167,41 @@ def _probe(args, env, timeout):
     return json.loads(lines[-1])
 
 
+def _merge_passes(raw, name, passes, stat):
+    """Fold ``<name>.passK.json`` into ``<name>.json``: per benchmark, the pass with the lowest ``stat`` time.
+
+    This machine's speed drifts by up to 1.5x within seconds (measured: the
+    same call at 2.85 ms, then 4.2-4.7 ms, in one process), so a contender
+    whose single process fell in a slow spell would be ranked by the spell.
+    Alternating passes give each contender more than one chance; the passes
+    stay on disk, and the merged file records which pass each entry came from.
+    """
+    base_path = os.path.join(raw, f"{name}.json")
+    try:
+        with open(base_path) as fh:
+            merged = json.load(fh)
+    except (OSError, ValueError):
+        return
+    best = {b["fullname"]: b for b in merged.get("benchmarks", [])}
+    for b in best.values():
+        b.setdefault("extra_info", {})["pass"] = 1
+    for p in range(2, passes + 1):
+        try:
+            with open(os.path.join(raw, f"{name}.pass{p}.json")) as fh:
+                other = json.load(fh)
+        except (OSError, ValueError):
+            continue
+        for b in other.get("benchmarks", []):
+            b.setdefault("extra_info", {})["pass"] = p
+            old = best.get(b["fullname"])
+            if old is None or b["stats"][stat] < old["stats"][stat]:
+                best[b["fullname"]] = b
+    if passes > 1:
+        merged["benchmarks"] = list(best.values())
+        with open(base_path, "w") as fh:
+            json.dump(merged, fh)
+
+
 def main(argv=None):
     args, passthrough = _parser().parse_known_args(argv)
     if args.list:
@@ -204,7 +247,7 @@ def main(argv=None):
             print(f"  note: {k}={os.environ[k]} is set (OpenBLAS runs slower than it could; see the report)")
 
     test_file = os.path.join(HERE, "test_bench.py")
-    for name in names:
+    for name in list(names):
         contender = CONTENDERS[name]
         if name != "sgemm":
             n_cases = len([c for c in selected if contender.suites is None or c.suite in contender.suites])
@@ -212,25 +255,36 @@ def main(argv=None):
                 n_cases = 0
             if n_cases == 0:
                 meta["contenders"].remove(name)
-                continue
+                names.remove(name)
+    passes = max(1, args.passes if args.passes is not None else (1 if args.quick else 2))
+    meta["passes"] = passes
+    runs = [(p, name) for p in range(passes) for name in names
+            if p == 0 or not getattr(CONTENDERS[name], "single_pass", False)]
+    for p, name in runs:
+        contender = CONTENDERS[name]
+        tag = name if p == 0 else f"{name}.pass{p + 1}"
         extra = {"NBCONV_BENCH_CONTENDER": name, "NBCONV_BENCH_SUITES": ",".join(suites),
                  "NBCONV_BENCH_QUICK": "1" if args.quick else "0", "NBCONV_BENCH_CHECK": "0" if args.no_check else "1",
                  "NBCONV_BENCH_INFO": os.path.join(raw, f"{name}.info.json"),
                  "NBCONV_BENCH_THREADS": str(args.threads)}
         extra.update(getattr(contender, "env", {}))  # e.g. KERAS_BACKEND for the models suite's backends
         cmd = [sys.executable, "-m", "pytest", test_file, "-p", "no:cacheprovider", "-o", "addopts=", "-q", "-rfE",
-               f"--benchmark-json={os.path.join(raw, name + '.json')}", "--benchmark-disable-gc",
+               f"--benchmark-json={os.path.join(raw, tag + '.json')}", "--benchmark-disable-gc",
                "--benchmark-warmup=off", "--benchmark-sort=name", "--benchmark-columns=min,median,iqr,rounds"]
         cmd += ROUNDS[args.quick]
         if not any(a.startswith("--benchmark-storage") for a in passthrough):
             cmd.append(f"--benchmark-storage=file://{os.path.join(os.getcwd(), '.benchmarks', name)}")
         cmd += passthrough
-        print(f"- {name:<13} ...", end="", flush=True)
-        rc, out, secs = _run(cmd, _env(extra), os.path.join(raw, f"{name}.log"), args.timeout, show)
-        meta["returncodes"][name] = rc
-        meta["seconds"][name] = secs
-        print(f"\r- {name:<13} {secs:6.1f} s  {_pytest_summary(out)}" + ("" if rc in (0, 5) else
-                                                                        f"  (exit code {rc}, log {name}.log)"))
+        label = name if passes == 1 else f"{name} [{p + 1}/{passes}]"
+        print(f"- {label:<19} ...", end="", flush=True)
+        rc, out, secs = _run(cmd, _env(extra), os.path.join(raw, f"{tag}.log"), args.timeout, show)
+        if p == 0 or rc not in (0, 5):
+            meta["returncodes"][name] = rc
+        meta["seconds"][name] = meta["seconds"].get(name, 0.0) + secs
+        print(f"\r- {label:<19} {secs:6.1f} s  {_pytest_summary(out)}" + ("" if rc in (0, 5) else
+                                                                          f"  (exit code {rc}, log {tag}.log)"))
+    for name in names:
+        _merge_passes(raw, name, passes, args.stat)
 
     probes = {}
     if "nbconv" in meta["contenders"] and not args.no_memory:

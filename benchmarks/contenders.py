@@ -590,6 +590,8 @@ class AppModels(Contender):
     peer = False
     suites = ("models",)
     ops = APP_OPS
+    #: minutes per pass: measured once (see ``--passes``)
+    single_pass = True
 
     def __init__(self, backend):
         self.backend = backend

@@ -405,6 +405,10 @@ def _env_lines(report):
                      "moment (or OpenBLAS is slowed by OPENBLAS_CORETYPE); treat %peak with care")
     lines.append("isolation: every contender ran in its own fresh pytest process (one after another, never "
                  "concurrently), so the thread pools of Numba, PyTorch, ONNX Runtime and XLA never share a process.")
+    if (meta.get("passes") or 1) > 1:
+        lines.append(f"passes: the contenders ran {meta['passes']} times, alternating (models suite once); per case "
+                     f"each contender's pass with the lower {meta.get('stat', 'median')} counts, as this machine's "
+                     "speed drifts between spells of seconds")
     pinned = {c.get("pinned_cpus") and len(c["pinned_cpus"]) for c in report["contenders"].values() if c.get("ran")}
     if any(pinned):
         lines.append(f"  each process was pinned to {meta.get('threads')} CPUs (sched_setaffinity), so every "
