@@ -123,7 +123,7 @@ def info(out=sys.stdout):
     from . import _simd
     p(f"  micro-kernels  {_simd.VECTOR_BYTES * 8}-bit vectors (forward GEMM and NHWC depthwise)")
     blas = _blas_info()
-    p("BLAS (threadpoolctl; nbconv's backward products use SciPy's):")
+    p("BLAS (threadpoolctl; the channels_first backward's weight-gradient products use SciPy's):")
     if blas is None:
         p("  threadpoolctl is not installed")
     elif not blas:

@@ -12,9 +12,10 @@ Threading layer
     (:data:`LAUNCH_LOCK`), which keeps fork and threads safe at some cost.
 
 BLAS
-    The backward products call SciPy's BLAS ``sgemm``/``dgemm`` directly from
-    the kernels (leading dimensions and ``beta`` let tiles write straight into
-    strided outputs; the forward products use :mod:`nbconv._gemm`).  The function addresses are bound to LLVM symbols here,
+    The channels_first backward's weight-gradient products (``x @ G.T`` per
+    image) call SciPy's BLAS ``sgemm``/``dgemm`` directly from the kernels
+    (leading dimensions and ``beta`` let tiles write straight into strided
+    outputs; every other product uses :mod:`nbconv._gemm`).  The function addresses are bound to LLVM symbols here,
     so kernels that call them can still be cached on disk.
 """
 import ctypes
