@@ -49,6 +49,7 @@ import numpy as np
 from numba import prange
 
 from ._depthwise import _first_valid, dk3_packed_rows, dw_tile, pack_rows
+from ._elementwise import RELU6
 from ._jit import jit, pjit
 from ._gemm import KC, gemm_nn
 from ._pointwise import gemm_rm
@@ -892,3 +893,29 @@ def dk3_nhwc(x, g2, dm, sh, sw, dh, dw, pt, pl, oh_n, ow_n, wp, th, nchunks, xs_
             nin = (nr - 1) * sh + 2 * dh + 1
             pack_rows(x[n], dm, r0 * sh, nin, pt, pl, wp, lanes, xs)
             dk3_packed_rows(xs, nin, wp, g1, (n * oh_n + r0) * ow_n * cm, nr, ow_n, sh, sw, dh, dw, cm, dk1, 0)
+
+
+#: elements per task of :func:`activation_grad` (64 KiB of float32 per operand)
+ACT_BLOCK = 16384
+
+
+@pjit
+def activation_grad(g, y, out, act):
+    """``out = g * act'(y)`` over flat arrays: the fused activation's derivative read off its output ``y``.
+
+    ``act`` is a code of :mod:`nbconv._elementwise`: RELU passes ``g`` where
+    ``y > 0``, RELU6 where ``0 < y < 6`` (the derivative Keras's backends
+    use; NaN in ``y`` gives 0).  Parallel over blocks of :data:`ACT_BLOCK`
+    elements; ``out`` must not overlap ``g`` or ``y`` unless it is ``g``.
+    """
+    n = g.shape[0]
+    zero = g.dtype.type(0)
+    six = y.dtype.type(6)
+    ytop = six if act == RELU6 else y.dtype.type(np.inf)
+    for b in prange((n + ACT_BLOCK - 1) // ACT_BLOCK):
+        i0 = b * ACT_BLOCK
+        i1 = min(n, i0 + ACT_BLOCK)
+        gs, ys, os = g[i0:i1], y[i0:i1], out[i0:i1]
+        for i in range(i1 - i0):
+            t = ys[i]
+            os[i] = gs[i] if (t > 0 and t < ytop) else zero

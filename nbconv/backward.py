@@ -2,11 +2,12 @@
 
 Each function takes the gradient of the loss with respect to the forward
 output (``grad_output``) and the forward inputs, and returns a named tuple
-with the gradients of the *linear* convolution plus bias with respect to
-the inputs named in ``wrt`` (the others are None and not computed).
-Activations are differentiated by the caller.  Arguments are normalised and
-validated by :mod:`nbconv._args` exactly as in :mod:`nbconv.forward`;
-nothing here loops over data.
+with the gradients of the convolution plus bias with respect to the inputs
+named in ``wrt`` (the others are None and not computed).  A fused relu or
+relu6 is differentiated when the call passes ``activation=`` and the forward
+result as ``output=``; any other activation is the caller's.  Arguments are
+normalised and validated by :mod:`nbconv._args` exactly as in
+:mod:`nbconv.forward`; nothing here loops over data.
 """
 from typing import NamedTuple, Optional
 
@@ -26,6 +27,7 @@ from ._backward import (
     pointwise_backward_nchw,
     pointwise_backward_nhwc,
     reduce_chunks,
+    activation_grad,
     transpose_into,
     weight_grad_nhwc,
 )
@@ -109,6 +111,35 @@ def _check_grad_output(grad_output, expected, func_name):
             f"inputs). Received: grad_output with shape {grad_output.shape}"
         )
     return grad_output
+
+
+def _activation_mask(activation, output, grad_output):
+    """Validate ``activation``/``output``; return the activation code and ``output`` as an array (or None)."""
+    act = _args.normalize_activation(activation)
+    if act == 0:
+        return act, None
+    if output is None:
+        raise ValueError(
+            f"Expected `output` (the forward call's result) with activation={activation!r}: the derivative is read "
+            f"off it. Received: output=None"
+        )
+    output = _args.as_float_array(output, "output")
+    if output.shape != grad_output.shape:
+        raise ValueError(
+            f"Expected `output` of the shape of `grad_output`, {grad_output.shape}. "
+            f"Received: output with shape {output.shape}"
+        )
+    return act, output
+
+
+def _masked(gc, act, output, compute):
+    """``gc`` times the activation's derivative, in a new array (``gc`` may be the caller's)."""
+    if act == 0:
+        return gc
+    yc = np.ascontiguousarray(output, dtype=compute)
+    out = np.empty_like(gc)
+    activation_grad(gc.reshape(-1), yc.reshape(-1), out.reshape(-1), act)
+    return out
 
 
 def _finish(arr, result_dtype):
@@ -331,8 +362,8 @@ def _internal_dk(dk, g, compute):
 
 def depthwise_conv2d_backward(grad_output, x, kernel, *, strides=_args.DEFAULT, padding="valid",
                               dilation_rate=_args.DEFAULT, data_format="channels_last",
-                              wrt=("x", "kernel", "bias"), **aliases):
-    """Gradients of :func:`nbconv.depthwise_conv2d` (without activation).
+                              wrt=("x", "kernel", "bias"), activation=None, output=None, **aliases):
+    """Gradients of :func:`nbconv.depthwise_conv2d`.
 
     Parameters
     ----------
@@ -344,6 +375,8 @@ def depthwise_conv2d_backward(grad_output, x, kernel, *, strides=_args.DEFAULT, 
         As in :func:`nbconv.depthwise_conv2d` (``stride=`` and ``dilation=`` accepted too).
     wrt : iterable of {"x", "kernel", "bias"}
         Gradients to compute; the others are returned as None.
+    activation, output
+        See :func:`separable_conv2d_backward`.
 
     Returns
     -------
@@ -370,6 +403,7 @@ def depthwise_conv2d_backward(grad_output, x, kernel, *, strides=_args.DEFAULT, 
     g = _args.depthwise_geometry(x, kernel, strides, padding, dilation_rate, channels_last)
     cm = g.c * g.dm
     grad_output = _check_grad_output(grad_output, g.out_shape(cm), "depthwise_conv2d")
+    act, output = _activation_mask(activation, output, grad_output)
     compute, result = _args.dtypes_for(grad_output, x, kernel)
 
     want_dx, want_dk, want_b = "x" in names, "kernel" in names, "bias" in names
@@ -382,7 +416,7 @@ def depthwise_conv2d_backward(grad_output, x, kernel, *, strides=_args.DEFAULT, 
             np.zeros(cm, result) if want_b else None,
         )
     xc = np.ascontiguousarray(x, dtype=compute)
-    gc = np.ascontiguousarray(grad_output, dtype=compute)
+    gc = _masked(np.ascontiguousarray(grad_output, dtype=compute), act, output, compute)
     if channels_last:
         dx, dk = _dw_grads_nhwc(g, xc, np.asarray(kernel, dtype=compute), gc, want_dx, want_dk, compute)
         db = gc.reshape(-1, cm).sum(axis=0, dtype=compute) if want_b else None
@@ -396,8 +430,9 @@ def depthwise_conv2d_backward(grad_output, x, kernel, *, strides=_args.DEFAULT, 
     )
 
 
-def pointwise_conv2d_backward(grad_output, x, kernel, *, data_format="channels_last", wrt=("x", "kernel", "bias")):
-    """Gradients of :func:`nbconv.pointwise_conv2d` (without activation).
+def pointwise_conv2d_backward(grad_output, x, kernel, *, data_format="channels_last", wrt=("x", "kernel", "bias"),
+                              activation=None, output=None):
+    """Gradients of :func:`nbconv.pointwise_conv2d`.
 
     Parameters
     ----------
@@ -406,6 +441,8 @@ def pointwise_conv2d_backward(grad_output, x, kernel, *, data_format="channels_l
     kernel : array_like of shape (1, 1, K, F) or (K, F)
     data_format : {"channels_last", "channels_first"} or None (channels_last)
     wrt : iterable of {"x", "kernel", "bias"}
+    activation, output
+        See :func:`separable_conv2d_backward`.
 
     Returns
     -------
@@ -430,6 +467,7 @@ def pointwise_conv2d_backward(grad_output, x, kernel, *, data_format="channels_l
     h, w = (x.shape[1], x.shape[2]) if channels_last else (x.shape[2], x.shape[3])
     grad_output = _check_grad_output(grad_output, (n, h, w, f) if channels_last else (n, f, h, w),
                                      "pointwise_conv2d")
+    act, output = _activation_mask(activation, output, grad_output)
     compute, result = _args.dtypes_for(grad_output, x, kernel)
 
     want_dx, want_w, want_b = "x" in names, "kernel" in names, "bias" in names
@@ -442,7 +480,7 @@ def pointwise_conv2d_backward(grad_output, x, kernel, *, data_format="channels_l
             np.zeros(f, result) if want_b else None,
         )
     xc = np.ascontiguousarray(x, dtype=compute)
-    gc = np.ascontiguousarray(grad_output, dtype=compute)
+    gc = _masked(np.ascontiguousarray(grad_output, dtype=compute), act, output, compute)
     wc = np.ascontiguousarray(wmat, dtype=compute)
     threads = get_num_threads()
     isz = compute.itemsize
@@ -476,8 +514,9 @@ def pointwise_conv2d_backward(grad_output, x, kernel, *, data_format="channels_l
 
 def separable_conv2d_backward(grad_output, x, depthwise_kernel, pointwise_kernel, *, strides=_args.DEFAULT,
                               padding="valid", dilation_rate=_args.DEFAULT, data_format="channels_last",
-                              wrt=("x", "depthwise_kernel", "pointwise_kernel", "bias"), **aliases):
-    """Gradients of :func:`nbconv.separable_conv2d` (without depthwise bias or activations).
+                              wrt=("x", "depthwise_kernel", "pointwise_kernel", "bias"), activation=None,
+                              output=None, **aliases):
+    """Gradients of :func:`nbconv.separable_conv2d` (without depthwise bias or depthwise activation).
 
     Parameters
     ----------
@@ -488,6 +527,13 @@ def separable_conv2d_backward(grad_output, x, depthwise_kernel, pointwise_kernel
     strides, padding, dilation_rate, data_format
         As in :func:`nbconv.separable_conv2d` (``stride=`` and ``dilation=`` accepted too).
     wrt : iterable of {"x", "depthwise_kernel", "pointwise_kernel", "bias"}
+    activation : {None, "linear", "relu", "relu6"}
+        The forward call's fused activation.  ``grad_output`` is the gradient
+        with respect to the activated output; with "relu" or "relu6" it is
+        masked by the activation's derivative first (in parallel, into a new
+        array), read off ``output``.
+    output : array_like of the shape of ``grad_output``, optional
+        The forward call's result; required with "relu" and "relu6".
 
     Returns
     -------
@@ -521,6 +567,7 @@ def separable_conv2d_backward(grad_output, x, depthwise_kernel, pointwise_kernel
                                                   dilation_rate, channels_last)
     cm, f = wmat.shape
     grad_output = _check_grad_output(grad_output, g.out_shape(f), "separable_conv2d")
+    act, output = _activation_mask(activation, output, grad_output)
     compute, result = _args.dtypes_for(grad_output, x, dk, pk)
 
     want_dx, want_dk = "x" in names, "depthwise_kernel" in names
@@ -535,7 +582,7 @@ def separable_conv2d_backward(grad_output, x, depthwise_kernel, pointwise_kernel
             np.zeros(f, result) if want_b else None,
         )
     xc = np.ascontiguousarray(x, dtype=compute)
-    gc = np.ascontiguousarray(grad_output, dtype=compute)
+    gc = _masked(np.ascontiguousarray(grad_output, dtype=compute), act, output, compute)
     wc = np.ascontiguousarray(wmat, dtype=compute)
     if (channels_last and g.n * g.oh * g.ow * cm * compute.itemsize <= WHOLE_BYTES
             and cm * f * compute.itemsize > WHOLE_WEIGHT_BYTES):

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import nbconv
 import nbconv.backward as nbb
+from nbconv._backward import ACT_BLOCK
 from reference import (
     assert_close,
     depthwise_ref,
@@ -326,6 +327,81 @@ def test_separable_backward_dtypes(rng, jx, data_format, dtype, tol):
     for actual, expected in zip(got, ref):
         assert actual.dtype == dtype
         assert_close(actual, expected, tol=tol)
+
+
+# ---------------------------------------------------------------- fused activations
+
+@pytest.mark.parametrize("data_format", FORMATS)
+@pytest.mark.parametrize("activation", ["relu", "relu6", "linear", None])
+@pytest.mark.parametrize("op", ["separable", "depthwise", "pointwise"])
+def test_fused_activation_backward_matches_jax_grad(rng, jx, op, activation, data_format):
+    """``activation=``/``output=``: the gradient of activation(conv(x) + b), against jax.grad in float64.
+
+    The output has more elements than one block of the parallel mask (and a partial last block), and
+    values spread over [-8, 8] so that relu6's upper edge is crossed.
+    """
+    jax, jnp, ops = jx
+    geo = dict(padding="same", data_format=data_format)
+    kwargs = dict(geo, strides=(1, 2)) if op != "pointwise" else dict(data_format=data_format)
+    x = random_array(rng, _x_shape(2, 37, 121, 6, data_format), np.float32, -8, 8)
+    dk = random_array(rng, (3, 3, 6, 2), np.float32)
+    pk = random_array(rng, (1, 1, 12 if op == "separable" else 6, 9), np.float32)
+    b = random_array(rng, (9 if op != "depthwise" else 12,), np.float32)
+    weights = {"separable": (dk, pk), "depthwise": (dk,), "pointwise": (pk,)}[op]
+    fwd = {"separable": nbconv.separable_conv2d, "depthwise": nbconv.depthwise_conv2d,
+           "pointwise": nbconv.pointwise_conv2d}[op]
+    bwd = {"separable": nbconv.separable_conv2d_backward, "depthwise": nbconv.depthwise_conv2d_backward,
+           "pointwise": nbconv.pointwise_conv2d_backward}[op]
+    y = fwd(x, *weights, b, activation=activation, **kwargs)
+    assert y.size > ACT_BLOCK * 2 and y.size % ACT_BLOCK
+    g = random_array(rng, y.shape, np.float32)
+    bshape = (1, -1, 1, 1) if data_format == "channels_first" else (-1,)
+
+    def loss(a, bias, *w):
+        if op == "separable":
+            z = ops.separable_conv(a, *w, strides=(1, 2), **geo)
+        elif op == "depthwise":
+            z = ops.depthwise_conv(a, *w, strides=(1, 2), **geo)
+        else:
+            z = ops.conv(a, *w, data_format=data_format)
+        z = z + bias.reshape(bshape)
+        z = {"relu": jax.nn.relu, "relu6": jax.nn.relu6}.get(activation, lambda t: t)(z)
+        return jnp.sum(z * _to64(g)[0])
+
+    with jax.enable_x64(True):
+        ref = _to64(*jax.grad(loss, argnums=tuple(range(2 + len(weights))))(*_to64(x, b, *weights)))
+    got = bwd(g, x, *weights, activation=activation, output=y, **kwargs)
+    assert_close(got.x, ref[0], tol=2e-5)
+    assert_close(got.bias, ref[1], tol=2e-5)
+    for actual, expected in zip(got[1:-1], ref[2:]):
+        assert_close(actual.reshape(expected.shape), expected, tol=2e-5)
+
+
+def test_fused_activation_bad_output():
+    x = np.zeros((1, 4, 4, 2), np.float32)
+    dk = np.zeros((3, 3, 2, 1), np.float32)
+    g = np.zeros((1, 4, 4, 2), np.float32)
+    with pytest.raises(ValueError, match=r"Expected `output` .*activation='relu'.*Received: output=None"):
+        nbconv.depthwise_conv2d_backward(g, x, dk, padding="same", activation="relu")
+    with pytest.raises(ValueError, match=r"Expected `output` of the shape of `grad_output`, \(1, 4, 4, 2\).*"
+                                         r"Received: output with shape \(1, 4, 4\)"):
+        nbconv.depthwise_conv2d_backward(g, x, dk, padding="same", activation="relu6", output=g[..., 0])
+    with pytest.raises(ValueError, match=r"Expected `activation` to be None.*Received: activation='gelu'"):
+        nbconv.pointwise_conv2d_backward(g, x, np.zeros((2, 2), np.float32), activation="gelu", output=g)
+    with pytest.raises(TypeError, match="Expected `output` to be a floating-point array"):
+        nbconv.separable_conv2d_backward(g, x, dk, np.zeros((2, 2), np.float32), padding="same",
+                                         activation="relu", output=g.astype(np.int32))
+
+
+def test_fused_activation_inputs_not_modified(rng):
+    x = random_array(rng, (2, 9, 9, 3), np.float32, -3, 3)
+    dk = random_array(rng, (3, 3, 3, 1), np.float32)
+    y = nbconv.depthwise_conv2d(x, dk, padding="same", activation="relu")
+    g = random_array(rng, y.shape, np.float32)
+    copies = [a.copy() for a in (x, dk, y, g)]
+    nbconv.depthwise_conv2d_backward(g, x, dk, padding="same", activation="relu", output=y)
+    for a, b in zip((x, dk, y, g), copies):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("data_format", FORMATS)

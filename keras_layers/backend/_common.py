@@ -8,15 +8,50 @@ framework, so autodiff handles the casts) and never see a framework tensor.
 
 The op is the whole layer minus a non-fusable activation:
 ``activation(conv(x) + bias)`` with ``activation`` in {linear, relu, relu6}
-fused into the kernel epilogue.  Its gradient masks ``grad_output`` with the
-op's own output (``y > 0`` for relu, ``0 < y < 6`` for relu6), which is the
-derivative every backend uses, then calls nbconv's backward kernels.
+fused into the kernel epilogue.  Its gradient is nbconv's backward with the
+same activation, which masks ``grad_output`` with the op's own output
+(``y > 0`` for relu, ``0 < y < 6`` for relu6: the derivative every backend
+uses) in parallel before the backward kernels.
 """
+import ctypes
+import os
+import sys
 from typing import NamedTuple, Optional
 
 import numpy as np
 
 import nbconv
+
+#: glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+#: freed blocks up to this size stay in the heap; set NBCONV_KEEP_FREED_MEMORY=0 to leave malloc as it is
+KEEP_FREED_BYTES = 1 << 30
+
+
+def keep_freed_memory():
+    """Let glibc's malloc keep freed blocks up to :data:`KEEP_FREED_BYTES` instead of unmapping them.
+
+    XLA's CPU client mallocs every buffer of a call and frees it afterwards;
+    glibc serves blocks above its mmap threshold (at most 32 MiB, adjusted as
+    blocks are freed) with fresh ``mmap`` pages and returns them on ``free``,
+    so each call page-faults its buffers in again, 4 KiB at a time, and
+    nbconv's results land in such cold pages.  Raising the mmap and trim
+    thresholds makes the next call reuse the same warm pages: the resident
+    size stays at the peak of a call instead.  Returns True when set.  Only
+    on glibc; ``NBCONV_KEEP_FREED_MEMORY=0`` opts out.
+    """
+    if os.environ.get("NBCONV_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+        libc.gnu_get_libc_version  # only glibc has these semantics
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, KEEP_FREED_BYTES) and mallopt(_M_TRIM_THRESHOLD, KEEP_FREED_BYTES)
+                and mallopt(_M_ARENA_MAX, 1))
+
 
 #: input names, in the op's argument order, as nbconv's backward API spells them
 DEPTHWISE_NAMES = ("x", "kernel", "bias")
@@ -113,15 +148,6 @@ def forward(cfg, *arrays, out=None):
     return np.asarray(res, dtype=arrays[0].dtype)
 
 
-def mask_grad(cfg, grad_output, y):
-    """``grad_output`` times the fused activation's derivative, read off the op's output ``y``."""
-    if cfg.activation == "relu":
-        return np.where(y > 0, grad_output, np.zeros((), grad_output.dtype))
-    if cfg.activation == "relu6":
-        return np.where((y > 0) & (y < 6), grad_output, np.zeros((), grad_output.dtype))
-    return grad_output
-
-
 def backward(cfg, wrt, grad_output, y, *arrays):
     """Gradients of the op with respect to the inputs named in ``wrt`` (a tuple, in input order).
 
@@ -130,16 +156,17 @@ def backward(cfg, wrt, grad_output, y, *arrays):
     per name in ``wrt``, shaped and typed like that input.
     """
     arrays = [np.asarray(a) for a in arrays]
-    g = mask_grad(cfg, np.asarray(grad_output), np.asarray(y))
+    g = np.asarray(grad_output)
+    act = dict(activation=cfg.activation, output=np.asarray(y) if cfg.activation != "linear" else None)
     names = cfg.names
     inputs = dict(zip(names, arrays))
     if cfg.kind == "depthwise":
         grads = nbconv.depthwise_conv2d_backward(g, inputs["x"], inputs["kernel"], wrt=tuple(wrt),
-                                                 **_geometry_kwargs(cfg))
+                                                 **act, **_geometry_kwargs(cfg))
     else:
         grads = nbconv.separable_conv2d_backward(g, inputs["x"], inputs["depthwise_kernel"],
                                                  inputs["pointwise_kernel"], wrt=tuple(wrt),
-                                                 **_geometry_kwargs(cfg))
+                                                 **act, **_geometry_kwargs(cfg))
     out = []
     for name in wrt:
         ref = inputs[name]
