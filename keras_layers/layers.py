@@ -30,14 +30,14 @@ layers in a process of their own; nbconv's calls inside the model take what
 direct calls take, the rest is Keras's eager BatchNorm/ReLU and predict loop.
 
 Memory on the jax backend: XLA's CPU client takes its buffers from ``malloc``
-and returns them to the OS after every call, so every predict page-faults its
-buffers back in (4 KiB at a time: about 10,000 faults, 40 MiB, per predict of
-the model above), and the kernel's result is written into such fresh pages.
-``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` in the environment before Python
-starts (glibc 2.35+, Linux with transparent huge pages in ``madvise`` mode)
-makes those faults 2 MiB each: about 1,000 faults per predict, the copies of
-the results into XLA's buffers went from 17-20 ms to 7-8 ms, and the model's
-time over the same 13 direct nbconv calls from 1.3-1.6x to 1.13-1.22x.
+and frees them after every call; glibc returns large blocks to the OS, so
+every predict page-faulted its buffers back in (4 KiB at a time: about
+10,000 faults, 40 MiB, per predict of the model above) and the kernel's
+result was written into such fresh pages.  The jax bridge raises glibc's
+mmap and trim thresholds and keeps malloc to one arena when it loads
+(:func:`keras_layers.backend._common.keep_freed_memory`;
+``NBCONV_KEEP_FREED_MEMORY=0`` opts out): the model's batch-8 predict went
+from 73 ms (1.5x the 13 direct nbconv calls) to 46-49 ms (1.2x).
 
 TensorFlow needs no process setting.  Its CPU build has no OpenMP pool (its
 oneDNN runs on TF's own Eigen pool), and inside the ``numpy_function``

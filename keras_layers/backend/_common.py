@@ -37,8 +37,11 @@ def keep_freed_memory():
     so each call page-faults its buffers in again, 4 KiB at a time, and
     nbconv's results land in such cold pages.  Raising the mmap and trim
     thresholds makes the next call reuse the same warm pages: the resident
-    size stays at the peak of a call instead.  Returns True when set.  Only
-    on glibc; ``NBCONV_KEEP_FREED_MEMORY=0`` opts out.
+    size stays at the peak of a call instead.  One arena, because a
+    secondary arena's heaps are unmapped whenever they fall empty,
+    whatever the thresholds (XLA's worker threads would each get one).
+    Returns True when set.  Only on glibc; ``NBCONV_KEEP_FREED_MEMORY=0``
+    opts out.
     """
     if os.environ.get("NBCONV_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
         return False

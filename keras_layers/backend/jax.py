@@ -23,6 +23,9 @@ try:
 except ImportError:  # jax < 0.7
     _buffer_callback = None
 
+#: XLA's per-call buffers otherwise page-fault in on every call (see keep_freed_memory)
+MALLOC_TUNED = _common.keep_freed_memory()
+
 
 @jax.tree_util.register_pytree_node_class
 class _Residuals:
