@@ -9,6 +9,7 @@ computes; concurrent launches are safe with the TBB threading layer chosen in
 :mod:`nbconv._runtime`.
 """
 import functools
+import types
 
 import numba
 
@@ -18,3 +19,19 @@ FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 jit = functools.partial(numba.njit, cache=True, fastmath=FASTMATH, error_model="numpy", nogil=True)
 #: parallel kernels (``prange`` over a flat task index)
 pjit = functools.partial(jit, parallel=True)
+
+
+def serial_twin(kernel):
+    """The serial compilation of a parallel kernel (``prange`` runs as ``range``), cached under its own name.
+
+    Calls planned for one thread run it: a parallel launch costs 4-6 us
+    even for one task (Numba's TBB pool enters an arena and wakes a worker),
+    three times a whole 4x4 separable kernel.  The twin is a copy of the
+    Python function with its own ``__qualname__``: Numba keys its on-disk
+    cache by qualified name, and would otherwise load the parallel build.
+    """
+    f = kernel.py_func
+    twin = types.FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial", f.__defaults__, f.__closure__)
+    twin.__qualname__ = f.__qualname__ + "_serial"
+    twin.__module__, twin.__doc__ = f.__module__, f.__doc__
+    return jit(twin)

@@ -4,13 +4,17 @@ Each function normalises and validates its arguments (:mod:`nbconv._args`),
 picks the kernel and its tiling, allocates the output and calls the kernel.
 Nothing here loops over data.
 """
+import contextlib
+import functools
 import math
 import threading
 
 import numpy as np
 
+
 from . import _args
 from ._depthwise import depthwise_packed
+from ._jit import serial_twin
 from ._pointwise import pointwise_nchw, pointwise_nhwc
 from ._runtime import LAUNCH_LOCK
 from ._separable import separable
@@ -44,6 +48,17 @@ TINY_MACS = 1 << 19
 
 
 _WORKSPACE = threading.local()
+
+#: kernel -> its serial twin, for calls planned for one thread (no parallel launch, no launch lock)
+_SERIAL = {k: serial_twin(k) for k in (depthwise_packed, pointwise_nhwc, pointwise_nchw, separable)}
+_NO_LOCK = contextlib.nullcontext()
+
+
+def _launch(kernel, threads):
+    """``(kernel, lock)`` to run a call planned for ``threads`` threads: the serial twin for one."""
+    if threads == 1:
+        return _SERIAL.get(kernel, kernel), _NO_LOCK
+    return kernel, LAUNCH_LOCK
 
 
 def _workspace(*specs):
@@ -161,14 +176,6 @@ _NO_TAPS_LEN = 4096
 _NO_TAPS = {np.dtype(t).char: np.empty((_NO_TAPS_LEN, 0), t) for t in (np.float32, np.float64)}
 
 
-_NO_TAPS_LEN = 4096
-_NO_TAPS = {np.dtype(t).char: np.empty((_NO_TAPS_LEN, 0), t) for t in (np.float32, np.float64)}
-
-
-def _round_up(value, multiple):
-    return -(-value // multiple) * multiple
-
-
 def _dw_operands(g, kernel, bias, act_dtype):
     """Depthwise operands: ``(wt, bt, wc, bc, wp)``.
 
@@ -206,6 +213,59 @@ def _result(shape, compute, result, out, inputs):
     if out is not None and out.dtype == compute:
         return out
     return np.empty(shape, compute)
+
+
+def _memo_plan(plan):
+    """Memoise a planning function of plain ints (and :class:`~nbconv._args.Geometry`).
+
+    A layer calls with the same shapes every time, and planning costs a few
+    microseconds of a tiny call.  The key includes this module's tunables,
+    so a changed tunable (tests set them) plans afresh.
+    """
+    cache = {}
+
+    @functools.wraps(plan)
+    def memoised(*args):
+        key = (args, TILE_BYTES, SHARED_BYTES, SHARED_MIN_CM, MIN_SPLIT_P, MAX_TILE_P, MIN_FB, FB_TARGET, EVEN_TASKS)
+        value = cache.get(key)
+        if value is None:
+            value = plan(*args)
+            if len(cache) >= 256:
+                cache.clear()
+            cache[key] = value
+        return value
+
+    return memoised
+
+
+@_memo_plan
+def _separable_plan(g, cm, f, itemsize, threads):
+    """Work plan of the fused kernel: ``(th, shared, gn, tile_p, fb, nchunks1, nchunks, xs_shape, d_shape)``.
+
+    See :func:`nbconv._separable.separable` for the parameters and the two
+    modes; ``xs_shape`` and ``d_shape`` are the scratch shapes.
+    """
+    th = _row_tiles(g, cm, itemsize, threads, 1)
+    shared = ((g.n * -(-g.oh // th) < 2 * threads or cm >= SHARED_MIN_CM)
+              and g.n * g.oh * g.ow * cm * itemsize <= SHARED_BYTES)
+    if shared:
+        # small images: depthwise for all rows first (parallel over rows), then GEMM tiles x filter blocks;
+        # NHWC pixels of all images are one GEMM
+        th = _row_tiles(g, cm, itemsize, threads, 4 * threads)
+        nchunks1 = _nchunks(g.n * -(-g.oh // th), threads)
+        gn = 1 if g.channels_last else g.n
+        tile_p, fb, ntasks = _plan(gn, g.n * g.oh * g.ow // gn, f, threads)
+    else:
+        th = _row_tiles(g, cm, itemsize, threads, threads)
+        tiles = g.n * -(-g.oh // th)
+        # fewer output rows than threads: split the filters too (tiles recomputed per block)
+        fb = f if tiles >= threads else _filter_blocks(tiles, f, threads)
+        tile_p, ntasks = th * g.ow, tiles * -(-f // fb)
+        nchunks1, gn = 0, g.n
+    nchunks = _nchunks(ntasks, threads)
+    wp = (g.ow - 1) * g.sw + (g.kw - 1) * g.dw + 1
+    d_shape = (1, g.n * g.oh * g.ow * cm) if shared else (nchunks, th * g.ow * cm)
+    return th, shared, gn, tile_p, fb, nchunks1, nchunks, (max(nchunks, nchunks1), _packed_size(g, th, wp)), d_shape
 
 
 def depthwise_conv2d(x, kernel, bias=None, *, strides=_args.DEFAULT, padding="valid", dilation_rate=_args.DEFAULT,
@@ -256,8 +316,9 @@ def depthwise_conv2d(x, kernel, bias=None, *, strides=_args.DEFAULT, padding="va
     th = _row_tiles(g, cm, compute.itemsize, threads, 4 * threads)
     nchunks = _nchunks(g.n * -(-g.oh // th), threads)
     (xs,) = _workspace(((nchunks, _packed_size(g, th, wp)), compute))
-    with LAUNCH_LOCK:
-        depthwise_packed(xc, channels_last, wt, bt, wc, bc, act, res.reshape(-1), g.dm, g.sh, g.sw, g.dh, g.dw,
+    kernel_fn, lock = _launch(depthwise_packed, threads)
+    with lock:
+        kernel_fn(xc, channels_last, wt, bt, wc, bc, act, res.reshape(-1), g.dm, g.sh, g.sw, g.dh, g.dw,
                          g.pt, g.pl, g.kh, g.kw, g.oh, g.ow, wp, th, nchunks, xs)
     return _finish(res, result, out)
 
@@ -305,13 +366,15 @@ def pointwise_conv2d(x, kernel, bias=None, *, data_format="channels_last", activ
     if channels_last:
         tile_p, fb, ntasks = _plan(1, n * h * w, f, threads)
         nchunks = _nchunks(ntasks, threads)
-        with LAUNCH_LOCK:
-            pointwise_nhwc(xc.reshape(-1, k), wc, bc, act, res.reshape(-1, f), tile_p, fb, nchunks)
+        kernel_fn, lock = _launch(pointwise_nhwc, threads)
+        with lock:
+            kernel_fn(xc.reshape(-1, k), wc, bc, act, res.reshape(-1, f), tile_p, fb, nchunks)
     else:
         tile_p, fb, ntasks = _plan(n, h * w, f, threads)
         nchunks = _nchunks(ntasks, threads)
-        with LAUNCH_LOCK:
-            pointwise_nchw(xc.reshape(n, k, -1), wc, bc, act, res.reshape(n, f, -1), tile_p, fb, nchunks)
+        kernel_fn, lock = _launch(pointwise_nchw, threads)
+        with lock:
+            kernel_fn(xc.reshape(n, k, -1), wc, bc, act, res.reshape(n, f, -1), tile_p, fb, nchunks)
     return _finish(res, result, out)
 
 
@@ -368,27 +431,11 @@ def separable_conv2d(x, depthwise_kernel, pointwise_kernel, bias=None, *, stride
     bc = _bias_array(bias, compute)
     threads = _threads_for(g.n * g.oh * g.ow * cm * (g.kh * g.kw + f))
     wt, bt, wc_dw, bc_dw, wp = _dw_operands(g, dk, dbias, compute)
-    th = _row_tiles(g, cm, compute.itemsize, threads, 1)
-    shared = ((g.n * -(-g.oh // th) < 2 * threads or cm >= SHARED_MIN_CM)
-              and g.n * g.oh * g.ow * cm * compute.itemsize <= SHARED_BYTES)
-    if shared:
-        # small images: depthwise for all rows first (parallel over rows), then GEMM tiles x filter blocks;
-        # NHWC pixels of all images are one GEMM
-        th = _row_tiles(g, cm, compute.itemsize, threads, 4 * threads)
-        nchunks1 = _nchunks(g.n * -(-g.oh // th), threads)
-        gn = 1 if channels_last else g.n
-        tile_p, fb, ntasks = _plan(gn, g.n * g.oh * g.ow // gn, f, threads)
-    else:
-        th = _row_tiles(g, cm, compute.itemsize, threads, threads)
-        tiles = g.n * -(-g.oh // th)
-        # fewer output rows than threads: split the filters too (tiles recomputed per block)
-        fb = f if tiles >= threads else _filter_blocks(tiles, f, threads)
-        tile_p, ntasks = th * g.ow, tiles * -(-f // fb)
-        nchunks1, gn = 0, g.n
-    nchunks = _nchunks(ntasks, threads)
-    d_shape = (1, g.n * g.oh * g.ow * cm) if shared else (nchunks, th * g.ow * cm)
-    xs, d = _workspace(((max(nchunks, nchunks1), _packed_size(g, th, wp)), compute), (d_shape, compute))
-    with LAUNCH_LOCK:
-        separable(xc, channels_last, wt, bt, wc_dw, bc_dw, dact, wc, bc, act, res.reshape(-1), g.dm, g.sh, g.sw, g.dh, g.dw,
-                  g.pt, g.pl, g.kh, g.kw, g.oh, g.ow, wp, th, shared, gn, tile_p, fb, nchunks1, nchunks, xs, d)
+    th, shared, gn, tile_p, fb, nchunks1, nchunks, xs_shape, d_shape = _separable_plan(g, cm, f, compute.itemsize,
+                                                                                       threads)
+    xs, d = _workspace((xs_shape, compute), (d_shape, compute))
+    kernel_fn, lock = _launch(separable, threads)
+    with lock:
+        kernel_fn(xc, channels_last, wt, bt, wc_dw, bc_dw, dact, wc, bc, act, res.reshape(-1), g.dm, g.sh, g.sw, g.dh,
+                  g.dw, g.pt, g.pl, g.kh, g.kw, g.oh, g.ow, wp, th, shared, gn, tile_p, fb, nchunks1, nchunks, xs, d)
     return _finish(res, result, out)

@@ -54,7 +54,8 @@ def _tbb_installed():
 def test_threading_layer_is_tbb_when_tbb_installed():
     proc = run_script("""
         import numba, numpy as np, nbconv, nbconv._runtime as rt
-        nbconv.separable_conv2d(np.ones((1, 16, 16, 8), np.float32), np.ones((3, 3, 8, 1), np.float32),
+        # large enough to run in parallel (tiny calls run the kernels' serial builds)
+        nbconv.separable_conv2d(np.ones((1, 96, 96, 8), np.float32), np.ones((3, 3, 8, 1), np.float32),
                                 np.ones((1, 1, 8, 16), np.float32))
         print("LAYER", rt.THREADING_LAYER, numba.threading_layer())
         print("ALL OK")
@@ -78,7 +79,7 @@ def test_in_process_layer_matches_installed_tbb():
 def test_user_threading_layer_wins():
     proc = run_script("""
         import numba, numpy as np, nbconv, nbconv._runtime as rt
-        nbconv.depthwise_conv2d(np.ones((1, 16, 16, 8), np.float32), np.ones((3, 3, 8, 1), np.float32))
+        nbconv.depthwise_conv2d(np.ones((1, 96, 96, 8), np.float32), np.ones((3, 3, 8, 1), np.float32))
         print("LAYER", rt.THREADING_LAYER, numba.threading_layer())
         print("ALL OK")
     """, env_extra={"NUMBA_THREADING_LAYER": "workqueue"})
