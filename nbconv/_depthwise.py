@@ -486,22 +486,22 @@ def pack_rows_nchw(xn, dm, pr0, nrows, pt, pl, wp, lanes, xs):
 
 
 @jit
-def dw_tile(x, n, channels_last, wt, bt, wc, bc, act, dm, r0, nr, sh, sw, dh, dw, pt, pl, kh_n, kw_n, ow_n, wp, xs,
-            dst, doff, ldd):
+def dw_tile(x, n, channels_last, channel_major, wt, bt, wc, bc, act, dm, r0, nr, sh, sw, dh, dw, pt, pl, kh_n, kw_n,
+            ow_n, wp, xs, dst, doff, ldd):
     """Depthwise output rows ``r0 .. r0+nr-1`` of image ``n``, all channels, via packed rows in ``xs``.
 
-    NHWC: ``dst[doff + q*C*dm + j]``; NCHW: ``dst[doff + j*ldd + q]``, for
-    pixel ``q`` of the tile (row-major) and output channel ``j``.
+    ``x`` is NHWC if ``channels_last``, else NCHW.  The tile is stored
+    pixel-major, ``dst[doff + q*C*dm + j]``, or if ``channel_major``
+    ``dst[doff + j*ldd + q]``, for pixel ``q`` of the tile (row-major) and
+    output channel ``j``.
     """
     nin = (nr - 1) * sh + (kh_n - 1) * dh + 1
     if channels_last:
         pack_rows(x[n], dm, r0 * sh, nin, pt, pl, wp, VECTOR_BYTES // xs.itemsize, xs)
-        dw_packed_rows(xs, nin, wp, wt, bt, act, nr, ow_n, sh, sw, dh, dw, kh_n, kw_n, wc.shape[0], dst[doff:], False,
-                       ldd)
     else:
         pack_rows_nchw(x[n], dm, r0 * sh, nin, pt, pl, wp, VECTOR_BYTES // xs.itemsize, xs)
-        dw_packed_rows(xs, nin, wp, wt, bt, act, nr, ow_n, sh, sw, dh, dw, kh_n, kw_n, wc.shape[0], dst[doff:], True,
-                       ldd)
+    dw_packed_rows(xs, nin, wp, wt, bt, act, nr, ow_n, sh, sw, dh, dw, kh_n, kw_n, wc.shape[0], dst[doff:],
+                   channel_major, ldd)
 
 
 @pjit
@@ -538,5 +538,5 @@ def depthwise_packed(x, channels_last, wt, bt, wc, bc, act, out1, dm, sh, sw, dh
             r0 = (t - n * rtiles) * th
             nr = min(th, oh_n - r0)
             doff = (n * oh_n + r0) * ow_n * cm if channels_last else n * cm * ohw + r0 * ow_n
-            dw_tile(x, n, channels_last, wt, bt, wc, bc, act, dm, r0, nr, sh, sw, dh, dw, pt, pl, kh_n, kw_n, ow_n, wp,
-                    xs, out1, doff, ohw)
+            dw_tile(x, n, channels_last, not channels_last, wt, bt, wc, bc, act, dm, r0, nr, sh, sw, dh, dw, pt, pl,
+                    kh_n, kw_n, ow_n, wp, xs, out1, doff, ohw)

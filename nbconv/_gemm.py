@@ -25,7 +25,7 @@ from numba.extending import intrinsic
 
 from ._elementwise import bias_act_inplace, vec_bias_act_inplace
 from ._jit import jit
-from ._simd import AVX512, VECTOR_BYTES, VectorBuilder
+from ._simd import AVX512, VECTOR_BYTES, VectorBuilder, transpose_block
 
 #: rows of C per micro-kernel call
 MR = 6
@@ -240,3 +240,25 @@ def gemm_nn(m, n, k, a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, accumulate, 
                 t = nv * lanes
                 _column_panel(0, n - nfull, m, a, ai, ars, aks, b, bi + t, ldb, c, coff + j0 + t, ldc, kl, add, bias,
                               bcol + t if bmode == 1 else bcol, em, ea)
+
+
+@jit
+def transpose_tile(src, soff, lds, rows, cols, dst, doff, ldd):
+    """``dst[doff + j*ldd + i] = src[soff + i*lds + j]`` for ``i < rows``, ``j < cols`` (flat arrays, serial).
+
+    Whole ``lanes x lanes`` blocks are transposed in registers
+    (:func:`nbconv._simd.transpose_block`); the last ``rows % lanes`` rows
+    element by element, since a register block would store whole vectors
+    past them.  Nothing outside the ``cols x rows`` block of ``dst`` is written.
+    """
+    lanes = VECTOR_BYTES // src.itemsize
+    for ib in range(0, rows, lanes):
+        for jb in range(0, cols, lanes):
+            nc = min(lanes, cols - jb)
+            if ib + lanes <= rows:
+                transpose_block(src, soff + ib * lds + jb, lds, lanes, nc, dst, doff + jb * ldd + ib, ldd)
+            else:
+                for j in range(jb, jb + nc):
+                    out = dst[doff + j * ldd + ib:doff + j * ldd + rows]
+                    for i in range(rows - ib):
+                        out[i] = src[soff + (ib + i) * lds + j]

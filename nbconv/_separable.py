@@ -26,12 +26,12 @@ from numba import prange
 
 from ._depthwise import dw_tile
 from ._jit import pjit
-from ._gemm import gemm_nn
+from ._gemm import gemm_nn, transpose_tile
 
 
 @pjit
 def separable(x, channels_last, wt, bt, wc, bc, dact, wmat, bias, act, out1, dm, sh, sw, dh, dw, pt, pl, kh_n, kw_n,
-              oh_n, ow_n, wp, th, shared, gn, tile_p, fb, nchunks1, nchunks, xs_scr, d_scr):
+              oh_n, ow_n, wp, th, shared, gn, tile_p, fb, nchunks1, nchunks, xs_scr, d_scr, t_scr):
     """Parallel fused separable convolution.
 
     Parameters
@@ -56,7 +56,10 @@ def separable(x, channels_last, wt, bt, wc, bc, dact, wmat, bias, act, out1, dm,
         input, 1 for NHWC (the pixels of all images are contiguous rows).
     xs_scr : ndarray of shape (nchunks1 or nchunks, packed rows * wp * C*dm)
     d_scr : ndarray of shape (nchunks, th * OW * C*dm), or (1, N * OH * OW * C*dm) if shared
-        Depthwise tiles, pixel-major for NHWC input and channel-major for NCHW input.
+        Depthwise tiles: channel-major in fused mode with NCHW input,
+        pixel-major otherwise.
+    t_scr : ndarray of shape (nchunks, tile_p * fb) in shared mode with NCHW input, else (nchunks, 0)
+        Each GEMM task's ``pixels x filters`` block before its transposed store.
 
     Notes
     -----
@@ -66,6 +69,16 @@ def separable(x, channels_last, wt, bt, wc, bc, dact, wmat, bias, act, out1, dm,
     scratch rows.  Shared mode: phase 1 over ``(n, tile of th rows)``, phase
     2 over ``(GEMM, tile of tile_p pixels, block of fb filters)``.  Tasks write
     disjoint parts of the output (and of the shared buffer).
+
+    NCHW output with the filters as GEMM rows puts the pixels in the vector
+    lanes: a 7x7 image is 49 columns (a masked fourth vector), and the
+    weights are read down columns, one cache line per filter block and
+    channel.  In shared mode the GEMM therefore runs as for NHWC (weight
+    rows in the lanes) and each block is transposed into the output in
+    registers: 7x7x1024->1024 went from 1.76x to 1.07x the NHWC time,
+    14x14x512->1024 s2 from 1.72x to 1.08x, no shared-mode shape got
+    slower.  Fused mode (large images) keeps the channel-major tiles, which
+    measured 3-20% faster there than pixel-major plus the transpose.
     """
     n_img = x.shape[0]
     cm = wmat.shape[0]
@@ -83,9 +96,8 @@ def separable(x, channels_last, wt, bt, wc, bc, dact, wmat, bias, act, out1, dm,
                 n = t // rtiles
                 r0 = (t - n * rtiles) * th
                 nr = min(th, oh_n - r0)
-                doff = (n * oh_n + r0) * ow_n * cm if channels_last else n * cm * ohw + r0 * ow_n
-                dw_tile(x, n, channels_last, wt, bt, wc, bc, dact, dm, r0, nr, sh, sw, dh, dw, pt, pl, kh_n, kw_n,
-                        ow_n, wp, xs, dall, doff, ohw)
+                dw_tile(x, n, channels_last, False, wt, bt, wc, bc, dact, dm, r0, nr, sh, sw, dh, dw, pt, pl, kh_n,
+                        kw_n, ow_n, wp, xs, dall, (n * oh_n + r0) * ow_n * cm, 0)
         gp = n_img * ohw // gn
         ptiles = (gp + tile_p - 1) // tile_p
         ntasks = gn * ptiles * fblocks
@@ -106,8 +118,7 @@ def separable(x, channels_last, wt, bt, wc, bc, dact, wmat, bias, act, out1, dm,
                 p0 = (tile - n * ptiles) * tile_p
                 npx = min(tile_p, gp - p0)
                 d = d_scr[0]
-                doff = (n * ohw + p0) * cm if channels_last else n * cm * ohw + p0
-                ldd = ohw
+                doff = (n * ohw + p0) * cm
             else:
                 r0 = (tile - n * ptiles) * th
                 nr = min(th, oh_n - r0)
@@ -117,13 +128,18 @@ def separable(x, channels_last, wt, bt, wc, bc, dact, wmat, bias, act, out1, dm,
                 doff = 0
                 ldd = th * ow_n
                 if tile != have:
-                    dw_tile(x, n, channels_last, wt, bt, wc, bc, dact, dm, r0, nr, sh, sw, dh, dw, pt, pl, kh_n, kw_n,
-                            ow_n, wp, xs_scr[chunk], d, 0, ldd)
+                    dw_tile(x, n, channels_last, not channels_last, wt, bt, wc, bc, dact, dm, r0, nr, sh, sw, dh, dw,
+                            pt, pl, kh_n, kw_n, ow_n, wp, xs_scr[chunk], d, 0, ldd)
                     have = tile
             if channels_last:
                 coff = (n * ohw + p0) * f + f0
                 gemm_nn(npx, nf, cm, d, doff, cm, 1, w1, f0, f, out1, coff, f, False, bias, f0,
                         1 if bias.shape[0] > 0 else 0, act)
+            elif shared:
+                tt = t_scr[chunk]
+                gemm_nn(npx, nf, cm, d, doff, cm, 1, w1, f0, f, tt, 0, nf, False, bias, f0,
+                        1 if bias.shape[0] > 0 else 0, act)
+                transpose_tile(tt, 0, nf, npx, nf, out1, (n * f + f0) * ohw + p0, ohw)
             else:
                 coff = (n * f + f0) * ohw + p0
                 gemm_nn(nf, npx, cm, w1, f0, 1, f, d, doff, ldd, out1, coff, ohw, False, bias, f0,

@@ -240,10 +240,10 @@ def _memo_plan(plan):
 
 @_memo_plan
 def _separable_plan(g, cm, f, itemsize, threads):
-    """Work plan of the fused kernel: ``(th, shared, gn, tile_p, fb, nchunks1, nchunks, xs_shape, d_shape)``.
+    """Work plan of the fused kernel: ``(th, shared, gn, tile_p, fb, nchunks1, nchunks, xs_shape, d_shape, t_shape)``.
 
     See :func:`nbconv._separable.separable` for the parameters and the two
-    modes; ``xs_shape`` and ``d_shape`` are the scratch shapes.
+    modes; the ``*_shape`` are the scratch shapes.
     """
     th = _row_tiles(g, cm, itemsize, threads, 1)
     shared = ((g.n * -(-g.oh // th) < 2 * threads or cm >= SHARED_MIN_CM)
@@ -265,7 +265,9 @@ def _separable_plan(g, cm, f, itemsize, threads):
     nchunks = _nchunks(ntasks, threads)
     wp = (g.ow - 1) * g.sw + (g.kw - 1) * g.dw + 1
     d_shape = (1, g.n * g.oh * g.ow * cm) if shared else (nchunks, th * g.ow * cm)
-    return th, shared, gn, tile_p, fb, nchunks1, nchunks, (max(nchunks, nchunks1), _packed_size(g, th, wp)), d_shape
+    t_shape = (nchunks, tile_p * fb if shared and not g.channels_last else 0)
+    return (th, shared, gn, tile_p, fb, nchunks1, nchunks, (max(nchunks, nchunks1), _packed_size(g, th, wp)),
+            d_shape, t_shape)
 
 
 def depthwise_conv2d(x, kernel, bias=None, *, strides=_args.DEFAULT, padding="valid", dilation_rate=_args.DEFAULT,
@@ -431,11 +433,12 @@ def separable_conv2d(x, depthwise_kernel, pointwise_kernel, bias=None, *, stride
     bc = _bias_array(bias, compute)
     threads = _threads_for(g.n * g.oh * g.ow * cm * (g.kh * g.kw + f))
     wt, bt, wc_dw, bc_dw, wp = _dw_operands(g, dk, dbias, compute)
-    th, shared, gn, tile_p, fb, nchunks1, nchunks, xs_shape, d_shape = _separable_plan(g, cm, f, compute.itemsize,
-                                                                                       threads)
-    xs, d = _workspace((xs_shape, compute), (d_shape, compute))
+    th, shared, gn, tile_p, fb, nchunks1, nchunks, xs_shape, d_shape, t_shape = _separable_plan(
+        g, cm, f, compute.itemsize, threads)
+    xs, d, tt = _workspace((xs_shape, compute), (d_shape, compute), (t_shape, compute))
     kernel_fn, lock = _launch(separable, threads)
     with lock:
         kernel_fn(xc, channels_last, wt, bt, wc_dw, bc_dw, dact, wc, bc, act, res.reshape(-1), g.dm, g.sh, g.sw, g.dh,
-                  g.dw, g.pt, g.pl, g.kh, g.kw, g.oh, g.ow, wp, th, shared, gn, tile_p, fb, nchunks1, nchunks, xs, d)
+                  g.dw, g.pt, g.pl, g.kh, g.kw, g.oh, g.ow, wp, th, shared, gn, tile_p, fb, nchunks1, nchunks, xs, d,
+                  tt)
     return _finish(res, result, out)

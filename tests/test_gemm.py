@@ -74,3 +74,20 @@ def test_gemm_nn_epilogue(rng, shape, bmode, act, accumulate):
     _gemm.gemm_nn(m, n, k, a.reshape(-1), 0, k, 1, b.reshape(-1), 0, n, c.reshape(-1), 0, n, accumulate, bias, 3,
                   bmode, act)
     np.testing.assert_allclose(c, expected, rtol=0, atol=2e-5 * max(1, k))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("rows, cols", [(49, 1024), (16, 16), (3, 40), (37, 5), (1, 1), (64, 17), (0, 4)])
+def test_transpose_tile(rng, rows, cols, dtype):
+    """A block of a strided source lands transposed in a strided destination; nothing around it is touched."""
+    lds, ldd = cols + 5, rows + 7
+    src = np.full(3 + rows * lds + 11, np.nan, dtype)
+    block = rng.standard_normal((rows, cols)).astype(dtype)
+    for i in range(rows):
+        src[3 + i * lds:3 + i * lds + cols] = block[i]
+    dst = np.full(2 + max(cols, 1) * ldd + 9, -7.0, dtype)
+    _gemm.transpose_tile(src, 3, lds, rows, cols, dst, 2, ldd)
+    expected = np.full_like(dst, -7.0)
+    for j in range(cols):
+        expected[2 + j * ldd:2 + j * ldd + rows] = block[:, j]
+    np.testing.assert_array_equal(dst, expected)
