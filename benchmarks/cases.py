@@ -17,12 +17,14 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-__all__ = ["Case", "CASES", "SUITES", "SUITE_TITLES", "MOBILENET_BLOCKS", "MODEL_OPS", "APP_OPS", "APP_MODELS",
+__all__ = ["Case", "CASES", "SUITES", "SUITE_TITLES", "KERAS_MODEL_SUITES", "MOBILENET_BLOCKS", "MODEL_OPS", "APP_OPS", "APP_MODELS",
            "select", "make_arrays", "explicit_padding", "reference_nhwc"]
 
 #: suites in report order
 SUITES = ("mobilenet", "xception", "classic", "hard", "depthwise", "pointwise", "fused", "overhead", "backward",
-          "keras_model", "models")
+          "keras_model", "keras_model_tensorflow", "keras_model_torch", "models")
+#: the Keras model suite of each Keras backend (one process per backend and side)
+KERAS_MODEL_SUITES = {"jax": "keras_model", "tensorflow": "keras_model_tensorflow", "torch": "keras_model_torch"}
 
 SUITE_TITLES = {
     "mobilenet": "MobileNetV1 separable blocks (224x224, alpha=1)",
@@ -35,7 +37,9 @@ SUITE_TITLES = {
     "overhead": "Per-call overhead on a tiny shape",
     "backward": "Forward + backward (all gradients), batch 8 (issue 4)",
     "keras_model": "Keras model of MobileNetV1's 13 separable blocks (SeparableConv2D + BatchNorm + ReLU), "
-                   "112x112x32 input (issue 5)",
+                   "112x112x32 input, jax backend (issue 5)",
+    "keras_model_tensorflow": "The same Keras model on the tensorflow backend (issue 5)",
+    "keras_model_torch": "The same Keras model on the torch backend (issue 5)",
     "models": "keras.applications models (weights=None): original vs keras_layers.convert(model) vs "
               "convert(model, fold_batchnorm=True), per Keras backend (issue 6)",
 }
@@ -226,9 +230,10 @@ def _build():
     for hw, c, f, s in [(112, 32, 64, 1), (56, 128, 128, 1), (56, 128, 256, 2), (28, 256, 256, 1),
                         (14, 512, 512, 1), (7, 1024, 1024, 1)]:
         cases.append(_mnv1("backward", 8, hw, c, f, s, quick=(hw == 14), op="separable_fwdbwd"))
-    for n, op in ((1, "model_predict"), (8, "model_predict"), (8, "model_train")):
-        cases.append(Case("keras_model", f"b{n}-{op.split('_')[1]}", n, 112, 112, 32, 1024, op=op,
-                          quick=(n == 1)))
+    for backend, suite in KERAS_MODEL_SUITES.items():
+        for n, op in ((1, "model_predict"), (8, "model_predict"), (8, "model_train")):
+            cases.append(Case(suite, f"b{n}-{op.split('_')[1]}", n, 112, 112, 32, 1024, op=op,
+                              quick=(n == 1 and backend == "jax")))
     # keras.applications models: the variants of one (model, batch) follow each other (the contender builds the
     # original once and converts it); --quick: MobileNet at batch 1 only
     for model, (_, hw, _) in APP_MODELS.items():

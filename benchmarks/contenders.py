@@ -26,7 +26,7 @@ import os
 
 import numpy as np
 
-from .cases import APP_MODELS, APP_OPS, MOBILENET_BLOCKS, MODEL_OPS, SUITES, make_arrays
+from .cases import APP_MODELS, APP_OPS, KERAS_MODEL_SUITES, MOBILENET_BLOCKS, MODEL_OPS, SUITES, make_arrays
 
 __all__ = ["Bench", "Unsupported", "CONTENDERS", "PEERS", "SUITE_ROLES", "MODEL_BACKENDS", "get", "THREADS"]
 
@@ -80,7 +80,7 @@ def _grad_output(case, seed=1):
 
 
 #: suites of single operations (every suite but the Keras models')
-OP_SUITES = tuple(s for s in SUITES if s not in ("keras_model", "models"))
+OP_SUITES = tuple(s for s in SUITES if s not in ("models",) + tuple(KERAS_MODEL_SUITES.values()))
 
 
 class Contender:
@@ -508,12 +508,55 @@ class NumPyBaseline(Contender):
 
 
 class KerasModel(Keras):
-    """MobileNetV1's 13 separable blocks built from Keras's own layers (the reference for issue 5)."""
+    """MobileNetV1's 13 blocks built from Keras's own layers (the reference for issue 5), on one Keras backend.
 
-    name = "keras_model"
+    Each backend runs in a process of its own (``env``); the jax contender keeps the names ``keras_model`` /
+    ``nbconv_layers``.  On torch the process runs with ``OMP_WAIT_POLICY=PASSIVE`` (unless set), for both
+    sides, as in the models suite.
+    """
+
     label = "Keras layers"
     ops = MODEL_OPS
-    suites = ("keras_model",)
+    base = "keras_model"
+
+    def __init__(self, backend="jax"):
+        self.backend = backend
+        self.name = self.base if backend == "jax" else f"{self.base}_{backend}"
+        self.suites = (KERAS_MODEL_SUITES[backend],)
+        self.env = {"KERAS_BACKEND": backend}
+        if backend == "torch":
+            self.env["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
+        #: a --quick run measures the jax backend only
+        self.full_only = backend != "jax"
+
+    def available(self):
+        import importlib.util
+        if importlib.util.find_spec(self.backend) is None:
+            return f"absent: {self.backend} is not installed"
+        note = super().available()
+        if note:
+            return note
+        import keras
+        if keras.backend.backend() != self.backend:
+            return f"keras runs on {keras.backend.backend()}, not {self.backend} (KERAS_BACKEND was set too late)"
+        return None
+
+    def init_process(self):
+        super().init_process()
+        if self.backend == "tensorflow":
+            import tensorflow as tf
+            try:
+                tf.config.threading.set_intra_op_parallelism_threads(THREADS)
+                tf.config.threading.set_inter_op_parallelism_threads(1)
+            except RuntimeError:
+                pass
+
+    def info(self):
+        d = super().info()
+        d["predict"] = {"jax": "predict_on_batch (jax.jit)", "tensorflow": "predict_on_batch (tf.function)"}.get(
+            self.backend, "predict_on_batch (eager: Keras does not jit on torch)")
+        d["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
+        return d
 
     def _layer_class(self):
         import keras
@@ -544,9 +587,9 @@ class KerasModel(Keras):
 class NbConvLayers(KerasModel):
     """The same model built from nbconv's drop-in layers (``keras_layers``)."""
 
-    name = "nbconv_layers"
     label = "nbconv layers"
     peer = False
+    base = "nbconv_layers"
 
     def available(self):
         note = super().available()
@@ -718,12 +761,13 @@ class Sgemm(Contender):
 
 
 CONTENDERS = {c.name: c for c in (NbConv(), NbConvTwoStep(), TorchNCHW(), TorchNHWC(), OnnxRuntime(), Keras(),
-                                  NumPyBaseline(), NbConvLayers(), KerasModel(), Sgemm())
+                                  NumPyBaseline(), Sgemm())
+               + tuple(cls(b) for b in KERAS_MODEL_SUITES for cls in (NbConvLayers, KerasModel))
                + tuple(AppModels(b) for b in MODEL_BACKENDS)}
 #: contenders that count as peers for "best peer" ratios, in report column order
 PEERS = ("torch_nchw", "torch_nhwc", "onnxruntime", "keras", "numpy")
 #: per suite, when it differs from nbconv against PEERS: (the measured subject, its peers)
-SUITE_ROLES = {"keras_model": ("nbconv_layers", ("keras_model",))}
+SUITE_ROLES = {suite: (NbConvLayers(b).name, (KerasModel(b).name,)) for b, suite in KERAS_MODEL_SUITES.items()}
 
 
 def get(name):
