@@ -507,6 +507,16 @@ class NumPyBaseline(Contender):
         return Bench(lambda: x @ pm)
 
 
+def _tf_threads():
+    """TensorFlow's pools: THREADS intra-op threads, one inter-op (set before its first op, else left as they are)."""
+    import tensorflow as tf
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(THREADS)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:
+        pass
+
+
 class KerasModel(Keras):
     """MobileNetV1's 13 blocks built from Keras's own layers (the reference for issue 5), on one Keras backend.
 
@@ -544,12 +554,7 @@ class KerasModel(Keras):
     def init_process(self):
         super().init_process()
         if self.backend == "tensorflow":
-            import tensorflow as tf
-            try:
-                tf.config.threading.set_intra_op_parallelism_threads(THREADS)
-                tf.config.threading.set_inter_op_parallelism_threads(1)
-            except RuntimeError:
-                pass
+            _tf_threads()
 
     def info(self):
         d = super().info()
@@ -678,12 +683,7 @@ class AppModels(Contender):
             import torch
             torch.set_num_threads(THREADS)
         elif self.backend == "tensorflow":
-            import tensorflow as tf
-            try:
-                tf.config.threading.set_intra_op_parallelism_threads(THREADS)
-                tf.config.threading.set_inter_op_parallelism_threads(1)
-            except RuntimeError:
-                pass
+            _tf_threads()
 
     def info(self):
         import nbconv
