@@ -11,7 +11,6 @@ import threading
 
 import numpy as np
 
-
 from . import _args
 from ._depthwise import depthwise_packed
 from ._jit import serial_twin
@@ -321,7 +320,7 @@ def depthwise_conv2d(x, kernel, bias=None, *, strides=_args.DEFAULT, padding="va
     kernel_fn, lock = _launch(depthwise_packed, threads)
     with lock:
         kernel_fn(xc, channels_last, wt, bt, wc, bc, act, res.reshape(-1), g.dm, g.sh, g.sw, g.dh, g.dw,
-                         g.pt, g.pl, g.kh, g.kw, g.oh, g.ow, wp, th, nchunks, xs)
+                  g.pt, g.pl, g.kh, g.kw, g.oh, g.ow, wp, th, nchunks, xs)
     return _finish(res, result, out)
 
 
