@@ -17,6 +17,10 @@ blocks of :data:`KC` (the ``KC x NR`` panel of ``B`` stays in L2 while every
 row block of ``A`` passes over it), rows in blocks of ``MR``.  The last
 columns (fewer than one vector) use masked loads and stores, and row blocks of
 6, 3 and 1 rows cover every row count exactly, so no load or store ever leaves the arrays.
+
+Outputs too large to stay in cache (``forward.STREAM_BYTES``) can be stored
+non-temporally (``stream``): the lines are not read before being written, and
+the operands keep the caches.
 """
 from llvmlite import ir
 from numba import types
@@ -25,7 +29,7 @@ from numba.extending import intrinsic
 
 from ._elementwise import bias_act_inplace, vec_bias_act_inplace
 from ._jit import jit
-from ._simd import AVX512, VECTOR_BYTES, VectorBuilder, transpose_block
+from ._simd import AVX512, VECTOR_BYTES, VectorBuilder, store_fence, transpose_block
 
 #: rows of C per micro-kernel call
 MR = 6
@@ -36,7 +40,8 @@ KC = 256
 
 
 def _microkernel(rows, nv, masked):
-    """An intrinsic ``mk(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act)``.
+    """An intrinsic ``mk(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode,
+    act, stream)``.
 
     Computes ``C[r, j] (+)= sum_k A[aoff + r*ars + k*aks] * B[boff + k*ldb + j]``
     for ``r < mr <= rows`` and ``j < ncols`` (flat arrays, offsets in
@@ -47,13 +52,17 @@ def _microkernel(rows, nv, masked):
     are computed from row ``mr - 1`` and not stored (never read past the
     operands).  Before the store, an epilogue: ``bmode`` 1 adds
     ``bias[bioff + j]`` to column ``j``, ``bmode`` 2 adds ``bias[bioff + r]``
-    to row ``r``, 0 adds none; then activation ``act`` (0 for none).  The
+    to row ``r``, 0 adds none; then activation ``act`` (0 for none).  With
+    ``stream`` (and not ``masked``), the aligned vectors of ``C`` are stored
+    non-temporally (:meth:`nbconv._simd.VectorBuilder.store_stream`).  The
     caller guarantees that every index it names is inside its array.
     """
 
     @intrinsic
-    def mk(typingctx, a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act):
-        sig = types.void(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act)
+    def mk(typingctx, a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act,
+           stream):
+        sig = types.void(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode,
+                         act, stream)
 
         def codegen(context, builder, signature, args):
             vb = VectorBuilder(context, builder, signature, args, signature.args[0].dtype)
@@ -83,6 +92,7 @@ def _microkernel(rows, nv, masked):
             bptr_ = vb.at(vb.data(14), vb.int64(15))
             is_col = builder.icmp_signed("==", bmode, vb.const(1))
             is_row = builder.icmp_signed("==", bmode, vb.const(2))
+            streaming = builder.icmp_unsigned("!=", args[18], ir.Constant(args[18].type, 0))
             epilogue = builder.or_(builder.icmp_signed("!=", bmode, vb.const(0)),
                                    builder.icmp_signed("!=", act, vb.const(0)))
             for r in range(rows):
@@ -100,7 +110,14 @@ def _microkernel(rows, nv, masked):
                             with builder.if_then(is_row):
                                 builder.store(builder.fadd(val, vb.splat(vb.at(bptr_, r))), accs[r][j])
                             builder.store(vb.activation(builder.load(accs[r][j]), act), accs[r][j])
-                        vb.store(builder.load(accs[r][j]), p, mask)
+                        if masked:
+                            vb.store(builder.load(accs[r][j]), p, mask)
+                        else:
+                            with builder.if_else(streaming) as (then, otherwise):
+                                with then:
+                                    vb.store_stream(builder.load(accs[r][j]), p)
+                                with otherwise:
+                                    vb.store(builder.load(accs[r][j]), p)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -117,50 +134,53 @@ _mk6_m, _mk3_m, _mk1_m = (_microkernel(r, 1, True) for r in (6, 3, 1))
 
 
 @jit
-def _rows6(nv, a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act):
+def _rows6(nv, a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act,
+           stream):
     if nv == 0:
-        _mk6_m(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act)
+        _mk6_m(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act, stream)
     elif nv == 1:
-        _mk6_1(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act)
+        _mk6_1(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act, stream)
     elif nv == 2:
-        _mk6_2(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act)
+        _mk6_2(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act, stream)
     elif nv == 3:
-        _mk6_3(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act)
+        _mk6_3(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act, stream)
     else:
-        _mk6_4(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act)
+        _mk6_4(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act, stream)
 
 
 @jit
-def _rows3(nv, a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act):
+def _rows3(nv, a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act,
+           stream):
     if nv == 0:
-        _mk3_m(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act)
+        _mk3_m(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act, stream)
     elif nv == 1:
-        _mk3_1(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act)
+        _mk3_1(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act, stream)
     elif nv == 2:
-        _mk3_2(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act)
+        _mk3_2(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act, stream)
     elif nv == 3:
-        _mk3_3(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act)
+        _mk3_3(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act, stream)
     else:
-        _mk3_4(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act)
+        _mk3_4(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act, stream)
 
 
 @jit
-def _rows1(nv, a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act):
+def _rows1(nv, a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act,
+           stream):
     if nv == 0:
-        _mk1_m(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act)
+        _mk1_m(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act, stream)
     elif nv == 1:
-        _mk1_1(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act)
+        _mk1_1(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act, stream)
     elif nv == 2:
-        _mk1_2(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act)
+        _mk1_2(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act, stream)
     elif nv == 3:
-        _mk1_3(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act)
+        _mk1_3(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act, stream)
     else:
-        _mk1_4(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act)
+        _mk1_4(a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, mr, ncols, bias, bioff, bmode, act, stream)
 
 
 @jit
 def _column_panel(nv, ncols, m, a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k, accumulate, bias, bioff, bmode,
-                  act):
+                  act, stream):
     """All ``m`` rows of one panel of ``nv`` vectors of columns (``nv == 0``: one masked vector of ``ncols``)."""
     i0 = 0
     while i0 < m:
@@ -169,18 +189,19 @@ def _column_panel(nv, ncols, m, a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k
         ci = coff + i0 * ldc
         bi = bioff + i0 if bmode == 2 else bioff
         if left >= MR:
-            _rows6(nv, a, ai, ars, aks, b, boff, ldb, c, ci, ldc, k, accumulate, MR, ncols, bias, bi, bmode, act)
+            _rows6(nv, a, ai, ars, aks, b, boff, ldb, c, ci, ldc, k, accumulate, MR, ncols, bias, bi, bmode, act,
+                   stream)
             i0 += MR
         elif left >= 3:
-            _rows3(nv, a, ai, ars, aks, b, boff, ldb, c, ci, ldc, k, accumulate, 3, ncols, bias, bi, bmode, act)
+            _rows3(nv, a, ai, ars, aks, b, boff, ldb, c, ci, ldc, k, accumulate, 3, ncols, bias, bi, bmode, act, stream)
             i0 += 3
         else:
-            _rows1(nv, a, ai, ars, aks, b, boff, ldb, c, ci, ldc, k, accumulate, 1, ncols, bias, bi, bmode, act)
+            _rows1(nv, a, ai, ars, aks, b, boff, ldb, c, ci, ldc, k, accumulate, 1, ncols, bias, bi, bmode, act, stream)
             i0 += 1
 
 
 @jit
-def gemm_nn(m, n, k, a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, accumulate, bias, bioff, bmode, act):
+def gemm_nn(m, n, k, a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, accumulate, bias, bioff, bmode, act, stream=False):
     """``C[i, j] (+)= sum_k A[i, k] * B[k, j]`` for ``i < m``, ``j < n`` on flat arrays (serial), with an epilogue.
 
     Parameters
@@ -197,6 +218,11 @@ def gemm_nn(m, n, k, a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, accumulate, 
         2: ``bias[bioff + i]`` added to row ``i`` (NCHW output); 0: no bias.
     act : int
         Activation code (:mod:`nbconv._elementwise`) applied last.
+    stream : bool
+        Store ``C`` non-temporally (bypassing the caches, see
+        :meth:`nbconv._simd.VectorBuilder.store_stream`) when ``k`` fits one
+        block (no partial sums are read back) and not ``accumulate``; for
+        outputs too large to stay in cache, then fenced (:func:`nbconv._simd.store_fence`).
 
     Notes
     -----
@@ -221,6 +247,7 @@ def gemm_nn(m, n, k, a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, accumulate, 
     lanes = VECTOR_BYTES // c.itemsize
     nfull = n // lanes * lanes
     nr = NV * lanes
+    nt = stream and k <= KC and not accumulate
     for j0 in range(0, n, nr):
         nv = min(NV, (nfull - j0) // lanes)
         bcol = bioff + j0 if bmode == 1 else bioff
@@ -234,12 +261,14 @@ def gemm_nn(m, n, k, a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, accumulate, 
             ea = act if last else 0
             if nv > 0:
                 _column_panel(nv, nv * lanes, m, a, ai, ars, aks, b, bi, ldb, c, coff + j0, ldc, kl, add, bias, bcol, em,
-                              ea)
+                              ea, nt)
             if j0 + nr > nfull and n > nfull:
                 # the last n - nfull < lanes columns, in a masked vector
                 t = nv * lanes
                 _column_panel(0, n - nfull, m, a, ai, ars, aks, b, bi + t, ldb, c, coff + j0 + t, ldc, kl, add, bias,
-                              bcol + t if bmode == 1 else bcol, em, ea)
+                              bcol + t if bmode == 1 else bcol, em, ea, False)
+    if nt:
+        store_fence()
 
 
 @jit

@@ -50,7 +50,7 @@ def gemm_rm(ta, tb, m, n, k, a, aoff, lda, b, boff, ldb, beta, c, coff, ldc, ibu
 
 
 @pjit
-def pointwise_nhwc(x2, wmat, bias, act, out2, tile_p, fb, nchunks):
+def pointwise_nhwc(x2, wmat, bias, act, out2, tile_p, fb, nchunks, stream):
     """Parallel pointwise convolution, NHWC: ``out2 = act(x2 @ wmat + bias)``.
 
     Parameters
@@ -59,6 +59,8 @@ def pointwise_nhwc(x2, wmat, bias, act, out2, tile_p, fb, nchunks):
         All pixels of all images, C-contiguous.
     wmat : ndarray of shape (K, F)
     out2 : ndarray of shape (P, F)
+    stream : bool
+        Write ``out2`` with non-temporal stores (see :func:`nbconv._gemm.gemm_nn`).
 
     Notes
     -----
@@ -82,11 +84,11 @@ def pointwise_nhwc(x2, wmat, bias, act, out2, tile_p, fb, nchunks):
             p0 = pt * tile_p
             npx = min(tile_p, p_all - p0)
             gemm_nn(npx, nf, k, x1, p0 * k, k, 1, w1, f0, f, o1, p0 * f + f0, f, False, bias, f0,
-                    1 if bias.shape[0] > 0 else 0, act)
+                    1 if bias.shape[0] > 0 else 0, act, stream)
 
 
 @pjit
-def pointwise_nchw(x3, wmat, bias, act, out3, tile_p, fb, nchunks):
+def pointwise_nchw(x3, wmat, bias, act, out3, tile_p, fb, nchunks, stream):
     """Parallel pointwise convolution, NCHW: ``out3[n] = act(wmat.T @ x3[n] + bias[:, None])``.
 
     Parameters
@@ -94,6 +96,8 @@ def pointwise_nchw(x3, wmat, bias, act, out3, tile_p, fb, nchunks):
     x3 : ndarray of shape (N, K, HW)
     wmat : ndarray of shape (K, F)
     out3 : ndarray of shape (N, F, HW)
+    stream : bool
+        Write ``out3`` with non-temporal stores (see :func:`nbconv._gemm.gemm_nn`).
 
     Notes
     -----
@@ -122,4 +126,4 @@ def pointwise_nchw(x3, wmat, bias, act, out3, tile_p, fb, nchunks):
             coff = n * f * hw + f0 * hw + p0
             # out[f, p] = sum_k wmat[k, f] x[k, p]: wmat read transposed (row stride 1, k stride F)
             gemm_nn(nf, npx, k, w1, f0, 1, f, x1, n * k * hw + p0, hw, o1, coff, hw, False, bias, f0,
-                    2 if bias.shape[0] > 0 else 0, act)
+                    2 if bias.shape[0] > 0 else 0, act, stream)

@@ -31,7 +31,7 @@ from ._gemm import gemm_nn, transpose_tile
 
 @pjit
 def separable(x, channels_last, wt, bt, wc, bc, dact, wmat, bias, act, out1, dm, sh, sw, dh, dw, pt, pl, kh_n, kw_n,
-              oh_n, ow_n, wp, th, shared, gn, tile_p, fb, nchunks1, nchunks, xs_scr, d_scr, t_scr):
+              oh_n, ow_n, wp, th, shared, gn, tile_p, fb, nchunks1, nchunks, xs_scr, d_scr, t_scr, stream):
     """Parallel fused separable convolution.
 
     Parameters
@@ -60,6 +60,8 @@ def separable(x, channels_last, wt, bt, wc, bc, dact, wmat, bias, act, out1, dm,
         pixel-major otherwise.
     t_scr : ndarray of shape (nchunks, tile_p * fb) in shared mode with NCHW input, else (nchunks, 0)
         Each GEMM task's ``pixels x filters`` block before its transposed store.
+    stream : bool
+        Write the output with non-temporal stores (see :func:`nbconv._gemm.gemm_nn`).
 
     Notes
     -----
@@ -134,7 +136,7 @@ def separable(x, channels_last, wt, bt, wc, bc, dact, wmat, bias, act, out1, dm,
             if channels_last:
                 coff = (n * ohw + p0) * f + f0
                 gemm_nn(npx, nf, cm, d, doff, cm, 1, w1, f0, f, out1, coff, f, False, bias, f0,
-                        1 if bias.shape[0] > 0 else 0, act)
+                        1 if bias.shape[0] > 0 else 0, act, stream)
             elif shared:
                 tt = t_scr[chunk]
                 gemm_nn(npx, nf, cm, d, doff, cm, 1, w1, f0, f, tt, 0, nf, False, bias, f0,
@@ -143,4 +145,4 @@ def separable(x, channels_last, wt, bt, wc, bc, dact, wmat, bias, act, out1, dm,
             else:
                 coff = (n * f + f0) * ohw + p0
                 gemm_nn(nf, npx, cm, w1, f0, 1, f, d, doff, ldd, out1, coff, ohw, False, bias, f0,
-                        2 if bias.shape[0] > 0 else 0, act)
+                        2 if bias.shape[0] > 0 else 0, act, stream)

@@ -26,6 +26,7 @@ def _has_avx512():
         return False
 
 
+_X86 = llvm.get_process_triple().split("-")[0] in ("x86_64", "i386", "i686")
 #: AVX-512 (32 vector registers) on the host
 AVX512 = _has_avx512()
 #: bytes of one vector register: AVX-512 or AVX2
@@ -103,6 +104,23 @@ class VectorBuilder:
         else:
             self.builder.call(self._mstore, [value, vp, self._align, mask])
 
+    def store_stream(self, value, ptr):
+        """Store a whole vector at element pointer ``ptr``, non-temporally where ``ptr`` is aligned to the vector.
+
+        A non-temporal store bypasses the caches and skips reading the line
+        first; only an aligned vector can be stored so (x86 ``vmovntps``), an
+        unaligned one is stored normally.  See :func:`store_fence`.
+        """
+        b = self.builder
+        vp = b.bitcast(ptr, self.vptr)
+        aligned = b.icmp_unsigned("==", b.and_(b.ptrtoint(ptr, I64), self.const(VECTOR_BYTES - 1)), self.const(0))
+        with b.if_else(aligned) as (then, otherwise):
+            with then:
+                st = b.store(value, vp, align=VECTOR_BYTES)
+                st.set_metadata("nontemporal", b.module.add_metadata([ir.Constant(I32, 1)]))
+            with otherwise:
+                b.store(value, vp, align=self._align.constant)
+
     def store_narrow(self, value, ptr, mask=None):
         """Store a vector of any width (``value``'s own) at element pointer ``ptr``, lanes off in ``mask`` untouched."""
         vty = value.type
@@ -139,6 +157,26 @@ class VectorBuilder:
     def accumulators(self, count):
         """``count`` zeroed vector slots; LLVM's mem2reg keeps them in registers across loops."""
         return [cgutils.alloca_once_value(self.builder, self.zero) for _ in range(count)]
+
+
+@intrinsic
+def store_fence(typingctx):
+    """Order the non-temporal stores made so far before any later store (x86 ``sfence``).
+
+    Non-temporal stores are weakly ordered: a task fences after its last
+    one, so whoever is told the task is done sees its results.
+    """
+    sig = types.void()
+
+    def codegen(context, builder, signature, args):
+        if _X86:
+            builder.call(cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
+                                                        "llvm.x86.sse.sfence"), [])
+        else:
+            builder.fence("seq_cst")
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 @intrinsic

@@ -76,6 +76,39 @@ def test_gemm_nn_epilogue(rng, shape, bmode, act, accumulate):
     np.testing.assert_allclose(c, expected, rtol=0, atol=2e-5 * max(1, k))
 
 
+def _aligned_nan(size, dtype, shift):
+    """A NaN-filled array of ``size`` elements whose element 0 lies ``shift`` elements past a 64-byte boundary."""
+    isz = np.dtype(dtype).itemsize
+    buf = np.full(size + 64 // isz + shift, np.nan, dtype)
+    start = (-buf.ctypes.data % 64) // isz + shift
+    return buf[start:start + size]
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("shift", [0, 1, 4])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(13, 64, 30), (7, 48, 256), (20, 70, 257), (1, 16, 3), (6, 5, 9)])
+def test_gemm_nn_streamed(rng, shape, dtype, shift, accumulate):
+    """``stream=True``: aligned whole vectors of C stored non-temporally, the rest as usual; the same result
+    with a bias and ReLU, rows aligned or not (``shift``), k beyond one block, and accumulation (not streamed)."""
+    m, n, k = shape
+    pad, ldc = 16, n + (0 if shift == 0 else 3)
+    a = rng.standard_normal((m, k)).astype(dtype)
+    b = rng.standard_normal((k, n)).astype(dtype)
+    bias = rng.standard_normal(n).astype(dtype)
+    c0 = rng.standard_normal((m, n))
+    cbuf = _aligned_nan(pad + m * ldc + pad, dtype, shift)
+    c = cbuf[pad:pad + m * ldc].reshape(m, ldc)
+    c[:, :n] = c0
+    _gemm.gemm_nn(m, n, k, a.reshape(-1), 0, k, 1, b.reshape(-1), 0, n, cbuf, pad, ldc, accumulate, bias, 0, 1, 1,
+                  True)
+    expected = np.maximum(a.astype(np.float64) @ b + bias + (c0 if accumulate else 0), 0)
+    tol = (2e-6 if dtype == np.float32 else 1e-14) * max(1, k) * 4
+    np.testing.assert_allclose(c[:, :n], expected, rtol=0, atol=tol)
+    assert np.isnan(cbuf[:pad]).all() and np.isnan(cbuf[pad + m * ldc:]).all()
+    assert np.isnan(c[:, n:]).all()
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("rows, cols", [(49, 1024), (16, 16), (3, 40), (37, 5), (1, 1), (64, 17), (0, 4)])
 def test_transpose_tile(rng, rows, cols, dtype):

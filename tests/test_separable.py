@@ -255,15 +255,17 @@ def test_separable_explicit_padding_matches_keras_on_padded_input(rng, keras_ops
 
 # (N, H, W, C, F, strides): batch 1 and several, pixels above and below the split threshold, filters beyond FB_TARGET
 PLAN_SHAPES = [(1, 7, 7, 24, 40, 1), (1, 10, 9, 8, 200, 1), (3, 6, 5, 6, 70, 2), (2, 13, 11, 5, 9, 1),
-               (1, 1, 5, 4, 130, 1), (5, 3, 3, 3, 7, 1)]
+               (1, 1, 5, 4, 130, 1), (5, 3, 3, 3, 7, 1), (2, 9, 8, 8, 64, 1)]
 
 
 @pytest.mark.parametrize("data_format", FORMATS)
 @pytest.mark.parametrize("threads", [1, 2, 3, 5])
 @pytest.mark.parametrize("tiles", ["one-row", "default"])
 @pytest.mark.parametrize("shared_bytes", [0, 1 << 30])
-def test_separable_every_work_plan(rng, monkeypatch, data_format, threads, tiles, shared_bytes):
-    """Fused and shared modes, pixel and filter splits, one-row tiles, task counts for 1..5 threads."""
+@pytest.mark.parametrize("stream", [False, True])
+def test_separable_every_work_plan(rng, monkeypatch, data_format, threads, tiles, shared_bytes, stream):
+    """Fused and shared modes, pixel and filter splits, one-row tiles, task counts for 1..5 threads; outputs
+    written with ordinary or non-temporal stores (aligned rows where F is a multiple of 16, some rows otherwise)."""
     import nbconv.forward as fw
 
     monkeypatch.setattr(fw, "planning_threads", lambda: threads)
@@ -273,6 +275,7 @@ def test_separable_every_work_plan(rng, monkeypatch, data_format, threads, tiles
     monkeypatch.setattr(fw, "MIN_SPLIT_P", 16)
     monkeypatch.setattr(fw, "MIN_FB", 16)
     monkeypatch.setattr(fw, "FB_TARGET", 48)
+    monkeypatch.setattr(fw, "STREAM_BYTES", 0 if stream else 1 << 40)
     if tiles == "one-row":
         monkeypatch.setattr(fw, "TILE_BYTES", 1)
     for n, h, w, c, f, s in PLAN_SHAPES:
