@@ -26,6 +26,7 @@ def _has_avx512():
         return False
 
 
+#: the host is x86 (:func:`store_fence` emits ``sfence`` there, a full fence elsewhere)
 _X86 = llvm.get_process_triple().split("-")[0] in ("x86_64", "i386", "i686")
 #: AVX-512 (32 vector registers) on the host
 AVX512 = _has_avx512()
