@@ -205,7 +205,7 @@ def _dwsep_backward(g, xc, dkc, wc, gc, want_dx, want_dk, want_pw, want_b, compu
     if g.channels_last:
         # packed-row scratch and operands of the forward's depthwise row tiles (recompute of D)
         th = tile_p // g.ow if sep else 1
-        wp = (g.ow - 1) * g.sw + (g.kw - 1) * g.dw + 1
+        wp = _forward._packed_width(g)
         xs = np.empty((nchunks, ((th - 1) * g.sh + (g.kh - 1) * g.dh + 1) * wp * -(-cm // 16) * 16
                        if sep and (want_pw or want_dk) else 1), compute)
         wt = np.ascontiguousarray(dkc.reshape(g.kh * g.kw, cm))
@@ -327,7 +327,7 @@ def _dw_grads_nhwc(g, xc, dk, gd, want_dx, want_dk, compute):
         threads = get_num_threads()
         th = _forward._row_tiles(g, cm, compute.itemsize, threads, 4 * threads)
         nchunks = _forward._nchunks(g.n * -(-g.oh // th), threads)
-        wp = (g.ow - 1) * g.sw + (g.kw - 1) * g.dw + 1
+        wp = _forward._packed_width(g)
         xs = np.empty((nchunks, _forward._packed_size(g, th, wp)), compute)
         dkp = np.zeros((nchunks, 9 * cm), compute)
         with LAUNCH_LOCK:

@@ -157,6 +157,19 @@ def _nchunks(ntasks, threads):
     return max(1, min(ntasks, 4 * threads))
 
 
+def _packed_width(g):
+    """Columns of one packed input row (:func:`nbconv._depthwise.pack_rows`): the padded columns the taps
+    read, rounded up to an odd count.
+
+    Each block of channels of a packed tile is ``rows * width`` vectors long;
+    at an even width such as 16 (14x14 images) a power of two of them puts
+    every block's pixel on the same cache sets, and packing one pixel's 32
+    blocks missed the L1 on every store (14x14x512 depthwise: pack 66 us
+    against 11 us for 7x7x1024).  The extra column is zeroed, never read.
+    """
+    return ((g.ow - 1) * g.sw + (g.kw - 1) * g.dw + 1) | 1
+
+
 def _row_tiles(g, cm, itemsize, threads, min_tiles):
     """Output rows per depthwise tile.
 
@@ -165,7 +178,7 @@ def _row_tiles(g, cm, itemsize, threads, min_tiles):
     the result), with at least ``min_tiles`` tiles in all, and a count that
     shares evenly between threads (:func:`_even_parts`); one row at least.
     """
-    wp = (g.ow - 1) * g.sw + (g.kw - 1) * g.dw + 1
+    wp = _packed_width(g)
     by_result = TILE_BYTES // max(1, g.ow * cm * itemsize)
     by_input = (TILE_BYTES // max(1, wp * cm * itemsize) - (g.kh - 1) * g.dh - 1) // g.sh + 1
     th = max(1, min(g.oh, by_result, by_input))
@@ -189,7 +202,7 @@ def _dw_operands(g, kernel, bias, act_dtype):
     empty array.  ``wp`` is the packed row width.
     """
     cm = g.c * g.dm
-    wp = (g.ow - 1) * g.sw + (g.kw - 1) * g.dw + 1
+    wp = _packed_width(g)
     wt = np.ascontiguousarray(kernel.reshape(g.kh * g.kw, cm), dtype=act_dtype)
     bc = _bias_array(bias, act_dtype)
     bt = bc if bias is not None else np.zeros(cm, act_dtype)
@@ -282,7 +295,7 @@ def _separable_plan(g, cm, f, itemsize, threads):
         tile_p, ntasks = th * g.ow, tiles * -(-f // fb)
         nchunks1, gn = 0, g.n
     nchunks = _nchunks(ntasks, threads)
-    wp = (g.ow - 1) * g.sw + (g.kw - 1) * g.dw + 1
+    wp = _packed_width(g)
     d_shape = (1, g.n * g.oh * g.ow * cm) if shared else (nchunks, th * g.ow * cm)
     t_shape = (nchunks, tile_p * fb if shared and not g.channels_last else 0)
     return (th, shared, gn, tile_p, fb, nchunks1, nchunks, (max(nchunks, nchunks1), _packed_size(g, th, wp)),
