@@ -177,7 +177,12 @@ def _row_tiles(g, cm, itemsize, threads, min_tiles):
     rows within :data:`TILE_BYTES` (at stride 2 the packed rows are about 4x
     the result), with at least ``min_tiles`` tiles in all, and a count that
     shares evenly between threads (:func:`_even_parts`); one row at least.
+    A call planned for one thread ignores ``min_tiles``: more tiles only
+    repack the input rows they share (7x7x1024 depthwise, serial: 38 us in
+    one tile against 56 us in four, alternating blocks in one process).
     """
+    if threads == 1:
+        min_tiles = 1
     wp = _packed_width(g)
     by_result = TILE_BYTES // max(1, g.ow * cm * itemsize)
     by_input = (TILE_BYTES // max(1, wp * cm * itemsize) - (g.kh - 1) * g.dh - 1) // g.sh + 1
