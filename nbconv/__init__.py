@@ -6,6 +6,8 @@ depthwise_conv2d, pointwise_conv2d, separable_conv2d
     Forward convolutions (Keras weight layouts, NHWC or NCHW).
 depthwise_conv2d_backward, pointwise_conv2d_backward, separable_conv2d_backward
     Their gradients (named tuples DepthwiseConv2DGrads, PointwiseConv2DGrads, SeparableConv2DGrads).
+pack_pointwise_kernel, PackedPointwiseKernel
+    Pointwise weights packed once for many forward calls (inference with fixed weights).
 get_num_threads, set_num_threads, num_threads
     Thread control for the kernels.
 """
@@ -20,6 +22,7 @@ from .backward import (
     separable_conv2d_backward,
 )
 from .forward import depthwise_conv2d, pointwise_conv2d, separable_conv2d
+from .packing import PackedPointwiseKernel, pack_pointwise_kernel
 
 __version__ = "0.1.0"
 
@@ -33,6 +36,8 @@ __all__ = [
     "DepthwiseConv2DGrads",
     "PointwiseConv2DGrads",
     "SeparableConv2DGrads",
+    "pack_pointwise_kernel",
+    "PackedPointwiseKernel",
     "get_num_threads",
     "set_num_threads",
     "num_threads",

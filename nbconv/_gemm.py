@@ -22,6 +22,7 @@ Outputs too large to stay in cache (``forward.STREAM_BYTES``) can be stored
 non-temporally (``stream``): the lines are not read before being written, and
 the operands keep the caches.
 """
+import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -200,8 +201,34 @@ def _column_panel(nv, ncols, m, a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, k
             i0 += 1
 
 
+def panel_width(dtype):
+    """Columns of ``B`` per column panel of :func:`gemm_nn` (``NV`` vectors), the unit of :func:`pack_b`."""
+    return NV * (VECTOR_BYTES // dtype.itemsize)
+
+
+def pack_b(matrix, dtype):
+    """``matrix`` (``K x F``) as :func:`gemm_nn` reads a packed ``B`` (``packed_k = K``): flat, ``dtype``.
+
+    Column panel ``p`` (columns ``p*nr`` to ``p*nr + w``, ``nr`` =
+    :func:`panel_width`, ``w`` = ``nr`` but for the last panel) is stored
+    row-major, ``K x w``, from element ``p*nr*K`` on: a ``k`` step of the
+    micro-kernel reads ``w`` consecutive elements, and a ``KC``-row block of a
+    panel is one contiguous run.  Unpacked, those rows lie ``F`` elements
+    apart, and at ``F = 1024`` or more (a 4 KiB or larger stride in float32)
+    every row of the block falls on the same few cache sets.
+    """
+    kdim, f = matrix.shape
+    nr = panel_width(dtype)
+    out = np.empty(kdim * f, dtype)
+    for col0 in range(0, f, nr):
+        w = min(nr, f - col0)
+        out[col0 * kdim:(col0 + w) * kdim] = matrix[:, col0:col0 + w].reshape(-1)
+    return out
+
+
 @jit
-def gemm_nn(m, n, k, a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, accumulate, bias, bioff, bmode, act, stream=False):
+def gemm_nn(m, n, k, a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, accumulate, bias, bioff, bmode, act, stream=False,
+            packed_k=0):
     """``C[i, j] (+)= sum_k A[i, k] * B[k, j]`` for ``i < m``, ``j < n`` on flat arrays (serial), with an epilogue.
 
     Parameters
@@ -210,7 +237,10 @@ def gemm_nn(m, n, k, a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, accumulate, 
         ``A[i, k]`` is ``a[aoff + i*ars + k*aks]`` (row-major ``ars=K, aks=1``;
         a transposed operand ``ars=1, aks=lda``).
     b : ndarray, flat
-        ``B[k, j]`` is ``b[boff + k*ldb + j]``.
+        ``B[k, j]`` is ``b[boff + k*ldb + j]``; or, with ``packed_k > 0``,
+        ``B`` is columns ``boff`` to ``boff + n`` of a ``packed_k x ldb``
+        matrix packed by :func:`pack_b`.  ``boff`` is then a multiple of
+        :func:`panel_width`, and ``n`` is too unless the block ends at column ``ldb``.
     c : ndarray, flat
         ``C[i, j]`` is ``c[coff + i*ldc + j]``; overwritten, or added to if ``accumulate``.
     bias, bioff, bmode : ndarray, int, int
@@ -218,6 +248,8 @@ def gemm_nn(m, n, k, a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, accumulate, 
         2: ``bias[bioff + i]`` added to row ``i`` (NCHW output); 0: no bias.
     act : int
         Activation code (:mod:`nbconv._elementwise`) applied last.
+    packed_k : int
+        ``K`` of a packed ``B`` (see ``b``), 0 for a plain one.
     stream : bool
         Store ``C`` non-temporally (bypassing the caches, see
         :meth:`nbconv._simd.VectorBuilder.store_stream`) when ``k`` fits one
@@ -251,21 +283,29 @@ def gemm_nn(m, n, k, a, aoff, ars, aks, b, boff, ldb, c, coff, ldc, accumulate, 
     for j0 in range(0, n, nr):
         nv = min(NV, (nfull - j0) // lanes)
         bcol = bioff + j0 if bmode == 1 else bioff
+        if packed_k > 0:
+            # this panel's rows are w = (its width) elements apart, from element col0 * K on
+            col0 = boff + j0
+            lb = min(nr, ldb - col0)
+            bp = col0 * packed_k
+        else:
+            lb = ldb
+            bp = boff + j0
         for k0 in range(0, k, KC):
             kl = min(KC, k - k0)
             ai = aoff + k0 * aks
-            bi = boff + k0 * ldb + j0
+            bi = bp + k0 * lb
             add = accumulate or k0 > 0
             last = k0 + KC >= k
             em = bmode if last else 0
             ea = act if last else 0
             if nv > 0:
-                _column_panel(nv, nv * lanes, m, a, ai, ars, aks, b, bi, ldb, c, coff + j0, ldc, kl, add, bias, bcol, em,
+                _column_panel(nv, nv * lanes, m, a, ai, ars, aks, b, bi, lb, c, coff + j0, ldc, kl, add, bias, bcol, em,
                               ea, nt)
             if j0 + nr > nfull and n > nfull:
                 # the last n - nfull < lanes columns, in a masked vector
                 t = nv * lanes
-                _column_panel(0, n - nfull, m, a, ai, ars, aks, b, bi + t, ldb, c, coff + j0 + t, ldc, kl, add, bias,
+                _column_panel(0, n - nfull, m, a, ai, ars, aks, b, bi + t, lb, c, coff + j0 + t, ldc, kl, add, bias,
                               bcol + t if bmode == 1 else bcol, em, ea, False)
     if nt:
         store_fence()

@@ -50,7 +50,7 @@ def gemm_rm(ta, tb, m, n, k, a, aoff, lda, b, boff, ldb, beta, c, coff, ldc, ibu
 
 
 @pjit
-def pointwise_nhwc(x2, wmat, bias, act, out2, tile_p, fb, nchunks, stream):
+def pointwise_nhwc(x2, wmat, bias, act, out2, tile_p, fb, nchunks, stream, packed_k):
     """Parallel pointwise convolution, NHWC: ``out2 = act(x2 @ wmat + bias)``.
 
     Parameters
@@ -58,6 +58,8 @@ def pointwise_nhwc(x2, wmat, bias, act, out2, tile_p, fb, nchunks, stream):
     x2 : ndarray of shape (P, K)
         All pixels of all images, C-contiguous.
     wmat : ndarray of shape (K, F)
+        Row-major, or with ``packed_k`` (= ``K``) its elements packed by
+        :func:`nbconv._gemm.pack_b` (then ``fb`` is a multiple of the panel width).
     out2 : ndarray of shape (P, F)
     stream : bool
         Write ``out2`` with non-temporal stores (see :func:`nbconv._gemm.gemm_nn`).
@@ -84,7 +86,7 @@ def pointwise_nhwc(x2, wmat, bias, act, out2, tile_p, fb, nchunks, stream):
             p0 = pt * tile_p
             npx = min(tile_p, p_all - p0)
             gemm_nn(npx, nf, k, x1, p0 * k, k, 1, w1, f0, f, o1, p0 * f + f0, f, False, bias, f0,
-                    1 if bias.shape[0] > 0 else 0, act, stream)
+                    1 if bias.shape[0] > 0 else 0, act, stream, packed_k)
 
 
 @pjit

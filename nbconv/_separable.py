@@ -31,7 +31,7 @@ from ._gemm import gemm_nn, transpose_tile
 
 @pjit
 def separable(x, channels_last, wt, bt, wc, bc, dact, wmat, bias, act, out1, dm, sh, sw, dh, dw, pt, pl, kh_n, kw_n,
-              oh_n, ow_n, wp, th, shared, gn, tile_p, fb, nchunks1, nchunks, xs_scr, d_scr, t_scr, stream):
+              oh_n, ow_n, wp, th, shared, gn, tile_p, fb, nchunks1, nchunks, xs_scr, d_scr, t_scr, stream, packed_k):
     """Parallel fused separable convolution.
 
     Parameters
@@ -43,6 +43,9 @@ def separable(x, channels_last, wt, bt, wc, bc, dact, wmat, bias, act, out1, dm,
         Depthwise bias (zeros for none); ``dact`` its activation code.
     wc, bc : an empty ``(C*dm, 0)`` array (its row count is read) and the depthwise bias or ``(0,)``
     wmat : ndarray of shape (C*dm, F)
+        Row-major, or with ``packed_k`` (= ``C*dm``) its elements packed by
+        :func:`nbconv._gemm.pack_b` (then ``fb`` is a multiple of the panel
+        width, and NCHW input runs in shared mode: the weights are always ``B``).
     bias, act : pointwise bias ``(F,)`` or ``(0,)`` and activation code
     out1 : ndarray, flat
         The output, ``(N, OH, OW, F)`` or ``(N, F, OH, OW)`` in C order.
@@ -136,11 +139,11 @@ def separable(x, channels_last, wt, bt, wc, bc, dact, wmat, bias, act, out1, dm,
             if channels_last:
                 coff = (n * ohw + p0) * f + f0
                 gemm_nn(npx, nf, cm, d, doff, cm, 1, w1, f0, f, out1, coff, f, False, bias, f0,
-                        1 if bias.shape[0] > 0 else 0, act, stream)
+                        1 if bias.shape[0] > 0 else 0, act, stream, packed_k)
             elif shared:
                 tt = t_scr[chunk]
                 gemm_nn(npx, nf, cm, d, doff, cm, 1, w1, f0, f, tt, 0, nf, False, bias, f0,
-                        1 if bias.shape[0] > 0 else 0, act)
+                        1 if bias.shape[0] > 0 else 0, act, False, packed_k)
                 transpose_tile(tt, 0, nf, npx, nf, out1, (n * f + f0) * ohw + p0, ohw)
             else:
                 coff = (n * f + f0) * ohw + p0

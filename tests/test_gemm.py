@@ -124,3 +124,46 @@ def test_transpose_tile(rng, rows, cols, dtype):
     for j in range(cols):
         expected[2 + j * ldd:2 + j * ldd + rows] = block[:, j]
     np.testing.assert_array_equal(dst, expected)
+
+
+# (m, n, k, panels before the block, columns after it): whole panels, a last partial panel, k past one block; a
+# block that does not end the matrix spans whole panels (n = 128: 2 or 4 panels)
+PACKED = [(7, 64, 300, 0, 0), (13, 70, 257, 0, 0), (6, 200, 5, 1, 0), (49, 33, 100, 2, 0), (5, 128, 40, 1, 100),
+          (1, 3, 1, 0, 0), (12, 16, 513, 0, 0)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", PACKED, ids=[str(s) for s in PACKED])
+def test_gemm_nn_packed_b(rng, shape, dtype):
+    """B packed by pack_b (packed_k = K): columns [before, before + n) of a K x F matrix, as a filter block reads
+    them; the same product as the float64 matmul, C written only where named, the buffer's NaN guards unread."""
+    m, n, k, panels_before, after = shape
+    dt = np.dtype(dtype)
+    before = panels_before * _gemm.panel_width(dt)
+    f = before + n + after
+    a = rng.standard_normal((m, k))
+    b = rng.standard_normal((k, f))
+    pad = 19
+    bbuf = np.full(pad + k * f + pad, np.nan, dtype)
+    bbuf[pad:pad + k * f] = _gemm.pack_b(b, dt)
+    cbuf = np.full(pad + m * n + pad, np.nan, dtype)
+    _gemm.gemm_nn(m, n, k, a.astype(dtype).reshape(-1), 0, k, 1, bbuf[pad:pad + k * f], before, f, cbuf, pad, n,
+                  False, np.empty(0, dtype), 0, 0, 0, False, k)
+    expected = a.astype(dtype).astype(np.float64) @ b[:, before:before + n].astype(dtype).astype(np.float64)
+    tol = (2e-6 if dtype == np.float32 else 1e-14) * max(1, k)
+    np.testing.assert_allclose(cbuf[pad:pad + m * n].reshape(m, n), expected, rtol=0, atol=tol)
+    assert np.isnan(cbuf[:pad]).all() and np.isnan(cbuf[pad + m * n:]).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pack_b_layout(rng, dtype):
+    """Panel p holds columns p*nr .. p*nr + w row-major from element p*nr*K on (w < nr only for the last)."""
+    dt = np.dtype(dtype)
+    nr = _gemm.panel_width(dt)
+    k, f = 5, 2 * nr + 3
+    b = rng.standard_normal((k, f)).astype(dt)
+    packed = _gemm.pack_b(b, dt)
+    assert packed.shape == (k * f,) and packed.dtype == dt
+    for p, col0 in enumerate(range(0, f, nr)):
+        w = min(nr, f - col0)
+        np.testing.assert_array_equal(packed[col0 * k:col0 * k + k * w].reshape(k, w), b[:, col0:col0 + w])

@@ -1,0 +1,96 @@
+"""nbconv.pack_pointwise_kernel: packed pointwise weights give the results of the float64 reference."""
+import numpy as np
+import pytest
+
+import nbconv
+from reference import assert_close, pointwise_ref, random_array, separable_ref, tolerance_for
+
+FORMATS = ["channels_last", "channels_first"]
+# (N, H, W, C, F): filters below one panel, whole panels, a partial last panel, several blocks of filters
+SHAPES = [(1, 5, 5, 24, 40), (1, 7, 7, 40, 130), (2, 6, 5, 8, 200), (1, 3, 4, 300, 64), (3, 4, 4, 6, 257)]
+
+
+@pytest.mark.parametrize("data_format", FORMATS)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("shared_bytes", [0, 1 << 30])
+def test_packed_separable_and_pointwise_every_plan(rng, monkeypatch, data_format, threads, shared_bytes):
+    """Fused and shared modes, filter blocks split at panel boundaries, 1-3 threads; bias and relu6 epilogue."""
+    import nbconv.forward as fw
+
+    monkeypatch.setattr(fw, "planning_threads", lambda: threads)
+    monkeypatch.setattr(fw, "TINY_MACS", 0)
+    monkeypatch.setattr(fw, "SHARED_BYTES", shared_bytes)
+    monkeypatch.setattr(fw, "SHARED_MIN_CM", 1)
+    monkeypatch.setattr(fw, "MIN_SPLIT_P", 1 << 20)  # split the filters, not the pixels
+    monkeypatch.setattr(fw, "MIN_FB", 16)
+    monkeypatch.setattr(fw, "FB_TARGET", 48)
+    for n, h, w, c, f in SHAPES:
+        shape = (n, h, w, c) if data_format == "channels_last" else (n, c, h, w)
+        x = random_array(rng, shape, np.float32)
+        dk = random_array(rng, (3, 3, c, 1), np.float32)
+        pk = random_array(rng, (1, 1, c, f), np.float32)
+        bias = random_array(rng, (f,), np.float32)
+        packed = nbconv.pack_pointwise_kernel(pk)
+        kw = dict(padding="same", data_format=data_format, activation="relu6")
+        assert_close(nbconv.separable_conv2d(x, dk, packed, bias, **kw), separable_ref(x, dk, pk, bias, **kw),
+                     tol=tolerance_for(np.float32))
+        assert_close(nbconv.pointwise_conv2d(x, packed, bias, data_format=data_format, activation="relu6"),
+                     pointwise_ref(x, pk, bias, data_format=data_format, activation="relu6"),
+                     tol=tolerance_for(np.float32))
+
+
+@pytest.mark.parametrize("x_dtype, k_dtype", [(np.float32, np.float32), (np.float64, np.float64),
+                                              (np.float64, np.float32), (np.float32, np.float16),
+                                              (np.float16, np.float16)])
+def test_packed_dtypes(rng, x_dtype, k_dtype):
+    """Packed in the kernel's compute dtype; a call computing in another dtype uses the kernel unpacked."""
+    x = random_array(rng, (1, 6, 6, 20), x_dtype)
+    dk = random_array(rng, (3, 3, 20, 1), x_dtype)
+    pk = random_array(rng, (20, 150), k_dtype)
+    packed = nbconv.pack_pointwise_kernel(pk)
+    assert packed.compute_dtype == (np.float32 if k_dtype == np.float16 else k_dtype)
+    y = nbconv.separable_conv2d(x, dk, packed, padding="same")
+    expected = separable_ref(x, dk, pk, padding="same")
+    assert y.dtype == np.result_type(x_dtype, k_dtype)
+    assert_close(y, expected, tol=tolerance_for(y.dtype))
+    np.testing.assert_array_equal(y, nbconv.separable_conv2d(x, dk, pk, padding="same"))
+
+
+def test_packed_is_a_read_only_snapshot(rng):
+    pk = random_array(rng, (1, 1, 16, 70), np.float32)
+    original = pk.copy()
+    packed = nbconv.pack_pointwise_kernel(pk)
+    pk[...] = 0  # later changes of the source are not seen
+    assert packed.shape == (1, 1, 16, 70) and packed.dtype == np.float32 and packed.ndim == 4
+    arr = np.asarray(packed)
+    np.testing.assert_array_equal(arr, original)
+    assert not arr.flags.writeable
+    with pytest.raises(ValueError):
+        arr[0, 0, 0, 0] = 1
+    x = random_array(rng, (1, 5, 5, 16), np.float32)
+    assert_close(nbconv.pointwise_conv2d(x, packed), pointwise_ref(x, original), tol=tolerance_for(np.float32))
+    assert nbconv.pack_pointwise_kernel(packed) is packed
+    assert "PackedPointwiseKernel" in repr(packed)
+
+
+def test_backward_accepts_a_packed_kernel(rng):
+    x = random_array(rng, (2, 6, 6, 8), np.float32)
+    dk = random_array(rng, (3, 3, 8, 1), np.float32)
+    pk = random_array(rng, (1, 1, 8, 70), np.float32)
+    g = random_array(rng, (2, 6, 6, 70), np.float32)
+    plain = nbconv.separable_conv2d_backward(g, x, dk, pk, padding="same")
+    packed = nbconv.separable_conv2d_backward(g, x, dk, nbconv.pack_pointwise_kernel(pk), padding="same")
+    for a, b in zip(plain, packed):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_pack_rejects_bad_kernels():
+    with pytest.raises(ValueError, match=r"Expected `kernel`.*Received: kernel with shape \(3, 4, 5\)"):
+        nbconv.pack_pointwise_kernel(np.zeros((3, 4, 5), np.float32))
+    with pytest.raises(ValueError, match=r"Expected `kernel` to be a 1x1 kernel"):
+        nbconv.pack_pointwise_kernel(np.zeros((3, 3, 4, 5), np.float32))
+    with pytest.raises(TypeError, match=r"Expected `kernel` to be a floating-point array.*int64"):
+        nbconv.pack_pointwise_kernel(np.zeros((4, 5), np.int64))
+    packed = nbconv.pack_pointwise_kernel(np.zeros((1, 1, 4, 5), np.float32))
+    with pytest.raises(ValueError, match=r"Expected `pointwise_kernel` to have 6 input channels"):
+        nbconv.separable_conv2d(np.zeros((1, 3, 3, 6), np.float32), np.zeros((3, 3, 6, 1), np.float32), packed)
