@@ -50,9 +50,9 @@ from .contenders import CONTENDERS
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 #: order in which contenders run (the sgemm peak first)
-ORDER = ("sgemm", "nbconv", "nbconv_2step", "torch_nchw", "torch_nhwc", "onnxruntime", "keras", "numpy",
-         "nbconv_layers", "keras_model", "nbconv_layers_tensorflow", "keras_model_tensorflow", "nbconv_layers_torch",
-         "keras_model_torch", "models_jax", "models_tensorflow", "models_torch")
+ORDER = ("sgemm", "nbconv", "nbconv_2step", "nbconv_packed", "torch_nchw", "torch_nhwc", "onnxruntime", "keras",
+         "numpy", "nbconv_layers", "keras_model", "nbconv_layers_tensorflow", "keras_model_tensorflow",
+         "nbconv_layers_torch", "keras_model_torch", "models_jax", "models_tensorflow", "models_torch")
 ENV_SHOWN = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
              "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER", "NUMBA_CACHE_DIR", "KERAS_BACKEND", "JAX_PLATFORMS",
              "XLA_FLAGS")

@@ -211,6 +211,30 @@ class NbConvTwoStep(NbConv):
         return Bench(two_step, _from_cf(case))
 
 
+class NbConvPacked(NbConv):
+    """nbconv with its pointwise weights packed once in setup (``nbconv.pack_pointwise_kernel``), as ONNX
+    Runtime packs its constant weights when the session is created; not a peer (the targets use plain calls)."""
+
+    name = "nbconv_packed"
+    label = "nbconv packed"
+    ops = ("separable", "pointwise")
+    suites = ("mobilenet", "xception", "pointwise")
+
+    def setup(self, case):
+        import nbconv
+        if case.op not in self.ops:
+            raise Unsupported(f"op {case.op}")
+        if not hasattr(nbconv, "pack_pointwise_kernel"):
+            raise Unsupported("not available: nbconv.pack_pointwise_kernel does not exist")
+        x, dk, pk = make_arrays(case)
+        xin = _input(case, x)
+        packed = nbconv.pack_pointwise_kernel(pk)
+        if case.op == "pointwise":
+            return Bench(lambda: nbconv.pointwise_conv2d(xin, packed, data_format=case.data_format), _from_cf(case))
+        kw = self._kw(case)
+        return Bench(lambda: nbconv.separable_conv2d(xin, dk, packed, **kw), _from_cf(case))
+
+
 class Keras(Contender):
     name = "keras"
     label = "Keras op"
@@ -762,8 +786,8 @@ class Sgemm(Contender):
         return 2 * self.size ** 3
 
 
-CONTENDERS = {c.name: c for c in (NbConv(), NbConvTwoStep(), TorchNCHW(), TorchNHWC(), OnnxRuntime(), Keras(),
-                                  NumPyBaseline(), Sgemm())
+CONTENDERS = {c.name: c for c in (NbConv(), NbConvTwoStep(), NbConvPacked(), TorchNCHW(), TorchNHWC(), OnnxRuntime(),
+                                  Keras(), NumPyBaseline(), Sgemm())
                + tuple(cls(b) for b in KERAS_MODEL_SUITES for cls in (NbConvLayers, KerasModel))
                + tuple(AppModels(b) for b in MODEL_BACKENDS)}
 #: contenders that count as peers for "best peer" ratios, in report column order

@@ -28,7 +28,9 @@ from .contenders import CONTENDERS, MODEL_BACKENDS, PEERS, SUITE_ROLES
 __all__ = ["build", "format_text", "plot", "save", "main"]
 
 #: contenders that are not peers but get a column, per suite
-EXTRA_COLUMNS = {"fused": ("nbconv_2step",), **{suite: ("nbconv",) for suite in _cases.KERAS_MODEL_SUITES.values()}}
+EXTRA_COLUMNS = {"fused": ("nbconv_2step",),
+                 **{suite: ("nbconv_packed",) for suite in ("mobilenet", "xception", "pointwise")},
+                 **{suite: ("nbconv",) for suite in _cases.KERAS_MODEL_SUITES.values()}}
 #: issue 5's targets: t(Keras's layers)/t(nbconv's layers) per backend; the bridge over the direct calls at b8
 KERAS_MODEL_TARGETS = {"jax": 10.0, "tensorflow": 2.0, "torch": 1.3}
 KERAS_MODEL_BRIDGE_TARGET = 1.15
@@ -170,6 +172,13 @@ def _summary(report):
         s["target_ratio_max"] = worst[0]
         s["target_ratio_max_case"] = worst[1]
         s["target_ratio_n"] = len(ratios)
+    # 1b. the same with the pointwise weights packed once (not the target's subject: shown beside it)
+    packed = [(r["times_ms"]["nbconv_packed"] / r["best_peer_ms"], r["case"]["id"])
+              for r in _rows(report, TARGET_SUITES) if r.get("best_peer_ms") and r["times_ms"].get("nbconv_packed")]
+    if packed:
+        s["packed_ratio_geomean"] = _geomean([r for r, _ in packed])
+        s["packed_ratio_max"], s["packed_ratio_max_case"] = max(packed)
+        s["packed_n"] = len(packed)
     # 2. cases peers handle poorly
     hard = [r["speedup_best"] for r in _rows(report, ("hard",)) if r.get("speedup_best")]
     if hard:
@@ -248,7 +257,62 @@ def _summary(report):
     models = _models(report)
     if models:
         s["models"] = models
+    ceilings = _ceilings(report, s)
+    if ceilings:
+        s["ceilings"] = ceilings
     return s
+
+
+#: suites whose FLOP counts every contender performs (the same convolution), for the fastest rate of a run
+RATE_SUITES = ("mobilenet", "xception", "classic", "hard", "pointwise")
+
+
+def _ceilings(report, s):
+    """Upper bounds on the speedups the targets ask for, from this run's own measurements.
+
+    ``rate`` is the highest GFLOP/s of the run: the sgemm peak, or any contender on any shape of
+    :data:`RATE_SUITES` if one ran faster (a moment of less contention).  A kernel doing a shape's FLOPs at
+    that rate, depthwise MACs included (they are memory-bound and run far slower in practice), takes
+    ``flops / rate``; its speedup over a peer's measured time is the most any implementation could show on this
+    machine.  For the Keras model, ``direct`` is what the model would gain if the bridge, BatchNorm and ReLU cost
+    nothing and the convolutions ran at the direct nbconv calls' speed: t(Keras's layers) / t(direct calls).
+    """
+    peak = report["peak"]["gflops"]
+    rates = [r["case"]["flops"] / (t * 1e-3) / 1e9 for r in _rows(report, RATE_SUITES)
+             for t in r["times_ms"].values() if t]
+    if peak:
+        rates.append(peak)
+    rate = max(rates, default=None)
+    out = {"rate_gflops": rate, "peak_gflops": peak} if rate else {}
+
+    def bound(row, t_ms):
+        return t_ms / (row["case"]["flops"] / rate / 1e9 * 1e3) if rate else None
+
+    target = [bound(r, r["best_peer_ms"]) for r in _rows(report, TARGET_SUITES) if rate and r.get("best_peer_ms")]
+    if target:
+        out["target_speedup_geomean"] = _geomean(target)
+    hard = [r for r in _rows(report, ("hard",)) if rate and r.get("best_peer_ms")]
+    if hard:
+        out["poorly_speedup_geomean"] = _geomean([bound(r, r["best_peer_ms"]) for r in hard])
+        out["poorly_peer_pct_of_rate_median"] = _median(
+            [100 * r["case"]["flops"] / (r["best_peer_ms"] * 1e-3) / 1e9 / rate for r in hard])
+    keras = [bound(r, r["times_ms"]["keras"]) for r in _rows(report, SEPARABLE_SUITES[:-1])
+             if rate and r["times_ms"].get("keras") and r.get("subject") == "nbconv"]
+    if keras:
+        out["keras_speedup_geomean"] = _geomean(keras)
+    for entry in s.get("keras_model") or []:
+        suite = _cases.KERAS_MODEL_SUITES[entry["backend"]]
+        subject, (keras_name,) = _roles(suite)
+        rows = []
+        for r in _rows(report, (suite,)):
+            t_k = r["times_ms"].get(keras_name)
+            if not t_k:
+                continue
+            t_d = r["times_ms"].get("nbconv")
+            rows.append({"shape": r["case"]["shape"], "at_rate": bound(r, t_k), "direct": t_k / t_d if t_d else None})
+        if rows:
+            out.setdefault("keras_model", {})[entry["backend"]] = rows
+    return out
 
 
 #: issue 6's targets for converted Xception, per backend: minimum t(original)/t(converted)
@@ -494,23 +558,46 @@ def _ok(value, target, lower_is_better=True):
     return "  [met]" if good else "  [NOT met]"
 
 
+def _reach(bound, target, what="geomean"):
+    """A clause saying how far a speedup ``target`` is from this run's ceiling ``bound`` (see :func:`_ceilings`)."""
+    if not bound:
+        return ""
+    verdict = ("out of reach of any implementation on this machine" if bound < target
+               else "within reach")
+    return f"; ceiling {bound:.2f}x ({what}), so the target is {verdict}"
+
+
 def _summary_lines(report):
     s = report["summary"]
+    c = s.get("ceilings") or {}
     out = []
 
     def add(text):
         out.append("- " + text)
 
+    if c.get("rate_gflops"):
+        add(f"ceilings: the most any implementation could show on this machine, from this run's own times: "
+            f"a kernel doing each shape's FLOPs (depthwise included) at {c['rate_gflops']:.0f} GFLOP/s, the run's "
+            f"fastest rate (sgemm peak or the fastest contender on any shape), against the peers' measured times")
     if "target_ratio_geomean" in s:
         add(f"MobileNetV1 + Xception ({s['target_ratio_n']} shapes): geomean t(nbconv)/t(best peer) = "
             f"{s['target_ratio_geomean']:.2f} (target <= 1.0){_ok(s['target_ratio_geomean'], 1.0)}; "
             f"max {s['target_ratio_max']:.2f} at {s['target_ratio_max_case']} (target <= 1.3)"
-            f"{_ok(s['target_ratio_max'], 1.3)}")
+            f"{_ok(s['target_ratio_max'], 1.3)}"
+            + (f"; ceiling: the lowest geomean ratio reachable at the run's fastest rate is "
+               f"{1 / c['target_speedup_geomean']:.2f}" if c.get("target_speedup_geomean") else ""))
     else:
         add("MobileNetV1 + Xception: not measured (needs nbconv and at least one peer)")
+    if "packed_ratio_geomean" in s:
+        add(f"  the same {s['packed_n']} shapes with the pointwise weights packed once (nbconv.pack_pointwise_kernel, "
+            f"as ONNX Runtime packs its weights when a session is created): geomean t(nbconv packed)/t(best peer) = "
+            f"{s['packed_ratio_geomean']:.2f}, max {s['packed_ratio_max']:.2f} at {s['packed_ratio_max_case']}")
     if "poorly_speedup_geomean" in s:
         add(f"cases peers handle poorly ({s['poorly_n']} shapes): geomean speedup over the best peer = "
-            f"{s['poorly_speedup_geomean']:.2f}x (target >= 1.5x){_ok(s['poorly_speedup_geomean'], 1.5, False)}")
+            f"{s['poorly_speedup_geomean']:.2f}x (target >= 1.5x){_ok(s['poorly_speedup_geomean'], 1.5, False)}"
+            + (f"; the best peers run these shapes at {c['poorly_peer_pct_of_rate_median']:.0f}% (median) of the "
+               f"run's fastest rate" if c.get("poorly_peer_pct_of_rate_median") else "")
+            + _reach(c.get("poorly_speedup_geomean"), 1.5))
     if "pct_peak_c256_min" in s:
         add(f"% of sgemm peak, MobileNetV1 + Xception shapes with pointwise C >= 256 ({s['pct_peak_c256_n']}): "
             f"median {s['pct_peak_c256_median']:.0f}%, min {s['pct_peak_c256_min']:.0f}% at "
@@ -519,7 +606,7 @@ def _summary_lines(report):
         backend = ((report["contenders"].get("keras") or {}).get("info") or {}).get("backend", "?")
         add(f"vs Keras's op on {backend} ({s['keras_n']} separable shapes): geomean speedup "
             f"{s['keras_speedup_geomean']:.1f}x, min {s['keras_speedup_min']:.1f}x (target >= 20x)"
-            f"{_ok(s['keras_speedup_geomean'], 20, False)}")
+            f"{_ok(s['keras_speedup_geomean'], 20, False)}" + _reach(c.get("keras_speedup_geomean"), 20))
     if "cf_cl_pairs" in s:
         pairs = ", ".join(f"{p['cf']} {p['ratio']:.2f}" for p in s["cf_cl_pairs"])
         add(f"channels_first / channels_last, nbconv, same shape: max {s['cf_cl_ratio_max']:.2f} (target <= 1.2)"
@@ -564,6 +651,16 @@ def _summary_lines(report):
             + f"; min {min(speedups):.1f}x (target >= {target:g}x){_ok(min(speedups), target, False)}"
             + (f"; bridge at b8 {max(bridge):.2f}x (target <= {KERAS_MODEL_BRIDGE_TARGET}x)"
                f"{_ok(max(bridge), KERAS_MODEL_BRIDGE_TARGET)}" if bridge else ""))
+        ceil = (c.get("keras_model") or {}).get(backend) or []
+        direct = ", ".join(f"{k['shape']} {k['direct']:.1f}x" for k in ceil if k["direct"])
+        at_rate = [k["at_rate"] for k in ceil if k["at_rate"]]
+        if direct or at_rate:
+            add(f"  ceiling on {backend}: "
+                + (f"with a free bridge and free BatchNorm/ReLU, the convolutions at the direct calls' speed would "
+                   f"give {direct}" if direct else "")
+                + ("; " if direct and at_rate else "")
+                + ("at the run's fastest rate " + ", ".join(f"{k['shape']} {k['at_rate']:.1f}x" for k in ceil)
+                   + _reach(min(at_rate), target, "min") if at_rate else ""))
     for backend in MODEL_BACKENDS:
         rows = [m for m in s.get("models") or [] if m["backend"] == backend]
         c = report["contenders"].get(f"models_{backend}") or {}

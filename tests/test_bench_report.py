@@ -1,0 +1,95 @@
+"""The benchmark report's ceilings: the most any implementation could show, from a run's own times.
+
+A synthetic raw results folder (the runner's file format) with known times;
+the expected bounds are computed here by hand from the cases' MAC counts.
+"""
+import json
+import math
+import os
+import sys
+
+import pytest
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from benchmarks import cases, report  # noqa: E402
+
+PEAK_GFLOPS = 100.0
+
+
+def _bench(case_id, seconds):
+    return {"param": case_id, "extra_info": {"case": case_id},
+            "stats": {"median": seconds, "min": seconds, "rounds": 5, "iqr": 0.0}}
+
+
+def _write_raw(tmp_path, times):
+    """``times``: {contender: {case id: seconds}}; the sgemm probe runs at PEAK_GFLOPS."""
+    sgemm_s = 2 * 4096 ** 3 / (PEAK_GFLOPS * 1e9)
+    times = {"sgemm": {"sgemm-4096": sgemm_s}, **times}
+    suites = sorted({c.suite for c in cases.CASES for name in times for cid in times[name] if c.id == cid})
+    (tmp_path / "meta.json").write_text(json.dumps({"contenders": list(times), "suites": suites}))
+    for name, per_case in times.items():
+        (tmp_path / f"{name}.json").write_text(
+            json.dumps({"benchmarks": [_bench(cid, t) for cid, t in per_case.items()]}))
+    return str(tmp_path)
+
+
+def _flops(case_id):
+    (case,) = [c for c in cases.CASES if c.id == case_id]
+    n, (oh, ow) = case.n, case.out_hw
+    return 2 * n * oh * ow * case.c * case.dm * (case.k * case.k + case.f)
+
+
+def _hard_ids():
+    return [c.id for c in cases.CASES if c.suite == "hard"][:3]
+
+
+@pytest.mark.parametrize("peer_fraction, reachable", [(0.9, False), (0.5, True)])
+def test_hard_case_ceiling(tmp_path, peer_fraction, reachable):
+    """The best peer at a fraction of the peak: no kernel can beat it by more than 1/fraction."""
+    ids = _hard_ids()
+    at_peak = {cid: _flops(cid) / (PEAK_GFLOPS * 1e9) for cid in ids}
+    raw = _write_raw(tmp_path, {
+        "nbconv": {cid: t / 0.8 for cid, t in at_peak.items()},
+        "onnxruntime": {cid: t / peer_fraction for cid, t in at_peak.items()},
+    })
+    rep = report.build(raw)
+    ceil = rep["summary"]["ceilings"]
+    assert ceil["rate_gflops"] == pytest.approx(PEAK_GFLOPS)
+    assert ceil["poorly_speedup_geomean"] == pytest.approx(1 / peer_fraction)
+    assert ceil["poorly_peer_pct_of_rate_median"] == pytest.approx(100 * peer_fraction)
+    line = next(l for l in report.format_text(rep).splitlines() if "cases peers handle poorly" in l)
+    assert ("out of reach" in line) is not reachable
+    assert ("within reach" in line) is reachable
+
+
+def test_ceiling_rate_is_the_fastest_measured(tmp_path):
+    """A contender faster than the sgemm probe raises the rate the ceilings use (bounds stay upper bounds)."""
+    ids = _hard_ids()
+    fast = ids[0]
+    t_fast = _flops(fast) / (150 * 1e9)
+    raw = _write_raw(tmp_path, {
+        "nbconv": {fast: t_fast},
+        "onnxruntime": {cid: 2 * _flops(cid) / (PEAK_GFLOPS * 1e9) for cid in ids},
+    })
+    ceil = report.build(raw)["summary"]["ceilings"]
+    assert ceil["rate_gflops"] == pytest.approx(150)
+    assert ceil["poorly_speedup_geomean"] == pytest.approx(2 * 1.5)
+
+
+def test_keras_model_direct_ceiling(tmp_path):
+    """With a free bridge and free BatchNorm/ReLU the model gains at most t(Keras's layers) / t(direct calls)."""
+    ids = [c.id for c in cases.CASES if c.suite == "keras_model" and c.op == "model_predict"]
+    raw = _write_raw(tmp_path, {
+        "nbconv": {cid: 0.010 for cid in ids},
+        "nbconv_layers": {cid: 0.020 for cid in ids},
+        "keras_model": {cid: 0.090 for cid in ids},
+    })
+    rep = report.build(raw)
+    rows = rep["summary"]["ceilings"]["keras_model"]["jax"]
+    assert [r["direct"] for r in rows] == pytest.approx([9.0] * len(ids))
+    text = report.format_text(rep)
+    assert "ceiling on jax" in text and "9.0x" in text
+    assert all(math.isfinite(r["at_rate"]) for r in rows)
