@@ -37,7 +37,11 @@ result was written into such fresh pages.  The jax bridge raises glibc's
 mmap and trim thresholds and keeps malloc to one arena when it loads
 (:func:`keras_layers.backend._common.keep_freed_memory`;
 ``NBCONV_KEEP_FREED_MEMORY=0`` opts out): the model's batch-8 predict went
-from 73 ms (1.5x the 13 direct nbconv calls) to 46-49 ms (1.2x).
+from 73 ms (1.5x the 13 direct nbconv calls) to 46-49 ms (1.2x).  The torch and
+numpy bridges do the same: there nbconv's own results page-faulted in (Keras
+keeps every block's output until the call returns, and glibc trimmed the heap
+they left free); the 13 calls inside a torch model at batch 8 took 87 ms
+against 62 ms called directly, and 62 ms with the setting.
 
 TensorFlow needs no process setting.  Its CPU build has no OpenMP pool (its
 oneDNN runs on TF's own Eigen pool), and inside the ``numpy_function``

@@ -3,6 +3,9 @@ import numpy as np
 
 from . import _common
 
+#: nbconv's results otherwise page-fault in on every call (see keep_freed_memory)
+MALLOC_TUNED = _common.keep_freed_memory()
+
 
 def apply(cfg, *tensors):
     """Run the op described by ``cfg`` on ``tensors`` (x, kernel(s)[, bias]) as float32/float64 arrays."""

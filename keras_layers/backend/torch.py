@@ -18,6 +18,9 @@ import torch
 
 from . import _common
 
+#: nbconv's results (NumPy allocations) otherwise page-fault in on every call (see keep_freed_memory)
+MALLOC_TUNED = _common.keep_freed_memory()
+
 
 def _np(t):
     return None if t is None else t.detach().cpu().numpy()
