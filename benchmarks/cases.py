@@ -47,7 +47,9 @@ SUITE_TITLES = {
 #: MobileNetV1's 13 separable blocks as (input H=W, C, F, stride); blocks 7-11 repeat
 MOBILENET_BLOCKS = ((112, 32, 64, 1), (112, 64, 128, 2), (56, 128, 128, 1), (56, 128, 256, 2), (28, 256, 256, 1),
                     (28, 256, 512, 2)) + ((14, 512, 512, 1),) * 5 + ((14, 512, 1024, 2), (7, 1024, 1024, 1))
-MODEL_OPS = ("model_predict", "model_train")
+#: predict and a training step of the model (+ BatchNorm + ReLU), and predict of the bare layers (relu as the
+#: layers' activation, no BatchNorm): against the direct calls, the bare model measures the bridge alone
+MODEL_OPS = ("model_predict", "model_train", "model_bare")
 #: the three variants of a keras.applications model timed by the "models" suite
 APP_OPS = ("app_original", "app_converted", "app_folded")
 #: keras.applications models of the "models" suite: case name -> (constructor, input H=W, forward MACs per image);
@@ -137,7 +139,8 @@ class Case:
             return f"{APP_MODELS[self.model][0]} b{self.n} {self.op[4:]}"
         oh, ow = self.out_hw
         if self.op in MODEL_OPS:
-            return f"b{self.n} {'predict' if self.op == 'model_predict' else 'train step'}"
+            return f"b{self.n} " + {"model_predict": "predict", "model_train": "train step",
+                                    "model_bare": "predict, no BatchNorm"}[self.op]
         head = f"b{self.n} {self.h}x{self.w}x{self.c}"
         if self.op == "depthwise":
             parts = [head, f"dw{self.k}x{self.k}" + (f"*{self.dm}" if self.dm > 1 else "")]
@@ -231,7 +234,7 @@ def _build():
                         (14, 512, 512, 1), (7, 1024, 1024, 1)]:
         cases.append(_mnv1("backward", 8, hw, c, f, s, quick=(hw == 14), op="separable_fwdbwd"))
     for backend, suite in KERAS_MODEL_SUITES.items():
-        for n, op in ((1, "model_predict"), (8, "model_predict"), (8, "model_train")):
+        for n, op in ((1, "model_predict"), (8, "model_predict"), (8, "model_train"), (8, "model_bare")):
             cases.append(Case(suite, f"b{n}-{op.split('_')[1]}", n, 112, 112, 32, 1024, op=op,
                               quick=(n == 1 and backend == "jax")))
     # keras.applications models: the variants of one (model, batch) follow each other (the contender builds the

@@ -164,7 +164,7 @@ class NbConv(Contender):
                 nbconv.separable_conv2d(xin, dk, pk, **kw)
                 return backward(g, xin, dk, pk, wrt=wrt, **kw)
             return Bench(fwdbwd, check=False)
-        if case.op == "model_predict":
+        if case.op in ("model_predict", "model_bare"):
             return self._model(case)
         if case.op == "model_train":
             raise Unsupported("the NumPy API has no training step (see the nbconv layers column)")
@@ -599,14 +599,16 @@ class KerasModel(Keras):
         keras.utils.set_random_seed(0)
         inp = keras.Input((case.h, case.w, case.c), batch_size=case.n)
         y = inp
+        bare = case.op == "model_bare"
         for hw, c, f, s in MOBILENET_BLOCKS:
-            y = cls(f, 3, strides=s, padding="same", use_bias=False)(y)
-            y = keras.layers.BatchNormalization()(y)
-            y = keras.layers.ReLU()(y)
+            y = cls(f, 3, strides=s, padding="same", use_bias=bare, activation="relu" if bare else None)(y)
+            if not bare:
+                y = keras.layers.BatchNormalization()(y)
+                y = keras.layers.ReLU()(y)
         model = keras.Model(inp, y)
         rng = np.random.default_rng(0)
         x = rng.standard_normal((case.n, case.h, case.w, case.c), dtype=np.float32)
-        if case.op == "model_predict":
+        if case.op in ("model_predict", "model_bare"):
             return Bench(lambda: model.predict_on_batch(x), check=False)
         model.compile(optimizer=keras.optimizers.SGD(1e-3), loss="mse")
         target = rng.standard_normal(tuple(model.output.shape), dtype=np.float32)

@@ -242,6 +242,7 @@ def _summary(report):
             continue
         entry = {"backend": backend,
                  "rows": [{"case": r["case"]["id"], "shape": r["case"]["shape"],
+                           "bare": r["case"]["op"] == "model_bare",
                            "speedup_vs_keras_layers": r["speedup"].get(keras_name),
                            "ratio_vs_direct": (1 / r["speedup"]["nbconv"]) if r["speedup"].get("nbconv") else None}
                           for r in km]}
@@ -309,6 +310,8 @@ def _ceilings(report, s):
             if not t_k:
                 continue
             t_d = r["times_ms"].get("nbconv")
+            if r["case"]["op"] == "model_bare":
+                continue
             rows.append({"shape": r["case"]["shape"], "at_rate": bound(r, t_k), "direct": t_k / t_d if t_d else None})
         if rows:
             out.setdefault("keras_model", {})[entry["backend"]] = rows
@@ -641,15 +644,22 @@ def _summary_lines(report):
             if k["ratio_vs_direct"]:
                 p += f" (bridge: {k['ratio_vs_direct']:.2f}x the direct calls)"
             parts.append(p)
-        speedups = [k["speedup_vs_keras_layers"] for k in entry["rows"] if k["speedup_vs_keras_layers"]]
+        # the issue's model has BatchNorm + ReLU: the bare row only measures the bridge
+        speedups = [k["speedup_vs_keras_layers"] for k in entry["rows"] if k["speedup_vs_keras_layers"]
+                    and not k.get("bare")]
         if not speedups:
             add(f"Keras model (issue 5) on {backend}: {entry.get('note') or 'not measured'}")
             continue
         target = KERAS_MODEL_TARGETS[backend]
-        bridge = [k["ratio_vs_direct"] for k in entry["rows"] if k["ratio_vs_direct"] and k["shape"].startswith("b8")]
+        bare = [k["ratio_vs_direct"] for k in entry["rows"] if k["ratio_vs_direct"] and k.get("bare")]
+        # the bridge alone: the bare layers against the same convolutions called directly (with BatchNorm, the
+        # model also pays the framework's own BatchNorm and ReLU passes, which the direct calls fold away)
+        bridge = bare or [k["ratio_vs_direct"] for k in entry["rows"] if k["ratio_vs_direct"]
+                          and k["shape"].startswith("b8")]
         add(f"Keras model (issue 5) on {backend}: nbconv layers' speedup over Keras's layers: " + ", ".join(parts)
             + f"; min {min(speedups):.1f}x (target >= {target:g}x){_ok(min(speedups), target, False)}"
-            + (f"; bridge at b8 {max(bridge):.2f}x (target <= {KERAS_MODEL_BRIDGE_TARGET}x)"
+            + (f"; bridge at b8{' (bare layers)' if bare else ''} {max(bridge):.2f}x "
+               f"(target <= {KERAS_MODEL_BRIDGE_TARGET}x)"
                f"{_ok(max(bridge), KERAS_MODEL_BRIDGE_TARGET)}" if bridge else ""))
         ceil = (c.get("keras_model") or {}).get(backend) or []
         direct = ", ".join(f"{k['shape']} {k['direct']:.1f}x" for k in ceil if k["direct"])
