@@ -44,10 +44,13 @@ class Unsupported(Exception):
 class Bench:
     """``rel_err``: a check the contender already made (instead of the float64 reference);
     ``rounds``: a fixed number of timed rounds (for slow whole-model calls) instead of pytest-benchmark's choice;
-    ``warmed``: ``setup`` already made the untimed first call(s), so the runner makes none before timing."""
+    ``warmed``: ``setup`` already made the untimed first call(s), so the runner makes none before timing;
+    ``extra``: a callable run after the timing, returning figures for the result's ``extra_info``."""
 
-    def __init__(self, fn, to_nhwc=None, pads=None, check=True, rel_err=None, rounds=None, warmed=False):
+    def __init__(self, fn, to_nhwc=None, pads=None, check=True, rel_err=None, rounds=None, warmed=False,
+                 extra=None):
         self.fn = fn
+        self.extra = extra
         self.to_nhwc = to_nhwc or (lambda out: np.asarray(out))
         self.pads = pads
         self.check = check
@@ -592,6 +595,16 @@ class KerasModel(Keras):
         return keras.layers.SeparableConv2D
 
     def setup(self, case):
+        model, x = self._build(case)
+        if case.op in ("model_predict", "model_bare"):
+            return Bench(lambda: model.predict_on_batch(x), check=False)
+        import keras
+        model.compile(optimizer=keras.optimizers.SGD(1e-3), loss="mse")
+        target = np.random.default_rng(1).standard_normal(tuple(model.output.shape), dtype=np.float32)
+        return Bench(lambda: model.train_on_batch(x, target), check=False)
+
+    def _build(self, case):
+        """(model, input) of a case: the 13 blocks, with BatchNorm + ReLU or bare."""
         import keras
         if case.op not in MODEL_OPS:
             raise Unsupported(f"op {case.op}")
@@ -606,13 +619,8 @@ class KerasModel(Keras):
                 y = keras.layers.BatchNormalization()(y)
                 y = keras.layers.ReLU()(y)
         model = keras.Model(inp, y)
-        rng = np.random.default_rng(0)
-        x = rng.standard_normal((case.n, case.h, case.w, case.c), dtype=np.float32)
-        if case.op in ("model_predict", "model_bare"):
-            return Bench(lambda: model.predict_on_batch(x), check=False)
-        model.compile(optimizer=keras.optimizers.SGD(1e-3), loss="mse")
-        target = rng.standard_normal(tuple(model.output.shape), dtype=np.float32)
-        return Bench(lambda: model.train_on_batch(x, target), check=False)
+        x = np.random.default_rng(0).standard_normal((case.n, case.h, case.w, case.c), dtype=np.float32)
+        return model, x
 
 
 class NbConvLayers(KerasModel):
@@ -637,6 +645,28 @@ class NbConvLayers(KerasModel):
     def _layer_class(self):
         import keras_layers
         return keras_layers.SeparableConv2D
+
+    def setup(self, case):
+        if case.op != "model_bare":
+            return super().setup(case)
+        import keras
+        import nbconv
+        model, x = self._build(case)
+        convs = [(keras.ops.convert_to_numpy(l.depthwise_kernel), keras.ops.convert_to_numpy(l.pointwise_kernel),
+                  keras.ops.convert_to_numpy(l.bias), l.strides) for l in model.layers
+                 if isinstance(l, keras.layers.SeparableConv2D)]
+
+        def model_call():
+            return model.predict_on_batch(x)
+
+        def direct():
+            y = x
+            for dk, pk, b, s in convs:
+                y = nbconv.separable_conv2d(y, dk, pk, b, strides=s, padding="same", activation="relu")
+            return y
+        ref = direct()
+        err = rel_error(keras.ops.convert_to_numpy(model_call()), ref)
+        return Bench(model_call, check=False, rel_err=err, extra=lambda: {"bridge": _same_process(model_call, direct)})
 
     def info(self):
         import nbconv
@@ -803,6 +833,29 @@ def get(name):
         return CONTENDERS[name]
     except KeyError:
         raise ValueError(f"Expected a contender among {sorted(CONTENDERS)}. Received {name!r}") from None
+
+
+def _same_process(subject, base, blocks=8, calls=3):
+    """t(subject)/t(base) in this process: alternating blocks of ``calls`` calls of each, medians per call.
+
+    Two processes each timed in their own spell carry the machine's drift into their ratio (the bridge over
+    the direct calls measured 0.91-1.34x across runs of one afternoon); here both sides share every spell,
+    and the order within a block alternates so neither always runs after an idle gap or with a warm cache.
+    """
+    import time
+    times = ([], [])
+    for fn in (subject, base):
+        fn()
+    for i in range(blocks):
+        for side in ((0, 1) if i % 2 == 0 else (1, 0)):
+            fn = (subject, base)[side]
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                fn()
+                times[side].append(time.perf_counter() - t0)
+    med = [float(np.median(t)) for t in times]
+    return {"subject_ms": med[0] * 1e3, "base_ms": med[1] * 1e3, "ratio": med[0] / med[1],
+            "calls": blocks * calls}
 
 
 def rel_error(out, ref):

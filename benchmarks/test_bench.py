@@ -129,6 +129,8 @@ def _run(benchmark, case):
         benchmark.pedantic(bench, rounds=bench.rounds, iterations=1)
     else:
         benchmark(bench)
+    if bench.extra is not None:
+        benchmark.extra_info.update(bench.extra())
     if "threadpools" not in INFO:
         INFO["threadpools"] = _threadpools()  # after a call, so lazily loaded pools are listed
     _write_info()

@@ -19,20 +19,21 @@ from benchmarks import cases, report  # noqa: E402
 PEAK_GFLOPS = 100.0
 
 
-def _bench(case_id, seconds):
-    return {"param": case_id, "extra_info": {"case": case_id},
+def _bench(case_id, seconds, extra=None):
+    return {"param": case_id, "extra_info": {"case": case_id, **(extra or {}).get(case_id, {})},
             "stats": {"median": seconds, "min": seconds, "rounds": 5, "iqr": 0.0}}
 
 
-def _write_raw(tmp_path, times):
-    """``times``: {contender: {case id: seconds}}; the sgemm probe runs at PEAK_GFLOPS."""
+def _write_raw(tmp_path, times, extra=None):
+    """``times``: {contender: {case id: seconds}}; the sgemm probe runs at PEAK_GFLOPS; ``extra``: {contender:
+    {case id: extra_info entries}}."""
     sgemm_s = 2 * 4096 ** 3 / (PEAK_GFLOPS * 1e9)
     times = {"sgemm": {"sgemm-4096": sgemm_s}, **times}
     suites = sorted({c.suite for c in cases.CASES for name in times for cid in times[name] if c.id == cid})
     (tmp_path / "meta.json").write_text(json.dumps({"contenders": list(times), "suites": suites}))
     for name, per_case in times.items():
         (tmp_path / f"{name}.json").write_text(
-            json.dumps({"benchmarks": [_bench(cid, t) for cid, t in per_case.items()]}))
+            json.dumps({"benchmarks": [_bench(cid, t, (extra or {}).get(name)) for cid, t in per_case.items()]}))
     return str(tmp_path)
 
 
@@ -109,3 +110,24 @@ def test_keras_model_bridge_uses_the_bare_layers(tmp_path):
     line = next(l for l in report.format_text(report.build(raw)).splitlines() if l.startswith("- Keras model"))
     assert "bridge at b8 (bare layers) 1.10x (target <= 1.15x)  [met]" in line
     assert "min 10.0x (target >= 10x)" in line
+
+
+def test_keras_model_bridge_prefers_the_same_process(tmp_path):
+    """When the layers' process also timed the direct calls, the bridge target reads that ratio (both sides in
+    the same spells of the machine), not the ratio of two processes' times."""
+    rows = {c.id: c for c in cases.CASES if c.suite == "keras_model"}
+    bare = "keras_model:b8-bare"
+    same = {"subject_ms": 12.0, "base_ms": 10.0, "ratio": 1.2, "calls": 24}
+    raw = _write_raw(tmp_path, {
+        "nbconv": {cid: 0.010 for cid, c in rows.items() if c.op != "model_train"},
+        "nbconv_layers": {cid: 0.011 if cid == bare else 0.015 for cid in rows},
+        "keras_model": {cid: 0.150 for cid in rows},
+    }, extra={"nbconv_layers": {bare: {"bridge": same}}})
+    rep = report.build(raw)
+    (entry,) = rep["summary"]["keras_model"]
+    (row,) = [r for r in entry["rows"] if r["bare"]]
+    assert row["same_process"] and row["ratio_vs_direct"] == pytest.approx(1.2)
+    assert row["ratio_vs_direct_other_process"] == pytest.approx(1.1)
+    line = next(l for l in report.format_text(rep).splitlines() if l.startswith("- Keras model"))
+    assert "bridge: 1.20x the direct calls in the same process" in line
+    assert "bridge at b8 (bare layers) 1.20x (target <= 1.15x)  [NOT met]" in line
