@@ -31,6 +31,11 @@ SHARED_BYTES = 8 * 1024 * 1024
 #: weights (measured, Xception's 37x37x728->728: 4.61 ms shared against 5.25 fused, medians of 40
 #: alternating calls; 74x74x256 and 28x28x256 at batch 8 equal within noise)
 SHARED_MIN_CM = 256
+#: ... unless the pointwise weights are this small: each tile's GEMM then finds them in L2 beside the tile, and
+#: the fused mode saves the intermediate's round trip through L3 (measured, alternating blocks in one process:
+#: 8x28x28x256->256 7.26 -> 6.23 ms and 74x74x256->256 6.06 -> 5.56 ms fused; with weights of 512 KiB or more,
+#: 8x28x28x256->512 s2, 37x37x256->728 and 8x7x7x1024, shared stayed 3-25% faster)
+FUSED_B_BYTES = 256 * 1024
 #: fewest pixels per thread worth splitting a GEMM's pixels for (below that, its filters are split)
 MIN_SPLIT_P = 128
 #: most pixels in one GEMM task
@@ -274,7 +279,8 @@ def _memo_plan(plan):
 
     @functools.wraps(plan)
     def memoised(*args):
-        key = (args, TILE_BYTES, SHARED_BYTES, SHARED_MIN_CM, MIN_SPLIT_P, MAX_TILE_P, MIN_FB, FB_TARGET, EVEN_TASKS)
+        key = (args, TILE_BYTES, SHARED_BYTES, SHARED_MIN_CM, FUSED_B_BYTES, MIN_SPLIT_P, MAX_TILE_P, MIN_FB,
+               FB_TARGET, EVEN_TASKS)
         value = cache.get(key)
         if value is None:
             value = plan(*args)
@@ -294,7 +300,8 @@ def _separable_plan(g, cm, f, itemsize, threads, align):
     modes; the ``*_shape`` are the scratch shapes.
     """
     th = _row_tiles(g, cm, itemsize, threads, 1)
-    shared = ((g.n * -(-g.oh // th) < 2 * threads or cm >= SHARED_MIN_CM)
+    many_channels = cm >= SHARED_MIN_CM and cm * f * itemsize > FUSED_B_BYTES
+    shared = ((g.n * -(-g.oh // th) < 2 * threads or many_channels)
               and g.n * g.oh * g.ow * cm * itemsize <= SHARED_BYTES)
     if shared:
         # small images: depthwise for all rows first (parallel over rows), then GEMM tiles x filter blocks;

@@ -21,6 +21,7 @@ def test_packed_separable_and_pointwise_every_plan(rng, monkeypatch, data_format
     monkeypatch.setattr(fw, "TINY_MACS", 0)
     monkeypatch.setattr(fw, "SHARED_BYTES", shared_bytes)
     monkeypatch.setattr(fw, "SHARED_MIN_CM", 1)
+    monkeypatch.setattr(fw, "FUSED_B_BYTES", 0)
     monkeypatch.setattr(fw, "MIN_SPLIT_P", 1 << 20)  # split the filters, not the pixels
     monkeypatch.setattr(fw, "MIN_FB", 16)
     monkeypatch.setattr(fw, "FB_TARGET", 48)

@@ -271,7 +271,8 @@ def test_separable_every_work_plan(rng, monkeypatch, data_format, threads, tiles
     monkeypatch.setattr(fw, "planning_threads", lambda: threads)
     monkeypatch.setattr(fw, "TINY_MACS", 0)
     monkeypatch.setattr(fw, "SHARED_BYTES", shared_bytes)
-    monkeypatch.setattr(fw, "SHARED_MIN_CM", 1)  # with room, shared mode whatever the tile count
+    monkeypatch.setattr(fw, "SHARED_MIN_CM", 1)
+    monkeypatch.setattr(fw, "FUSED_B_BYTES", 0)  # with room, shared mode whatever the tile count
     monkeypatch.setattr(fw, "MIN_SPLIT_P", 16)
     monkeypatch.setattr(fw, "MIN_FB", 16)
     monkeypatch.setattr(fw, "FB_TARGET", 48)
@@ -288,6 +289,39 @@ def test_separable_every_work_plan(rng, monkeypatch, data_format, threads, tiles
                      pointwise_ref(xp, pk, bias, data_format=data_format), tol=tolerance_for(np.float32))
         assert_close(nbconv.depthwise_conv2d(x, dk, **kwargs), depthwise_ref(x, dk, **kwargs),
                      tol=tolerance_for(np.float32))
+
+
+# (N, H, W, C, F, strides, shared mode expected on 2 threads): the default plan where its choice of mode
+# matters, at the layers' own sizes
+MODE_SHAPES = [
+    (4, 28, 28, 256, 256, 1, False),   # weights of 256 KiB fit L2 beside a tile: fused
+    (1, 74, 74, 256, 256, 1, False),
+    (4, 28, 28, 256, 512, 2, True),    # 512 KiB of weights: shared
+    (2, 7, 7, 1024, 1024, 1, True),
+    (1, 28, 28, 64, 128, 1, True),     # fewer tiles than two per thread: shared whatever the channels
+]
+
+
+@pytest.mark.parametrize("shape", MODE_SHAPES, ids=[str(s[:6]) for s in MODE_SHAPES])
+def test_separable_default_plan_modes(rng, monkeypatch, shape):
+    """The default tunables pick the mode the measurements chose (``forward.FUSED_B_BYTES``), and the result
+    matches the reference in either mode."""
+    import nbconv.forward as fw
+
+    n, h, w, c, f, s, shared = shape
+    monkeypatch.setattr(fw, "planning_threads", lambda: 2)
+    seen = []
+    plan = fw._separable_plan
+
+    def spy(g, *args):
+        result = plan(g, *args)
+        seen.append(result[1])
+        return result
+    monkeypatch.setattr(fw, "_separable_plan", spy)
+    x, dk, pk, kwargs = _geometry_inputs(rng, (n, h, w, c, 1, f, 3, s, 1, "same"), "channels_last")
+    y = nbconv.separable_conv2d(x, dk, pk, **kwargs)
+    assert seen == [shared]
+    assert_close(y, separable_ref(x, dk, pk, **kwargs), tol=tolerance_for(np.float32))
 
 
 # ---------------------------------------------------------------- out=
