@@ -156,15 +156,16 @@ def _separable_grad(ctx, grad):
 separable_conv2d.register_autograd(_separable_grad, setup_context=_setup_separable)
 
 
-def _private(name):
-    fn = getattr(torch._C, name, None)
+def _private(module, name):
+    fn = getattr(module, name, None)
     # a torch without the check: assume the state it detects, so the op goes through the dispatcher
     return fn if fn is not None else (lambda: True)
 
 
-_TRANSFORMS_ACTIVE = _private("_are_functorch_transforms_active")
-_FUNCTION_MODE = _private("_is_torch_function_mode_enabled")
-_DISPATCH_MODES = _private("_len_torch_dispatch_stack")
+_TRANSFORMS_ACTIVE = _private(torch._C, "_are_functorch_transforms_active")
+_FUNCTION_MODE = _private(torch._C, "_is_torch_function_mode_enabled")
+_DISPATCH_MODES = _private(torch._C, "_len_torch_dispatch_stack")
+_PROFILING = _private(torch.autograd, "_profiler_enabled")
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
@@ -177,7 +178,7 @@ def _plain_eager(tensors):
     cold.  torch.compile, jit tracing, functorch transforms, dispatch or function modes (FakeTensorMode,
     make_fx), the profiler, subclasses and meta tensors all need the op, and get it.
     """
-    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.autograd._profiler_enabled()
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or _PROFILING()
             or _TRANSFORMS_ACTIVE() or _FUNCTION_MODE() or _DISPATCH_MODES()):
         return False
     grad = torch.is_grad_enabled()
