@@ -11,6 +11,8 @@ pack_pointwise_kernel, PackedPointwiseKernel
 get_num_threads, set_num_threads, num_threads
     Thread control for the kernels.
 """
+__version__ = "0.1.0"  # first: the kernel cache is keyed on it (nbconv._cache)
+
 from . import _runtime  # noqa: F401  (threading layer and BLAS symbols, before any kernel compiles)
 from ._threads import get_num_threads, num_threads, set_num_threads
 from .backward import (
@@ -23,8 +25,6 @@ from .backward import (
 )
 from .forward import depthwise_conv2d, pointwise_conv2d, separable_conv2d
 from .packing import PackedPointwiseKernel, pack_pointwise_kernel
-
-__version__ = "0.1.0"
 
 __all__ = [
     "depthwise_conv2d",

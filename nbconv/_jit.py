@@ -13,6 +13,10 @@ import types
 
 import numba
 
+from . import _cache
+
+_cache.install()  # before the first kernel is decorated: it picks the cache locator
+
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 #: serial kernels and helpers
