@@ -76,19 +76,11 @@ def _blas_info():
 
 
 def _cache_info():
-    """Where Numba caches nbconv's kernels and how many compiled entries (.nbi index files) are there."""
-    package_dir = os.path.dirname(os.path.abspath(__file__))
-    cache_dir = os.environ.get("NUMBA_CACHE_DIR")
-    if cache_dir:
-        # Numba mirrors the source tree below NUMBA_CACHE_DIR
-        pattern = os.path.join(cache_dir, "**", "*nbconv*", "*.nbi")
-        index = glob.glob(pattern, recursive=True)
-        where = cache_dir
-    else:
-        where = os.path.join(package_dir, "__pycache__")
-        index = glob.glob(os.path.join(where, "*.nbi"))
-    data = [p for p in glob.glob(os.path.join(os.path.dirname(index[0]) if index else where, "*.nbc"))]
-    return where, len(index), len(data)
+    """The kernel cache directory, its number of cached kernels (.nbi index files) and compiled entries (.nbc)."""
+    from . import _cache
+
+    where = _cache.cache_dir()
+    return where, len(glob.glob(os.path.join(where, "*.nbi"))), len(glob.glob(os.path.join(where, "*.nbc")))
 
 
 def info(out=sys.stdout):
@@ -138,12 +130,18 @@ def info(out=sys.stdout):
             extra = ("  (forces that core type on every OpenBLAS in the process; unset it for benchmarks)"
                      if var == "OPENBLAS_CORETYPE" else "")
             p(f"  {var}={os.environ[var]}{extra}")
+    from . import _compile
+
     where, n_index, n_data = _cache_info()
-    p("kernel cache:")
-    if n_index:
-        p(f"  {n_index} cached kernels ({n_data} compiled entries) in {where}")
-    else:
-        p(f"  empty ({where}): the first call of each kernel compiles (seconds)")
+    p("kernel cache (keyed on this nbconv's source and its Numba, llvmlite and NumPy versions):")
+    p(f"  directory  {where}")
+    p(f"  contents   {n_index} kernels, {n_data} compiled entries" if n_index else
+      "  contents   empty: a kernel's first call compiles it (python -m nbconv warmup compiles them all)")
+    mode = _compile.get_mode()
+    p(f"  compile    {mode}" + ("  (a call whose kernels are not cached yet is computed by NumPy while a "
+                                 "low-priority child process compiles them)" if mode == "background" else
+                                 "  (a call whose kernels are not cached yet waits for them to compile)")
+      + f"; set by NBCONV_COMPILE={{background,sync}}")
     return 0
 
 
@@ -325,9 +323,12 @@ def bench(quick=True, contenders=None, timeout=120, out=sys.stdout):
 def _parser():
     parser = argparse.ArgumentParser(prog="python -m nbconv",
                                      description="nbconv: fast depthwise-separable convolution on the CPU.")
-    sub = parser.add_subparsers(dest="command", metavar="{info,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{info,warmup,bench}")
     sub.required = True
     sub.add_parser("info", help="versions, threading layer, SIMD features, BLAS, kernel cache")
+    w = sub.add_parser("warmup", help="compile every kernel into the cache ahead of time (for images, CI)")
+    w.add_argument("--jobs", type=int, default=None,
+                   help="processes compiling side by side (default: 2, or 1 on a one-core machine)")
     b = sub.add_parser("bench", help="time nbconv against the installed peers on a few shapes")
     b.add_argument("--quick", action="store_true", help="three shapes, about ten seconds")
     b.add_argument("--contenders", nargs="+", choices=list(CONTENDERS), default=None,
@@ -341,6 +342,10 @@ def main(argv=None):
     args = _parser().parse_args(argv)
     if args.command == "info":
         return info()
+    if args.command == "warmup":
+        from ._warmup import warmup
+
+        return warmup(args.jobs)
     return bench(quick=args.quick, contenders=args.contenders, timeout=args.timeout)
 
 

@@ -16,7 +16,7 @@ import threading
 
 import numpy as np
 
-from . import _args
+from . import _args, _compile, _fallback
 from . import forward as _forward
 from ._backward import (
     add_halos_nchw,
@@ -43,6 +43,10 @@ __all__ = [
     "pointwise_conv2d_backward",
     "separable_conv2d_backward",
 ]
+
+_compile.register(add_halos_nchw, add_halos_nhwc, dk3_nhwc, dwsep_backward_nchw, dwsep_backward_nhwc,
+                  pointwise_backward_nchw, pointwise_backward_nhwc, reduce_chunks, activation_grad, transpose_into,
+                  weight_grad_nhwc)
 
 #: bytes of one thread-private tile (the separable backward holds two: D and dD)
 TILE_BYTES = 256 * 1024
@@ -136,9 +140,9 @@ def _masked(gc, act, output, compute):
     """``gc`` times the activation's derivative, in a new array (``gc`` may be the caller's)."""
     if act == 0:
         return gc
-    yc = np.ascontiguousarray(output, dtype=compute)
+    yc = _compile.operand(output, compute)
     out = np.empty_like(gc)
-    activation_grad(gc.reshape(-1), yc.reshape(-1), out.reshape(-1), act)
+    _compile.k(activation_grad)(gc.reshape(-1), yc.reshape(-1), out.reshape(-1), act)
     return out
 
 
@@ -155,7 +159,7 @@ def _reduce(parts, compute):
     out = np.empty(parts.shape[1:], compute)
     if out.size:
         with LAUNCH_LOCK:
-            reduce_chunks(parts.reshape(parts.shape[0], -1), out.reshape(-1), REDUCE_BLOCK)
+            _compile.k(reduce_chunks)(parts.reshape(parts.shape[0], -1), out.reshape(-1), REDUCE_BLOCK)
     return out
 
 
@@ -208,21 +212,21 @@ def _dwsep_backward(g, xc, dkc, wc, gc, want_dx, want_dk, want_pw, want_b, compu
         wp = _forward._packed_width(g)
         xs = np.empty((nchunks, ((th - 1) * g.sh + (g.kh - 1) * g.dh + 1) * wp * -(-cm // 16) * 16
                        if sep and (want_pw or want_dk) else 1), compute)
-        wt = np.ascontiguousarray(dkc.reshape(g.kh * g.kw, cm))
+        wt = _compile.operand(dkc.reshape(g.kh * g.kw, cm))
         with GEMM_LAUNCH:
-            dwsep_backward_nhwc(xc, dkc, wc, _transposed(wc), gc.reshape(-1, f), want_dx, dx, want_dk, dkp,
-                                want_pw, dpwp, want_b, dbp, halo, halo_pos, g.sh, g.sw, g.dh, g.dw, g.pt, g.pl, g.oh,
-                                g.ow, tile_p, nchunks, dscr, ddscr, ibuf, consts, GEMM_CHARS, wt,
-                                np.zeros(cm, compute), np.empty((cm, 0), compute), xs, wp)
+            _compile.k(dwsep_backward_nhwc)(xc, dkc, wc, _transposed(wc), gc.reshape(-1, f), want_dx, dx, want_dk, dkp,
+                                            want_pw, dpwp, want_b, dbp, halo, halo_pos, g.sh, g.sw, g.dh, g.dw, g.pt,
+                                            g.pl, g.oh, g.ow, tile_p, nchunks, dscr, ddscr, ibuf, consts, GEMM_CHARS,
+                                            wt, np.zeros(cm, compute), np.empty((cm, 0), compute), xs, wp)
         if want_dx:
-            add_halos_nhwc(dx, halo, halo_pos)
+            _compile.k(add_halos_nhwc)(dx, halo, halo_pos)
     else:
         with GEMM_LAUNCH:
-            dwsep_backward_nchw(xc, dkc, wc, gc.reshape(g.n, f, -1), want_dx, dx, want_dk, dkp, want_pw, dpwp, want_b,
-                                dbp, halo, halo_pos, g.sh, g.sw, g.dh, g.dw, g.pt, g.pl, g.oh, g.ow, tile_p, nchunks,
-                                dscr, ddscr, ibuf, consts, GEMM_CHARS)
+            _compile.k(dwsep_backward_nchw)(xc, dkc, wc, gc.reshape(g.n, f, -1), want_dx, dx, want_dk, dkp, want_pw,
+                                            dpwp, want_b, dbp, halo, halo_pos, g.sh, g.sw, g.dh, g.dw, g.pt, g.pl,
+                                            g.oh, g.ow, tile_p, nchunks, dscr, ddscr, ibuf, consts, GEMM_CHARS)
         if want_dx:
-            add_halos_nchw(dx, halo, halo_pos)
+            _compile.k(add_halos_nchw)(dx, halo, halo_pos)
     return (
         dx if want_dx else None,
         _reduce(dkp, compute) if want_dk else None,
@@ -256,7 +260,7 @@ def _transposed(w):
     out = np.empty(w.shape[::-1], w.dtype)
     if w.size:
         with LAUNCH_LOCK:
-            transpose_into(w, out)
+            _compile.k(transpose_into)(w, out)
     return out
 
 
@@ -271,7 +275,7 @@ def _weight_grad(x2, g2, want_b, compute):
     dwp = np.empty((parts, k, f), compute)
     dbp = np.empty((parts, f) if want_b else (parts, 1), compute)
     with GEMM_LAUNCH:
-        weight_grad_nhwc(x2, g2, parts, mb, nb, dwp, want_b, dbp)
+        _compile.k(weight_grad_nhwc)(x2, g2, parts, mb, nb, dwp, want_b, dbp)
     if parts == 1:
         return dwp[0], (dbp[0] if want_b else None)
     return _reduce(dwp, compute), (_reduce(dbp, compute) if want_b else None)
@@ -318,6 +322,7 @@ def _dw_grads_nhwc(g, xc, dk, gd, want_dx, want_dk, compute):
     kernel flipped and the complementary padding, so it runs in the
     forward's micro-kernels.  Other cases take the scalar scatter kernel.
     """
+    gd = _compile.typed(gd)
     cm = g.c * g.dm
     flip_pad = ((g.kh - 1) * g.dh - g.pt, (g.kh - 1) * g.dh - g.pb), ((g.kw - 1) * g.dw - g.pl, (g.kw - 1) * g.dw - g.pr)
     fast_dx = want_dx and g.sh == g.sw == 1 and g.dm == 1 and min(min(p) for p in flip_pad) >= 0
@@ -331,15 +336,16 @@ def _dw_grads_nhwc(g, xc, dk, gd, want_dx, want_dk, compute):
         xs = np.empty((nchunks, _forward._packed_size(g, th, wp)), compute)
         dkp = np.zeros((nchunks, 9 * cm), compute)
         with LAUNCH_LOCK:
-            dk3_nhwc(xc, gd.reshape(-1, cm), g.dm, g.sh, g.sw, g.dh, g.dw, g.pt, g.pl, g.oh, g.ow, wp, th, nchunks, xs,
-                     dkp)
+            _compile.k(dk3_nhwc)(xc, gd.reshape(-1, cm), g.dm, g.sh, g.sw, g.dh, g.dw, g.pt, g.pl, g.oh, g.ow, wp, th,
+                                 nchunks, xs, dkp)
         ddk = _reduce(dkp, compute).reshape(3, 3, cm)
     if fast_dx:
         dx = _forward.depthwise_conv2d(gd, np.ascontiguousarray(dk[::-1, ::-1]), padding=flip_pad,
                                        dilation_rate=(g.dh, g.dw))
     slow_dx, slow_dk = want_dx and not fast_dx, want_dk and not fast_dk
     if slow_dx or slow_dk:
-        sdx, sdk, _, _ = _dwsep_backward(g, xc, _internal_dk(dk, g, compute), np.empty((0, 0), compute), gd,
+        no_pw = np.empty((0, 0), compute)
+        sdx, sdk, _, _ = _dwsep_backward(g, xc, _internal_dk(dk, g, compute), no_pw, gd,
                                          slow_dx, slow_dk, False, False, compute)
         dx = sdx if slow_dx else dx
         ddk = sdk if slow_dk else ddk
@@ -356,10 +362,11 @@ def _dk_to_keras(dk, g):
 def _internal_dk(dk, g, compute):
     cm = g.c * g.dm
     if g.channels_last:
-        return np.ascontiguousarray(dk.reshape(g.kh, g.kw, cm), dtype=compute)
-    return np.ascontiguousarray(dk.reshape(g.kh, g.kw, cm).transpose(2, 0, 1), dtype=compute)
+        return _compile.operand(dk.reshape(g.kh, g.kw, cm), compute)
+    return _compile.operand(dk.reshape(g.kh, g.kw, cm).transpose(2, 0, 1), compute)
 
 
+@_compile.entry(_fallback.depthwise_conv2d_backward)
 def depthwise_conv2d_backward(grad_output, x, kernel, *, strides=_args.DEFAULT, padding="valid",
                               dilation_rate=_args.DEFAULT, data_format="channels_last",
                               wrt=("x", "kernel", "bias"), activation=None, output=None, **aliases):
@@ -415,13 +422,14 @@ def depthwise_conv2d_backward(grad_output, x, kernel, *, strides=_args.DEFAULT, 
             np.zeros(kernel.shape, result) if want_dk else None,
             np.zeros(cm, result) if want_b else None,
         )
-    xc = np.ascontiguousarray(x, dtype=compute)
-    gc = _masked(np.ascontiguousarray(grad_output, dtype=compute), act, output, compute)
+    xc = _compile.operand(x, compute)
+    gc = _masked(_compile.operand(grad_output, compute), act, output, compute)
     if channels_last:
-        dx, dk = _dw_grads_nhwc(g, xc, np.asarray(kernel, dtype=compute), gc, want_dx, want_dk, compute)
+        dx, dk = _dw_grads_nhwc(g, xc, _compile.operand(kernel, compute), gc, want_dx, want_dk, compute)
         db = gc.reshape(-1, cm).sum(axis=0, dtype=compute) if want_b else None
     else:
-        dx, dk, _, db = _dwsep_backward(g, xc, _internal_dk(kernel, g, compute), np.empty((0, 0), compute), gc,
+        no_pw = np.empty((0, 0), compute)
+        dx, dk, _, db = _dwsep_backward(g, xc, _internal_dk(kernel, g, compute), no_pw, gc,
                                         want_dx, want_dk, False, want_b, compute)
     return DepthwiseConv2DGrads(
         _finish(dx, result) if want_dx else None,
@@ -430,6 +438,7 @@ def depthwise_conv2d_backward(grad_output, x, kernel, *, strides=_args.DEFAULT, 
     )
 
 
+@_compile.entry(_fallback.pointwise_conv2d_backward)
 def pointwise_conv2d_backward(grad_output, x, kernel, *, data_format="channels_last", wrt=("x", "kernel", "bias"),
                               activation=None, output=None):
     """Gradients of :func:`nbconv.pointwise_conv2d`.
@@ -479,9 +488,9 @@ def pointwise_conv2d_backward(grad_output, x, kernel, *, data_format="channels_l
             np.zeros(kernel.shape, result) if want_w else None,
             np.zeros(f, result) if want_b else None,
         )
-    xc = np.ascontiguousarray(x, dtype=compute)
-    gc = _masked(np.ascontiguousarray(grad_output, dtype=compute), act, output, compute)
-    wc = np.ascontiguousarray(wmat, dtype=compute)
+    xc = _compile.operand(x, compute)
+    gc = _masked(_compile.operand(grad_output, compute), act, output, compute)
+    wc = _compile.operand(wmat, compute)
     threads = get_num_threads()
     isz = compute.itemsize
     hw = h * w
@@ -497,14 +506,14 @@ def pointwise_conv2d_backward(grad_output, x, kernel, *, data_format="channels_l
     ibuf, consts = _gemm_buffers(nchunks, compute)
     if channels_last:
         with GEMM_LAUNCH:
-            pointwise_backward_nhwc(xc.reshape(-1, k), wc, _transposed(wc), gc.reshape(-1, f), want_dx,
-                                    dx.reshape(-1, k) if want_dx else dx.reshape(1, 1), want_w, dwp, want_b, dbp,
-                                    tile_p, nchunks, ibuf, consts, GEMM_CHARS)
+            _compile.k(pointwise_backward_nhwc)(xc.reshape(-1, k), wc, _transposed(wc), gc.reshape(-1, f), want_dx,
+                                                dx.reshape(-1, k) if want_dx else dx.reshape(1, 1), want_w, dwp,
+                                                want_b, dbp, tile_p, nchunks, ibuf, consts, GEMM_CHARS)
     else:
         with GEMM_LAUNCH:
-            pointwise_backward_nchw(xc.reshape(n, k, -1), wc, gc.reshape(n, f, -1), want_dx,
-                                    dx.reshape(n, k, -1) if want_dx else dx.reshape(1, 1, 1), want_w, dwp, want_b,
-                                    dbp, tile_p, nchunks, ibuf, consts, GEMM_CHARS)
+            _compile.k(pointwise_backward_nchw)(xc.reshape(n, k, -1), wc, gc.reshape(n, f, -1), want_dx,
+                                                dx.reshape(n, k, -1) if want_dx else dx.reshape(1, 1, 1), want_w,
+                                                dwp, want_b, dbp, tile_p, nchunks, ibuf, consts, GEMM_CHARS)
     return PointwiseConv2DGrads(
         _finish(dx, result) if want_dx else None,
         _finish(_reduce(dwp, compute).reshape(kernel.shape), result) if want_w else None,
@@ -512,6 +521,7 @@ def pointwise_conv2d_backward(grad_output, x, kernel, *, data_format="channels_l
     )
 
 
+@_compile.entry(_fallback.separable_conv2d_backward)
 def separable_conv2d_backward(grad_output, x, depthwise_kernel, pointwise_kernel, *, strides=_args.DEFAULT,
                               padding="valid", dilation_rate=_args.DEFAULT, data_format="channels_last",
                               wrt=("x", "depthwise_kernel", "pointwise_kernel", "bias"), activation=None,
@@ -581,12 +591,12 @@ def separable_conv2d_backward(grad_output, x, depthwise_kernel, pointwise_kernel
             np.zeros(pk.shape, result) if want_pw else None,
             np.zeros(f, result) if want_b else None,
         )
-    xc = np.ascontiguousarray(x, dtype=compute)
-    gc = _masked(np.ascontiguousarray(grad_output, dtype=compute), act, output, compute)
-    wc = np.ascontiguousarray(wmat, dtype=compute)
+    xc = _compile.operand(x, compute)
+    gc = _masked(_compile.operand(grad_output, compute), act, output, compute)
+    wc = _compile.operand(wmat, compute)
     if (channels_last and g.n * g.oh * g.ow * cm * compute.itemsize <= WHOLE_BYTES
             and cm * f * compute.itemsize > WHOLE_WEIGHT_BYTES):
-        dx, ddk, dpw, db = _sep_backward_whole(g, xc, np.asarray(dk, dtype=compute), wc, gc, want_dx, want_dk,
+        dx, ddk, dpw, db = _sep_backward_whole(g, xc, _compile.operand(dk, compute), wc, gc, want_dx, want_dk,
                                                want_pw, want_b, compute)
     else:
         dx, ddk, dpw, db = _dwsep_backward(g, xc, _internal_dk(dk, g, compute), wc, gc, want_dx, want_dk, want_pw,

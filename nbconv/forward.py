@@ -11,7 +11,7 @@ import threading
 
 import numpy as np
 
-from . import _args, packing
+from . import _args, _compile, _fallback, packing
 from ._depthwise import depthwise_packed
 from ._jit import serial_twin
 from ._pointwise import pointwise_nchw, pointwise_nhwc
@@ -60,14 +60,15 @@ _WORKSPACE = threading.local()
 
 #: kernel -> its serial twin, for calls planned for one thread (no parallel launch, no launch lock)
 _SERIAL = {k: serial_twin(k) for k in (depthwise_packed, pointwise_nhwc, pointwise_nchw, separable)}
+_compile.register(*_SERIAL, *_SERIAL.values(), twins=_SERIAL.items())
 _NO_LOCK = contextlib.nullcontext()
 
 
 def _launch(kernel, threads):
     """``(kernel, lock)`` to run a call planned for ``threads`` threads: the serial twin for one."""
     if threads == 1:
-        return _SERIAL.get(kernel, kernel), _NO_LOCK
-    return kernel, LAUNCH_LOCK
+        return _compile.k(_SERIAL.get(kernel, kernel)), _NO_LOCK
+    return _compile.k(kernel), LAUNCH_LOCK
 
 
 def _workspace(*specs):
@@ -106,7 +107,7 @@ def _workspace(*specs):
 def _bias_array(bias, dtype):
     if bias is None:
         return np.empty(0, dtype)
-    return np.ascontiguousarray(bias, dtype=dtype)
+    return _compile.operand(bias, dtype)
 
 
 def _even_parts(n_img, size, most, threads, fewest=1):
@@ -214,7 +215,7 @@ def _dw_operands(g, kernel, bias, act_dtype):
     """
     cm = g.c * g.dm
     wp = _packed_width(g)
-    wt = np.ascontiguousarray(kernel.reshape(g.kh * g.kw, cm), dtype=act_dtype)
+    wt = _compile.operand(kernel.reshape(g.kh * g.kw, cm), act_dtype)
     bc = _bias_array(bias, act_dtype)
     bt = bc if bias is not None else np.zeros(cm, act_dtype)
     wc = _NO_TAPS[act_dtype.char][:cm] if cm <= _NO_TAPS_LEN else np.empty((cm, 0), act_dtype)
@@ -234,7 +235,7 @@ def _pointwise_operand(given, wmat, compute, as_b):
     panels = packing.packed_panels(given, compute) if as_b else None
     if panels is not None:
         return panels, panels.shape[0]
-    return np.ascontiguousarray(wmat, dtype=compute), 0
+    return _compile.operand(wmat, compute), 0
 
 
 def _finish(res, result_dtype, out=None):
@@ -325,6 +326,7 @@ def _separable_plan(g, cm, f, itemsize, threads, align):
             d_shape, t_shape)
 
 
+@_compile.entry(_fallback.depthwise_conv2d)
 def depthwise_conv2d(x, kernel, bias=None, *, strides=_args.DEFAULT, padding="valid", dilation_rate=_args.DEFAULT,
                      data_format="channels_last", activation=None, out=None, **aliases):
     """Depthwise 2-D convolution (Keras's ``DepthwiseConv2D`` / ``ops.depthwise_conv``).
@@ -367,7 +369,7 @@ def depthwise_conv2d(x, kernel, bias=None, *, strides=_args.DEFAULT, padding="va
     res = _result(g.out_shape(cm), compute, result, out, (("x", x), ("kernel", kernel), ("bias", bias)))
     if res.size == 0:
         return _finish(res, result, out)
-    xc = np.ascontiguousarray(x, dtype=compute)
+    xc = _compile.operand(x, compute)
     threads = _threads_for(g.n * g.oh * g.ow * cm * g.kh * g.kw)
     wt, bt, wc, bc, wp = _dw_operands(g, kernel, bias, compute)
     th = _row_tiles(g, cm, compute.itemsize, threads, 4 * threads)
@@ -380,6 +382,7 @@ def depthwise_conv2d(x, kernel, bias=None, *, strides=_args.DEFAULT, padding="va
     return _finish(res, result, out)
 
 
+@_compile.entry(_fallback.pointwise_conv2d)
 def pointwise_conv2d(x, kernel, bias=None, *, data_format="channels_last", activation=None, out=None):
     """Pointwise (1x1) 2-D convolution.
 
@@ -419,7 +422,7 @@ def pointwise_conv2d(x, kernel, bias=None, *, data_format="channels_last", activ
                   (("x", x), ("kernel", kernel), ("bias", bias)))
     if res.size == 0:
         return _finish(res, result, out)
-    xc = np.ascontiguousarray(x, dtype=compute)
+    xc = _compile.operand(x, compute)
     bc = _bias_array(bias, compute)
     threads = _threads_for(n * h * w * k * f)
     if channels_last:
@@ -430,7 +433,7 @@ def pointwise_conv2d(x, kernel, bias=None, *, data_format="channels_last", activ
         with lock:
             kernel_fn(xc.reshape(-1, k), wc, bc, act, res.reshape(-1, f), tile_p, fb, nchunks, _stream(res), packed_k)
     else:
-        wc = np.ascontiguousarray(wmat, dtype=compute)
+        wc = _compile.operand(wmat, compute)
         tile_p, fb, ntasks = _plan(n, h * w, f, threads)
         nchunks = _nchunks(ntasks, threads)
         kernel_fn, lock = _launch(pointwise_nchw, threads)
@@ -439,6 +442,7 @@ def pointwise_conv2d(x, kernel, bias=None, *, data_format="channels_last", activ
     return _finish(res, result, out)
 
 
+@_compile.entry(_fallback.separable_conv2d)
 def separable_conv2d(x, depthwise_kernel, pointwise_kernel, bias=None, *, strides=_args.DEFAULT, padding="valid",
                      dilation_rate=_args.DEFAULT, data_format="channels_last", activation=None, depthwise_bias=None,
                      depthwise_activation=None, out=None, **aliases):
@@ -489,7 +493,7 @@ def separable_conv2d(x, depthwise_kernel, pointwise_kernel, bias=None, *, stride
                    ("depthwise_bias", dbias)))
     if res.size == 0:
         return _finish(res, result, out)
-    xc = np.ascontiguousarray(x, dtype=compute)
+    xc = _compile.operand(x, compute)
     bc = _bias_array(bias, compute)
     threads = _threads_for(g.n * g.oh * g.ow * cm * (g.kh * g.kw + f))
     wt, bt, wc_dw, bc_dw, wp = _dw_operands(g, dk, dbias, compute)

@@ -116,8 +116,8 @@ def pack_pointwise_kernel(kernel):
                          f"Received: kernel with shape {kernel.shape}")
     matrix = _args.pointwise_matrix(kernel, kernel.shape[-2], "kernel")
     compute = np.dtype(np.float32) if kernel.dtype == np.float16 else kernel.dtype
+    # the panels stay writeable (private, never written): kernels are compiled for writeable operands
     panels = pack_b(matrix, compute).reshape(matrix.shape)
-    panels.flags.writeable = False
     kernel = np.array(kernel, copy=True)
     kernel.flags.writeable = False
     return PackedPointwiseKernel(kernel, panels)

@@ -8,6 +8,8 @@ import sys
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# the tests time nothing and check compiled kernels: compile in process (nbconv._compile), as before
+os.environ.setdefault("NBCONV_COMPILE", "sync")
 
 # `from reference import ...` works whatever pytest's import mode or rootdir.
 _HERE = os.path.dirname(os.path.abspath(__file__))

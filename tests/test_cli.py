@@ -42,6 +42,15 @@ def test_info():
         assert "keras" in out
 
 
+def test_info_names_the_cache(tmp_path):
+    env = dict(os.environ, NBCONV_CACHE_DIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-m", "nbconv", "info"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert f"directory  {tmp_path}{os.sep}kernels-" in proc.stdout
+    assert "compile    sync" in proc.stdout
+
+
 def test_info_reports_openblas_environment():
     env = dict(os.environ, OPENBLAS_CORETYPE="Haswell", OPENBLAS_L2_SIZE="512")
     proc = subprocess.run([sys.executable, "-m", "nbconv", "info"], capture_output=True, text=True, env=env,

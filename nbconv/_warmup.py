@@ -1,0 +1,105 @@
+"""Compile every kernel the public API can reach, ahead of time (``python -m nbconv warmup``).
+
+The signatures come from replaying a grid of public calls in record mode
+(:func:`nbconv._compile.record_calls`: no kernel runs), so they follow the
+code: both dtypes, both layouts, one and several threads (the serial and
+parallel builds), strides, depth multipliers, packed weights, each backward
+path.  They compile in ``jobs`` processes side by side, split by dtype (the
+two share no compiled callee), into the disk cache (:mod:`nbconv._cache`).
+"""
+import os
+import sys
+import time
+
+import numpy as np
+
+from . import _cache, _compile, _fallback
+
+__all__ = ["signatures", "warmup"]
+
+#: (N, H, W, C, F): one task (the serial build), many tasks (parallel), and few pixels with many channels
+#: (the backward's whole-intermediate path)
+_SHAPES = ((1, 6, 6, 8, 16), (2, 40, 40, 64, 128), (1, 7, 7, 512, 512))
+
+
+def _calls():
+    import nbconv
+
+    for dtype in (np.float32, np.float64):
+        for channels_last in (True, False):
+            fmt = "channels_last" if channels_last else "channels_first"
+            for n, h, w, c, f in _SHAPES:
+                for strides, dm in ((1, 1), (2, 2)):
+                    x = np.zeros((n, h, w, c) if channels_last else (n, c, h, w), dtype)
+                    dk = np.zeros((3, 3, c, dm), dtype)
+                    pk = np.zeros((1, 1, c * dm, f), dtype)
+                    pw = np.zeros((1, 1, c, f), dtype)
+                    conv = dict(strides=strides, padding="same", data_format=fmt)
+                    y = _fallback.separable_conv2d(x, dk, pk, **conv)
+                    d = _fallback.depthwise_conv2d(x, dk, **conv)
+                    p = _fallback.pointwise_conv2d(x, pw, data_format=fmt)
+                    for act in (None, "relu"):
+                        yield nbconv.separable_conv2d, (x, dk, pk, np.zeros(f, dtype)), dict(conv, activation=act)
+                        yield nbconv.depthwise_conv2d, (x, dk, np.zeros(c * dm, dtype)), dict(conv, activation=act)
+                        yield nbconv.pointwise_conv2d, (x, pw, np.zeros(f, dtype)), dict(data_format=fmt,
+                                                                                          activation=act)
+                        out = dict(activation=act, output=None if act is None else y)
+                        yield nbconv.separable_conv2d_backward, (y, x, dk, pk), dict(conv, **out)
+                        yield nbconv.depthwise_conv2d_backward, (d, x, dk), dict(
+                            conv, activation=act, output=None if act is None else d)
+                        yield nbconv.pointwise_conv2d_backward, (p, x, pw), dict(
+                            data_format=fmt, activation=act, output=None if act is None else p)
+                    if channels_last:
+                        packed = nbconv.pack_pointwise_kernel(pk)
+                        yield nbconv.separable_conv2d, (x, dk, packed), conv
+                        yield nbconv.pointwise_conv2d, (x, nbconv.pack_pointwise_kernel(pw)), {}
+                    for wrt in (("x",), ("kernel",), ("depthwise_kernel",), ("pointwise_kernel", "bias")):
+                        if "kernel" in wrt:
+                            yield nbconv.depthwise_conv2d_backward, (d, x, dk), dict(conv, wrt=wrt)
+                            yield nbconv.pointwise_conv2d_backward, (p, x, pw), dict(data_format=fmt, wrt=wrt)
+                        else:
+                            yield nbconv.separable_conv2d_backward, (y, x, dk, pk), dict(conv, wrt=wrt)
+
+
+def signatures():
+    """Unique ``(kernel name, signature)`` pairs the grid of public calls reaches, with both builds of each."""
+    found = {}
+    for fn, args, kwargs in _calls():
+        for key in _compile.record_calls(fn, args, kwargs, strict=True):
+            found.setdefault(key, None)
+    for name, sig in list(found):
+        twin = _compile._TWINS.get(name)
+        if twin is not None:
+            found.setdefault((twin, sig), None)
+    return list(found)
+
+
+def _dtype_of(sig):
+    return next((str(t.dtype) for t in sig if hasattr(t, "dtype") and str(t.dtype).startswith("float")), "")
+
+
+def warmup(jobs=None, out=sys.stdout):
+    """Compile (or find in the cache) every signature, in ``jobs`` processes; returns the exit status."""
+    jobs = max(1, jobs or min(2, os.cpu_count() or 1))
+    items = signatures()
+    groups = {}
+    for item in items:
+        groups.setdefault(_dtype_of(item[1]), []).append(item)
+    shares = [[] for _ in range(jobs)]
+    if len(groups) >= jobs:
+        for i, group in enumerate(sorted(groups.values(), key=len, reverse=True)):
+            min(shares, key=len).extend(group) if i >= jobs else shares[i].extend(group)
+    else:
+        for i, item in enumerate(items):
+            shares[i % jobs].append(item)
+    print(f"nbconv warmup: {len(items)} kernel signatures in {jobs} process(es), cache {_cache.cache_dir()}",
+          file=out, flush=True)
+    t0 = time.perf_counter()
+    procs = [_compile._spawn(["--no-lock", _compile.write_todo(share)], stdout=None, stderr=None)
+             for share in shares if share]
+    status = 0
+    for proc in procs:
+        status |= proc.wait()
+    print(f"nbconv warmup: done in {time.perf_counter() - t0:.0f} s" + (" (some failed: see above)" if status else ""),
+          file=out, flush=True)
+    return 1 if status else 0

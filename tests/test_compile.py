@@ -1,0 +1,130 @@
+"""Compile modes, the background compiler, kernel operands and warmup's coverage.
+
+The background tests run as a user's fresh process would: a new interpreter
+with an empty cache directory (``NBCONV_CACHE_DIR``), results compared with the
+float64 reference."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import numpy as np
+
+import nbconv
+from nbconv import _compile, _warmup
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def _run(code, tmp_path, **env):
+    env = dict(os.environ, NBCONV_CACHE_DIR=str(tmp_path / "cache"), NBCONV_COMPILE="background", **env)
+    env["PYTHONPATH"] = os.pathsep.join([TESTS, env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_cold_call_answers_from_numpy_and_submits_its_kernels(tmp_path):
+    """Every public function, nothing cached: correct results (the NumPy versions) at once, inputs untouched,
+    and the kernels each needs, both builds, handed to the compiler; no child is started here."""
+    res = _run("""
+        import json, time
+        import numpy as np
+        from nbconv import _compile
+        submitted = []
+        _compile._SCHEDULER._start = lambda: submitted.extend(_compile._SCHEDULER._queue)
+        import nbconv
+        from reference import assert_close, depthwise_ref, pointwise_ref, random_array, separable_ref
+        rng = np.random.default_rng(0)
+        x = random_array(rng, (2, 12, 11, 6)); x0 = x.copy()
+        dk = random_array(rng, (3, 3, 6, 2)); pk = random_array(rng, (1, 1, 12, 7)); b = random_array(rng, (7,))
+        t0 = time.perf_counter()
+        y = nbconv.separable_conv2d(x, dk, pk, b, strides=2, padding="same", activation="relu")
+        first = time.perf_counter() - t0
+        assert_close(y, separable_ref(x, dk, pk, b, strides=2, padding="same", activation="relu"), np.float32)
+        d = nbconv.depthwise_conv2d(x, dk, dilation_rate=2)
+        assert_close(d, depthwise_ref(x, dk, dilation_rate=2), np.float32)
+        xt = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+        p = nbconv.pointwise_conv2d(xt, pk[:, :, :6], data_format="channels_first")
+        assert_close(p, pointwise_ref(xt, pk[:, :, :6], data_format="channels_first"), np.float32)
+        g = nbconv.separable_conv2d_backward(y, x, dk, pk, strides=2, padding="same", activation="relu", output=y)
+        assert g.x.shape == x.shape and g.pointwise_kernel.shape == pk.shape
+        assert np.array_equal(x, x0)
+        print(json.dumps({"first_s": first, "pending": _compile.pending(), "names": sorted({n for n, _ in submitted})}))
+    """, tmp_path)
+    assert res["first_s"] < 5
+    names = set(res["names"])
+    assert {"nbconv._separable.separable", "nbconv._separable.separable_serial"} <= names
+    assert {"nbconv._depthwise.depthwise_packed", "nbconv._pointwise.pointwise_nchw"} <= names
+    assert any(n.startswith("nbconv._backward.dwsep_backward") for n in names)
+
+
+def test_background_compile_then_the_kernel_runs_and_the_next_process_loads_it(tmp_path):
+    code = """
+        import json, time
+        import numpy as np
+        import nbconv
+        from nbconv.forward import _SERIAL, pointwise_nhwc
+        from reference import assert_close, pointwise_ref, random_array
+        rng = np.random.default_rng(0)
+        x = random_array(rng, (1, 5, 5, 8)); w = random_array(rng, (8, 16))
+        y = nbconv.pointwise_conv2d(x, w, activation="relu6")
+        pending = nbconv._compile.pending()
+        assert nbconv._compile.wait(timeout=500)
+        z = nbconv.pointwise_conv2d(x, w, activation="relu6")
+        for r in (y, z):
+            assert_close(r, pointwise_ref(x, w, activation="relu6"), np.float32)
+        print(json.dumps({"pending": pending, "loaded": len(_SERIAL[pointwise_nhwc].signatures)}))
+    """
+    first = _run(code, tmp_path)
+    assert first["pending"] == 2 and first["loaded"] == 1  # the serial build ran, the parallel one is on disk
+    second = _run(code, tmp_path)
+    assert second["pending"] == 0 and second["loaded"] == 1
+    assert len([f for f in os.listdir(_cache_dir_of(tmp_path)) if f.startswith("_pointwise.pointwise_nhwc")]) >= 4
+
+
+def _cache_dir_of(tmp_path):
+    (path,) = [p for p in (tmp_path / "cache").iterdir() if p.name.startswith("kernels-")]
+    return path
+
+
+def test_sync_mode_and_bad_mode(tmp_path):
+    env = dict(os.environ, NBCONV_COMPILE="eager")
+    proc = subprocess.run([sys.executable, "-c", "import nbconv"], capture_output=True, text=True, env=env)
+    assert proc.returncode != 0 and "NBCONV_COMPILE" in proc.stderr and "'eager'" in proc.stderr
+    with pytest.raises(ValueError, match="Expected `mode` to be one of"):
+        _compile.set_mode("later")
+    assert _compile.get_mode() == "sync"  # conftest: the tests compile in process
+
+
+def test_warmup_covers_every_kernel_called_from_python():
+    names = {name for name, _ in _warmup.signatures()}
+    assert names == set(_compile._REGISTRY)
+    dtypes = {_warmup._dtype_of(sig) for _, sig in _warmup.signatures()}
+    assert dtypes == {"float32", "float64"}
+
+
+def test_read_only_operands_reuse_the_writeable_build(rng):
+    """jax and TensorFlow hand over read-only buffers: same result, inputs untouched, no second compiled build."""
+    from reference import separable_ref
+
+    x = rng.standard_normal((1, 9, 9, 24)).astype(np.float32)
+    dk = rng.standard_normal((3, 3, 24, 1)).astype(np.float32)
+    pk = rng.standard_normal((1, 1, 24, 40)).astype(np.float32)
+    b = rng.standard_normal(40).astype(np.float32)
+    want = nbconv.separable_conv2d(x, dk, pk, b, padding="same")
+    builds = {name: len(d.overloads) for name, d in _compile._REGISTRY.items()}
+    frozen = [a.copy() for a in (x, dk, pk, b)]
+    for a in frozen:
+        a.flags.writeable = False
+    got = nbconv.separable_conv2d(*frozen, padding="same")
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(got, separable_ref(x, dk, pk, b, padding="same"), rtol=1e-4, atol=1e-4)
+    for a, orig in zip(frozen, (x, dk, pk, b)):
+        np.testing.assert_array_equal(a, orig)
+    assert {name: len(d.overloads) for name, d in _compile._REGISTRY.items()} == builds
+    assert _compile.typed(frozen[0]).flags.writeable and np.shares_memory(_compile.typed(frozen[0]), frozen[0])
