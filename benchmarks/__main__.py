@@ -126,6 +126,7 @@ def _env(extra):
     env = dict(os.environ)
     env.setdefault("KERAS_BACKEND", "jax")
     env.setdefault("JAX_PLATFORMS", "cpu")
+    env.setdefault("NBCONV_COMPILE", "sync")  # time compiled kernels, never the NumPy answers of a cold start
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.update(extra)
     return env
@@ -300,19 +301,23 @@ def main(argv=None):
     if "nbconv" in meta["contenders"] and args.quick and not args.firstcall and not args.no_firstcall:
         print("- first call    skipped in a --quick run (add --firstcall)")
     elif "nbconv" in meta["contenders"] and not args.no_firstcall:
-        cache = tempfile.mkdtemp(prefix="nbconv-numba-cache-")
+        probes["first_call"] = {}
+        caches = [tempfile.mkdtemp(prefix="nbconv-kernel-cache-") for _ in range(2)]
         try:
-            probes["first_call"] = {}
-            for kind in ("cold", "warm"):
+            for kind, cache, mode in (("cold", caches[0], "background"), ("warm", caches[0], "background"),
+                                      ("cold_sync", caches[1], "sync")):
                 t0 = time.perf_counter()
-                res = _probe(["firstcall"], _env({"NUMBA_CACHE_DIR": cache,
-                                                  "NUMBA_NUM_THREADS": str(args.threads)}), args.timeout)
+                env = _env({"NBCONV_CACHE_DIR": cache, "NBCONV_COMPILE": mode, "NUMBA_NUM_THREADS": str(args.threads)})
+                res = _probe(["firstcall"] + (["--only-first"] if mode == "sync" else []), env, max(args.timeout, 900))
                 res["process_s"] = time.perf_counter() - t0
                 probes["first_call"][kind] = res
-                print(f"- first call {kind}  {res['process_s']:5.1f} s  "
-                      + (res.get("error") or f"import + first call {res['import_plus_first_call_s']:.2f} s"))
+                print(f"- first call {kind:<9} {res['process_s']:5.1f} s  "
+                      + (res.get("error") or f"import + first call {res['import_plus_first_call_s']:.2f} s, all "
+                                             f"{len(res['calls'])} first calls {res['all_first_calls_s']:.2f} s, "
+                                             f"compiled after {res['compiled_after_s']:.0f} s"))
         finally:
-            shutil.rmtree(cache, ignore_errors=True)
+            for cache in caches:
+                shutil.rmtree(cache, ignore_errors=True)
     with open(os.path.join(raw, "probes.json"), "w") as fh:
         json.dump(probes, fh, indent=1)
     meta["elapsed_s"] = time.perf_counter() - t_start

@@ -11,15 +11,18 @@ Run by the runner (``python -m benchmarks``); each probe prints one JSON line.
     is what the call itself adds on top of the inputs already in memory.
 
 ``python -m benchmarks.probes firstcall``
-    Time of ``import nbconv`` and of the first ``separable_conv2d`` call
-    (56x56x128->128, batch 1) in this process.  The runner runs it twice with
-    ``NUMBA_CACHE_DIR`` set to the same empty temporary directory: the first
-    run is cold (compiles the kernels and fills the cache), the second warm
-    (loads them from the cache).
+    What a user of a fresh install waits for, in this new process: ``import
+    nbconv``, the first ``separable_conv2d`` (1x56x56x32->64, float32, NHWC,
+    'same', relu), then the first call of each other function and variant
+    (depthwise, pointwise, stride 2, channels_first, float64, each backward),
+    then how long until the background compile is done and a call runs
+    compiled.  The runner runs it with ``NBCONV_CACHE_DIR`` set to an empty
+    temporary directory, cold in the default ``background`` mode, then warm
+    (the cache the cold run filled), then cold again with ``NBCONV_COMPILE=sync``
+    (the first separable call only, which waits for its compile, as with Numba alone).
 """
 import argparse
 import json
-import os
 import resource
 import sys
 import time
@@ -95,21 +98,55 @@ def memory(mode="fused", batch=MEMORY_SHAPE[0]):
     return res
 
 
-def firstcall():
+def _firstcall_cases(nbconv):
+    """``(label, thunk)``: the first separable call, then one of each other function and variant."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 56, 56, 32), dtype=np.float32)
+    dk = rng.standard_normal((3, 3, 32, 1), dtype=np.float32)
+    pk = rng.standard_normal((1, 1, 32, 64), dtype=np.float32)
+    xt = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    x64, dk64, pk64 = (a.astype(np.float64) for a in (x, dk, pk))
+    kw = dict(padding="same", activation="relu")
+    y = {}
+    return [
+        ("separable", lambda: y.setdefault("y", nbconv.separable_conv2d(x, dk, pk, **kw))),
+        ("depthwise", lambda: nbconv.depthwise_conv2d(x, dk, padding="same")),
+        ("pointwise", lambda: nbconv.pointwise_conv2d(x, pk)),
+        ("separable stride 2", lambda: nbconv.separable_conv2d(x, dk, pk, strides=2, **kw)),
+        ("separable channels_first", lambda: nbconv.separable_conv2d(xt, dk, pk, data_format="channels_first",
+                                                                     **kw)),
+        ("separable float64", lambda: nbconv.separable_conv2d(x64, dk64, pk64, **kw)),
+        ("separable backward", lambda: nbconv.separable_conv2d_backward(y["y"], x, dk, pk, output=y["y"], **kw)),
+        ("depthwise backward", lambda: nbconv.depthwise_conv2d_backward(x, x, dk, padding="same")),
+        ("pointwise backward", lambda: nbconv.pointwise_conv2d_backward(y["y"], x, pk)),
+    ]
+
+
+def firstcall(only_first=False):
     t0 = time.perf_counter()
     import nbconv
+    from nbconv import _compile
+
     t1 = time.perf_counter()
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((1, 56, 56, 128), dtype=np.float32)
-    dk = rng.standard_normal((3, 3, 128, 1), dtype=np.float32)
-    pk = rng.standard_normal((1, 1, 128, 128), dtype=np.float32)
-    t2 = time.perf_counter()
-    nbconv.separable_conv2d(x, dk, pk, padding="same")
-    t3 = time.perf_counter()
-    nbconv.separable_conv2d(x, dk, pk, padding="same")
-    t4 = time.perf_counter()
-    return {"import_s": t1 - t0, "first_call_s": t3 - t2, "import_plus_first_call_s": (t1 - t0) + (t3 - t2),
-            "second_call_s": t4 - t3, "numba_cache_dir": os.environ.get("NUMBA_CACHE_DIR")}
+    res = {"import_s": t1 - t0, "mode": _compile.get_mode(), "cache_dir": nbconv._cache.cache_dir(), "calls": {}}
+    cases = _firstcall_cases(nbconv)[:1 if only_first else None]
+    t_start = time.perf_counter()
+    for label, thunk in cases:
+        t = time.perf_counter()
+        thunk()
+        res["calls"][label] = time.perf_counter() - t
+    res["first_call_s"] = res["calls"]["separable"]
+    res["import_plus_first_call_s"] = res["import_s"] + res["first_call_s"]
+    res["all_first_calls_s"] = sum(res["calls"].values())
+    res["pending_kernels"] = _compile.pending()
+    _compile.wait()
+    res["compiled_after_s"] = time.perf_counter() - t_start  # from the first call until every kernel is cached
+    t = time.perf_counter()
+    cases[0][1]()
+    res["compiled_call_s"] = time.perf_counter() - t  # loads the cached kernel, then runs it
+    res["loaded"] = bool(nbconv.forward._SERIAL[nbconv.forward.separable].signatures
+                         or nbconv.forward.separable.signatures)
+    return res
 
 
 def main(argv=None):
@@ -118,9 +155,10 @@ def main(argv=None):
     m = sub.add_parser("memory")
     m.add_argument("mode", choices=("fused", "two_step"))
     m.add_argument("--batch", type=int, default=MEMORY_SHAPE[0])
-    sub.add_parser("firstcall")
+    f = sub.add_parser("firstcall")
+    f.add_argument("--only-first", action="store_true", help="the first separable call only")
     a = p.parse_args(argv)
-    res = memory(a.mode, a.batch) if a.probe == "memory" else firstcall()
+    res = memory(a.mode, a.batch) if a.probe == "memory" else firstcall(a.only_first)
     sys.stdout.write(json.dumps(res) + "\n")
 
 

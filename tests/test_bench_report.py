@@ -131,3 +131,23 @@ def test_keras_model_bridge_prefers_the_same_process(tmp_path):
     line = next(l for l in report.format_text(rep).splitlines() if l.startswith("- Keras model"))
     assert "bridge: 1.20x the direct calls in the same process" in line
     assert "bridge at b8 (bare layers) 1.20x (target <= 1.15x)  [NOT met]" in line
+
+
+def test_first_call_line(tmp_path):
+    """The first-call probe's three runs reach the report with their targets (values written here by hand)."""
+    raw = _write_raw(tmp_path, {"nbconv": {_hard_ids()[0]: 0.001}})
+    calls = {"separable": 0.14, "depthwise": 0.02, "float64": 0.05, "separable backward": 0.15}
+    probes = {"first_call": {
+        "cold": {"import_s": 0.29, "first_call_s": 0.14, "import_plus_first_call_s": 0.43, "calls": calls,
+                 "compiled_after_s": 168.0},
+        "warm": {"import_s": 0.3, "first_call_s": 0.18, "import_plus_first_call_s": 0.48, "calls": calls,
+                 "compiled_after_s": 0.0},
+        "cold_sync": {"import_plus_first_call_s": 61.2}}}
+    (tmp_path / "probes.json").write_text(json.dumps(probes))
+    text = report.format_text(report.build(raw))
+    line = next(l for l in text.splitlines() if "first call, fresh kernel cache" in l)
+    assert "first separable_conv2d (b1 56x56x32->64) 0.43 s (target <= 5;" in line
+    assert "slowest other first call 0.15 s (target <= 3; depthwise 0.02, float64 0.05, separable backward 0.15)" \
+        in line
+    assert "full speed after 168 s; next process (cache warm) import + first call 0.48 s" in line
+    assert "with NBCONV_COMPILE=sync the first separable call waits for its compile: 61.2 s" in text
