@@ -112,11 +112,24 @@ def _signature(d, args):
     return tuple(d.typeof_pyval(a) for a in args)
 
 
+def _in_index(d, sig):
+    """Whether the disk cache's index lists ``sig`` of ``d`` (True when that cannot be told)."""
+    try:
+        cache = d._cache
+        return cache._index_key(sig, d.targetctx.codegen()) in cache._cache_file._load_index()
+    except Exception:  # noqa: BLE001  (another Numba's internals: let load_overload decide)
+        return True
+
+
 def _load_cached(d, sig):
     """Load ``sig`` of ``d`` from the disk cache if it is there (what Numba's ``compile`` does first)."""
     with global_compiler_lock:
         cres = d.overloads.get(sig)
         if cres is None:
+            # Numba's load_overload first initialises its target context (~0.3 s of imports, once per
+            # process): not worth it on a miss, which the NumPy fallback answers in milliseconds
+            if not _in_index(d, sig):
+                return None
             cres = d._cache.load_overload(sig, d.targetctx)
             if cres is None:
                 return None

@@ -128,3 +128,25 @@ def test_read_only_operands_reuse_the_writeable_build(rng):
         np.testing.assert_array_equal(a, orig)
     assert {name: len(d.overloads) for name, d in _compile._REGISTRY.items()} == builds
     assert _compile.typed(frozen[0]).flags.writeable and np.shares_memory(_compile.typed(frozen[0]), frozen[0])
+
+
+def test_a_miss_does_not_start_numbas_target_context(tmp_path):
+    """On a cold cache the miss is told from the index alone: Numba's target context (~0.3 s of imports and
+    registries, what ``load_overload`` starts with) is not initialised for a call that NumPy answers; a hit loads."""
+    res = _run("""
+        import json, sys
+        import numpy as np
+        from nbconv import _compile
+        _compile._SCHEDULER._start = lambda: None
+        import nbconv
+        from nbconv import forward
+        x, w = np.ones((1, 2, 2, 8), np.float32), np.ones((8, 4), np.float32)
+        ok = bool(np.allclose(nbconv.pointwise_conv2d(x, w), 8.0))
+        started = "numba.cpython.heapq" in sys.modules
+        d = forward._SERIAL[forward.pointwise_nhwc]
+        (sig,) = {s for n, s in _compile._SCHEDULER._queue if n == _compile._name(d)}
+        miss = _compile._in_index(d, sig)
+        _compile.compile_all([(_compile._name(d), sig)])
+        print(json.dumps({"ok": ok, "started": started, "miss": miss, "hit": _compile._in_index(d, sig)}))
+    """, tmp_path)
+    assert res == {"ok": True, "started": False, "miss": False, "hit": True}
