@@ -34,6 +34,7 @@ are passed through unchanged and printed in the report.
 """
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -167,6 +168,27 @@ def _probe(args, env, timeout):
         tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
         return {"error": f"exit code {proc.returncode}: {tail}"}
     return json.loads(lines[-1])
+
+
+def _first_predict(args):
+    """{backend: {variant: probe result}}: a MobileNet's first predict, Keras's layers vs converted, each in a new
+    process with an empty kernel cache, on each installed Keras backend."""
+    found = {}
+    for backend, module in (("jax", "jax"), ("torch", "torch"), ("tensorflow", "tensorflow")):
+        if importlib.util.find_spec(module) is None:
+            continue
+        found[backend] = {}
+        for variant in ("keras", "converted"):
+            cache = tempfile.mkdtemp(prefix="nbconv-kernel-cache-")
+            try:
+                env = _env({"KERAS_BACKEND": backend, "NBCONV_CACHE_DIR": cache, "NBCONV_COMPILE": "background",
+                            "OMP_WAIT_POLICY": "PASSIVE", "NUMBA_NUM_THREADS": str(args.threads)})
+                found[backend][variant] = res = _probe(["firstpredict", variant], env, max(args.timeout, 900))
+            finally:
+                shutil.rmtree(cache, ignore_errors=True)
+            print(f"- first predict {backend:<10} {variant:<9} "
+                  + (res.get("error") or f"{res['first_predict_s']:.3f} s"))
+    return found
 
 
 def _merge_passes(raw, name, passes, stat):
@@ -318,6 +340,7 @@ def main(argv=None):
         finally:
             for cache in caches:
                 shutil.rmtree(cache, ignore_errors=True)
+        probes["first_predict"] = _first_predict(args)
     with open(os.path.join(raw, "probes.json"), "w") as fh:
         json.dump(probes, fh, indent=1)
     meta["elapsed_s"] = time.perf_counter() - t_start

@@ -20,6 +20,11 @@ Run by the runner (``python -m benchmarks``); each probe prints one JSON line.
     temporary directory, cold in the default ``background`` mode, then warm
     (the cache the cold run filled), then cold again with ``NBCONV_COMPILE=sync``
     (the first separable call only, which waits for its compile, as with Numba alone).
+
+``python -m benchmarks.probes firstpredict keras|converted``
+    The first ``predict_on_batch`` of keras.applications.MobileNet (96x96,
+    batch 2) with Keras's own layers or converted to nbconv's, on
+    ``KERAS_BACKEND``; the runner gives each an empty kernel cache.
 """
 import argparse
 import json
@@ -29,7 +34,7 @@ import time
 
 import numpy as np
 
-__all__ = ["memory", "firstcall", "MEMORY_SHAPE"]
+__all__ = ["memory", "firstcall", "firstpredict", "MEMORY_SHAPE"]
 
 #: (N, H, W, C, F) of the memory benchmark (issue 2)
 MEMORY_SHAPE = (32, 112, 112, 64, 128)
@@ -149,6 +154,29 @@ def firstcall(only_first=False):
     return res
 
 
+def firstpredict(variant):
+    """The first ``predict_on_batch`` of keras.applications.MobileNet (96x96, batch 2), Keras's own layers or
+    ``keras_layers.convert``-ed, on the backend in ``KERAS_BACKEND``; then waits for any background compile."""
+    import keras
+    import keras_layers
+    from nbconv import _compile
+
+    keras.utils.set_random_seed(0)
+    model = keras.applications.MobileNet(input_shape=(96, 96, 3), weights=None)
+    if variant == "converted":
+        model = keras_layers.convert(model)
+    x = np.random.default_rng(0).standard_normal((2, 96, 96, 3)).astype("float32")
+    t = time.perf_counter()
+    model.predict_on_batch(x)
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    model.predict_on_batch(x)
+    res = {"backend": keras.backend.backend(), "variant": variant, "first_predict_s": first,
+           "second_predict_s": time.perf_counter() - t, "pending_kernels": _compile.pending()}
+    _compile.wait()
+    return res
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.probes")
     sub = p.add_subparsers(dest="probe", required=True)
@@ -157,8 +185,15 @@ def main(argv=None):
     m.add_argument("--batch", type=int, default=MEMORY_SHAPE[0])
     f = sub.add_parser("firstcall")
     f.add_argument("--only-first", action="store_true", help="the first separable call only")
+    fp = sub.add_parser("firstpredict")
+    fp.add_argument("variant", choices=("keras", "converted"))
     a = p.parse_args(argv)
-    res = memory(a.mode, a.batch) if a.probe == "memory" else firstcall(a.only_first)
+    if a.probe == "memory":
+        res = memory(a.mode, a.batch)
+    elif a.probe == "firstpredict":
+        res = firstpredict(a.variant)
+    else:
+        res = firstcall(a.only_first)
     sys.stdout.write(json.dumps(res) + "\n")
 
 

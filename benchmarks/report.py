@@ -742,6 +742,18 @@ def _summary_lines(report):
     elif fc:
         errs = "; ".join(f"{k}: {v.get('error')}" for k, v in fc.items() if isinstance(v, dict) and "error" in v)
         add(f"first call: probe failed: {errs}")
+    fp = report["probes"].get("first_predict") or {}
+    parts = []
+    for backend, res in fp.items():
+        own, ours = res.get("keras") or {}, res.get("converted") or {}
+        if "first_predict_s" in own and "first_predict_s" in ours:
+            parts.append(f"{backend} {ours['first_predict_s']:.2f} s vs {own['first_predict_s']:.2f} s "
+                         f"({ours['first_predict_s'] / own['first_predict_s']:.2f}x)")
+        else:
+            parts.append(f"{backend} failed: {own.get('error') or ours.get('error')}")
+    if parts:
+        add("first predict, converted MobileNet (96x96, b2) vs Keras's own layers, fresh kernel cache "
+            "(target <= 1.5x): " + ", ".join(parts))
     return out
 
 

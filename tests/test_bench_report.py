@@ -151,3 +151,12 @@ def test_first_call_line(tmp_path):
         in line
     assert "full speed after 168 s; next process (cache warm) import + first call 0.48 s" in line
     assert "with NBCONV_COMPILE=sync the first separable call waits for its compile: 61.2 s" in text
+
+
+def test_first_predict_line(tmp_path):
+    raw = _write_raw(tmp_path, {"nbconv": {_hard_ids()[0]: 0.001}})
+    probes = {"first_predict": {"jax": {"keras": {"first_predict_s": 0.8}, "converted": {"first_predict_s": 0.88}},
+                                "torch": {"keras": {"first_predict_s": 0.07}, "converted": {"error": "exit code 1"}}}}
+    (tmp_path / "probes.json").write_text(json.dumps(probes))
+    line = next(l for l in report.format_text(report.build(raw)).splitlines() if "first predict" in l)
+    assert "(target <= 1.5x): jax 0.88 s vs 0.80 s (1.10x), torch failed: exit code 1" in line
