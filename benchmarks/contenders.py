@@ -652,9 +652,9 @@ class NbConvLayers(KerasModel):
         import keras
         import nbconv
         model, x = self._build(case)
-        convs = [(keras.ops.convert_to_numpy(l.depthwise_kernel), keras.ops.convert_to_numpy(l.pointwise_kernel),
-                  keras.ops.convert_to_numpy(l.bias), l.strides) for l in model.layers
-                 if isinstance(l, keras.layers.SeparableConv2D)]
+        convs = [(keras.ops.convert_to_numpy(ly.depthwise_kernel), keras.ops.convert_to_numpy(ly.pointwise_kernel),
+                  keras.ops.convert_to_numpy(ly.bias), ly.strides) for ly in model.layers
+                 if isinstance(ly, keras.layers.SeparableConv2D)]
 
         def model_call():
             return model.predict_on_batch(x)

@@ -538,7 +538,8 @@ def format_text(report):
                   if bad else "all within the tolerance (1e-4 relative to the output's scale unless "
                                   "NBCONV_BENCH_CHECK_TOL says otherwise)"))
     out.append("")
-    out.append(f"Tables: {report['meta'].get('stat', 'median')} ms per call; '(N.NNx)' = t(peer)/t(nbconv), above 1 nbconv is faster; "
+    out.append(f"Tables: {report['meta'].get('stat', 'median')} ms per call; '(N.NNx)' = t(peer)/t(nbconv), "
+               f"above 1 nbconv is faster; "
                "'vs best' = t(best peer)/t(nbconv); skip = does not run this case, n/a = not available yet, "
                "absent = library not installed, ! = output check failed.")
     for suite in _cases.SUITES:

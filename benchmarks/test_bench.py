@@ -53,7 +53,8 @@ for _k, _v in getattr(CONTENDER, "env", {}).items():
 PINNED = _pin_cpus(_contenders.THREADS)
 NOTE = CONTENDER.available()
 INFO = {"contender": CONTENDER.name, "label": CONTENDER.label, "available": NOTE is None, "note": NOTE,
-        "pid": os.getpid(), "python": platform.python_version(), "pinned_cpus": PINNED, "skips": {}, "checks": {}, "check_tol": CHECK_TOL, "errors": {}}
+        "pid": os.getpid(), "python": platform.python_version(), "pinned_cpus": PINNED, "skips": {}, "checks": {},
+        "check_tol": CHECK_TOL, "errors": {}}
 
 
 def _threadpools():

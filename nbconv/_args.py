@@ -321,7 +321,8 @@ def depthwise_geometry(x, kernel, strides, padding, dilation_rate, channels_last
 
 
 def pointwise_matrix(kernel, channels, name="pointwise_kernel"):
-    """Return a Keras pointwise kernel ``(1, 1, K, F)`` or ``(K, F)`` as a ``(K, F)`` view, checked against ``channels``."""
+    """Return a Keras pointwise kernel ``(1, 1, K, F)`` or ``(K, F)`` as a ``(K, F)`` view, checked against
+    ``channels``."""
     if kernel.ndim == 4:
         if kernel.shape[:2] != (1, 1):
             raise ValueError(
@@ -342,7 +343,8 @@ def pointwise_matrix(kernel, channels, name="pointwise_kernel"):
             f"Received: {name} with shape {kernel.shape}"
         )
     if matrix.shape[0] == 0 or matrix.shape[1] == 0:
-        raise ValueError(f"Expected `{name}` to have at least one input channel and one filter. Received: {name} with shape {kernel.shape}")
+        raise ValueError(f"Expected `{name}` to have at least one input channel and one filter. "
+                         f"Received: {name} with shape {kernel.shape}")
     return matrix
 
 

@@ -464,7 +464,6 @@ def dwsep_backward_nhwc(x, dk, wmat, wmat_t, g2, want_dx, dx, want_dk, dkp, want
             _zero(hal)
         halo_pos[chunk, 0] = hn
         halo_pos[chunk, 1] = hrow
-        ib = ibuf[chunk]
         d = dscr[chunk]
         dd = ddscr[chunk]
         d1 = d.reshape(-1)
@@ -551,8 +550,6 @@ def dwsep_backward_nchw(x, dk, wmat, g3, want_dx, dx, want_dk, dkp, want_pw, dpw
     g1 = g3.reshape(-1)
     w1 = wmat.reshape(-1)
     dpw1 = dpwp.reshape(-1)
-    # 3x3 kernel gradients of separable tiles (whole output rows) in the vector micro-kernel
-    fast_dk = sep and want_dk and dk.shape[0] == 3 and dk.shape[1] == 3
     for chunk in prange(nchunks):
         r0, r1 = _chunk_rows(chunk, nchunks, rows)
         hal = halo[chunk]
@@ -693,7 +690,6 @@ def pointwise_backward_nhwc(x2, wmat, wmat_t, g2, want_dx, dx2, want_w, dwp, wan
     dw1 = dwp.reshape(-1)
     for chunk in prange(nchunks):
         t0, t1 = _chunk_rows(chunk, nchunks, ntiles)
-        ib = ibuf[chunk]
         for t in range(t0, t1):
             p0 = t * tile_p
             npx = min(tile_p, p_all - p0)

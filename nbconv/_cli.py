@@ -141,7 +141,7 @@ def info(out=sys.stdout):
     p(f"  compile    {mode}" + ("  (a call whose kernels are not cached yet is computed by NumPy while a "
                                  "low-priority child process compiles them)" if mode == "background" else
                                  "  (a call whose kernels are not cached yet waits for them to compile)")
-      + f"; set by NBCONV_COMPILE={{background,sync}}")
+      + "; set by NBCONV_COMPILE={background,sync}")
     return 0
 
 
@@ -202,7 +202,6 @@ def _setup_torch(shape):
 
 def _setup_onnxruntime(shape):
     import numpy as np
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 

@@ -29,7 +29,6 @@ from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._elementwise import bias_act_inplace, vec_bias_act_inplace
 from ._jit import jit, pjit
 from ._simd import VECTOR_BYTES, VectorBuilder, copy_vector, gather_vector, transpose_block
 
@@ -388,7 +387,8 @@ def pack_rows(xn, dm, pr0, nrows, pt, pl, wp, lanes, xs):
             for col in range(col0, col1):
                 s0 = (col - pl) * c
                 for b in range(nb):
-                    copy_vector(src, s0 + b * lanes, xs, ((b * nrows + r) * wp + col) * lanes, min(lanes, cm - b * lanes))
+                    copy_vector(src, s0 + b * lanes, xs, ((b * nrows + r) * wp + col) * lanes,
+                                min(lanes, cm - b * lanes))
             continue
         src = xn[ih].reshape(-1)
         for col in range(col0, col1):
@@ -505,8 +505,8 @@ def dw_tile(x, n, channels_last, channel_major, wt, bt, wc, bc, act, dm, r0, nr,
 
 
 @pjit
-def depthwise_packed(x, channels_last, wt, bt, wc, bc, act, out1, dm, sh, sw, dh, dw, pt, pl, kh_n, kw_n, oh_n, ow_n, wp,
-                     th, nchunks, xs_scr):
+def depthwise_packed(x, channels_last, wt, bt, wc, bc, act, out1, dm, sh, sw, dh, dw, pt, pl, kh_n, kw_n, oh_n, ow_n,
+                     wp, th, nchunks, xs_scr):
     """Parallel depthwise convolution from packed rows, NHWC or NCHW.
 
     Parameters

@@ -1,5 +1,4 @@
 """Serial element-wise helpers shared by the kernel families (bias + fused activation epilogues)."""
-import numpy as np
 
 from ._jit import jit
 

@@ -10,7 +10,6 @@ the micro-kernel does not read.
 import numpy as np
 from numba import prange
 
-from ._elementwise import bias_act_inplace, vec_bias_act_inplace
 from ._gemm import gemm_nn
 from ._jit import jit, pjit
 from ._runtime import dgemm, sgemm

@@ -215,14 +215,16 @@ def gather_vector(typingctx, src, soff, idx, ioff, dst, doff, n):
             f"llvm.masked.load.v{lanes}i64.p0")
         ivec = builder.call(iload, [ivp, ir.Constant(I32, 8), mask, ir.Constant(i64v, [0] * lanes)])
         base = builder.ptrtoint(vb.at(vb.data(0), vb.int64(1)), I64)
-        bvec = builder.shuffle_vector(builder.insert_element(ir.Constant(i64v, ir.Undefined), base, ir.Constant(I32, 0)),
-                                      ir.Constant(i64v, ir.Undefined), vb._splat)
+        bvec = builder.shuffle_vector(
+            builder.insert_element(ir.Constant(i64v, ir.Undefined), base, ir.Constant(I32, 0)),
+            ir.Constant(i64v, ir.Undefined), vb._splat)
         size = ir.Constant(i64v, [signature.args[0].dtype.bitwidth // 8] * lanes)
         pty = ir.VectorType(vb.fty.as_pointer(), lanes)
         ptrs = builder.inttoptr(builder.add(bvec, builder.mul(ivec, size)), pty)
         suffix = f"v{lanes}{'f32' if signature.args[0].dtype.bitwidth == 32 else 'f64'}"
         gather = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(vb.vty, [pty, I32, mask.type, vb.vty]), f"llvm.masked.gather.{suffix}.v{lanes}p0")
+            builder.module, ir.FunctionType(vb.vty, [pty, I32, mask.type, vb.vty]),
+            f"llvm.masked.gather.{suffix}.v{lanes}p0")
         value = builder.call(gather, [ptrs, vb._align, mask, vb.zero])
         vb.store(value, vb.at(vb.data(4), vb.int64(5)))
         return context.get_dummy_value()
@@ -257,8 +259,8 @@ def transpose_block(typingctx, src, soff, srs, nrows, ncols, dst, doff, dcs):
             rows.append(builder.load(slot))
         h = 1
         while h < lanes:
-            lo = [l if not l & h else lanes + l - h for l in range(lanes)]
-            hi = [l + h if not l & h else lanes + l for l in range(lanes)]
+            lo = [i if not i & h else lanes + i - h for i in range(lanes)]
+            hi = [i + h if not i & h else lanes + i for i in range(lanes)]
             for r in range(lanes):
                 if r & h:
                     continue

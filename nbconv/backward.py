@@ -324,7 +324,8 @@ def _dw_grads_nhwc(g, xc, dk, gd, want_dx, want_dk, compute):
     """
     gd = _compile.typed(gd)
     cm = g.c * g.dm
-    flip_pad = ((g.kh - 1) * g.dh - g.pt, (g.kh - 1) * g.dh - g.pb), ((g.kw - 1) * g.dw - g.pl, (g.kw - 1) * g.dw - g.pr)
+    flip_pad = (((g.kh - 1) * g.dh - g.pt, (g.kh - 1) * g.dh - g.pb),
+                ((g.kw - 1) * g.dw - g.pl, (g.kw - 1) * g.dw - g.pr))
     fast_dx = want_dx and g.sh == g.sw == 1 and g.dm == 1 and min(min(p) for p in flip_pad) >= 0
     fast_dk = want_dk and g.kh == g.kw == 3
     dx = ddk = None

@@ -133,7 +133,8 @@ ERRORS = [
                 (1.0, 2), ((1, 2), 3), True, (1, 2, 3, 4)]],
     ("padding dw", dw(padding="SAMEE"), ValueError, r("Received: padding='SAMEE'")),
     # unknown data_format / activation
-    *[(f"data_format={d!r}", f(data_format=d), ValueError, r("`data_format`") + ".*" + r(f"Received: data_format={d!r}"))
+    *[(f"data_format={d!r}", f(data_format=d), ValueError,
+       r("`data_format`") + ".*" + r(f"Received: data_format={d!r}"))
       for d in ["NHWC", "channels_middle", 1] for f in (sep, dw, pw)],
     *[(f"activation={a!r}", f(activation=a), ValueError, r("`activation`") + ".*" + r(f"Received: activation={a!r}"))
       for a in ["sigmoid", "gelu", 1] for f in (sep, dw, pw)],
@@ -184,7 +185,8 @@ for _kind, _conv in NON_FLOAT.items():
         ERRORS.append((f"{_f.__name__} {_arg} {_kind}", _f(**{_arg: _conv(_base)}), TypeError,
                        r(f"`{_arg}`") + ".*" + r(f"Received: {_arg} with dtype {_dtype}")))
 ERRORS.append(("x strings", dw(x=[[[["a"]]]]), TypeError, r("Received: x with dtype <U1")))
-ERRORS.append(("x list of ints", dw(x=np.zeros((2, 6, 6, 3), int).tolist()), TypeError, r("Received: x with dtype int")))
+ERRORS.append(("x list of ints", dw(x=np.zeros((2, 6, 6, 3), int).tolist()), TypeError,
+               r("Received: x with dtype int")))
 
 
 @pytest.mark.parametrize("case", ERRORS, ids=[e[0] for e in ERRORS])

@@ -61,7 +61,7 @@ def test_hard_case_ceiling(tmp_path, peer_fraction, reachable):
     assert ceil["rate_gflops"] == pytest.approx(PEAK_GFLOPS)
     assert ceil["poorly_speedup_geomean"] == pytest.approx(1 / peer_fraction)
     assert ceil["poorly_peer_pct_of_rate_median"] == pytest.approx(100 * peer_fraction)
-    line = next(l for l in report.format_text(rep).splitlines() if "cases peers handle poorly" in l)
+    line = next(ln for ln in report.format_text(rep).splitlines() if "cases peers handle poorly" in ln)
     assert ("out of reach" in line) is not reachable
     assert ("within reach" in line) is reachable
 
@@ -107,7 +107,7 @@ def test_keras_model_bridge_uses_the_bare_layers(tmp_path):
         "nbconv_layers": {cid: (0.011 if cid in bare else 0.015) for cid in rows},
         "keras_model": {cid: (0.011 if cid in bare else 0.150) for cid in rows},
     })
-    line = next(l for l in report.format_text(report.build(raw)).splitlines() if l.startswith("- Keras model"))
+    line = next(ln for ln in report.format_text(report.build(raw)).splitlines() if ln.startswith("- Keras model"))
     assert "bridge at b8 (bare layers) 1.10x (target <= 1.15x)  [met]" in line
     assert "min 10.0x (target >= 10x)" in line
 
@@ -128,7 +128,7 @@ def test_keras_model_bridge_prefers_the_same_process(tmp_path):
     (row,) = [r for r in entry["rows"] if r["bare"]]
     assert row["same_process"] and row["ratio_vs_direct"] == pytest.approx(1.2)
     assert row["ratio_vs_direct_other_process"] == pytest.approx(1.1)
-    line = next(l for l in report.format_text(rep).splitlines() if l.startswith("- Keras model"))
+    line = next(ln for ln in report.format_text(rep).splitlines() if ln.startswith("- Keras model"))
     assert "bridge: 1.20x the direct calls in the same process" in line
     assert "bridge at b8 (bare layers) 1.20x (target <= 1.15x)  [NOT met]" in line
 
@@ -145,7 +145,7 @@ def test_first_call_line(tmp_path):
         "cold_sync": {"import_plus_first_call_s": 61.2}}}
     (tmp_path / "probes.json").write_text(json.dumps(probes))
     text = report.format_text(report.build(raw))
-    line = next(l for l in text.splitlines() if "first call, fresh kernel cache" in l)
+    line = next(ln for ln in text.splitlines() if "first call, fresh kernel cache" in ln)
     assert "first separable_conv2d (b1 56x56x32->64) 0.43 s (target <= 5;" in line
     assert "slowest other first call 0.15 s (target <= 3; depthwise 0.02, float64 0.05, separable backward 0.15)" \
         in line
@@ -158,5 +158,5 @@ def test_first_predict_line(tmp_path):
     probes = {"first_predict": {"jax": {"keras": {"first_predict_s": 0.8}, "converted": {"first_predict_s": 0.88}},
                                 "torch": {"keras": {"first_predict_s": 0.07}, "converted": {"error": "exit code 1"}}}}
     (tmp_path / "probes.json").write_text(json.dumps(probes))
-    line = next(l for l in report.format_text(report.build(raw)).splitlines() if "first predict" in l)
+    line = next(ln for ln in report.format_text(report.build(raw)).splitlines() if "first predict" in ln)
     assert "(target <= 1.5x): jax 0.88 s vs 0.80 s (1.10x), torch failed: exit code 1" in line

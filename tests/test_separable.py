@@ -359,11 +359,13 @@ def test_out_rejects_wrong_arrays(rng, func):
     readonly.flags.writeable = False
     bad["readonly"] = readonly
     for why, out in bad.items():
-        with pytest.raises(ValueError, match=r"Expected `out` to be a writeable C-contiguous ndarray .* Received: out="):
+        with pytest.raises(ValueError,
+                           match=r"Expected `out` to be a writeable C-contiguous ndarray .* Received: out="):
             CALLS[func](x, dk, pk, out=out)
     # the kernels read the input while writing out: no overlap
     big = np.zeros((2,) + shape, np.float32)
-    with pytest.raises(ValueError, match="Expected `out` to share no memory with the inputs. Received: out overlapping x"):
+    with pytest.raises(ValueError,
+                       match="Expected `out` to share no memory with the inputs. Received: out overlapping x"):
         CALLS[func](big[0][..., :4] if func != "pointwise" else big[0], dk, pk, out=big[0])
 
 

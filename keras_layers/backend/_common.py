@@ -16,7 +16,7 @@ uses) in parallel before the backward kernels.
 import ctypes
 import os
 import sys
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 

@@ -163,8 +163,8 @@ def test_functional_with_folding(functional, x15):
     assert sum(type(layer) is keras_layers.DepthwiseConv2D for layer in new) == 1
     # the first Conv2D's BN stays (no 1x1 chain), the absorbed ones became placeholders
     remaining_bn = [layer.name for layer in new if isinstance(layer, keras.layers.BatchNormalization)]
-    assert len(remaining_bn) == 1 and remaining_bn[0] == [n for n, l in by_name.items()
-                                                            if isinstance(l, keras.layers.BatchNormalization)][0]
+    assert len(remaining_bn) == 1 and remaining_bn[0] == [n for n, ly in by_name.items()
+                                                            if isinstance(ly, keras.layers.BatchNormalization)][0]
     assert sum(isinstance(layer, Absorbed) for layer in new) == 13  # 6 + 4 + 2 + 1
     text = str(converted.nbconv_report)
     assert "fused separable block" in text and "folded" in text
