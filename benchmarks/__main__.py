@@ -29,6 +29,12 @@ A full run makes two passes over the contenders, alternating (``--passes``),
 and per case keeps each contender's faster pass: the speed of a shared
 machine drifts between spells, and one process per contender would rank a
 contender by the spell it fell in.
+Idle runs (``--idle``, default 0, 5 and 20 ms): real callers leave gaps between
+calls (a model's other layers, a server between requests), and after a few ms
+idle this machine's cores run the next call slower.  The MobileNetV1 + Xception
+cases are timed again, with a sleep before every timed call (not timed), for
+nbconv on the runner's threads and on one, nbconv with packed weights, PyTorch
+and ONNX Runtime, one process each, after the main passes.
 Environment variables such as ``OPENBLAS_CORETYPE``
 are passed through unchanged and printed in the report.
 """
@@ -59,6 +65,11 @@ ENV_SHOWN = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "O
              "XLA_FLAGS")
 ROUNDS = {False: ["--benchmark-min-rounds=5", "--benchmark-max-time=0.4"],
           True: ["--benchmark-min-rounds=3", "--benchmark-max-time=0.1"]}
+#: the idle runs: (tag, contender, threads or None for --threads)
+IDLE_RUNS = (("nbconv.idle", "nbconv", None), ("nbconv.idle.t1", "nbconv", 1),
+             ("nbconv_packed.idle", "nbconv_packed", None), ("torch_nchw.idle", "torch_nchw", None),
+             ("torch_nhwc.idle", "torch_nhwc", None),
+             ("onnxruntime.idle", "onnxruntime", None))
 
 
 def _parser():
@@ -88,6 +99,12 @@ def _parser():
                    help="times each contender runs, alternating with the others (default 2, 1 with --quick); per "
                         "case the pass with the lowest time counts, as this machine's speed drifts between spells "
                         "(the models suite runs once)")
+    p.add_argument("--idle", default="0,5,20",
+                   help="idle gaps in ms, comma-separated (default 0,5,20), or 'none': the MobileNetV1 + Xception "
+                        "cases are timed again sleeping that long before every call, for nbconv (also on 1 thread), "
+                        "PyTorch and ONNX Runtime, each in its own process")
+    p.add_argument("--idle-rounds", type=int, default=None,
+                   help="timed calls per case and gap in the idle runs (default 25, 10 with --quick)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per process (default 1800)")
     p.add_argument("--list", action="store_true", help="list suites, cases and contenders, then exit")
     return p
@@ -226,6 +243,42 @@ def _merge_passes(raw, name, passes, stat):
             json.dump(merged, fh)
 
 
+def _idle_gaps(text):
+    if not text or text.strip().lower() == "none":
+        return []
+    try:
+        gaps = [float(g) for g in text.split(",") if g.strip()]
+    except ValueError:
+        gaps = None
+    if gaps is None or any(not 0 <= g <= 1000 for g in gaps):
+        _parser().error(f"--idle expects gaps in ms between 0 and 1000, comma-separated, or 'none'. Received: {text!r}")
+    return gaps
+
+
+def _run_contender(args, raw, suites, passthrough, show, name, tag, label, extra_env):
+    """One pytest-benchmark process for contender ``name``, results in ``<raw>/<tag>.json``; returns (rc, s)."""
+    contender = CONTENDERS[name]
+    extra = {"NBCONV_BENCH_CONTENDER": name, "NBCONV_BENCH_SUITES": ",".join(suites),
+             "NBCONV_BENCH_QUICK": "1" if args.quick else "0", "NBCONV_BENCH_CHECK": "0" if args.no_check else "1",
+             "NBCONV_BENCH_INFO": os.path.join(raw, f"{tag.split('.pass')[0]}.info.json"),
+             "NBCONV_BENCH_THREADS": str(args.threads)}
+    extra.update(getattr(contender, "env", {}))  # e.g. KERAS_BACKEND for the models suite's backends
+    extra.update(extra_env)
+    cmd = [sys.executable, "-m", "pytest", os.path.join(HERE, "test_bench.py"), "-p", "no:cacheprovider",
+           "-o", "addopts=", "-q", "-rfE", f"--benchmark-json={os.path.join(raw, tag + '.json')}",
+           "--benchmark-disable-gc", "--benchmark-warmup=off", "--benchmark-sort=name",
+           "--benchmark-columns=min,median,iqr,rounds"]
+    cmd += ROUNDS[args.quick]
+    if not any(a.startswith("--benchmark-storage") for a in passthrough):
+        cmd.append(f"--benchmark-storage=file://{os.path.join(os.getcwd(), '.benchmarks', name)}")
+    cmd += passthrough
+    print(f"- {label:<19} ...", end="", flush=True)
+    rc, out, secs = _run(cmd, _env(extra), os.path.join(raw, f"{tag}.log"), args.timeout, show)
+    print(f"\r- {label:<19} {secs:6.1f} s  {_pytest_summary(out)}" + ("" if rc in (0, 5) else
+                                                                      f"  (exit code {rc}, log {tag}.log)"))
+    return rc, secs
+
+
 def main(argv=None):
     args, passthrough = _parser().parse_known_args(argv)
     if args.list:
@@ -270,7 +323,6 @@ def main(argv=None):
         if os.environ.get(k):
             print(f"  note: {k}={os.environ[k]} is set (OpenBLAS runs slower than it could; see the report)")
 
-    test_file = os.path.join(HERE, "test_bench.py")
     for name in list(names):
         contender = CONTENDERS[name]
         if name != "sgemm":
@@ -285,30 +337,30 @@ def main(argv=None):
     runs = [(p, name) for p in range(passes) for name in names
             if p == 0 or not getattr(CONTENDERS[name], "single_pass", False)]
     for p, name in runs:
-        contender = CONTENDERS[name]
         tag = name if p == 0 else f"{name}.pass{p + 1}"
-        extra = {"NBCONV_BENCH_CONTENDER": name, "NBCONV_BENCH_SUITES": ",".join(suites),
-                 "NBCONV_BENCH_QUICK": "1" if args.quick else "0", "NBCONV_BENCH_CHECK": "0" if args.no_check else "1",
-                 "NBCONV_BENCH_INFO": os.path.join(raw, f"{name}.info.json"),
-                 "NBCONV_BENCH_THREADS": str(args.threads)}
-        extra.update(getattr(contender, "env", {}))  # e.g. KERAS_BACKEND for the models suite's backends
-        cmd = [sys.executable, "-m", "pytest", test_file, "-p", "no:cacheprovider", "-o", "addopts=", "-q", "-rfE",
-               f"--benchmark-json={os.path.join(raw, tag + '.json')}", "--benchmark-disable-gc",
-               "--benchmark-warmup=off", "--benchmark-sort=name", "--benchmark-columns=min,median,iqr,rounds"]
-        cmd += ROUNDS[args.quick]
-        if not any(a.startswith("--benchmark-storage") for a in passthrough):
-            cmd.append(f"--benchmark-storage=file://{os.path.join(os.getcwd(), '.benchmarks', name)}")
-        cmd += passthrough
         label = name if passes == 1 else f"{name} [{p + 1}/{passes}]"
-        print(f"- {label:<19} ...", end="", flush=True)
-        rc, out, secs = _run(cmd, _env(extra), os.path.join(raw, f"{tag}.log"), args.timeout, show)
+        rc, secs = _run_contender(args, raw, suites, passthrough, show, name, tag, label, {})
         if p == 0 or rc not in (0, 5):
             meta["returncodes"][name] = rc
         meta["seconds"][name] = meta["seconds"].get(name, 0.0) + secs
-        print(f"\r- {label:<19} {secs:6.1f} s  {_pytest_summary(out)}" + ("" if rc in (0, 5) else
-                                                                          f"  (exit code {rc}, log {tag}.log)"))
     for name in names:
         _merge_passes(raw, name, passes, args.stat)
+
+    gaps = _idle_gaps(args.idle)
+    idle_suites = [s for s in (suites or _cases.SUITES) if s in _cases.IDLE_SUITES]
+    meta["idle"] = {"gaps_ms": gaps, "runs": {}}
+    if gaps and idle_suites and any(c.suite in idle_suites for c in selected):
+        rounds = args.idle_rounds or (10 if args.quick else 25)
+        meta["idle"]["rounds"] = rounds
+        for tag, name, threads in IDLE_RUNS:
+            if name not in names:
+                continue
+            extra = {"NBCONV_BENCH_IDLE_MS": ",".join(f"{g:g}" for g in gaps), "NBCONV_BENCH_IDLE_ROUNDS": str(rounds)}
+            if threads:
+                extra["NBCONV_BENCH_THREADS"] = str(threads)
+            rc, secs = _run_contender(args, raw, idle_suites, passthrough, show, name, tag, tag, extra)
+            meta["idle"]["runs"][tag] = {"contender": name, "threads": threads or args.threads, "returncode": rc}
+            meta["seconds"][tag] = secs
 
     probes = {}
     if "nbconv" in meta["contenders"] and not args.no_memory:

@@ -253,6 +253,23 @@ def _build():
 CASES = _build()
 
 
+#: suites timed with idle gaps before each call (``python -m benchmarks --idle``)
+IDLE_SUITES = ("mobilenet", "xception")
+
+
+@dataclass(frozen=True)
+class IdleCase:
+    """A case timed with ``gap_ms`` of sleep before every call, as between a server's requests or a model's
+    layers."""
+
+    case: Case
+    gap_ms: float
+
+    @property
+    def id(self):
+        return f"{self.case.id}@idle{self.gap_ms:g}ms"
+
+
 def select(suites=None, quick=False):
     """Cases of the given suites (all when None), only the quick ones if ``quick``."""
     out = []

@@ -3,7 +3,8 @@
 Input is a raw results folder written by the runner (``python -m benchmarks``):
 ``<contender>.json`` (pytest-benchmark's ``--benchmark-json``),
 ``<contender>.info.json`` (versions, thread pools, skips, checks),
-``probes.json`` (memory and first-call probes) and ``meta.json``.
+``probes.json`` (memory and first-call probes), ``meta.json``, and the idle runs' ``<tag>.json``
+(``nbconv.idle``, ``nbconv.idle.t1``, ...: each case once per idle gap, listed in ``meta["idle"]``).
 
 Regenerate a report from such a folder with ``python -m benchmarks.report [--min] <folder>`` (``--min``: the
 fastest round instead of the median, for a shared, noisy machine).
@@ -35,6 +36,14 @@ EXTRA_COLUMNS = {"fused": ("nbconv_2step",),
 KERAS_MODEL_TARGETS = {"jax": 10.0, "tensorflow": 2.0, "torch": 1.3}
 KERAS_MODEL_BRIDGE_TARGET = 1.15
 TARGET_SUITES = ("mobilenet", "xception")
+#: the idle runs' targets, per gap above 0: t(nbconv)/t(best of the idle peers) (geomean and worst shape), and
+#: t(nbconv on 1 thread)/t(nbconv) on every shape of at least ``thread_min_macs`` multiply-adds
+IDLE_TARGETS = {"ratio_geomean": 1.0, "ratio_max": 1.3, "thread_speedup_min": 1.5, "thread_min_macs": 50e6}
+#: idle runs compared against nbconv (the first three are its peers there), in the table's column order
+IDLE_COLUMNS = (("nbconv.idle.t1", "nbconv 1 thread"), ("nbconv_packed.idle", "nbconv packed"),
+                ("torch_nchw.idle", "torch NCHW"), ("torch_nhwc.idle", "torch ch_last"),
+                ("onnxruntime.idle", "ONNX Runtime"))
+IDLE_PEERS = ("torch_nchw.idle", "torch_nhwc.idle", "onnxruntime.idle")
 SUITE_NOTES = {
     "classic": "the input arrives NCHW (torch ch_last converts inside the timing); the NHWC row is its "
                "channels_last twin for nbconv's channels_first/channels_last ratio",
@@ -150,9 +159,53 @@ def build(raw_dir, stat=None):
 
     report = {"meta": meta, "peak": {"gflops": peak_gflops, "median_s": peak["time"] if peak else None,
                                      "size": CONTENDERS["sgemm"].size},
-              "contenders": contenders, "suites": suites, "probes": probes}
+              "contenders": contenders, "suites": suites, "probes": probes, "idle": _idle(raw_dir, meta, stat)}
     report["summary"] = _summary(report)
     return report
+
+
+def _idle(raw_dir, meta, stat):
+    """The idle runs: ``{"gaps_ms", "rounds", "rows": [{"case", "ms": {tag: {gap: ms}}}]}``, or None."""
+    idle = meta.get("idle") or {}
+    gaps = idle.get("gaps_ms") or []
+    if not gaps or not idle.get("runs"):
+        return None
+    times = {}
+    for tag in idle["runs"]:
+        for b in (_load(os.path.join(raw_dir, f"{tag}.json")) or {}).get("benchmarks", []):
+            ex = b.get("extra_info", {})
+            if ex.get("idle_ms") is not None and ex.get("case"):
+                times.setdefault(ex["case"], {}).setdefault(tag, {})[f"{ex['idle_ms']:g}"] = b["stats"][stat] * 1e3
+    rows = [{"case": c.to_dict(), "ms": times[c.id]} for c in _cases.CASES if c.id in times]
+    return {"gaps_ms": gaps, "rounds": idle.get("rounds"), "runs": idle["runs"], "rows": rows}
+
+
+def _idle_summary(idle):
+    """Per gap: nbconv against the best idle peer (geomean, worst shape) and its 2-thread over 1-thread speedup
+    on the shapes of at least ``IDLE_TARGETS["thread_min_macs"]`` multiply-adds (the lowest, and where)."""
+    out = {}
+    for gap in (f"{g:g}" for g in idle["gaps_ms"]):
+        ratios, threads = [], []
+        for r in idle["rows"]:
+            nb = r["ms"].get("nbconv.idle", {}).get(gap)
+            if not nb:
+                continue
+            peers = [r["ms"][p][gap] for p in IDLE_PEERS if gap in r["ms"].get(p, {})]
+            if peers:
+                ratios.append((nb / min(peers), r["case"]["shape"]))
+            t1 = r["ms"].get("nbconv.idle.t1", {}).get(gap)
+            if t1 and sum(r["case"]["macs"]) >= IDLE_TARGETS["thread_min_macs"]:
+                threads.append((t1 / nb, r["case"]["shape"]))
+        entry = {}
+        if ratios:
+            entry.update(ratio_geomean=_geomean([x for x, _ in ratios]), n=len(ratios))
+            entry["ratio_max"], entry["ratio_max_case"] = max(ratios)
+        if threads:
+            entry["thread_speedup_min"], entry["thread_speedup_min_case"] = min(threads)
+            entry["thread_n"] = len(threads)
+        if entry:
+            out[gap] = entry
+    return out
 
 
 def _roles(suite):
@@ -262,7 +315,10 @@ def _summary(report):
         if notes:
             entry["note"] = "; ".join(sorted(n for n in notes if n))
         s.setdefault("keras_model", []).append(entry)
-    # 10. keras.applications models (issue 6): original vs converted vs folded, per backend
+    # 10. idle gaps before each call
+    if report.get("idle"):
+        s["idle"] = _idle_summary(report["idle"])
+    # 11. keras.applications models (issue 6): original vs converted vs folded, per backend
     models = _models(report)
     if models:
         s["models"] = models
@@ -378,6 +434,34 @@ def _models_table(report):
     out.append("  ".join("-" * w for w in widths))
     for line in body:
         out.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+    return out
+
+
+def _idle_table(report):
+    idle = report.get("idle")
+    if not idle or not idle["rows"]:
+        return []
+    present = [(t, label) for t, label in IDLE_COLUMNS if t in idle["runs"]]
+    head = ["case", "idle", "nbconv ms"] + [label for _, label in present] + ["vs best", "2 threads/1"]
+    body = []
+    for r in idle["rows"]:
+        for g in idle["gaps_ms"]:
+            gap = f"{g:g}"
+            nb = r["ms"].get("nbconv.idle", {}).get(gap)
+            line = [r["case"]["shape"] if g == idle["gaps_ms"][0] else "", f"{gap} ms", _fmt_ms(nb)]
+            line += [_fmt_ms(r["ms"].get(t, {}).get(gap)) for t, _ in present]
+            peers = [r["ms"][p][gap] for p in IDLE_PEERS if gap in r["ms"].get(p, {})]
+            t1 = r["ms"].get("nbconv.idle.t1", {}).get(gap)
+            line += [f"{min(peers) / nb:.2f}x" if nb and peers else "-", f"{t1 / nb:.2f}x" if nb and t1 else "-"]
+            body.append(line)
+    widths = [max(len(str(x[i])) for x in [head] + body) for i in range(len(head))]
+    out = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths)))]
+    out.append("  ".join("-" * w for w in widths))
+    for line in body:
+        out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+    out.append(f"  note - {report['meta'].get('stat', 'median')} of {idle.get('rounds')} calls per gap, each after "
+               f"sleeping that long (not timed), every contender in its own process after the main passes; 'vs "
+               f"best' = t(best of torch and ONNX Runtime)/t(nbconv), '2 threads/1' = t(nbconv, 1 thread)/t(nbconv)")
     return out
 
 
@@ -557,6 +641,11 @@ def format_text(report):
             out.append(f"  note - {note}")
         if suite == "backward" and s.get("backward_note"):
             out.append(f"  note - {s['backward_note']}")
+    idle = _idle_table(report)
+    if idle:
+        out.append("")
+        out.append("## Idle gaps: MobileNetV1 + Xception with a sleep before every call")
+        out += idle
     out.append("")
     out.append("## Summary against the targets of issue 3 (and issues 2, 4, 5, 6)")
     out += _summary_lines(report)
@@ -707,6 +796,27 @@ def _summary_lines(report):
                 line += (f"; converted min {min(conv):.2f}x (target: never slower, >= {MODELS_TORCH_TARGET:g}x)"
                          f"{_ok(min(conv), MODELS_TORCH_TARGET, False)}")
         add(line)
+    t = IDLE_TARGETS
+    for gap, e in (s.get("idle") or {}).items():
+        if gap == "0":
+            label = "idle runs, no gap (fixed rounds, same processes as the gaps)"
+        else:
+            label = f"idle {gap} ms before each call"
+        parts = []
+        if "ratio_geomean" in e:
+            parts.append(f"geomean t(nbconv)/t(best of torch, ONNX Runtime) = {e['ratio_geomean']:.2f}"
+                         + (f" (target <= {t['ratio_geomean']:g}){_ok(e['ratio_geomean'], t['ratio_geomean'])}"
+                            if gap != "0" else "")
+                         + f", max {e['ratio_max']:.2f} at {e['ratio_max_case']}"
+                         + (f" (target <= {t['ratio_max']:g}){_ok(e['ratio_max'], t['ratio_max'])}"
+                            if gap != "0" else ""))
+        if "thread_speedup_min" in e:
+            parts.append(f"2 threads over 1, lowest on the {e['thread_n']} shapes of >= "
+                         f"{t['thread_min_macs'] / 1e6:.0f} M MAC: {e['thread_speedup_min']:.2f}x at "
+                         f"{e['thread_speedup_min_case']} (target >= {t['thread_speedup_min']:g})"
+                         f"{_ok(e['thread_speedup_min'], t['thread_speedup_min'], False)}")
+        if parts:
+            add(f"{label}: " + "; ".join(parts))
     mem = report["probes"].get("memory") or {}
     fused = mem.get("fused")
     if fused and "error" not in fused:

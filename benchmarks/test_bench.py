@@ -17,10 +17,15 @@ NBCONV_BENCH_QUICK       ``1``: only the cases marked quick
 NBCONV_BENCH_CHECK       ``0``: skip the check of each output against the float64 reference
 NBCONV_BENCH_CHECK_TOL   tolerance of that check, relative to the output's scale (default 1e-4)
 NBCONV_BENCH_INFO        path of a JSON file receiving versions, thread pools, skips and checks
+NBCONV_BENCH_IDLE_MS     comma-separated idle gaps in ms (e.g. ``0,5,20``): time each case of the idle suites once
+                         per gap, sleeping that long before every timed call (the sleep is not timed)
+NBCONV_BENCH_IDLE_ROUNDS timed calls per case and gap in that mode (default 25)
+NBCONV_BENCH_WARMUP_S    seconds of untimed back-to-back calls before a case is timed (default 0.2)
 """
 import json
 import os
 import platform
+import time
 
 import pytest
 
@@ -33,6 +38,9 @@ QUICK = os.environ.get("NBCONV_BENCH_QUICK", "0") == "1"
 CHECK = os.environ.get("NBCONV_BENCH_CHECK", "1") != "0"
 INFO_PATH = os.environ.get("NBCONV_BENCH_INFO")
 CHECK_TOL = float(os.environ.get("NBCONV_BENCH_CHECK_TOL", "1e-4"))
+IDLE_MS = [float(g) for g in os.environ.get("NBCONV_BENCH_IDLE_MS", "").split(",") if g.strip()]
+IDLE_ROUNDS = int(os.environ.get("NBCONV_BENCH_IDLE_ROUNDS", "25"))
+WARMUP_S = float(os.environ.get("NBCONV_BENCH_WARMUP_S", "0.2"))
 
 
 def _pin_cpus(n):
@@ -83,41 +91,60 @@ if CONTENDER.name == "sgemm":
 else:
     CASES = [c for c in _cases.select(SUITES, QUICK)
              if CONTENDER.suites is None or c.suite in CONTENDER.suites]
+if IDLE_MS:
+    CASES = [_cases.IdleCase(c, gap) for c in CASES if not isinstance(c, str) and c.suite in _cases.IDLE_SUITES
+             for gap in IDLE_MS]
 
 
 def _case_id(case):
     return case if isinstance(case, str) else case.id
 
 
+def _warm_up(bench, seconds):
+    """Back-to-back untimed calls for ``seconds`` (at least two): caches, thread pools and lazily built state
+    settle before the timing, so a run of few rounds measures what a long one does."""
+    end = time.perf_counter() + seconds
+    calls = 0
+    while calls < 2 or time.perf_counter() < end:
+        bench()
+        calls += 1
+
+
 def _run(benchmark, case):
+    cid = _case_id(case)  # an idle case's id names its gap
     if NOTE is not None:
-        INFO["skips"][_case_id(case)] = NOTE
+        INFO["skips"][cid] = NOTE
         _write_info()
         pytest.skip(NOTE)
+    gap_ms = case.gap_ms if isinstance(case, _cases.IdleCase) else None
+    if gap_ms is not None:
+        case = case.case
     try:
         bench = CONTENDER.setup(case)
     except _contenders.Unsupported as exc:
-        INFO["skips"][_case_id(case)] = str(exc)
+        INFO["skips"][cid] = str(exc)
         _write_info()
         pytest.skip(str(exc))
     try:
         # compile / jit / first-touch, outside the timing (unless the contender's setup already made that call)
         out = None if bench.warmed else bench()
-        if bench.check and CHECK and not isinstance(case, str):
+        # an idle run times the same set-up as the main run, which checked its output
+        if bench.check and CHECK and not isinstance(case, str) and gap_ms is None:
             x, dk, pk = _cases.make_arrays(case)
             ref = _cases.reference_nhwc(case, x, dk, pk, bench.pads)
             err = _contenders.rel_error(bench.to_nhwc(out), ref)
             INFO["checks"][case.id] = err
             benchmark.extra_info["check_rel_err"] = err
-        elif bench.rel_err is not None and CHECK:
+        elif bench.rel_err is not None and CHECK and gap_ms is None:
             # the contender compared against its own reference (e.g. a converted model against the original)
             INFO["checks"][case.id] = bench.rel_err
             benchmark.extra_info["check_rel_err"] = bench.rel_err
         del out
         if not isinstance(case, str) and not bench.warmed:
-            bench()  # a second untimed call: some libraries finish their set-up on it
+            # a slow whole-model call (fixed rounds) gets one more call, as some libraries finish set-up on it
+            _warm_up(bench, 0 if bench.rounds else WARMUP_S)
     except Exception as exc:
-        INFO["errors"][_case_id(case)] = f"{type(exc).__name__}: {exc}"
+        INFO["errors"][cid] = f"{type(exc).__name__}: {exc}"
         _write_info()
         raise
     benchmark.group = _case_id(case)
@@ -126,7 +153,11 @@ def _run(benchmark, case):
         benchmark.extra_info.update(flops=case.flops, shape=case.shape_label, suite=case.suite)
     else:
         benchmark.extra_info.update(flops=CONTENDER.flops)
-    if bench.rounds:
+    if gap_ms is not None:
+        benchmark.group = cid
+        benchmark.extra_info["idle_ms"] = gap_ms
+        benchmark.pedantic(bench, setup=lambda: time.sleep(gap_ms / 1e3), rounds=IDLE_ROUNDS, iterations=1)
+    elif bench.rounds:
         benchmark.pedantic(bench, rounds=bench.rounds, iterations=1)
     else:
         benchmark(bench)

@@ -160,3 +160,50 @@ def test_first_predict_line(tmp_path):
     (tmp_path / "probes.json").write_text(json.dumps(probes))
     line = next(ln for ln in report.format_text(report.build(raw)).splitlines() if "first predict" in ln)
     assert "(target <= 1.5x): jax 0.88 s vs 0.80 s (1.10x), torch failed: exit code 1" in line
+
+
+def _write_idle(tmp_path, gaps, per_tag):
+    """Add idle runs to a raw folder: ``per_tag``: {tag: {case id: {gap: seconds}}}."""
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    meta["idle"] = {"gaps_ms": gaps, "rounds": 7, "runs": {t: {"contender": t.split(".")[0]} for t in per_tag}}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    for tag, per_case in per_tag.items():
+        benches = [{"extra_info": {"case": cid, "idle_ms": g}, "stats": {"median": t, "min": t, "rounds": 7}}
+                   for cid, by_gap in per_case.items() for g, t in by_gap.items()]
+        (tmp_path / f"{tag}.json").write_text(json.dumps({"benchmarks": benches}))
+
+
+def test_idle_summary_and_table(tmp_path):
+    """Per gap: nbconv over the fastest idle peer, and 1 thread over 2 on the shapes of >= 50 M MAC only."""
+    small, big = "mobilenet:b1-112x64-128-s2", "mobilenet:b1-56x128-128-s1"  # 27.5 and 55.0 M MAC
+    raw = _write_raw(tmp_path, {"nbconv": {big: 0.001}})
+    _write_idle(tmp_path, [0, 20], {
+        "nbconv.idle": {small: {0: 0.4e-3, 20: 0.8e-3}, big: {0: 0.5e-3, 20: 1.0e-3}},
+        "nbconv.idle.t1": {small: {0: 0.8e-3, 20: 0.9e-3}, big: {0: 0.9e-3, 20: 1.2e-3}},
+        "torch_nchw.idle": {small: {0: 0.5e-3, 20: 0.4e-3}, big: {0: 0.6e-3, 20: 2.0e-3}},
+        "onnxruntime.idle": {small: {0: 0.8e-3, 20: 0.5e-3}, big: {0: 0.4e-3, 20: 0.8e-3}},
+    })
+    rep = report.build(raw)
+    gap0, gap20 = rep["summary"]["idle"]["0"], rep["summary"]["idle"]["20"]
+    # gap 0: small 0.4/0.5, big 0.5/0.4; gap 20: small 0.8/0.4, big 1.0/0.8
+    assert gap0["ratio_geomean"] == pytest.approx(math.sqrt(0.8 * 1.25))
+    assert gap20["ratio_geomean"] == pytest.approx(math.sqrt(2.0 * 1.25))
+    assert (gap20["ratio_max"], gap20["ratio_max_case"]) == (pytest.approx(2.0), "b1 112x112x64->128 s2")
+    # only the 55 M MAC shape counts for threads: 0.9/0.5 and 1.2/1.0
+    assert gap0["thread_n"] == 1 and gap0["thread_speedup_min"] == pytest.approx(1.8)
+    assert gap20["thread_speedup_min"] == pytest.approx(1.2)
+    text = report.format_text(rep)
+    line = next(ln for ln in text.splitlines() if ln.startswith("- idle 20 ms before each call"))
+    assert "= 1.58 (target <= 1)  [NOT met], max 2.00 at b1 112x112x64->128 s2 (target <= 1.3)  [NOT met]" in line
+    assert "1.20x at b1 56x56x128->128 (target >= 1.5)  [NOT met]" in line
+    table = text[text.index("## Idle gaps"):].splitlines()
+    row = next(ln for ln in table if ln.startswith("b1 56x56x128->128"))
+    assert row.split() == ["b1", "56x56x128->128", "0", "ms", "0.500", "0.900", "0.600", "0.400", "0.80x", "1.80x"]
+    assert table[table.index(row) + 1].split() == ["20", "ms", "1.000", "1.200", "2.000", "0.800", "0.80x", "1.20x"]
+
+
+def test_no_idle_runs_no_idle_section(tmp_path):
+    raw = _write_raw(tmp_path, {"nbconv": {_hard_ids()[0]: 0.001}})
+    rep = report.build(raw)
+    assert rep["idle"] is None and "idle" not in rep["summary"]
+    assert "## Idle gaps" not in report.format_text(rep)
