@@ -167,3 +167,38 @@ def test_pack_b_layout(rng, dtype):
     for p, col0 in enumerate(range(0, f, nr)):
         w = min(nr, f - col0)
         np.testing.assert_array_equal(packed[col0 * k:col0 * k + k * w].reshape(k, w), b[:, col0:col0 + w])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("m, n, k, bmode, act", [(18, 64, 300, 1, 1), (49, 96, 257, 2, 2), (30, 16, 1, 0, 0),
+                                                 (19, 144, 600, 1, 0), (100, 32, 256, 0, 2)])
+def test_gemm_nn_wide_b(rng, m, n, k, bmode, act, dtype, accumulate, stream):
+    """A plain B with rows 4 KiB or more apart (a block of columns of 1024+ filters, as the fused kernel passes it):
+    result and epilogue exact, nothing around C written."""
+    pad = 37
+    ldb = max(1024, 4096 // np.dtype(dtype).itemsize) + 48
+    col0 = 16 if n < ldb - 16 else 0
+    a = rng.standard_normal((m, k))
+    b = rng.standard_normal((k, n))
+    bbuf = np.full(pad + k * ldb + pad, np.nan, dtype)
+    bbuf[pad:pad + k * ldb].reshape(k, ldb)[:, col0:col0 + n] = b
+    ldc = n + 3
+    c0 = 3 * rng.standard_normal((m, n))
+    cbuf = np.full(pad + m * ldc + pad, np.nan, dtype)
+    cbuf[pad:pad + m * ldc].reshape(m, ldc)[:, :n] = c0
+    bias = (4 * rng.standard_normal(5 + max(m, n))).astype(dtype)
+    _gemm.gemm_nn(m, n, k, a.astype(dtype).reshape(-1), 0, k, 1, bbuf, pad + col0, ldb, cbuf, pad, ldc, accumulate,
+                  bias, 5, bmode, act, stream)
+    expected = a.astype(dtype).astype(np.float64) @ b.astype(dtype).astype(np.float64)
+    expected += c0.astype(dtype) if accumulate else 0
+    if bmode == 1:
+        expected = expected + bias[5:5 + n][None, :]
+    elif bmode == 2:
+        expected = expected + bias[5:5 + m][:, None]
+    expected = {0: expected, 1: np.maximum(expected, 0), 2: np.clip(expected, 0, 6)}[act]
+    c = cbuf[pad:pad + m * ldc].reshape(m, ldc)
+    tol = (4e-6 if dtype == np.float32 else 1e-14) * max(1, k)
+    np.testing.assert_allclose(c[:, :n], expected, rtol=0, atol=tol)
+    assert np.isnan(cbuf[:pad]).all() and np.isnan(cbuf[pad + m * ldc:]).all() and np.isnan(c[:, n:]).all()
