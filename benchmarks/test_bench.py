@@ -20,7 +20,8 @@ NBCONV_BENCH_INFO        path of a JSON file receiving versions, thread pools, s
 NBCONV_BENCH_IDLE_MS     comma-separated idle gaps in ms (e.g. ``0,5,20``): time each case of the idle suites once
                          per gap, sleeping that long before every timed call (the sleep is not timed)
 NBCONV_BENCH_IDLE_ROUNDS timed calls per case and gap in that mode (default 25)
-NBCONV_BENCH_WARMUP_S    seconds of untimed back-to-back calls before a case is timed (default 0.2)
+NBCONV_BENCH_WARMUP_S    seconds of untimed back-to-back calls before a case is timed (default 0.2; five times
+                         that before the process's first timed case)
 """
 import json
 import os
@@ -100,9 +101,16 @@ def _case_id(case):
     return case if isinstance(case, str) else case.id
 
 
+_WARMED = []
+
+
 def _warm_up(bench, seconds):
     """Back-to-back untimed calls for ``seconds`` (at least two): caches, thread pools and lazily built state
-    settle before the timing, so a run of few rounds measures what a long one does."""
+    settle before the timing, so a run of few rounds measures what a long one does.  The process's first case
+    gets five times as long (thread pools start, scratch buffers grow and fault in)."""
+    if not _WARMED:
+        seconds *= 5
+        _WARMED.append(True)
     end = time.perf_counter() + seconds
     calls = 0
     while calls < 2 or time.perf_counter() < end:
