@@ -417,6 +417,15 @@ def _models(report):
     return out
 
 
+def _columns(head, body, left=1):
+    """A text table: the header, a rule, then ``body``'s rows; the first ``left`` columns left-aligned."""
+    widths = [max(len(str(x[i])) for x in [head] + body) for i in range(len(head))]
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return [line(head), "  ".join("-" * w for w in widths)] + [line(row) for row in body]
+
+
 def _models_table(report):
     rows = (report["summary"] or {}).get("models") or []
     head = ["model", "backend", "original ms", "converted ms", "folded ms", "converted", "folded", "max rel err"]
@@ -429,11 +438,7 @@ def _models_table(report):
                     + [f"{err:.1e}" if err is not None else "-"])
     if not body:
         return []
-    widths = [max(len(str(x[i])) for x in [head] + body) for i in range(len(head))]
-    out = ["  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths)))]
-    out.append("  ".join("-" * w for w in widths))
-    for line in body:
-        out.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+    out = _columns(head, body, left=2)
     return out
 
 
@@ -454,11 +459,7 @@ def _idle_table(report):
             t1 = r["ms"].get("nbconv.idle.t1", {}).get(gap)
             line += [f"{min(peers) / nb:.2f}x" if nb and peers else "-", f"{t1 / nb:.2f}x" if nb and t1 else "-"]
             body.append(line)
-    widths = [max(len(str(x[i])) for x in [head] + body) for i in range(len(head))]
-    out = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths)))]
-    out.append("  ".join("-" * w for w in widths))
-    for line in body:
-        out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+    out = _columns(head, body)
     out.append(f"  note - {report['meta'].get('stat', 'median')} of {idle.get('rounds')} calls per gap, each after "
                f"sleeping that long (not timed), every contender in its own process after the main passes; 'vs "
                f"best' = t(best of torch and ONNX Runtime)/t(nbconv), '2 threads/1' = t(nbconv, 1 thread)/t(nbconv)")
@@ -520,11 +521,7 @@ def _table(report, suite):
         line += [labels.get(r.get("best_peer"), r.get("best_peer") or "-"),
                  f"{r['speedup_best']:.2f}x" if r.get("speedup_best") else "-"]
         body.append(line)
-    widths = [max(len(str(x[i])) for x in [head] + body) for i in range(len(head))]
-    out = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths)))]
-    out.append("  ".join("-" * w for w in widths))
-    for line in body:
-        out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+    out = _columns(head, body)
     return out
 
 
