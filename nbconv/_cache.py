@@ -29,6 +29,8 @@ __all__ = ["PACKAGE_DIR", "source_hash", "cache_dir", "install"]
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _PREFIX = "kernels-"
+#: environment variables that change the generated machine code
+CODEGEN_ENV = ("NBCONV_BF16",)
 
 
 _KERNEL_MARK = re.compile(r"^@\w*(jit|intrinsic|overload)\b", re.M)
@@ -62,7 +64,8 @@ def kernel_sources(package_dir=None):
 
 @functools.lru_cache(maxsize=None)
 def source_hash():
-    """Hex digest of the versions of nbconv, Numba, llvmlite and NumPy and of :func:`kernel_sources`."""
+    """Hex digest of the versions of nbconv, Numba, llvmlite and NumPy, of :data:`CODEGEN_ENV` and of
+    :func:`kernel_sources`."""
     import llvmlite
     import numba
     import numpy
@@ -70,6 +73,9 @@ def source_hash():
     from . import __version__
 
     h = hashlib.sha256(" ".join((__version__, numba.__version__, llvmlite.__version__, numpy.__version__)).encode())
+    # settings read when the kernels are generated (the bfloat16 products' path, nbconv._simd)
+    for var in CODEGEN_ENV:
+        h.update(f"{var}={os.environ.get(var, '')}".encode())
     for name in kernel_sources():
         h.update(name.encode() + b"\0")
         with open(os.path.join(PACKAGE_DIR, name), "rb") as fh:

@@ -30,7 +30,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ._jit import jit, pjit
-from ._simd import VECTOR_BYTES, VectorBuilder, copy_vector, gather_vector, transpose_block
+from ._simd import VECTOR_BYTES, VectorBuilder, copy_scalar, copy_vector, gather_vector, transpose_block
 
 #: output pixels of one NHWC depthwise micro-kernel call (each tap: one weight vector, DW_PIXELS input vectors)
 DW_PIXELS = 8
@@ -418,8 +418,9 @@ def dw_packed_rows(xs, nin, wp, wt, bt, act, nrows, ow_n, sh, sw, dh, dw, kh_n, 
     Notes
     -----
     One micro-kernel call per vector of channels (the last one masked) covers all the rows.
+    ``dst`` may hold bfloat16 bits (``uint16``): the float32 sums are rounded as they are stored.
     """
-    lanes = VECTOR_BYTES // dst.itemsize
+    lanes = VECTOR_BYTES // xs.itemsize
     rs = dh * wp * lanes
     cs = dw * lanes
     ps = sw * lanes
@@ -482,7 +483,7 @@ def pack_rows_nchw(xn, dm, pr0, nrows, pt, pl, wp, lanes, xs):
             for j in range(j1):
                 src = xn[(b * lanes + j) // dm, ih]
                 for col in range(col0, col1):
-                    row[col * lanes + j] = src[col - pl]
+                    copy_scalar(src, col - pl, row, col * lanes + j)
 
 
 @jit

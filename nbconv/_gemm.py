@@ -21,16 +21,23 @@ columns (fewer than one vector) use masked loads and stores, and row blocks of
 Outputs too large to stay in cache (``forward.STREAM_BYTES``) can be stored
 non-temporally (``stream``): the lines are not read before being written, and
 the operands keep the caches.
+
+bfloat16 products (:func:`gemm_bf16`) take ``A`` and ``B`` as bfloat16 bits
+(``uint16``) and accumulate in float32 registers: each ``k`` step is a pair of
+``k`` (one 32-bit broadcast of ``A``, ``B`` as pairs of rows interleaved,
+:meth:`nbconv._simd.VectorBuilder.dot_pairs`), twice the multiply-adds of a
+float32 FMA per instruction.  :func:`product` picks the float or the bfloat16
+product from the weights' type, at compile time.
 """
 import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from ._elementwise import bias_act_inplace, vec_bias_act_inplace
 from ._jit import jit
-from ._simd import AVX512, VECTOR_BYTES, VectorBuilder, store_fence, transpose_block
+from ._simd import AVX512, I16, I32, VECTOR_BYTES, VectorBuilder, copy_scalar, store_fence, transpose_block
 
 #: rows of C per micro-kernel call
 MR = 6
@@ -328,6 +335,340 @@ def transpose_tile(src, soff, lds, rows, cols, dst, doff, ldd):
                 transpose_block(src, soff + ib * lds + jb, lds, lanes, nc, dst, doff + jb * ldd + ib, ldd)
             else:
                 for j in range(jb, jb + nc):
-                    out = dst[doff + j * ldd + ib:doff + j * ldd + rows]
                     for i in range(rows - ib):
-                        out[i] = src[soff + (ib + i) * lds + j]
+                        copy_scalar(src, soff + (ib + i) * lds + j, dst, doff + j * ldd + ib + i)
+
+
+# --- bfloat16 products ------------------------------------------------------------------------------------------
+
+
+def _microkernel_bf16(rows, nv, masked, packed):
+    """An intrinsic ``mk(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act,
+    stream)``: :func:`_microkernel` for bfloat16 ``A`` and ``B`` (``uint16`` bits), float32 sums, no accumulate.
+
+    ``A[r, k]`` is ``a[aoff + r*ars + k]``; ``k`` runs over ``2*kp + kodd``
+    (an odd last ``k`` reads one element of ``A``, never its neighbour).
+    ``B`` with ``packed``: pair ``q`` of rows is ``b[boff + q*ldb ...]``,
+    ``ncols`` columns of two interleaved elements each (:func:`pack_pairs`),
+    zero-padded to whole vectors, so only the store is masked; else ``B[k,
+    j]`` is ``b[boff + k*ldb + j]`` and the two rows of a pair are
+    interleaved in registers (masked loads for a partial vector).  ``C`` is
+    float32, or bfloat16 bits rounded to nearest even (``uint16``).
+    """
+
+    @intrinsic
+    def mk(typingctx, a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream):
+        sig = types.void(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+
+        def codegen(context, builder, signature, args):
+            vb = VectorBuilder(context, builder, signature, args, types.float32)
+            lanes = vb.lanes
+            pairs = ir.VectorType(I16, 2 * lanes)
+            wide = ir.VectorType(I32, lanes)
+            aptr = vb.at(vb.data(0), vb.int64(1))
+            bptr = vb.at(vb.data(3), vb.int64(4))
+            cptr = vb.at(vb.data(6), vb.int64(7))
+            ars, ldb, ldc, kp, mr = vb.int64(2), vb.int64(5), vb.int64(8), vb.int64(9), vb.int64(11)
+            kodd = builder.icmp_signed("!=", vb.int64(10), vb.const(0))
+            mask = vb.mask(vb.int64(12)) if masked else None
+            accs = [vb.accumulators(nv) for _ in range(rows)]
+            last = builder.sub(mr, vb.const(1))
+            arow = []
+            for r in range(rows):
+                row = builder.select(builder.icmp_signed("<", vb.const(r), mr), vb.const(r), last)
+                arow.append(vb.at(aptr, builder.mul(row, ars)))
+            zero_half = ir.Constant(vb.hvty, [0] * lanes)
+            order = ir.Constant(ir.VectorType(I32, 2 * lanes), [i // 2 + (i % 2) * lanes for i in range(2 * lanes)])
+
+            def b_pairs(q, odd_tail):
+                """The ``nv`` vectors of pair ``q`` of ``B`` (its second row zero for an odd last ``k``)."""
+                if packed:
+                    prow = vb.at(bptr, builder.mul(q, ldb))
+                    return [builder.load(builder.bitcast(vb.at(prow, 2 * lanes * j), pairs.as_pointer()), align=2)
+                            for j in range(nv)]
+                r0 = vb.at(bptr, builder.mul(builder.mul(q, vb.const(2)), ldb))
+                r1 = vb.at(r0, ldb)
+                out = []
+                for j in range(nv):
+                    lo = vb.load_bits(vb.at(r0, lanes * j), mask)
+                    hi = zero_half if odd_tail else vb.load_bits(vb.at(r1, lanes * j), mask)
+                    out.append(builder.shuffle_vector(lo, hi, order))
+                return out
+
+            def a_pair(r, q, odd_tail):
+                p = vb.at(arow[r], builder.mul(q, vb.const(2)))
+                if odd_tail:
+                    word = builder.zext(builder.load(p, align=2), I32)
+                else:
+                    word = builder.load(builder.bitcast(p, I32.as_pointer()), align=2)
+                splat = builder.insert_element(ir.Constant(wide, ir.Undefined), word, ir.Constant(I32, 0))
+                splat = builder.shuffle_vector(splat, ir.Constant(wide, ir.Undefined), vb._splat)
+                return builder.bitcast(splat, pairs)
+
+            def step(q, odd_tail):
+                bv = b_pairs(q, odd_tail)
+                for r in range(rows):
+                    av = a_pair(r, q, odd_tail)
+                    for j in range(nv):
+                        builder.store(vb.dot_pairs(builder.load(accs[r][j]), av, bv[j]), accs[r][j])
+
+            with cgutils.for_range(builder, kp) as loop:
+                step(loop.index, False)
+            with builder.if_then(kodd):
+                step(kp, True)
+            bmode, act = vb.int64(15), vb.int64(16)
+            bptr_ = vb.at(vb.data(13), vb.int64(14))
+            is_col = builder.icmp_signed("==", bmode, vb.const(1))
+            is_row = builder.icmp_signed("==", bmode, vb.const(2))
+            streaming = builder.icmp_unsigned("!=", args[17], ir.Constant(args[17].type, 0))
+            for r in range(rows):
+                with builder.if_then(builder.icmp_signed("<", vb.const(r), mr)):
+                    crow = vb.at(cptr, builder.mul(vb.const(r), ldc))
+                    for j in range(nv):
+                        p = vb.at(crow, lanes * j)
+                        val = builder.load(accs[r][j])
+                        with builder.if_then(is_col):
+                            builder.store(builder.fadd(val, vb.load(vb.at(bptr_, lanes * j), mask)), accs[r][j])
+                        with builder.if_then(is_row):
+                            builder.store(builder.fadd(val, vb.splat(vb.at(bptr_, r))), accs[r][j])
+                        val = vb.activation(builder.load(accs[r][j]), act)
+                        if masked:
+                            vb.store(val, p, mask)
+                        else:
+                            with builder.if_else(streaming) as (then, otherwise):
+                                with then:
+                                    vb.store_stream(val, p)
+                                with otherwise:
+                                    vb.store(val, p)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return mk
+
+
+# (rows, vectors) as for float32; "p" reads packed pairs of B, "r" interleaves two rows of a plain B
+_bp6_1, _bp6_2, _bp6_3, _bp6_4 = (_microkernel_bf16(6, v, False, True) for v in range(1, 5))
+_bp3_1, _bp3_2, _bp3_3, _bp3_4 = (_microkernel_bf16(3, v, False, True) for v in range(1, 5))
+_bp1_1, _bp1_2, _bp1_3, _bp1_4 = (_microkernel_bf16(1, v, False, True) for v in range(1, 5))
+_bp6_m, _bp3_m, _bp1_m = (_microkernel_bf16(r, 1, True, True) for r in (6, 3, 1))
+_br6_1, _br6_2, _br6_3, _br6_4 = (_microkernel_bf16(6, v, False, False) for v in range(1, 5))
+_br3_1, _br3_2, _br3_3, _br3_4 = (_microkernel_bf16(3, v, False, False) for v in range(1, 5))
+_br1_1, _br1_2, _br1_3, _br1_4 = (_microkernel_bf16(1, v, False, False) for v in range(1, 5))
+_br6_m, _br3_m, _br1_m = (_microkernel_bf16(r, 1, True, False) for r in (6, 3, 1))
+
+
+# one branch per compile-time variant: Numba cannot index a tuple of intrinsics at run time
+@jit
+def _bf16_rows6(nv, packed, a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act,
+                stream):
+    if packed:
+        if nv == 0:
+            _bp6_m(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+        elif nv == 1:
+            _bp6_1(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+        elif nv == 2:
+            _bp6_2(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+        elif nv == 3:
+            _bp6_3(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+        else:
+            _bp6_4(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+    elif nv == 0:
+        _br6_m(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+    elif nv == 1:
+        _br6_1(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+    elif nv == 2:
+        _br6_2(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+    elif nv == 3:
+        _br6_3(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+    else:
+        _br6_4(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+
+
+@jit
+def _bf16_rows3(nv, packed, a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act,
+                stream):
+    if packed:
+        if nv == 0:
+            _bp3_m(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+        elif nv == 1:
+            _bp3_1(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+        elif nv == 2:
+            _bp3_2(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+        elif nv == 3:
+            _bp3_3(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+        else:
+            _bp3_4(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+    elif nv == 0:
+        _br3_m(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+    elif nv == 1:
+        _br3_1(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+    elif nv == 2:
+        _br3_2(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+    elif nv == 3:
+        _br3_3(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+    else:
+        _br3_4(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+
+
+@jit
+def _bf16_rows1(nv, packed, a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act,
+                stream):
+    if packed:
+        if nv == 0:
+            _bp1_m(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+        elif nv == 1:
+            _bp1_1(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+        elif nv == 2:
+            _bp1_2(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+        elif nv == 3:
+            _bp1_3(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+        else:
+            _bp1_4(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+    elif nv == 0:
+        _br1_m(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+    elif nv == 1:
+        _br1_1(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+    elif nv == 2:
+        _br1_2(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+    elif nv == 3:
+        _br1_3(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+    else:
+        _br1_4(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+
+
+def pair_panel_width():
+    """Columns of ``B`` per panel of :func:`gemm_bf16` (``NV`` float32 vectors), the unit of :func:`pack_pairs`."""
+    return NV * (VECTOR_BYTES // 4)
+
+
+def pack_pairs(matrix):
+    """``matrix`` (``K x F`` bfloat16 bits, ``uint16``) as :func:`gemm_bf16` reads a packed ``B``.
+
+    Panel ``p`` (columns ``p*nr`` on, ``nr`` = :func:`pair_panel_width`)
+    starts at element ``p * nr * kk`` (``kk`` = ``K`` rounded up to even)
+    and holds, per pair of rows ``q``, its ``nr`` columns as ``(B[2q, j],
+    B[2q+1, j])`` pairs: one vector load per ``k`` pair and vector of
+    filters.  Columns past ``F`` and the row after an odd last row are zeros.
+    """
+    kdim, f = matrix.shape
+    nr = pair_panel_width()
+    kk, fp = kdim + kdim % 2, -(-f // nr) * nr
+    padded = np.zeros((kk, fp), np.uint16)
+    padded[:kdim, :f] = matrix
+    # 2-D (the kernels take one array type for plain and packed weights), flat in memory
+    return np.ascontiguousarray(padded.reshape(kk // 2, 2, fp // nr, nr).transpose(2, 0, 3, 1)).reshape(kk, fp)
+
+
+@jit
+def _bf16_panel(nv, packed, ncols, m, a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, bias, bioff, bmode, act,
+                stream):
+    """All ``m`` rows of one panel (:func:`_column_panel` for the bfloat16 micro-kernels)."""
+    i0 = 0
+    while i0 < m:
+        left = m - i0
+        ai = aoff + i0 * ars
+        ci = coff + i0 * ldc
+        bi = bioff + i0 if bmode == 2 else bioff
+        if left >= MR:
+            _bf16_rows6(nv, packed, a, ai, ars, b, boff, ldb, c, ci, ldc, kp, kodd, MR, ncols, bias, bi, bmode, act,
+                        stream)
+            i0 += MR
+        elif left >= 3:
+            _bf16_rows3(nv, packed, a, ai, ars, b, boff, ldb, c, ci, ldc, kp, kodd, 3, ncols, bias, bi, bmode, act,
+                        stream)
+            i0 += 3
+        else:
+            _bf16_rows1(nv, packed, a, ai, ars, b, boff, ldb, c, ci, ldc, kp, kodd, 1, ncols, bias, bi, bmode, act,
+                        stream)
+            i0 += 1
+
+
+@jit
+def gemm_bf16(m, n, k, a, aoff, ars, b, boff, ldb, packed, c, coff, ldc, bias, bioff, bmode, act, stream=False):
+    """``C[i, j] = act(sum_k A[i, k] * B[k, j] + bias)`` for bfloat16 ``A``, ``B`` (``uint16`` bits), float32 sums.
+
+    Parameters
+    ----------
+    a : ndarray of uint16, flat
+        ``A[i, k]`` is ``a[aoff + i*ars + k]`` (pixel-major rows).
+    b : ndarray of uint16, flat
+        ``B[k, j]`` is ``b[boff + k*ldb + j]``, or with ``packed`` columns
+        ``boff`` to ``boff + n`` of the ``k x ldb`` matrix packed by
+        :func:`pack_pairs` (``boff`` a multiple of :func:`pair_panel_width`).
+    c : ndarray of float32 or uint16 (bfloat16 bits), flat
+        ``C[i, j]`` is ``c[coff + i*ldc + j]``, overwritten.
+    bias, bioff, bmode, act, stream
+        As in :func:`gemm_nn`.
+
+    Notes
+    -----
+    ``k`` is not blocked: a panel of ``B`` (``k x 64`` bfloat16 pairs, 128
+    KiB at ``k = 1024``) stays in L2 while the row blocks pass over it, and
+    the sums never leave the registers before the epilogue.  Serial and
+    re-entrant.
+    """
+    if m <= 0 or n <= 0:
+        return
+    lanes = VECTOR_BYTES // 4
+    nfull = n // lanes * lanes
+    nr = NV * lanes
+    kp = k // 2
+    kodd = k - 2 * kp
+    nt = stream
+    for j0 in range(0, n, nr):
+        nv = min(NV, (nfull - j0) // lanes)
+        bcol = bioff + j0 if bmode == 1 else bioff
+        if packed:
+            bp = (boff + j0) * (k + kodd)
+            lb = 2 * nr
+            tail = 2 * lanes * nv
+        else:
+            bp = boff + j0
+            lb = ldb
+            tail = lanes * nv
+        if nv > 0:
+            _bf16_panel(nv, packed, nv * lanes, m, a, aoff, ars, b, bp, lb, c, coff + j0, ldc, kp, kodd, bias, bcol,
+                        bmode, act, nt)
+        if j0 + nr > nfull and n > nfull:
+            t = nv * lanes
+            _bf16_panel(0, packed, n - nfull, m, a, aoff, ars, b, bp + tail, lb, c, coff + j0 + t, ldc, kp, kodd,
+                        bias, bcol + t if bmode == 1 else bcol, bmode, act, False)
+    if nt:
+        store_fence()
+
+
+def product(m, n, k, a, aoff, ars, b, boff, ldb, c, coff, ldc, bias, bioff, bmode, act, stream, packed_k):
+    """``C = act(A @ B + bias)`` with ``A`` row-major (``aks = 1``): :func:`gemm_nn`, or :func:`gemm_bf16` when
+    ``b`` holds bfloat16 bits (chosen at compile time; ``packed_k > 0`` means a packed ``B``)."""
+    raise NotImplementedError("compiled callers only")
+
+
+@overload(product)
+def _product(m, n, k, a, aoff, ars, b, boff, ldb, c, coff, ldc, bias, bioff, bmode, act, stream, packed_k):
+    if b.dtype == types.uint16:
+        def bf16(m, n, k, a, aoff, ars, b, boff, ldb, c, coff, ldc, bias, bioff, bmode, act, stream, packed_k):
+            gemm_bf16(m, n, k, a, aoff, ars, b, boff, ldb, packed_k > 0, c, coff, ldc, bias, bioff, bmode, act, stream)
+        return bf16
+
+    def fp(m, n, k, a, aoff, ars, b, boff, ldb, c, coff, ldc, bias, bioff, bmode, act, stream, packed_k):
+        gemm_nn(m, n, k, a, aoff, ars, 1, b, boff, ldb, c, coff, ldc, False, bias, bioff, bmode, act, stream, packed_k)
+    return fp
+
+
+def product_t(m, n, k, a, aoff, lda, b, boff, ldb, c, coff, ldc, bias, bioff, bmode, act, stream):
+    """``C = act(A.T @ B + bias)`` (``A`` read down its columns, ``lda`` apart): :func:`gemm_nn`; float only
+    (bfloat16 callers never take this path and get a no-op, so that they compile)."""
+    raise NotImplementedError("compiled callers only")
+
+
+@overload(product_t)
+def _product_t(m, n, k, a, aoff, lda, b, boff, ldb, c, coff, ldc, bias, bioff, bmode, act, stream):
+    if a.dtype == types.uint16:
+        def none(m, n, k, a, aoff, lda, b, boff, ldb, c, coff, ldc, bias, bioff, bmode, act, stream):
+            pass
+        return none
+
+    def fp(m, n, k, a, aoff, lda, b, boff, ldb, c, coff, ldc, bias, bioff, bmode, act, stream):
+        gemm_nn(m, n, k, a, aoff, 1, lda, b, boff, ldb, c, coff, ldc, False, bias, bioff, bmode, act, stream)
+    return fp

@@ -10,7 +10,7 @@ the micro-kernel does not read.
 import numpy as np
 from numba import prange
 
-from ._gemm import gemm_nn
+from ._gemm import gemm_nn, product
 from ._jit import jit, pjit
 from ._runtime import dgemm, sgemm
 
@@ -56,10 +56,13 @@ def pointwise_nhwc(x2, wmat, bias, act, out2, tile_p, fb, nchunks, stream, packe
     ----------
     x2 : ndarray of shape (P, K)
         All pixels of all images, C-contiguous.
-    wmat : ndarray of shape (K, F)
+    wmat : ndarray of shape (K, F), or packed
         Row-major, or with ``packed_k`` (= ``K``) its elements packed by
         :func:`nbconv._gemm.pack_b` (then ``fb`` is a multiple of the panel width).
+        bfloat16 bits (``uint16``, packed by :func:`nbconv._gemm.pack_pairs`
+        with ``packed_k``) with ``x2`` in bfloat16 too: bfloat16 products.
     out2 : ndarray of shape (P, F)
+        float32/float64, or bfloat16 bits (``uint16``, rounded from float32 sums).
     stream : bool
         Write ``out2`` with non-temporal stores (see :func:`nbconv._gemm.gemm_nn`).
 
@@ -68,7 +71,7 @@ def pointwise_nhwc(x2, wmat, bias, act, out2, tile_p, fb, nchunks, stream, packe
     Parallel over tasks ``(tile of tile_p pixels, block of fb filters)``.
     """
     p_all, k = x2.shape
-    f = wmat.shape[1]
+    f = out2.shape[1]
     ptiles = (p_all + tile_p - 1) // tile_p
     fblocks = (f + fb - 1) // fb
     ntasks = ptiles * fblocks
@@ -84,7 +87,7 @@ def pointwise_nhwc(x2, wmat, bias, act, out2, tile_p, fb, nchunks, stream, packe
             nf = min(fb, f - f0)
             p0 = pt * tile_p
             npx = min(tile_p, p_all - p0)
-            gemm_nn(npx, nf, k, x1, p0 * k, k, 1, w1, f0, f, o1, p0 * f + f0, f, False, bias, f0,
+            product(npx, nf, k, x1, p0 * k, k, w1, f0, f, o1, p0 * f + f0, f, bias, f0,
                     1 if bias.shape[0] > 0 else 0, act, stream, packed_k)
 
 

@@ -26,7 +26,7 @@ from numba import prange
 
 from ._depthwise import dw_tile
 from ._jit import pjit
-from ._gemm import gemm_nn, transpose_tile
+from ._gemm import product, product_t, transpose_tile
 
 
 @pjit
@@ -42,10 +42,13 @@ def separable(x, channels_last, wt, bt, wc, bc, dact, wmat, bias, act, out1, dm,
     bt : ndarray of shape (C*dm,)
         Depthwise bias (zeros for none); ``dact`` its activation code.
     wc, bc : an empty ``(C*dm, 0)`` array (its row count is read) and the depthwise bias or ``(0,)``
-    wmat : ndarray of shape (C*dm, F)
+    wmat : ndarray of shape (C*dm, F), or packed
         Row-major, or with ``packed_k`` (= ``C*dm``) its elements packed by
         :func:`nbconv._gemm.pack_b` (then ``fb`` is a multiple of the panel
         width, and NCHW input runs in shared mode: the weights are always ``B``).
+        bfloat16 bits (``uint16``, packed by :func:`nbconv._gemm.pack_pairs`
+        with ``packed_k``): bfloat16 products of the depthwise tiles, which
+        ``d_scr`` then holds in bfloat16 too.
     bias, act : pointwise bias ``(F,)`` or ``(0,)`` and activation code
     out1 : ndarray, flat
         The output, ``(N, OH, OW, F)`` or ``(N, F, OH, OW)`` in C order.
@@ -61,8 +64,11 @@ def separable(x, channels_last, wt, bt, wc, bc, dact, wmat, bias, act, out1, dm,
     d_scr : ndarray of shape (nchunks, th * OW * C*dm), or (1, N * OH * OW * C*dm) if shared
         Depthwise tiles: channel-major in fused mode with NCHW input,
         pixel-major otherwise.
-    t_scr : ndarray of shape (nchunks, tile_p * fb) in shared mode with NCHW input, else (nchunks, 0)
-        Each GEMM task's ``pixels x filters`` block before its transposed store.
+    t_scr : ndarray of shape (nchunks, tile_p * fb), or (nchunks, 0)
+        Each GEMM task's ``pixels x filters`` block before its transposed
+        store: NCHW input then runs pixel-major tiles (always in shared mode,
+        and in fused mode with bfloat16 products); without it fused NCHW
+        tiles are channel-major and the weights are the product's ``A``.
     stream : bool
         Write the output with non-temporal stores (see :func:`nbconv._gemm.gemm_nn`).
 
@@ -86,9 +92,10 @@ def separable(x, channels_last, wt, bt, wc, bc, dact, wmat, bias, act, out1, dm,
     measured 3-20% faster there than pixel-major plus the transpose.
     """
     n_img = x.shape[0]
-    cm = wmat.shape[0]
-    f = wmat.shape[1]
+    cm = wt.shape[1]
     ohw = oh_n * ow_n
+    f = out1.shape[0] // (n_img * ohw)
+    transposed = not channels_last and t_scr.shape[1] > 0
     rtiles = (oh_n + th - 1) // th
     fblocks = (f + fb - 1) // fb
     w1 = wmat.reshape(-1)
@@ -133,19 +140,19 @@ def separable(x, channels_last, wt, bt, wc, bc, dact, wmat, bias, act, out1, dm,
                 doff = 0
                 ldd = th * ow_n
                 if tile != have:
-                    dw_tile(x, n, channels_last, not channels_last, wt, bt, wc, bc, dact, dm, r0, nr, sh, sw, dh, dw,
-                            pt, pl, kh_n, kw_n, ow_n, wp, xs_scr[chunk], d, 0, ldd)
+                    dw_tile(x, n, channels_last, not (channels_last or transposed), wt, bt, wc, bc, dact, dm, r0, nr,
+                            sh, sw, dh, dw, pt, pl, kh_n, kw_n, ow_n, wp, xs_scr[chunk], d, 0, ldd)
                     have = tile
             if channels_last:
                 coff = (n * ohw + p0) * f + f0
-                gemm_nn(npx, nf, cm, d, doff, cm, 1, w1, f0, f, out1, coff, f, False, bias, f0,
+                product(npx, nf, cm, d, doff, cm, w1, f0, f, out1, coff, f, bias, f0,
                         1 if bias.shape[0] > 0 else 0, act, stream, packed_k)
-            elif shared:
+            elif transposed:
                 tt = t_scr[chunk]
-                gemm_nn(npx, nf, cm, d, doff, cm, 1, w1, f0, f, tt, 0, nf, False, bias, f0,
+                product(npx, nf, cm, d, doff, cm, w1, f0, f, tt, 0, nf, bias, f0,
                         1 if bias.shape[0] > 0 else 0, act, False, packed_k)
                 transpose_tile(tt, 0, nf, npx, nf, out1, (n * f + f0) * ohw + p0, ohw)
             else:
                 coff = (n * f + f0) * ohw + p0
-                gemm_nn(nf, npx, cm, w1, f0, 1, f, d, doff, ldd, out1, coff, ohw, False, bias, f0,
-                        2 if bias.shape[0] > 0 else 0, act, stream)
+                product_t(nf, npx, cm, w1, f0, f, d, doff, ldd, out1, coff, ohw, bias, f0,
+                          2 if bias.shape[0] > 0 else 0, act, stream)
