@@ -10,10 +10,13 @@ pack_pointwise_kernel, PackedPointwiseKernel
     Pointwise weights packed once for many forward calls (inference with fixed weights).
 get_num_threads, set_num_threads, num_threads
     Thread control for the kernels.
+as_bfloat16
+    bfloat16 bits (a torch tensor's int16 view) or floats as an ``ml_dtypes.bfloat16`` array.
 """
 __version__ = "0.1.0"  # first: the kernel cache is keyed on it (nbconv._cache)
 
 from . import _runtime  # noqa: F401  (threading layer and BLAS symbols, before any kernel compiles)
+from ._dtypes import as_bfloat16
 from ._threads import get_num_threads, num_threads, set_num_threads
 from .backward import (
     DepthwiseConv2DGrads,
@@ -41,4 +44,5 @@ __all__ = [
     "get_num_threads",
     "set_num_threads",
     "num_threads",
+    "as_bfloat16",
 ]

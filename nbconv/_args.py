@@ -10,6 +10,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ._dtypes import BFLOAT16, BITS
+
 __all__ = [
     "DEFAULT",
     "ACTIVATIONS",
@@ -20,6 +22,7 @@ __all__ = [
     "normalize_data_format",
     "normalize_activation",
     "as_float_array",
+    "Dtypes",
     "dtypes_for",
     "check_bias",
     "depthwise_geometry",
@@ -173,29 +176,93 @@ def normalize_activation(activation, name="activation"):
         ) from None
 
 
-_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+_FLOATS = (np.dtype(np.float16), BFLOAT16, np.dtype(np.float32), np.dtype(np.float64))
+_F16, _F32, _F64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
+#: ``precision=`` values: the products' precision (None: the inputs' own)
+PRECISIONS = (None, "float32", "bfloat16")
 
 
 def as_float_array(value, name):
-    """``np.asarray(value)``, checked to be float16, float32 or float64 (no copy when it already is)."""
+    """``np.asarray(value)``, checked to be float16, bfloat16, float32 or float64 (no copy when it already is)."""
     arr = value if type(value) is np.ndarray else np.asarray(value)
     if arr.dtype not in _FLOATS:
         raise TypeError(
-            f"Expected `{name}` to be a floating-point array (float16, float32 or float64). "
+            f"Expected `{name}` to be a floating-point array (float16, bfloat16, float32 or float64). "
             f"Received: {name} with dtype {arr.dtype}"
         )
     return arr
 
 
-def dtypes_for(*arrays):
-    """(compute dtype, result dtype): NumPy promotion; float16 is computed in float32."""
-    result = arrays[0].dtype
+class Dtypes(NamedTuple):
+    """The dtypes of one call.
+
+    ``compute`` is float32 or float64, or bfloat16 for bfloat16 products
+    (float32 sums); ``result`` is what the caller gets back.
+    """
+
+    compute: np.dtype
+    result: np.dtype
+
+    @property
+    def bf16(self):
+        """Whether the pointwise products multiply bfloat16 pairs."""
+        return self.compute == BFLOAT16
+
+    @property
+    def act(self):
+        """What the kernels compute and keep their scratch in: float32 for bfloat16 products."""
+        return _F32 if self.compute == BFLOAT16 else self.compute
+
+    @property
+    def store(self):
+        """The dtype of the array the kernel writes: bfloat16 bits (``uint16``) for a bfloat16 result of bfloat16
+        products, else :attr:`act` (cast to the result afterwards when that differs)."""
+        return BITS if self.compute == BFLOAT16 and self.result == BFLOAT16 else self.act
+
+
+def _output_dtype(output_dtype):
+    try:
+        dtype = np.dtype(output_dtype)
+    except TypeError:
+        dtype = None
+    if dtype not in _FLOATS:
+        raise TypeError(f"Expected `output_dtype` to be None, float16, bfloat16, float32 or float64. "
+                        f"Received: output_dtype={output_dtype!r}")
+    return dtype
+
+
+def _promoted(arrays):
+    promoted = arrays[0].dtype
     for a in arrays[1:]:
-        if a is not None and a.dtype != result:
-            result = np.result_type(*[a.dtype for a in arrays if a is not None])
-            break
-    compute = np.dtype(np.float32) if result == np.float16 else result
-    return compute, result
+        if a is not None and a.dtype != promoted:
+            return np.result_type(*[a.dtype for a in arrays if a is not None])
+    return promoted
+
+
+def dtypes_for(*arrays, biases=(), precision=None, output_dtype=None):
+    """The call's :class:`Dtypes`: the result follows NumPy promotion of the inputs (or ``output_dtype``);
+    float16 computes in float32, bfloat16 with bfloat16 products, and ``precision`` ("float32" or
+    "bfloat16") overrides the products' precision of float16, bfloat16 and float32 inputs.
+
+    ``biases`` join the promotion unless the other inputs are all bfloat16: they are added to float32 sums,
+    and a float32 bias of bfloat16 layers (as frameworks keep it) should not turn the call into float32.
+    """
+    promoted = _promoted(arrays)
+    if promoted != BFLOAT16 and any(b is not None for b in biases):
+        promoted = _promoted(arrays + tuple(biases))
+    if precision not in PRECISIONS:
+        raise ValueError(f"Expected `precision` to be one of {PRECISIONS}. Received: precision={precision!r}")
+    if precision is None:
+        compute = _F32 if promoted == _F16 else promoted
+    elif promoted == _F64:
+        if precision == "bfloat16":
+            raise ValueError("Expected float16, bfloat16 or float32 inputs for precision='bfloat16'. "
+                             "Received: float64 inputs")
+        compute = _F64
+    else:
+        compute = BFLOAT16 if precision == "bfloat16" else _F32
+    result = promoted if output_dtype is None else _output_dtype(output_dtype)
+    return Dtypes(compute, result)
 
 
 def check_ndim(arr, name, ndim, what):

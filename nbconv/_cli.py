@@ -114,6 +114,13 @@ def info(out=sys.stdout):
         p("  widest vectors  AVX2 (256-bit)")
     from . import _simd
     p(f"  micro-kernels  {_simd.VECTOR_BYTES * 8}-bit vectors (forward GEMM and NHWC depthwise)")
+    if _simd.NATIVE_BF16:
+        bf16 = "VDPBF16PS (AVX512_BF16): two bfloat16 multiply-adds per float32 lane and instruction"
+    else:
+        why = (f"{_simd.BF16_ENV}=emulate" if _simd.AVX512 and _simd._has("avx512bf16") else
+               "this CPU has no AVX512_BF16")
+        bf16 = f"float32 FMAs on the bfloat16 operands ({why}): the same results, no speed-up over float32"
+    p(f"  bfloat16       {bf16}")
     blas = _blas_info()
     p("BLAS (threadpoolctl; the channels_first backward's weight-gradient products use SciPy's):")
     if blas is None:

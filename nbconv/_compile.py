@@ -41,7 +41,7 @@ from numba.core.compiler_lock import global_compiler_lock
 from . import _cache
 
 __all__ = ["NotCompiled", "MODES", "get_mode", "set_mode", "compile_mode", "register", "k", "entry", "typed", "operand",
-           "pending", "wait", "record_calls", "compile_all",
+           "submit", "pending", "wait", "record_calls", "compile_all",
            "write_todo", "child_main"]
 
 MODES = ("background", "sync")
@@ -317,6 +317,11 @@ class _Scheduler:
 
 
 _SCHEDULER = _Scheduler()
+
+
+def submit(keys):
+    """Hand ``(name, signature)`` keys to the background compiler (a miss answered outside :func:`entry`)."""
+    _SCHEDULER.submit(keys)
 
 
 def pending():

@@ -9,7 +9,7 @@ they answer in milliseconds instead of waiting for a compile
 """
 import numpy as np
 
-from . import _args
+from . import _args, _dtypes
 
 __all__ = [
     "depthwise_conv2d", "pointwise_conv2d", "separable_conv2d",
@@ -88,64 +88,70 @@ def _depthwise_grads(x, k, gd, g, want_dx, want_dk):
     return dx, dk
 
 
-def _finish(y, compute, result, out):
+def _finish(y, result, out):
     if out is not None:
-        out[...] = y
+        out[...] = y.astype(out.dtype)
         return out
     return np.ascontiguousarray(y, dtype=result)
 
 
+def _operand(a, dt):
+    """``a`` in the arithmetic's dtype, rounded to bfloat16 first for bfloat16 products."""
+    if dt.bf16:
+        a = np.asarray(a).astype(_dtypes.BFLOAT16)
+    return np.asarray(a, dtype=dt.act)
+
+
 def depthwise_conv2d(x, kernel, bias=None, *, strides=_args.DEFAULT, padding="valid", dilation_rate=_args.DEFAULT,
-                     data_format="channels_last", activation=None, out=None, **aliases):
+                     data_format="channels_last", activation=None, out=None, precision=None, output_dtype=None,
+                     **aliases):
     strides, dilation_rate = _args.resolve_aliases("depthwise_conv2d", strides, dilation_rate, aliases)
     channels_last = _args.normalize_data_format(data_format)
     x, kernel = _args.as_float_array(x, "x"), _args.as_float_array(kernel, "kernel")
     g = _args.depthwise_geometry(x, kernel, strides, padding, dilation_rate, channels_last)
     bias = _args.check_bias(bias, "bias", g.c * g.dm)
-    compute, result = _args.dtypes_for(x, kernel, bias)
-    y = _depthwise_nhwc(_nhwc(x, channels_last, compute), kernel.astype(compute), g)
+    dt = _args.dtypes_for(x, kernel, biases=(bias,), precision=precision, output_dtype=output_dtype)
+    y = _depthwise_nhwc(_nhwc(_operand(x, dt), channels_last, dt.act), _operand(kernel, dt), g)
     if bias is not None:
-        y += bias.astype(compute)
-    return _finish(_from_nhwc(_activate(y, _args.normalize_activation(activation)), channels_last), compute,
-                   result, out)
+        y += bias.astype(dt.act)
+    return _finish(_from_nhwc(_activate(y, _args.normalize_activation(activation)), channels_last), dt.result, out)
 
 
 def _pointwise_nhwc(x, wmat):
     return np.matmul(x.reshape(-1, x.shape[-1]), wmat).reshape(*x.shape[:-1], wmat.shape[1])
 
 
-def pointwise_conv2d(x, kernel, bias=None, *, data_format="channels_last", activation=None, out=None):
+def pointwise_conv2d(x, kernel, bias=None, *, data_format="channels_last", activation=None, out=None,
+                     precision=None, output_dtype=None):
     channels_last = _args.normalize_data_format(data_format)
     x, kernel = _args.as_float_array(x, "x"), _args.as_float_array(kernel, "kernel")
     wmat = _args.pointwise_matrix(kernel, x.shape[3] if channels_last else x.shape[1], "kernel")
     bias = _args.check_bias(bias, "bias", wmat.shape[1])
-    compute, result = _args.dtypes_for(x, kernel, bias)
-    y = _pointwise_nhwc(_nhwc(x, channels_last, compute), wmat.astype(compute))
+    dt = _args.dtypes_for(x, kernel, biases=(bias,), precision=precision, output_dtype=output_dtype)
+    y = _pointwise_nhwc(_nhwc(_operand(x, dt), channels_last, dt.act), _operand(wmat, dt))
     if bias is not None:
-        y += bias.astype(compute)
-    return _finish(_from_nhwc(_activate(y, _args.normalize_activation(activation)), channels_last), compute,
-                   result, out)
+        y += bias.astype(dt.act)
+    return _finish(_from_nhwc(_activate(y, _args.normalize_activation(activation)), channels_last), dt.result, out)
 
 
 def separable_conv2d(x, depthwise_kernel, pointwise_kernel, bias=None, *, strides=_args.DEFAULT, padding="valid",
                      dilation_rate=_args.DEFAULT, data_format="channels_last", activation=None, depthwise_bias=None,
-                     depthwise_activation=None, out=None, **aliases):
+                     depthwise_activation=None, out=None, precision=None, output_dtype=None, **aliases):
     strides, dilation_rate = _args.resolve_aliases("separable_conv2d", strides, dilation_rate, aliases)
     channels_last = _args.normalize_data_format(data_format)
     x, dk, pk, g, wmat = _args.separable_operands(x, depthwise_kernel, pointwise_kernel, strides, padding,
                                                   dilation_rate, channels_last)
     bias = _args.check_bias(bias, "bias", wmat.shape[1])
     dbias = _args.check_bias(depthwise_bias, "depthwise_bias", wmat.shape[0])
-    compute, result = _args.dtypes_for(x, dk, pk, bias, dbias)
-    d = _depthwise_nhwc(_nhwc(x, channels_last, compute), dk.astype(compute), g)
+    dt = _args.dtypes_for(x, dk, pk, biases=(bias, dbias), precision=precision, output_dtype=output_dtype)
+    d = _depthwise_nhwc(_nhwc(_operand(x, dt), channels_last, dt.act), _operand(dk, dt), g)
     if dbias is not None:
-        d += dbias.astype(compute)
+        d += dbias.astype(dt.act)
     _activate(d, _args.normalize_activation(depthwise_activation, "depthwise_activation"))
-    y = _pointwise_nhwc(d, wmat.astype(compute))
+    y = _pointwise_nhwc(_operand(d, dt), _operand(wmat, dt))
     if bias is not None:
-        y += bias.astype(compute)
-    return _finish(_from_nhwc(_activate(y, _args.normalize_activation(activation)), channels_last), compute,
-                   result, out)
+        y += bias.astype(dt.act)
+    return _finish(_from_nhwc(_activate(y, _args.normalize_activation(activation)), channels_last), dt.result, out)
 
 
 def _cast(arr, result):
@@ -163,7 +169,7 @@ def depthwise_conv2d_backward(grad_output, x, kernel, *, strides=_args.DEFAULT, 
     x, kernel = _args.as_float_array(x, "x"), _args.as_float_array(kernel, "kernel")
     g = _args.depthwise_geometry(x, kernel, strides, padding, dilation_rate, channels_last)
     grad_output = _args.as_float_array(grad_output, "grad_output")
-    compute, result = _args.dtypes_for(grad_output, x, kernel)
+    compute, result = _args.dtypes_for(grad_output, x, kernel, precision="float32")
     gd = _act_grad(_nhwc(grad_output, channels_last, compute), _nhwc(output, channels_last, compute)
                    if output is not None else None, _args.normalize_activation(activation), compute)
     dx, dk = _depthwise_grads(_nhwc(x, channels_last, compute), kernel.astype(compute), gd, g, "x" in wrt,
@@ -190,7 +196,7 @@ def pointwise_conv2d_backward(grad_output, x, kernel, *, data_format="channels_l
     x, kernel = _args.as_float_array(x, "x"), _args.as_float_array(kernel, "kernel")
     wmat = _args.pointwise_matrix(kernel, x.shape[3] if channels_last else x.shape[1], "kernel")
     grad_output = _args.as_float_array(grad_output, "grad_output")
-    compute, result = _args.dtypes_for(grad_output, x, kernel)
+    compute, result = _args.dtypes_for(grad_output, x, kernel, precision="float32")
     gc = _act_grad(_nhwc(grad_output, channels_last, compute), _nhwc(output, channels_last, compute)
                    if output is not None else None, _args.normalize_activation(activation), compute)
     dx, dw = _pointwise_grads(_nhwc(x, channels_last, compute), wmat.astype(compute), gc, "x" in wrt,
@@ -212,7 +218,7 @@ def separable_conv2d_backward(grad_output, x, depthwise_kernel, pointwise_kernel
     x, dk, pk, g, wmat = _args.separable_operands(x, depthwise_kernel, pointwise_kernel, strides, padding,
                                                   dilation_rate, channels_last)
     grad_output = _args.as_float_array(grad_output, "grad_output")
-    compute, result = _args.dtypes_for(grad_output, x, dk, pk)
+    compute, result = _args.dtypes_for(grad_output, x, dk, pk, precision="float32")
     gc = _act_grad(_nhwc(grad_output, channels_last, compute), _nhwc(output, channels_last, compute)
                    if output is not None else None, _args.normalize_activation(activation), compute)
     xn, dkc, wc = _nhwc(x, channels_last, compute), dk.astype(compute), wmat.astype(compute)

@@ -22,9 +22,40 @@ __all__ = ["signatures", "warmup"]
 _SHAPES = ((1, 6, 6, 8, 16), (2, 40, 40, 64, 128), (1, 7, 7, 512, 512))
 
 
+def _bf16_calls():
+    """bfloat16 products: NHWC and NCHW, plain and packed weights, bfloat16 and float32 results."""
+    import nbconv
+
+    bf16 = nbconv.as_bfloat16(np.zeros(1, np.float32)).dtype
+    for channels_last in (True, False):
+        fmt = "channels_last" if channels_last else "channels_first"
+        for n, h, w, c, f in _SHAPES:
+            for strides, dm in ((1, 1), (2, 2)):
+                x = np.zeros((n, h, w, c) if channels_last else (n, c, h, w), bf16)
+                dk = np.zeros((3, 3, c, dm), bf16)
+                pk = np.zeros((1, 1, c * dm, f), bf16)
+                pw = np.zeros((1, 1, c, f), bf16)
+                conv = dict(strides=strides, padding="same", data_format=fmt)
+                for out in (None, np.float32):
+                    for weights in (pk, nbconv.pack_pointwise_kernel(pk)):
+                        yield nbconv.separable_conv2d, (x, dk, weights, np.zeros(f, np.float32)), dict(
+                            conv, output_dtype=out)
+                    for weights in (pw, nbconv.pack_pointwise_kernel(pw)):
+                        yield nbconv.pointwise_conv2d, (x, weights), dict(data_format=fmt, output_dtype=out)
+                    yield nbconv.depthwise_conv2d, (x, dk), dict(conv, output_dtype=out)
+                if n == 1 and h == 6:
+                    # float32 rounded to bfloat16, and the backward (float32 on the widened operands)
+                    x32 = np.zeros(x.shape, np.float32)
+                    yield nbconv.separable_conv2d, (x32, np.zeros(dk.shape, np.float32), pk), dict(
+                        conv, precision="bfloat16")
+                    y = _fallback.separable_conv2d(x, dk, pk, **conv)
+                    yield nbconv.separable_conv2d_backward, (y, x, dk, pk), conv
+
+
 def _calls():
     import nbconv
 
+    yield from _bf16_calls()
     for dtype in (np.float32, np.float64):
         for channels_last in (True, False):
             fmt = "channels_last" if channels_last else "channels_first"
@@ -75,7 +106,10 @@ def signatures():
 
 
 def _dtype_of(sig):
-    return next((str(t.dtype) for t in sig if hasattr(t, "dtype") and str(t.dtype).startswith("float")), "")
+    dtypes = [str(t.dtype) for t in sig if hasattr(t, "dtype")]
+    if "uint16" in dtypes:  # bfloat16 bits: its kernels share no compiled callee with the float ones
+        return "bfloat16"
+    return next((d for d in dtypes if d.startswith("float")), "")
 
 
 def warmup(jobs=None, out=sys.stdout):

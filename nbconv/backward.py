@@ -16,7 +16,7 @@ import threading
 
 import numpy as np
 
-from . import _args, _compile, _fallback
+from . import _args, _compile, _dtypes, _fallback
 from . import forward as _forward
 from ._backward import (
     add_halos_nchw,
@@ -140,14 +140,14 @@ def _masked(gc, act, output, compute):
     """``gc`` times the activation's derivative, in a new array (``gc`` may be the caller's)."""
     if act == 0:
         return gc
-    yc = _compile.operand(output, compute)
+    yc = _dtypes.operand(output, compute)
     out = np.empty_like(gc)
     _compile.k(activation_grad)(gc.reshape(-1), yc.reshape(-1), out.reshape(-1), act)
     return out
 
 
 def _finish(arr, result_dtype):
-    return arr if arr.dtype == result_dtype else arr.astype(result_dtype)
+    return _dtypes.as_dtype(arr, result_dtype)
 
 
 def _gemm_buffers(nchunks, compute):
@@ -363,8 +363,8 @@ def _dk_to_keras(dk, g):
 def _internal_dk(dk, g, compute):
     cm = g.c * g.dm
     if g.channels_last:
-        return _compile.operand(dk.reshape(g.kh, g.kw, cm), compute)
-    return _compile.operand(dk.reshape(g.kh, g.kw, cm).transpose(2, 0, 1), compute)
+        return _dtypes.operand(dk.reshape(g.kh, g.kw, cm), compute)
+    return _dtypes.operand(dk.reshape(g.kh, g.kw, cm).transpose(2, 0, 1), compute)
 
 
 @_compile.entry(_fallback.depthwise_conv2d_backward)
@@ -412,7 +412,7 @@ def depthwise_conv2d_backward(grad_output, x, kernel, *, strides=_args.DEFAULT, 
     cm = g.c * g.dm
     grad_output = _check_grad_output(grad_output, g.out_shape(cm), "depthwise_conv2d")
     act, output = _activation_mask(activation, output, grad_output)
-    compute, result = _args.dtypes_for(grad_output, x, kernel)
+    compute, result = _args.dtypes_for(grad_output, x, kernel, precision="float32")
 
     want_dx, want_dk, want_b = "x" in names, "kernel" in names, "bias" in names
     if not (want_dx or want_dk or want_b):
@@ -423,10 +423,10 @@ def depthwise_conv2d_backward(grad_output, x, kernel, *, strides=_args.DEFAULT, 
             np.zeros(kernel.shape, result) if want_dk else None,
             np.zeros(cm, result) if want_b else None,
         )
-    xc = _compile.operand(x, compute)
-    gc = _masked(_compile.operand(grad_output, compute), act, output, compute)
+    xc = _dtypes.operand(x, compute)
+    gc = _masked(_dtypes.operand(grad_output, compute), act, output, compute)
     if channels_last:
-        dx, dk = _dw_grads_nhwc(g, xc, _compile.operand(kernel, compute), gc, want_dx, want_dk, compute)
+        dx, dk = _dw_grads_nhwc(g, xc, _dtypes.operand(kernel, compute), gc, want_dx, want_dk, compute)
         db = gc.reshape(-1, cm).sum(axis=0, dtype=compute) if want_b else None
     else:
         no_pw = np.empty((0, 0), compute)
@@ -478,7 +478,7 @@ def pointwise_conv2d_backward(grad_output, x, kernel, *, data_format="channels_l
     grad_output = _check_grad_output(grad_output, (n, h, w, f) if channels_last else (n, f, h, w),
                                      "pointwise_conv2d")
     act, output = _activation_mask(activation, output, grad_output)
-    compute, result = _args.dtypes_for(grad_output, x, kernel)
+    compute, result = _args.dtypes_for(grad_output, x, kernel, precision="float32")
 
     want_dx, want_w, want_b = "x" in names, "kernel" in names, "bias" in names
     if not (want_dx or want_w or want_b):
@@ -489,9 +489,9 @@ def pointwise_conv2d_backward(grad_output, x, kernel, *, data_format="channels_l
             np.zeros(kernel.shape, result) if want_w else None,
             np.zeros(f, result) if want_b else None,
         )
-    xc = _compile.operand(x, compute)
-    gc = _masked(_compile.operand(grad_output, compute), act, output, compute)
-    wc = _compile.operand(wmat, compute)
+    xc = _dtypes.operand(x, compute)
+    gc = _masked(_dtypes.operand(grad_output, compute), act, output, compute)
+    wc = _dtypes.operand(wmat, compute)
     threads = get_num_threads()
     isz = compute.itemsize
     hw = h * w
@@ -579,7 +579,7 @@ def separable_conv2d_backward(grad_output, x, depthwise_kernel, pointwise_kernel
     cm, f = wmat.shape
     grad_output = _check_grad_output(grad_output, g.out_shape(f), "separable_conv2d")
     act, output = _activation_mask(activation, output, grad_output)
-    compute, result = _args.dtypes_for(grad_output, x, dk, pk)
+    compute, result = _args.dtypes_for(grad_output, x, dk, pk, precision="float32")
 
     want_dx, want_dk = "x" in names, "depthwise_kernel" in names
     want_pw, want_b = "pointwise_kernel" in names, "bias" in names
@@ -592,12 +592,12 @@ def separable_conv2d_backward(grad_output, x, depthwise_kernel, pointwise_kernel
             np.zeros(pk.shape, result) if want_pw else None,
             np.zeros(f, result) if want_b else None,
         )
-    xc = _compile.operand(x, compute)
-    gc = _masked(_compile.operand(grad_output, compute), act, output, compute)
-    wc = _compile.operand(wmat, compute)
+    xc = _dtypes.operand(x, compute)
+    gc = _masked(_dtypes.operand(grad_output, compute), act, output, compute)
+    wc = _dtypes.operand(wmat, compute)
     if (channels_last and g.n * g.oh * g.ow * cm * compute.itemsize <= WHOLE_BYTES
             and cm * f * compute.itemsize > WHOLE_WEIGHT_BYTES):
-        dx, ddk, dpw, db = _sep_backward_whole(g, xc, _compile.operand(dk, compute), wc, gc, want_dx, want_dk,
+        dx, ddk, dpw, db = _sep_backward_whole(g, xc, _dtypes.operand(dk, compute), wc, gc, want_dx, want_dk,
                                                want_pw, want_b, compute)
     else:
         dx, ddk, dpw, db = _dwsep_backward(g, xc, _internal_dk(dk, g, compute), wc, gc, want_dx, want_dk, want_pw,

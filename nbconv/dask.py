@@ -300,7 +300,7 @@ def separable_conv2d(x, depthwise_kernel, pointwise_kernel, bias=None, *, stride
     f = _args.pointwise_matrix(pk, cm).shape[1]
     bias = _args.check_bias(bias, "bias", f)
     dbias = _args.check_bias(depthwise_bias, "depthwise_bias", cm)
-    _, result = _args.dtypes_for(x, dk, pk, bias, dbias)
+    _, result = _args.dtypes_for(x, dk, pk, biases=(bias, dbias))
     x = _one_channel_chunk(x, 3 if cl else 1, rechunk)
     static = dict(strides=(g.sh, g.sw), dilation_rate=(g.dh, g.dw), data_format=data_format, activation=activation,
                   depthwise_activation=depthwise_activation)
@@ -329,7 +329,7 @@ def depthwise_conv2d(x, kernel, bias=None, *, strides=_args.DEFAULT, padding="va
     g = _args.depthwise_geometry(x, kernel, strides, padding, dilation_rate, cl)
     cm = g.c * g.dm
     bias = _args.check_bias(bias, "bias", cm)
-    _, result = _args.dtypes_for(x, kernel, bias)
+    _, result = _args.dtypes_for(x, kernel, biases=(bias,))
     x = _one_channel_chunk(x, 3 if cl else 1, rechunk)
     static = dict(strides=(g.sh, g.sw), dilation_rate=(g.dh, g.dw), data_format=data_format, activation=activation)
     return _build("depthwise_conv2d", x, g, forward.depthwise_conv2d, (kernel, bias), {}, static, cm, result,
@@ -357,7 +357,7 @@ def pointwise_conv2d(x, kernel, bias=None, *, data_format="channels_last", activ
     k = x.shape[3] if cl else x.shape[1]
     f = _args.pointwise_matrix(kernel, k, "kernel").shape[1]
     bias = _args.check_bias(bias, "bias", f)
-    _, result = _args.dtypes_for(x, kernel, bias)
+    _, result = _args.dtypes_for(x, kernel, biases=(bias,))
     x = _one_channel_chunk(x, 3 if cl else 1, rechunk)
     n, h, w = (x.shape[0], x.shape[1], x.shape[2]) if cl else (x.shape[0], x.shape[2], x.shape[3])
     g = _args.Geometry(n, h, w, k, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, h, w, cl)

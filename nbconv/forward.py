@@ -11,7 +11,7 @@ import threading
 
 import numpy as np
 
-from . import _args, _compile, _fallback, packing
+from . import _args, _compile, _dtypes, _fallback, packing
 from ._depthwise import depthwise_packed
 from ._jit import serial_twin
 from ._pointwise import pointwise_nchw, pointwise_nhwc
@@ -107,7 +107,12 @@ def _workspace(*specs):
 def _bias_array(bias, dtype):
     if bias is None:
         return np.empty(0, dtype)
-    return _compile.operand(bias, dtype)
+    return _dtypes.operand(bias, dtype)
+
+
+def _x_operand(x, dt):
+    """The input as the kernels read it: bfloat16 bits for bfloat16 products (float32 rounded), else ``dt.act``."""
+    return _dtypes.operand(x, _dtypes.BITS if dt.bf16 else dt.act)
 
 
 def _even_parts(n_img, size, most, threads, fewest=1):
@@ -205,17 +210,22 @@ _NO_TAPS_LEN = 4096
 _NO_TAPS = {np.dtype(t).char: np.empty((_NO_TAPS_LEN, 0), t) for t in (np.float32, np.float64)}
 
 
-def _dw_operands(g, kernel, bias, act_dtype):
+def _dw_operands(g, kernel, bias, dt):
     """Depthwise operands: ``(wt, bt, wc, bc, wp)``.
 
     Weights per tap ``(KH*KW, C*dm)`` and the bias (zeros for none) for
     :func:`nbconv._depthwise.dw_packed_rows`; ``wc`` is an empty ``(C*dm, 0)``
     array (the kernels read only its row count) and ``bc`` the bias or an
-    empty array.  ``wp`` is the packed row width.
+    empty array.  ``wp`` is the packed row width.  With bfloat16 products
+    the weights are rounded to bfloat16 (and computed in float32).
     """
     cm = g.c * g.dm
+    act_dtype = dt.act
     wp = _packed_width(g)
-    wt = _compile.operand(kernel.reshape(g.kh * g.kw, cm), act_dtype)
+    taps = kernel.reshape(g.kh * g.kw, cm)
+    if dt.bf16 and taps.dtype != _dtypes.BFLOAT16:
+        taps = _dtypes.from_bits(_dtypes.bits(taps))
+    wt = _dtypes.operand(taps, act_dtype)
     bc = _bias_array(bias, act_dtype)
     bt = bc if bias is not None else np.zeros(cm, act_dtype)
     wc = _NO_TAPS[act_dtype.char][:cm] if cm <= _NO_TAPS_LEN else np.empty((cm, 0), act_dtype)
@@ -228,39 +238,47 @@ def _packed_size(g, th, wp):
     return ((th - 1) * g.sh + (g.kh - 1) * g.dh + 1) * wp * _round_up(g.c * g.dm, 16)
 
 
-def _pointwise_operand(given, wmat, compute, as_b):
+def _pointwise_operand(given, wmat, dt, as_b):
     """``(B operand (K, F), packed_k)`` of the pointwise product: the packed panels of a
-    :class:`~nbconv.packing.PackedPointwiseKernel` made for ``compute`` when the kernel reads the weights as its
-    ``B`` operand (``as_b``), else the weights row-major and 0."""
-    panels = packing.packed_panels(given, compute) if as_b else None
+    :class:`~nbconv.packing.PackedPointwiseKernel` made for the call's products when the kernel reads the weights
+    as its ``B`` operand (``as_b``), else the weights row-major (bfloat16 bits for bfloat16 products) and 0."""
+    kind = _dtypes.BITS if dt.bf16 else dt.act
+    panels = packing.packed_panels(given, kind) if as_b else None
     if panels is not None:
-        return panels, panels.shape[0]
-    return _compile.operand(wmat, compute), 0
+        return panels, wmat.shape[0]
+    return _dtypes.operand(wmat, kind), 0
 
 
-def _finish(res, result_dtype, out=None):
+def _finish(res, dt, out=None):
+    """The caller's result from the kernel's: ``out`` (written unless the kernel wrote it), or ``res`` as the
+    result dtype (bfloat16 bits viewed as bfloat16)."""
+    if res.dtype == _dtypes.BITS:
+        res = _dtypes.from_bits(res)
     if out is not None:
-        if res is not out:
-            out[...] = res
+        if res.ctypes.data != out.ctypes.data:
+            out[...] = _dtypes.as_dtype(res, out.dtype)
         return out
-    return res if res.dtype == result_dtype else res.astype(result_dtype)
+    return _dtypes.as_dtype(res, dt.result)
 
 
-def _result(shape, compute, result, out, inputs):
+def _result(shape, dt, out, inputs):
     """The array the kernel writes: the caller's ``out`` (validated) if the kernel can write it, else a new one.
 
     A new array of :data:`STREAM_BYTES` or more starts on a 64-byte boundary,
     so that its rows can take non-temporal vector stores (see :func:`_stream`).
     """
-    _args.check_out(out, shape, result, inputs)
-    if out is not None and out.dtype == compute:
+    _args.check_out(out, shape, dt.result, inputs)
+    store = dt.store
+    if out is not None and out.dtype == store:
         return out
-    nbytes = math.prod(shape) * compute.itemsize
+    if out is not None and store == _dtypes.BITS:
+        return out.view(store)
+    nbytes = math.prod(shape) * store.itemsize
     if nbytes < STREAM_BYTES:
-        return np.empty(shape, compute)
+        return np.empty(shape, store)
     buf = np.empty(nbytes + 64, np.uint8)
     start = -buf.ctypes.data % 64
-    return buf[start:start + nbytes].view(compute).reshape(shape)
+    return buf[start:start + nbytes].view(store).reshape(shape)
 
 
 def _stream(res):
@@ -294,11 +312,13 @@ def _memo_plan(plan):
 
 
 @_memo_plan
-def _separable_plan(g, cm, f, itemsize, threads, align):
+def _separable_plan(g, cm, f, itemsize, threads, align, bf16=False):
     """Work plan of the fused kernel: ``(th, shared, gn, tile_p, fb, nchunks1, nchunks, xs_shape, d_shape, t_shape)``.
 
     See :func:`nbconv._separable.separable` for the parameters and the two
-    modes; the ``*_shape`` are the scratch shapes.
+    modes; the ``*_shape`` are the scratch shapes.  ``itemsize`` is the
+    depthwise arithmetic's; with ``bf16`` (bfloat16 products) NCHW input runs
+    pixel-major tiles in both modes (the transposed store's ``t_shape``).
     """
     th = _row_tiles(g, cm, itemsize, threads, 1)
     many_channels = cm >= SHARED_MIN_CM and cm * f * itemsize > FUSED_B_BYTES
@@ -321,14 +341,15 @@ def _separable_plan(g, cm, f, itemsize, threads, align):
     nchunks = _nchunks(ntasks, threads)
     wp = _packed_width(g)
     d_shape = (1, g.n * g.oh * g.ow * cm) if shared else (nchunks, th * g.ow * cm)
-    t_shape = (nchunks, tile_p * fb if shared and not g.channels_last else 0)
+    t_shape = (nchunks, tile_p * fb if (shared or bf16) and not g.channels_last else 0)
     return (th, shared, gn, tile_p, fb, nchunks1, nchunks, (max(nchunks, nchunks1), _packed_size(g, th, wp)),
             d_shape, t_shape)
 
 
 @_compile.entry(_fallback.depthwise_conv2d)
 def depthwise_conv2d(x, kernel, bias=None, *, strides=_args.DEFAULT, padding="valid", dilation_rate=_args.DEFAULT,
-                     data_format="channels_last", activation=None, out=None, **aliases):
+                     data_format="channels_last", activation=None, out=None, precision=None, output_dtype=None,
+                     **aliases):
     """Depthwise 2-D convolution (Keras's ``DepthwiseConv2D`` / ``ops.depthwise_conv``).
 
     Parameters
@@ -349,12 +370,19 @@ def depthwise_conv2d(x, kernel, bias=None, *, strides=_args.DEFAULT, padding="va
         Where to write the result: C-contiguous, writeable, of the result's
         shape and dtype, sharing no memory with the inputs (for example a
         framework's output buffer).  Returned.
+    precision : {None, "float32", "bfloat16"}
+        None: the inputs' own (bfloat16 inputs are rounded to bfloat16 only at
+        the end).  "bfloat16" rounds float32 inputs to bfloat16 first.
+    output_dtype : dtype, optional
+        The result's dtype (float16, bfloat16, float32 or float64), for
+        example float32 results of bfloat16 inputs.
 
     Returns
     -------
     ndarray of shape (N, OH, OW, C*dm) or (N, C*dm, OH, OW)
         Output channel ``c*dm + m`` comes from input channel ``c``. The dtype
-        follows NumPy promotion of the inputs (float16 is computed in float32).
+        follows NumPy promotion of the inputs (float16 is computed in float32,
+        bfloat16 in float32 from its bfloat16 values), or ``output_dtype``.
     """
     strides, dilation_rate = _args.resolve_aliases("depthwise_conv2d", strides, dilation_rate, aliases)
     channels_last = _args.normalize_data_format(data_format)
@@ -364,26 +392,27 @@ def depthwise_conv2d(x, kernel, bias=None, *, strides=_args.DEFAULT, padding="va
     g = _args.depthwise_geometry(x, kernel, strides, padding, dilation_rate, channels_last)
     cm = g.c * g.dm
     bias = _args.check_bias(bias, "bias", cm)
-    compute, result = _args.dtypes_for(x, kernel, bias)
+    dt = _args.dtypes_for(x, kernel, biases=(bias,), precision=precision, output_dtype=output_dtype)
 
-    res = _result(g.out_shape(cm), compute, result, out, (("x", x), ("kernel", kernel), ("bias", bias)))
+    res = _result(g.out_shape(cm), dt, out, (("x", x), ("kernel", kernel), ("bias", bias)))
     if res.size == 0:
-        return _finish(res, result, out)
-    xc = _compile.operand(x, compute)
+        return _finish(res, dt, out)
+    xc = _x_operand(x, dt)
     threads = _threads_for(g.n * g.oh * g.ow * cm * g.kh * g.kw)
-    wt, bt, wc, bc, wp = _dw_operands(g, kernel, bias, compute)
-    th = _row_tiles(g, cm, compute.itemsize, threads, 4 * threads)
+    wt, bt, wc, bc, wp = _dw_operands(g, kernel, bias, dt)
+    th = _row_tiles(g, cm, dt.act.itemsize, threads, 4 * threads)
     nchunks = _nchunks(g.n * -(-g.oh // th), threads)
-    (xs,) = _workspace(((nchunks, _packed_size(g, th, wp)), compute))
+    (xs,) = _workspace(((nchunks, _packed_size(g, th, wp)), dt.act))
     kernel_fn, lock = _launch(depthwise_packed, threads)
     with lock:
         kernel_fn(xc, channels_last, wt, bt, wc, bc, act, res.reshape(-1), g.dm, g.sh, g.sw, g.dh, g.dw,
                   g.pt, g.pl, g.kh, g.kw, g.oh, g.ow, wp, th, nchunks, xs)
-    return _finish(res, result, out)
+    return _finish(res, dt, out)
 
 
 @_compile.entry(_fallback.pointwise_conv2d)
-def pointwise_conv2d(x, kernel, bias=None, *, data_format="channels_last", activation=None, out=None):
+def pointwise_conv2d(x, kernel, bias=None, *, data_format="channels_last", activation=None, out=None,
+                     precision=None, output_dtype=None):
     """Pointwise (1x1) 2-D convolution.
 
     Parameters
@@ -399,6 +428,12 @@ def pointwise_conv2d(x, kernel, bias=None, *, data_format="channels_last", activ
         Where to write the result: C-contiguous, writeable, of the result's
         shape and dtype, sharing no memory with the inputs (for example a
         framework's output buffer).  Returned.
+    precision : {None, "float32", "bfloat16"}
+        The products' precision: None takes the inputs' (bfloat16 inputs
+        multiply bfloat16 pairs, summed in float32); "bfloat16" rounds float32
+        inputs to bfloat16 for them; "float32" computes bfloat16 inputs in float32.
+    output_dtype : dtype, optional
+        The result's dtype (float16, bfloat16, float32 or float64).
 
     Returns
     -------
@@ -414,38 +449,43 @@ def pointwise_conv2d(x, kernel, bias=None, *, data_format="channels_last", activ
     wmat = _args.pointwise_matrix(kernel, k, "kernel")
     f = wmat.shape[1]
     bias = _args.check_bias(bias, "bias", f)
-    compute, result = _args.dtypes_for(x, kernel, bias)
+    dt = _args.dtypes_for(x, kernel, biases=(bias,), precision=precision, output_dtype=output_dtype)
 
     n = x.shape[0]
     h, w = (x.shape[1], x.shape[2]) if channels_last else (x.shape[2], x.shape[3])
-    res = _result((n, h, w, f) if channels_last else (n, f, h, w), compute, result, out,
+    res = _result((n, h, w, f) if channels_last else (n, f, h, w), dt, out,
                   (("x", x), ("kernel", kernel), ("bias", bias)))
     if res.size == 0:
-        return _finish(res, result, out)
-    xc = _compile.operand(x, compute)
-    bc = _bias_array(bias, compute)
+        return _finish(res, dt, out)
+    xc = _x_operand(x, dt)
+    bc = _bias_array(bias, dt.act)
     threads = _threads_for(n * h * w * k * f)
-    if channels_last:
-        wc, packed_k = _pointwise_operand(given, wmat, compute, True)
-        tile_p, fb, ntasks = _plan(1, n * h * w, f, threads, packing.packed_align(given, compute))
+    if channels_last or dt.bf16:
+        # bfloat16 products take NHWC pixels (pairs of channels side by side): NCHW goes through a transposed copy
+        x2 = xc.reshape(-1, k) if channels_last else np.ascontiguousarray(np.moveaxis(xc, 1, 3)).reshape(-1, k)
+        res2 = res.reshape(-1, f) if channels_last else np.empty((n * h * w, f), res.dtype)
+        wc, packed_k = _pointwise_operand(given, wmat, dt, True)
+        tile_p, fb, ntasks = _plan(1, n * h * w, f, threads, packing.packed_align(given, dt))
         nchunks = _nchunks(ntasks, threads)
         kernel_fn, lock = _launch(pointwise_nhwc, threads)
         with lock:
-            kernel_fn(xc.reshape(-1, k), wc, bc, act, res.reshape(-1, f), tile_p, fb, nchunks, _stream(res), packed_k)
+            kernel_fn(x2, wc, bc, act, res2, tile_p, fb, nchunks, _stream(res), packed_k)
+        if not channels_last:
+            res[...] = np.moveaxis(res2.reshape(n, h, w, f), 3, 1)
     else:
-        wc = _compile.operand(wmat, compute)
+        wc = _dtypes.operand(wmat, dt.act)
         tile_p, fb, ntasks = _plan(n, h * w, f, threads)
         nchunks = _nchunks(ntasks, threads)
         kernel_fn, lock = _launch(pointwise_nchw, threads)
         with lock:
             kernel_fn(xc.reshape(n, k, -1), wc, bc, act, res.reshape(n, f, -1), tile_p, fb, nchunks, _stream(res))
-    return _finish(res, result, out)
+    return _finish(res, dt, out)
 
 
 @_compile.entry(_fallback.separable_conv2d)
 def separable_conv2d(x, depthwise_kernel, pointwise_kernel, bias=None, *, strides=_args.DEFAULT, padding="valid",
                      dilation_rate=_args.DEFAULT, data_format="channels_last", activation=None, depthwise_bias=None,
-                     depthwise_activation=None, out=None, **aliases):
+                     depthwise_activation=None, out=None, precision=None, output_dtype=None, **aliases):
     """Fused depthwise-separable 2-D convolution (Keras's ``SeparableConv2D`` / ``ops.separable_conv``).
 
     A depthwise convolution (``depthwise_kernel``, strides, padding, dilation),
@@ -472,6 +512,15 @@ def separable_conv2d(x, depthwise_kernel, pointwise_kernel, bias=None, *, stride
         Where to write the result: C-contiguous, writeable, of the result's
         shape and dtype, sharing no memory with the inputs (for example a
         framework's output buffer).  Returned.
+    precision : {None, "float32", "bfloat16"}
+        The pointwise products' precision: None takes the inputs' (bfloat16
+        inputs: the depthwise result is rounded to bfloat16 and multiplied in
+        bfloat16 pairs, summed in float32); "bfloat16" does the same for
+        float32 inputs (rounded to bfloat16 first); "float32" computes
+        bfloat16 inputs in float32 throughout.
+    output_dtype : dtype, optional
+        The result's dtype (float16, bfloat16, float32 or float64), for
+        example float32 results of bfloat16 products.
 
     Returns
     -------
@@ -486,25 +535,25 @@ def separable_conv2d(x, depthwise_kernel, pointwise_kernel, bias=None, *, stride
     cm, f = wmat.shape
     bias = _args.check_bias(bias, "bias", f)
     dbias = _args.check_bias(depthwise_bias, "depthwise_bias", cm)
-    compute, result = _args.dtypes_for(x, dk, pk, bias, dbias)
+    dt = _args.dtypes_for(x, dk, pk, biases=(bias, dbias), precision=precision, output_dtype=output_dtype)
 
-    res = _result(g.out_shape(f), compute, result, out,
+    res = _result(g.out_shape(f), dt, out,
                   (("x", x), ("depthwise_kernel", dk), ("pointwise_kernel", pk), ("bias", bias),
                    ("depthwise_bias", dbias)))
     if res.size == 0:
-        return _finish(res, result, out)
-    xc = _compile.operand(x, compute)
-    bc = _bias_array(bias, compute)
+        return _finish(res, dt, out)
+    xc = _x_operand(x, dt)
+    bc = _bias_array(bias, dt.act)
     threads = _threads_for(g.n * g.oh * g.ow * cm * (g.kh * g.kw + f))
-    wt, bt, wc_dw, bc_dw, wp = _dw_operands(g, dk, dbias, compute)
+    wt, bt, wc_dw, bc_dw, wp = _dw_operands(g, dk, dbias, dt)
     th, shared, gn, tile_p, fb, nchunks1, nchunks, xs_shape, d_shape, t_shape = _separable_plan(
-        g, cm, f, compute.itemsize, threads, packing.packed_align(pointwise_kernel, compute))
-    # fused mode with NCHW input reads the weights as the GEMM's A operand, unpacked
-    wc, packed_k = _pointwise_operand(pointwise_kernel, wmat, compute, channels_last or shared)
-    xs, d, tt = _workspace((xs_shape, compute), (d_shape, compute), (t_shape, compute))
+        g, cm, f, dt.act.itemsize, threads, packing.packed_align(pointwise_kernel, dt), dt.bf16)
+    # fused mode with NCHW input reads the float weights as the GEMM's A operand, unpacked
+    wc, packed_k = _pointwise_operand(pointwise_kernel, wmat, dt, channels_last or shared or dt.bf16)
+    xs, d, tt = _workspace((xs_shape, dt.act), (d_shape, _dtypes.BITS if dt.bf16 else dt.act), (t_shape, dt.act))
     kernel_fn, lock = _launch(separable, threads)
     with lock:
         kernel_fn(xc, channels_last, wt, bt, wc_dw, bc_dw, dact, wc, bc, act, res.reshape(-1), g.dm, g.sh, g.sw, g.dh,
                   g.dw, g.pt, g.pl, g.kh, g.kw, g.oh, g.ow, wp, th, shared, gn, tile_p, fb, nchunks1, nchunks, xs, d,
                   tt, _stream(res), packed_k)
-    return _finish(res, result, out)
+    return _finish(res, dt, out)

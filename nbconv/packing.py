@@ -14,8 +14,8 @@ session is created and XNNPACK when an operator is.
 """
 import numpy as np
 
-from . import _args
-from ._gemm import pack_b, panel_width
+from . import _args, _dtypes
+from ._gemm import pack_b, pack_pairs, pair_panel_width, panel_width
 
 __all__ = ["PackedPointwiseKernel", "pack_pointwise_kernel"]
 
@@ -37,8 +37,10 @@ class PackedPointwiseKernel:
     dtype : numpy.dtype
         The kernel's dtype.
     compute_dtype : numpy.dtype
-        The dtype of the packed copy: calls computing in another dtype (a
-        float64 input with float32 weights) use the unpacked kernel.
+        The products it was packed for: float32 or float64, or bfloat16
+        (pairs of rows side by side, for bfloat16 products); calls computing
+        in another dtype (a float64 input with float32 weights) use the
+        unpacked kernel.
 
     Notes
     -----
@@ -47,11 +49,12 @@ class PackedPointwiseKernel:
     threads.
     """
 
-    __slots__ = ("_kernel", "_panels")
+    __slots__ = ("_kernel", "_panels", "_compute")
 
-    def __init__(self, kernel, panels):
+    def __init__(self, kernel, panels, compute):
         self._kernel = kernel
         self._panels = panels
+        self._compute = compute
 
     @property
     def shape(self):
@@ -67,7 +70,7 @@ class PackedPointwiseKernel:
 
     @property
     def compute_dtype(self):
-        return self._panels.dtype
+        return self._compute
 
     def __array__(self, dtype=None, copy=None):
         if copy:
@@ -77,20 +80,26 @@ class PackedPointwiseKernel:
     def __repr__(self):
         return f"PackedPointwiseKernel(shape={self.shape}, dtype={self.dtype})"
 
-    def panels_for(self, compute):
-        """The packed ``(K, F)`` operand when it was packed for ``compute``, else None."""
-        return self._panels if self._panels.dtype == compute else None
+    def panels_for(self, kind):
+        """The packed operand when it was packed for ``kind`` (the products' float dtype, or bfloat16 bits
+        ``uint16`` for bfloat16 products), else None."""
+        return self._panels if self._panels.dtype == kind else None
 
 
-def pack_pointwise_kernel(kernel):
+def pack_pointwise_kernel(kernel, precision=None):
     """Pack a pointwise kernel once, for many forward calls with the same weights.
 
     Parameters
     ----------
     kernel : array_like of shape (1, 1, K, F) or (K, F)
         A Keras pointwise kernel (``SeparableConv2D.pointwise_kernel``, or a
-        1x1 ``Conv2D`` kernel), float16, float32 or float64.  float16 is
-        packed in float32, the dtype nbconv computes it in.
+        1x1 ``Conv2D`` kernel), float16, bfloat16, float32 or float64.
+        float16 is packed in float32, the dtype nbconv computes it in, and
+        bfloat16 for bfloat16 products.
+    precision : {None, "float32", "bfloat16"}
+        The products the packed weights serve, as ``precision=`` of the
+        forward functions: "bfloat16" packs float32 weights rounded to
+        bfloat16 (for calls with bfloat16 inputs or ``precision="bfloat16"``).
 
     Returns
     -------
@@ -115,19 +124,25 @@ def pack_pointwise_kernel(kernel):
         raise ValueError(f"Expected `kernel` of shape (1, 1, K, filters) or (K, filters). "
                          f"Received: kernel with shape {kernel.shape}")
     matrix = _args.pointwise_matrix(kernel, kernel.shape[-2], "kernel")
-    compute = np.dtype(np.float32) if kernel.dtype == np.float16 else kernel.dtype
+    compute = _args.dtypes_for(kernel, precision=precision).compute
     # the panels stay writeable (private, never written): kernels are compiled for writeable operands
-    panels = pack_b(matrix, compute).reshape(matrix.shape)
+    if compute == _dtypes.BFLOAT16:
+        panels = pack_pairs(_dtypes.bits(matrix).reshape(matrix.shape))
+    else:
+        panels = pack_b(_dtypes.operand(matrix, compute), compute).reshape(matrix.shape)
     kernel = np.array(kernel, copy=True)
     kernel.flags.writeable = False
-    return PackedPointwiseKernel(kernel, panels)
+    return PackedPointwiseKernel(kernel, panels, compute)
 
 
-def packed_panels(kernel, compute):
-    """The packed operand of ``kernel`` for ``compute`` (a :class:`PackedPointwiseKernel`), else None."""
-    return kernel.panels_for(compute) if isinstance(kernel, PackedPointwiseKernel) else None
+def packed_panels(kernel, kind):
+    """The packed operand of ``kernel`` for ``kind`` (see :meth:`PackedPointwiseKernel.panels_for`), else None."""
+    return kernel.panels_for(kind) if isinstance(kernel, PackedPointwiseKernel) else None
 
 
-def packed_align(kernel, compute):
-    """Filter blocks of a call must start on a panel of the packed operand: the alignment in filters."""
-    return panel_width(compute) if packed_panels(kernel, compute) is not None else 16
+def packed_align(kernel, dt):
+    """Filter blocks of a call (:class:`nbconv._args.Dtypes` ``dt``) must start on a panel of the packed operand:
+    the alignment in filters."""
+    if dt.bf16:
+        return pair_panel_width() if packed_panels(kernel, _dtypes.BITS) is not None else 16
+    return panel_width(dt.act) if packed_panels(kernel, dt.act) is not None else 16

@@ -25,6 +25,9 @@ __all__ = [
     "assert_close",
     "tolerance_for",
     "random_array",
+    "bf16_round",
+    "bf16_separable_bound",
+    "assert_within",
 ]
 
 
@@ -197,3 +200,66 @@ def assert_close(actual, expected, dtype=None, tol=None):
 def random_array(rng, shape, dtype=np.float32, low=-1.0, high=1.0):
     """Uniform values in [low, high) of ``dtype`` (test data, not part of the reference)."""
     return rng.uniform(low, high, size=shape).astype(dtype)
+
+
+# --- bfloat16 -------------------------------------------------------------------------------------------------
+
+#: unit roundoff of bfloat16 (8 significant bits) and float32 (24)
+U_BF16 = 2.0 ** -8
+U_F32 = 2.0 ** -24
+
+
+def bf16_round(a):
+    """float64 values of ``a`` rounded to bfloat16 (to nearest, ties to even), by integer arithmetic on float32
+    bits: independent of ml_dtypes and of nbconv's conversion."""
+    a32 = np.asarray(a, dtype=np.float64).astype(np.float32)
+    bits = a32.view(np.uint32).astype(np.uint64)
+    nan = np.isnan(a32)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+    out = (rounded & 0xFFFFFFFF).astype(np.uint32).view(np.float32).astype(np.float64)
+    return np.where(nan, np.nan, out)
+
+
+def bf16_separable_bound(x, depthwise_kernel, pointwise_kernel, bias=None, *, depthwise_bias=None,
+                         bf16_output=True, **conv):
+    """Per-element error bound of a separable convolution with bfloat16 products, for operands already rounded
+    to bfloat16.
+
+    The depthwise result ``d`` is computed in float32 (error at most
+    ``(kh*kw + 1) * U_F32 * |x|*|dk|`` summed), rounded to bfloat16 (``U_BF16 * |d|``),
+    then multiplied in pairs and summed in float32 over the ``K`` channels
+    (``(K + 1) * U_F32``).  With the depthwise abs-sums ``D = |x| * |dk| + |db|``
+    and ``P = D @ |pk| + |b|``::
+
+        |y - y_ref| <= (U_BF16 + (kh*kw + K + 2) * U_F32) * (1 + U_BF16) * P  (+ U_BF16 * |y_ref| for a bfloat16 result)
+
+    ReLU and ReLU6 only shrink differences, so the bound holds after them.
+    """
+    absx = np.abs(np.asarray(x, np.float64))
+    absdk = np.abs(np.asarray(depthwise_kernel, np.float64))
+    abspk = np.abs(np.asarray(pointwise_kernel, np.float64))
+    dbias = None if depthwise_bias is None else np.abs(np.asarray(depthwise_bias, np.float64))
+    conv = {k: v for k, v in conv.items() if k not in ("activation", "depthwise_activation")}
+    big_p = separable_ref(absx, absdk, abspk, None if bias is None else np.abs(np.asarray(bias, np.float64)),
+                          depthwise_bias=dbias, **conv)
+    taps = absdk.shape[0] * absdk.shape[1]
+    k = abspk.shape[-2]
+    return (U_BF16 + (taps + k + 2) * U_F32) * (1 + U_BF16) * big_p, bf16_output
+
+
+def assert_within(actual, expected, bound, rel_out=0.0):
+    """Assert ``|actual - expected| <= bound + rel_out * |expected|`` element-wise (NaN and Inf matching exactly)."""
+    a64 = np.asarray(actual).astype(np.float64)
+    expected = np.asarray(expected, np.float64)
+    assert a64.shape == expected.shape, (a64.shape, expected.shape)
+    nan_e, nan_a = np.isnan(expected), np.isnan(a64)
+    assert np.array_equal(nan_a, nan_e), f"NaN positions differ: {np.argwhere(nan_a != nan_e)[:10]}"
+    inf_e = np.isinf(expected)
+    assert np.array_equal(np.isinf(a64), inf_e), "Inf positions differ"
+    assert np.array_equal(a64[inf_e], expected[inf_e]), "Inf signs differ"
+    fin = np.isfinite(expected)
+    err = np.abs(a64[fin] - expected[fin])
+    limit = (np.broadcast_to(bound, expected.shape)[fin] + rel_out * np.abs(expected[fin])) * (1 + 1e-9) + 1e-300
+    worst = np.argmax(err / limit) if err.size else 0
+    assert np.all(err <= limit), (f"error {err[worst]:.3g} > bound {limit[worst]:.3g} "
+                                  f"({int(np.sum(err > limit))} of {err.size} elements)")

@@ -105,7 +105,7 @@ def test_warmup_covers_every_kernel_called_from_python():
     names = {name for name, _ in _warmup.signatures()}
     assert names == set(_compile._REGISTRY)
     dtypes = {_warmup._dtype_of(sig) for _, sig in _warmup.signatures()}
-    assert dtypes == {"float32", "float64"}
+    assert dtypes == {"float32", "float64", "bfloat16"}
 
 
 def test_read_only_operands_reuse_the_writeable_build(rng):

@@ -1,0 +1,306 @@
+"""bfloat16: the forward functions with bfloat16 products against the float64 reference of the bfloat16-rounded
+operands, within the error bound derived in ``reference.bf16_separable_bound``; the backward on bfloat16 inputs."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import nbconv
+from nbconv import _simd
+from reference import (
+    U_BF16,
+    U_F32,
+    assert_within,
+    bf16_round,
+    bf16_separable_bound,
+    depthwise_ref,
+    pair,
+    pointwise_ref,
+    random_array,
+    separable_ref,
+)
+from test_separable import GEOMETRIES, _geometry_inputs
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+FORMATS = ["channels_last", "channels_first"]
+
+
+def _bf16(*arrays):
+    return [None if a is None else np.asarray(a).astype(BF16) for a in arrays]
+
+
+def _f64(a):
+    return None if a is None else np.asarray(a).astype(np.float64)
+
+
+def _check_separable(y, x, dk, pk, bias=None, dbias=None, bf16_output=True, **kwargs):
+    """``y`` against the reference of the (bfloat16-valued) operands, within the derived bound."""
+    ref = separable_ref(_f64(x), _f64(dk), _f64(pk), _f64(bias), depthwise_bias=_f64(dbias), **kwargs)
+    bound, _ = bf16_separable_bound(_f64(x), _f64(dk), _f64(pk), _f64(bias), depthwise_bias=_f64(dbias), **kwargs)
+    assert_within(y, ref, bound, U_BF16 if bf16_output else 0.0)
+
+
+@pytest.mark.parametrize("data_format", FORMATS)
+@pytest.mark.parametrize("geom", GEOMETRIES, ids=[str(g) for g in GEOMETRIES])
+def test_separable_grid(rng, geom, data_format):
+    x, dk, pk, kwargs = _geometry_inputs(rng, geom, data_format)
+    x, dk, pk = _bf16(x, dk, pk)
+    y = nbconv.separable_conv2d(x, dk, pk, **kwargs)
+    assert y.dtype == BF16
+    _check_separable(y, x, dk, pk, **kwargs)
+
+
+@pytest.mark.parametrize("data_format", FORMATS)
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("output_dtype", [None, np.float32])
+@pytest.mark.parametrize("geom", [(2, 7, 6, 5, 2, 33, 3, (2, 1), 1, "same"), (1, 9, 9, 17, 1, 70, 3, 1, 2, 1),
+                                  (3, 12, 11, 64, 1, 128, 3, 1, 1, "valid"), (1, 7, 7, 300, 1, 100, 3, 1, 1, "same")],
+                         ids=str)
+def test_separable_packed_and_output_dtype(rng, geom, data_format, packed, output_dtype):
+    x, dk, pk, kwargs = _geometry_inputs(rng, geom, data_format)
+    x, dk, pk = _bf16(x, dk, pk)
+    weights = nbconv.pack_pointwise_kernel(pk) if packed else pk
+    y = nbconv.separable_conv2d(x, dk, weights, **kwargs, output_dtype=output_dtype)
+    assert y.dtype == (BF16 if output_dtype is None else np.float32)
+    _check_separable(y, x, dk, pk, bf16_output=output_dtype is None, **kwargs)
+
+
+@pytest.mark.parametrize("data_format", FORMATS)
+@pytest.mark.parametrize("activation", [None, "relu", "relu6"])
+@pytest.mark.parametrize("depthwise_activation", [None, "relu6"])
+def test_separable_bias_and_activations(rng, data_format, activation, depthwise_activation):
+    x, dk, pk, kwargs = _geometry_inputs(rng, (2, 7, 6, 5, 2, 6, 3, (2, 1), 1, "same"), data_format)
+    x, dk, pk = _bf16(x * 4, dk, pk)  # outputs beyond 6, so relu6 clips
+    bias = random_array(rng, (6,), np.float32, -3, 3)  # a float32 bias keeps the call in bfloat16
+    dbias = random_array(rng, (10,), np.float32, -2, 2)
+    kwargs.update(activation=activation, depthwise_activation=depthwise_activation)
+    y = nbconv.separable_conv2d(x, dk, pk, bias, depthwise_bias=dbias, **kwargs)
+    assert y.dtype == BF16
+    _check_separable(y, x, dk, pk, bias, dbias, **kwargs)
+
+
+@pytest.mark.parametrize("data_format", FORMATS)
+@pytest.mark.parametrize("geom", [(2, 7, 6, 5, 1, 0, 3, 1, 1, "same"), (1, 9, 8, 17, 3, 0, 5, (2, 1), (1, 2), 1),
+                                  (2, 14, 14, 64, 1, 0, 3, 2, 1, "same"), (1, 3, 3, 300, 2, 0, 3, 1, 1, "valid")],
+                         ids=str)
+@pytest.mark.parametrize("output_dtype", [None, np.float32])
+def test_depthwise(rng, geom, data_format, output_dtype):
+    n, h, w, c, dm, _, k, strides, dilation, padding = geom
+    kh, kw = pair(k)
+    shape = (n, h, w, c) if data_format == "channels_last" else (n, c, h, w)
+    x, dk = _bf16(random_array(rng, shape), random_array(rng, (kh, kw, c, dm)))
+    bias = random_array(rng, (c * dm,))
+    kwargs = dict(strides=strides, padding=padding, dilation_rate=dilation, data_format=data_format,
+                  activation="relu")
+    y = nbconv.depthwise_conv2d(x, dk, bias, output_dtype=output_dtype, **kwargs)
+    assert y.dtype == (BF16 if output_dtype is None else np.float32)
+    ref = depthwise_ref(_f64(x), _f64(dk), bias, **kwargs)
+    # float32 sums of kh*kw products, rounded once
+    bound = (kh * kw + 1) * U_F32 * depthwise_ref(np.abs(_f64(x)), np.abs(_f64(dk)), np.abs(bias),
+                                                  **{**kwargs, "activation": None})
+    assert_within(y, ref, bound, U_BF16 if output_dtype is None else 0.0)
+
+
+@pytest.mark.parametrize("data_format", FORMATS)
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("kf", [(1, 1), (7, 33), (64, 64), (129, 200), (512, 48)], ids=str)
+def test_pointwise(rng, data_format, packed, kf):
+    k, f = kf
+    shape = (2, 5, 7, k) if data_format == "channels_last" else (2, k, 5, 7)
+    x, w = _bf16(random_array(rng, shape), random_array(rng, (1, 1, k, f)))
+    bias = random_array(rng, (f,))
+    y = nbconv.pointwise_conv2d(x, nbconv.pack_pointwise_kernel(w) if packed else w, bias, data_format=data_format,
+                                activation="relu6")
+    assert y.dtype == BF16
+    ref = pointwise_ref(_f64(x), _f64(w), bias, data_format=data_format, activation="relu6")
+    bound = (k + 1) * U_F32 * pointwise_ref(np.abs(_f64(x)), np.abs(_f64(w)), np.abs(bias), data_format=data_format)
+    assert_within(y, ref, bound, U_BF16)
+
+
+@pytest.mark.parametrize("data_format", FORMATS)
+def test_float32_inputs_with_bfloat16_products(rng, data_format):
+    x, dk, pk, kwargs = _geometry_inputs(rng, (2, 9, 8, 24, 1, 40, 3, 1, 1, "same"), data_format)
+    bias = random_array(rng, (40,))
+    y = nbconv.separable_conv2d(x, dk, pk, bias, precision="bfloat16", **kwargs)
+    assert y.dtype == np.float32
+    # the operands are rounded to bfloat16 first
+    _check_separable(y, bf16_round(x), bf16_round(dk), bf16_round(pk), bias, bf16_output=False, **kwargs)
+    packed = nbconv.pack_pointwise_kernel(pk, precision="bfloat16")
+    assert packed.compute_dtype == BF16
+    assert np.array_equal(nbconv.separable_conv2d(x, dk, packed, bias, precision="bfloat16", **kwargs), y)
+    p = nbconv.pointwise_conv2d(x, pk, bias, precision="bfloat16", data_format=data_format)
+    ref = pointwise_ref(bf16_round(x), bf16_round(pk), bias, data_format=data_format)
+    bound = 25 * U_F32 * pointwise_ref(np.abs(bf16_round(x)), np.abs(bf16_round(pk)), np.abs(bias),
+                                       data_format=data_format)
+    assert_within(p, ref, bound)
+
+
+def test_bfloat16_inputs_with_float32_products(rng):
+    x, dk, pk, kwargs = _geometry_inputs(rng, (2, 9, 8, 24, 1, 40, 3, 1, 1, "same"), "channels_last")
+    x, dk, pk = _bf16(x, dk, pk)
+    y = nbconv.separable_conv2d(x, dk, pk, precision="float32", **kwargs)
+    assert y.dtype == BF16
+    ref = separable_ref(_f64(x), _f64(dk), _f64(pk), **kwargs)
+    bound = 40 * U_F32 * separable_ref(np.abs(_f64(x)), np.abs(_f64(dk)), np.abs(_f64(pk)), **kwargs)
+    assert_within(y, ref, bound, U_BF16)
+
+
+def test_mixed_dtypes_promote(rng):
+    x, dk, pk, kwargs = _geometry_inputs(rng, (1, 6, 6, 8, 1, 16, 3, 1, 1, "same"), "channels_last")
+    xb, dkb, pkb = _bf16(x, dk, pk)
+    # bfloat16 with float32 weights promotes to float32 (NumPy's rule for ml_dtypes.bfloat16)
+    y = nbconv.separable_conv2d(xb, dk, pk, **kwargs)
+    assert y.dtype == np.float32
+    ref = separable_ref(_f64(xb), dk, pk, **kwargs)
+    assert_within(y, ref, 40 * U_F32 * separable_ref(np.abs(_f64(xb)), np.abs(dk), np.abs(pk), **kwargs))
+    # a float32 or float64 bias does not: it is added to float32 sums
+    assert nbconv.separable_conv2d(xb, dkb, pkb, np.zeros(16), **kwargs).dtype == BF16
+    assert nbconv.depthwise_conv2d(xb, dkb, np.zeros(8, np.float32), **kwargs).dtype == BF16
+
+
+def test_out_argument(rng):
+    x, dk, pk, kwargs = _geometry_inputs(rng, (1, 6, 6, 8, 1, 16, 3, 1, 1, "same"), "channels_last")
+    x, dk, pk = _bf16(x, dk, pk)
+    expected = nbconv.separable_conv2d(x, dk, pk, **kwargs)
+    out = np.empty(expected.shape, BF16)
+    assert nbconv.separable_conv2d(x, dk, pk, out=out, **kwargs) is out
+    assert np.array_equal(out.view(np.uint16), expected.view(np.uint16))
+    out32 = np.empty(expected.shape, np.float32)
+    assert nbconv.separable_conv2d(x, dk, pk, out=out32, output_dtype=np.float32, **kwargs) is out32
+    with pytest.raises(ValueError, match="Expected `out`.*dtype bfloat16"):
+        nbconv.separable_conv2d(x, dk, pk, out=out32, **kwargs)
+
+
+def test_inputs_not_modified(rng):
+    x, dk, pk, kwargs = _geometry_inputs(rng, (2, 9, 9, 20, 2, 30, 3, 2, 1, "same"), "channels_first")
+    arrays = _bf16(x, dk, pk)
+    copies = [a.copy() for a in arrays]
+    nbconv.separable_conv2d(*arrays, **kwargs)
+    nbconv.separable_conv2d_backward(np.ones((2, 30, 5, 5), BF16), *arrays, **kwargs)
+    for a, c in zip(arrays, copies):
+        assert np.array_equal(a.view(np.uint16), c.view(np.uint16))
+
+
+@pytest.mark.parametrize("data_format", FORMATS)
+def test_nan_and_inf_propagate(rng, data_format):
+    x, dk, pk, kwargs = _geometry_inputs(rng, (1, 8, 8, 6, 1, 20, 3, 1, 1, "same"), data_format)
+    x = x.copy()
+    idx = (0, 2, 3, 1) if data_format == "channels_last" else (0, 1, 2, 3)
+    x[idx] = np.nan
+    idx2 = (0, 6, 6, 4) if data_format == "channels_last" else (0, 4, 6, 6)
+    x[idx2] = np.inf
+    x, dk, pk = _bf16(x, dk, pk)
+    for act in (None, "relu"):
+        y = nbconv.separable_conv2d(x, dk, pk, activation=act, **kwargs)
+        _check_separable(y, x, dk, pk, activation=act, **kwargs)
+        assert np.isnan(y.astype(np.float32)).any()
+    d = nbconv.depthwise_conv2d(x, dk, **kwargs)
+    ref = depthwise_ref(_f64(x), _f64(dk), **kwargs)
+    assert_within(d, ref, 10 * U_F32 * depthwise_ref(np.abs(_f64(x)), np.abs(_f64(dk)), **kwargs), U_BF16)
+
+
+def test_rounding_to_nearest_even_and_large_values():
+    # 1 + 2^-8 is halfway between two bfloat16 values: ties go to the even one (1.0); 1 + 3*2^-9 rounds up
+    x = np.array([1 + 2 ** -8, 1 + 3 * 2 ** -9, 3.4e38, -7.0], np.float32).reshape(1, 1, 4, 1)
+    w = np.ones((1, 1), np.float32)
+    y = nbconv.pointwise_conv2d(x, w, precision="float32", output_dtype=BF16)
+    assert y.dtype == BF16
+    assert np.array_equal(y.astype(np.float64).ravel(), bf16_round(x.ravel()))
+    assert np.isposinf(y.astype(np.float32)[0, 0, 2, 0])  # beyond bfloat16's largest finite value
+
+
+def test_denormals():
+    """bfloat16 denormals (below 2^-126): the products of VDPBF16PS read them as zero (documented); elsewhere they
+    are kept."""
+    tiny = np.float32(2.0 ** -130)
+    x = np.full((1, 2, 2, 4), tiny, np.float32).astype(BF16)
+    w = np.ones((4, 3), BF16)
+    y = nbconv.pointwise_conv2d(x, w, output_dtype=np.float32)
+    if _simd.NATIVE_BF16:
+        assert np.all(y == 0)
+    else:
+        assert np.allclose(y, 4 * float(tiny), rtol=1e-6, atol=0)
+    # the depthwise part computes in float32 FMAs and keeps them
+    d = nbconv.depthwise_conv2d(x, np.ones((1, 1, 4, 1), BF16), output_dtype=np.float32)
+    assert np.allclose(d, float(tiny), rtol=1e-6, atol=0)
+
+
+def test_backward(rng):
+    x, dk, pk, kwargs = _geometry_inputs(rng, (2, 8, 7, 6, 2, 9, 3, (2, 1), 1, "same"), "channels_last")
+    xb, dkb, pkb = _bf16(x, dk, pk)
+    y = nbconv.separable_conv2d(xb, dkb, pkb, activation="relu", **kwargs)
+    g = _bf16(random_array(rng, y.shape))[0]
+    grads = nbconv.separable_conv2d_backward(g, xb, dkb, pkb, activation="relu", output=y, **kwargs)
+    # the same as float32 gradients of the widened operands, rounded once
+    ref = nbconv.separable_conv2d_backward(g.astype(np.float32), *[a.astype(np.float32) for a in (xb, dkb, pkb)],
+                                           activation="relu", output=y.astype(np.float32), **kwargs)
+    for name, got, want in zip(grads._fields, grads, ref):
+        assert got.dtype == BF16, name
+        scale = np.abs(want).max()
+        assert np.all(np.abs(got.astype(np.float64) - want) <= U_BF16 * np.abs(want) + 1e-6 * scale), name
+    for fn, args in ((nbconv.depthwise_conv2d_backward, (dkb,)), (nbconv.pointwise_conv2d_backward, ())):
+        if fn is nbconv.pointwise_conv2d_backward:
+            grads = fn(_bf16(random_array(rng, (2, 8, 7, 9)))[0], xb, _bf16(random_array(rng, (6, 9)))[0])
+        else:
+            yd = nbconv.depthwise_conv2d(xb, dkb, **kwargs)
+            grads = fn(yd, xb, *args, **kwargs)
+        assert all(a.dtype == BF16 for a in grads)
+
+
+def test_as_bfloat16():
+    v = np.array([1.0, -2.5, 3.140625], np.float32)
+    b = nbconv.as_bfloat16(v)
+    assert b.dtype == BF16 and np.array_equal(b.astype(np.float32), v)
+    bits = b.view(np.int16)  # what torch's bfloat16_tensor.view(torch.int16).numpy() hands over
+    viewed = nbconv.as_bfloat16(bits)
+    assert np.shares_memory(viewed, bits) and np.array_equal(viewed.astype(np.float32), v)
+    with pytest.raises(TypeError, match=r"Expected `a` to hold bfloat16 bits .* Received: a with dtype int32"):
+        nbconv.as_bfloat16(np.zeros(3, np.int32))
+
+
+def test_bad_arguments(rng):
+    x, dk, pk, kwargs = _geometry_inputs(rng, (1, 6, 6, 8, 1, 16, 3, 1, 1, "same"), "channels_last")
+    with pytest.raises(ValueError, match=r"Expected `precision` to be one of .* Received: precision='bf16'"):
+        nbconv.separable_conv2d(x, dk, pk, precision="bf16", **kwargs)
+    with pytest.raises(ValueError, match=r"precision='bfloat16'. Received: float64 inputs"):
+        nbconv.pointwise_conv2d(x.astype(np.float64), pk, precision="bfloat16")
+    with pytest.raises(TypeError, match=r"Expected `output_dtype` .* Received: output_dtype='int8'"):
+        nbconv.depthwise_conv2d(x, dk, output_dtype="int8")
+    with pytest.raises(TypeError, match=r"Expected `x` to be a floating-point array \(float16, bfloat16"):
+        nbconv.separable_conv2d(x.astype(np.int16), dk, pk)
+
+
+@pytest.mark.skipif(not _simd.NATIVE_BF16, reason="the CPU has no VDPBF16PS: the tests above ran the FMA path")
+def test_fma_path_gives_the_same_results(tmp_path):
+    """The path of CPUs without AVX512_BF16 (forced by NBCONV_BF16=emulate, its own kernel cache) against the
+    reference, and equal to the native path but for VDPBF16PS's rounding of each pair sum."""
+    script = textwrap.dedent("""
+        import sys, numpy as np, ml_dtypes
+        import nbconv
+        from nbconv import _simd
+        assert not _simd.NATIVE_BF16
+        rng = np.random.default_rng(5)
+        bf = ml_dtypes.bfloat16
+        x = rng.uniform(-1, 1, (2, 7, 9, 13)).astype(bf)
+        dk = rng.uniform(-1, 1, (3, 3, 13, 1)).astype(bf)
+        pk = rng.uniform(-1, 1, (1, 1, 13, 21)).astype(bf)
+        ys = [nbconv.separable_conv2d(x, dk, w, padding="same", output_dtype=np.float32)
+              for w in (pk, nbconv.pack_pointwise_kernel(pk))]
+        np.save(sys.argv[1], np.stack(ys))
+    """)
+    out = tmp_path / "emulated.npy"
+    env = dict(os.environ, NBCONV_BF16="emulate", NBCONV_COMPILE="sync")
+    subprocess.run([sys.executable, "-c", script, str(out)], check=True, env=env, timeout=900)
+    emulated = np.load(out)
+    r = np.random.default_rng(5)
+    x = r.uniform(-1, 1, (2, 7, 9, 13)).astype(BF16)
+    dk = r.uniform(-1, 1, (3, 3, 13, 1)).astype(BF16)
+    pk = r.uniform(-1, 1, (1, 1, 13, 21)).astype(BF16)
+    native = nbconv.separable_conv2d(x, dk, pk, padding="same", output_dtype=np.float32)
+    for y in emulated:
+        _check_separable(y, x, dk, pk, bf16_output=False, padding="same")
+        assert np.allclose(y, native, rtol=0, atol=1e-5 * np.abs(native).max())
