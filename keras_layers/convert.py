@@ -80,10 +80,9 @@ def _host_call(fn, out_shape, dtype, tensors):
         y.set_shape(out_shape)
         return y
     if backend == "torch":
-        import torch
+        from .backend import torch as bridge
 
-        out = fn(*[t.detach().cpu().numpy() for t in tensors])
-        return torch.from_numpy(out).to(tensors[0].device)
+        return bridge._tensor(fn(*[bridge._np(t) for t in tensors])).to(tensors[0].device)
     if backend == "numpy":
         return fn(*[np.asarray(t) for t in tensors])
     raise ValueError(f"Expected a Keras backend among jax, tensorflow, torch, numpy. Received: backend={backend!r}")
@@ -198,7 +197,7 @@ class FusedSeparableConv2D(keras.layers.Layer):
 
     def call(self, inputs):
         compute_dtype = keras.backend.standardize_dtype(self.compute_dtype)
-        work = "float64" if compute_dtype == "float64" else "float32"
+        work = compute_dtype if compute_dtype in ("float64", "bfloat16") else "float32"
         tensors = [ops.cast(t, work) for t in
                    (inputs, self.depthwise_kernel, self.depthwise_bias, self.pointwise_kernel, self.bias)]
         config = dict(strides=self.strides, padding=self.padding, dilation_rate=self.dilation_rate,

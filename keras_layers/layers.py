@@ -8,8 +8,11 @@ changes.  A model saved with these layers needs ``import keras_layers`` before
 models built from Keras's layers.
 
 Computation: inputs and weights are cast to float32 (float64 under a float64
-policy; float16/bfloat16 compute dtypes are computed in float32) and the
-result is cast back to the layer's compute dtype.  The bias and a relu, relu6
+policy, float16 compute dtypes are computed in float32) and the result is cast
+back to the layer's compute dtype.  Under a bfloat16 policy (``mixed_bfloat16``
+included) they stay bfloat16 and nbconv multiplies them in bfloat16 pairs with
+float32 sums (AVX512_BF16's VDPBF16PS where the CPU has it); the result is
+bfloat16, and training updates the float32 variables as Keras's own layers do.  The bias and a relu, relu6
 or linear activation are fused into the kernel; any other activation runs
 afterwards through ``keras.ops``.
 
@@ -89,7 +92,9 @@ def _run(layer, kind, tensors):
     cfg = _backend.make_config(kind, layer.use_bias, layer.strides, layer.padding, layer.dilation_rate,
                                layer.data_format, fused)
     compute_dtype = keras.backend.standardize_dtype(layer.compute_dtype)
-    work = "float64" if compute_dtype == "float64" else "float32"
+    # bfloat16 policies (mixed_bfloat16 included) multiply bfloat16 pairs, summed in float32; float16 is computed
+    # in float32
+    work = compute_dtype if compute_dtype in ("float64", "bfloat16") else "float32"
     tensors = [ops.cast(t, work) for t in tensors]
     out = _backend.bridge().apply(cfg, *tensors)
     if compute_dtype != work:

@@ -1,7 +1,7 @@
 """Backend dispatch: the bridge module for ``keras.backend.backend()``.
 
 Each bridge exposes ``apply(cfg, x, *weights)`` running the op described by a
-:class:`~keras_layers.backend._common.Config` on float32/float64 tensors of
+:class:`~keras_layers.backend._common.Config` on float32, float64 or bfloat16 tensors of
 that backend, differentiable where the backend is.  The bridge is imported
 here, once (Keras fixes its backend at import), so that nothing in ``call``
 imports a module: ``torch.compile`` cannot trace ``importlib``.

@@ -2,9 +2,10 @@
 
 Each backend bridge (``jax.py``, ``tensorflow.py``, ``torch.py``, ``numpy.py``)
 wraps the two functions :func:`forward` and :func:`backward` in its own
-host-call and custom-gradient machinery.  They receive contiguous float32 or
-float64 NumPy arrays (the bridges cast float16/bfloat16 to float32 in the
-framework, so autodiff handles the casts) and never see a framework tensor.
+host-call and custom-gradient machinery.  They receive float32, float64 or
+bfloat16 (``ml_dtypes.bfloat16``) NumPy arrays (the layers cast float16 to
+float32 in the framework, so autodiff handles the casts) and never see a
+framework tensor.
 
 The op is the whole layer minus a non-fusable activation:
 ``activation(conv(x) + bias)`` with ``activation`` in {linear, relu, relu6}

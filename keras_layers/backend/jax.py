@@ -110,6 +110,7 @@ def _op(cfg):
 
 
 def apply(cfg, *tensors):
-    """Run the op described by ``cfg`` on ``tensors`` (x, kernel(s)[, bias]) as float32/float64 jax arrays."""
+    """Run the op described by ``cfg`` on ``tensors`` (x, kernel(s)[, bias]): float32, float64 or bfloat16
+    jax arrays."""
     tensors = tuple(jnp.asarray(t) for t in tensors)
     return _op(cfg)(*tensors)

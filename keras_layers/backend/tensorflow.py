@@ -160,6 +160,7 @@ def _op(cfg, watched):
 
 
 def apply(cfg, *tensors):
-    """Run the op described by ``cfg`` on ``tensors`` (x, kernel(s)[, bias]) as float32/float64 TF tensors."""
+    """Run the op described by ``cfg`` on ``tensors`` (x, kernel(s)[, bias]): float32, float64 or bfloat16
+    TF tensors."""
     tensors = [tf.convert_to_tensor(t) for t in tensors]
     return _op(cfg, _watched(tensors))(*tensors)

@@ -16,14 +16,31 @@ from typing import List, Optional
 import numpy as np
 import torch
 
+import nbconv
+
 from . import _common
+
+_BF16 = nbconv.as_bfloat16(np.zeros(0, np.float32)).dtype
 
 #: nbconv's results (NumPy allocations) otherwise page-fault in on every call (see keep_freed_memory)
 MALLOC_TUNED = _common.keep_freed_memory()
 
 
 def _np(t):
-    return None if t is None else t.detach().cpu().numpy()
+    if t is None:
+        return None
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:  # NumPy has no bfloat16: its bits, viewed as ml_dtypes' (no copy)
+        return nbconv.as_bfloat16(t.view(torch.int16).numpy())
+    return t.numpy()
+
+
+def _tensor(a):
+    """A torch tensor sharing ``a``'s memory (bfloat16 arrays as torch's bfloat16)."""
+    a = np.ascontiguousarray(a)
+    if a.dtype == _BF16:
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
 
 
 def _cfg(kind, bias, strides, padding, dilation_rate, data_format, activation):
@@ -33,7 +50,7 @@ def _cfg(kind, bias, strides, padding, dilation_rate, data_format, activation):
 def _forward(kind, x, weights, bias, strides, padding, dilation_rate, data_format, activation):
     cfg = _cfg(kind, bias, strides, padding, dilation_rate, data_format, activation)
     arrays = [_np(x)] + [_np(w) for w in weights] + ([_np(bias)] if bias is not None else [])
-    return torch.from_numpy(_common.forward(cfg, *arrays)).to(x.device)
+    return _tensor(_common.forward(cfg, *arrays)).to(x.device)
 
 
 def _fake_forward(kind, x, weights, bias, strides, padding, dilation_rate, data_format, activation):
@@ -53,7 +70,7 @@ def _backward(kind, grad, y, x, weights, bias, strides, padding, dilation_rate, 
     wrt = _wrt_names(kind, mask)
     arrays = [_np(x)] + [_np(w) for w in weights] + ([_np(bias)] if bias is not None else [])
     grads = _common.backward(cfg, tuple(wrt), _np(grad), _np(y), *arrays)
-    return [torch.from_numpy(np.ascontiguousarray(g)).to(x.device) for g in grads]
+    return [_tensor(g).to(x.device) for g in grads]
 
 
 def _fake_backward(kind, x, weights, bias, mask):
@@ -187,7 +204,8 @@ def _plain_eager(tensors):
 
 
 def apply(cfg, *tensors):
-    """Run the op described by ``cfg`` on ``tensors`` (x, kernel(s)[, bias]) as float32/float64 torch tensors."""
+    """Run the op described by ``cfg`` on ``tensors`` (x, kernel(s)[, bias]): float32, float64 or bfloat16
+    torch tensors."""
     bias = tensors[-1] if cfg.has_bias else None
     static = (list(cfg.strides), cfg.padding, list(cfg.dilation_rate), cfg.data_format, cfg.activation)
     if _plain_eager(tensors):

@@ -232,7 +232,10 @@ def test_dtype_policies(kind, policy, rng):
     if "float32" in (got_dtype, keras.backend.standardize_dtype(y_ref.dtype)):  # float64 truncated by jax
         tol = max(tol, 2e-5)
     assert_close(to_numpy(keras.ops.cast(y, "float32")), to_numpy(keras.ops.cast(y_ref, "float32")), tol=tol)
-    if policy.startswith("mixed") and BACKEND != "numpy":
+    # mixed_bfloat16 gradients: Keras's own layer sums them in bfloat16 on jax (errors of 10-20% of their scale
+    # against the float64 truth, where ours stay within 2^-8); test_bfloat16.py compares them with Keras's layer
+    # computing in float32 on the same bfloat16 values
+    if policy == "mixed_float16" and BACKEND != "numpy":
         cot = np.ones(ours.compute_output_shape(x.shape), "float32")
         from helpers import gradients
 
