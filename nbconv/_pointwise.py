@@ -49,7 +49,7 @@ def gemm_rm(ta, tb, m, n, k, a, aoff, lda, b, boff, ldb, beta, c, coff, ldc, ibu
 
 
 @pjit
-def pointwise_nhwc(x2, wmat, bias, act, out2, tile_p, fb, nchunks, stream, packed_k):
+def pointwise_nhwc(x2, wmat, bias, act, out2, tile_p, fb, nchunks, stream, packed_k, p_scr):
     """Parallel pointwise convolution, NHWC: ``out2 = act(x2 @ wmat + bias)``.
 
     Parameters
@@ -65,6 +65,8 @@ def pointwise_nhwc(x2, wmat, bias, act, out2, tile_p, fb, nchunks, stream, packe
         float32/float64, or bfloat16 bits (``uint16``, rounded from float32 sums).
     stream : bool
         Write ``out2`` with non-temporal stores (see :func:`nbconv._gemm.gemm_nn`).
+    p_scr : ndarray of uint16, shape (nchunks, panel scratch) or (nchunks, 0)
+        Per chunk, where bfloat16 products pack a panel of plain weights (:func:`nbconv._gemm.gemm_bf16`).
 
     Notes
     -----
@@ -88,7 +90,7 @@ def pointwise_nhwc(x2, wmat, bias, act, out2, tile_p, fb, nchunks, stream, packe
             p0 = pt * tile_p
             npx = min(tile_p, p_all - p0)
             product(npx, nf, k, x1, p0 * k, k, w1, f0, f, o1, p0 * f + f0, f, bias, f0,
-                    1 if bias.shape[0] > 0 else 0, act, stream, packed_k)
+                    1 if bias.shape[0] > 0 else 0, act, stream, packed_k, p_scr[chunk])
 
 
 @pjit

@@ -31,7 +31,8 @@ from ._gemm import product, product_t, transpose_tile
 
 @pjit
 def separable(x, channels_last, wt, bt, wc, bc, dact, wmat, bias, act, out1, dm, sh, sw, dh, dw, pt, pl, kh_n, kw_n,
-              oh_n, ow_n, wp, th, shared, gn, tile_p, fb, nchunks1, nchunks, xs_scr, d_scr, t_scr, stream, packed_k):
+              oh_n, ow_n, wp, th, shared, gn, tile_p, fb, nchunks1, nchunks, xs_scr, d_scr, t_scr, stream, packed_k,
+              p_scr):
     """Parallel fused separable convolution.
 
     Parameters
@@ -71,6 +72,8 @@ def separable(x, channels_last, wt, bt, wc, bc, dact, wmat, bias, act, out1, dm,
         tiles are channel-major and the weights are the product's ``A``.
     stream : bool
         Write the output with non-temporal stores (see :func:`nbconv._gemm.gemm_nn`).
+    p_scr : ndarray of uint16, shape (nchunks, panel scratch) or (nchunks, 0)
+        Per chunk, where bfloat16 products pack a panel of plain weights (:func:`nbconv._gemm.gemm_bf16`).
 
     Notes
     -----
@@ -146,11 +149,11 @@ def separable(x, channels_last, wt, bt, wc, bc, dact, wmat, bias, act, out1, dm,
             if channels_last:
                 coff = (n * ohw + p0) * f + f0
                 product(npx, nf, cm, d, doff, cm, w1, f0, f, out1, coff, f, bias, f0,
-                        1 if bias.shape[0] > 0 else 0, act, stream, packed_k)
+                        1 if bias.shape[0] > 0 else 0, act, stream, packed_k, p_scr[chunk])
             elif transposed:
                 tt = t_scr[chunk]
                 product(npx, nf, cm, d, doff, cm, w1, f0, f, tt, 0, nf, bias, f0,
-                        1 if bias.shape[0] > 0 else 0, act, False, packed_k)
+                        1 if bias.shape[0] > 0 else 0, act, False, packed_k, p_scr[chunk])
                 transpose_tile(tt, 0, nf, npx, nf, out1, (n * f + f0) * ohw + p0, ohw)
             else:
                 coff = (n * f + f0) * ohw + p0

@@ -13,6 +13,7 @@ import numpy as np
 
 from . import _args, _compile, _dtypes, _fallback, packing
 from ._depthwise import depthwise_packed
+from ._gemm import panel_scratch
 from ._jit import serial_twin
 from ._pointwise import pointwise_nchw, pointwise_nhwc
 from ._runtime import LAUNCH_LOCK
@@ -108,6 +109,11 @@ def _bias_array(bias, dtype):
     if bias is None:
         return np.empty(0, dtype)
     return _dtypes.operand(bias, dtype)
+
+
+def _panel_scratch(dt, packed_k, k):
+    """Per-chunk scratch (uint16 elements) where bfloat16 products pack panels of plain weights, else 0."""
+    return panel_scratch(k) if dt.bf16 and packed_k == 0 else 0
 
 
 def _x_operand(x, dt):
@@ -467,9 +473,10 @@ def pointwise_conv2d(x, kernel, bias=None, *, data_format="channels_last", activ
         wc, packed_k = _pointwise_operand(given, wmat, dt, True)
         tile_p, fb, ntasks = _plan(1, n * h * w, f, threads, packing.packed_align(given, dt))
         nchunks = _nchunks(ntasks, threads)
+        (p_scr,) = _workspace(((nchunks, _panel_scratch(dt, packed_k, k)), _dtypes.BITS))
         kernel_fn, lock = _launch(pointwise_nhwc, threads)
         with lock:
-            kernel_fn(x2, wc, bc, act, res2, tile_p, fb, nchunks, _stream(res), packed_k)
+            kernel_fn(x2, wc, bc, act, res2, tile_p, fb, nchunks, _stream(res), packed_k, p_scr)
         if not channels_last:
             res[...] = np.moveaxis(res2.reshape(n, h, w, f), 3, 1)
     else:
@@ -550,10 +557,11 @@ def separable_conv2d(x, depthwise_kernel, pointwise_kernel, bias=None, *, stride
         g, cm, f, dt.act.itemsize, threads, packing.packed_align(pointwise_kernel, dt), dt.bf16)
     # fused mode with NCHW input reads the float weights as the GEMM's A operand, unpacked
     wc, packed_k = _pointwise_operand(pointwise_kernel, wmat, dt, channels_last or shared or dt.bf16)
-    xs, d, tt = _workspace((xs_shape, dt.act), (d_shape, _dtypes.BITS if dt.bf16 else dt.act), (t_shape, dt.act))
+    xs, d, tt, p_scr = _workspace((xs_shape, dt.act), (d_shape, _dtypes.BITS if dt.bf16 else dt.act),
+                                  (t_shape, dt.act), ((nchunks, _panel_scratch(dt, packed_k, cm)), _dtypes.BITS))
     kernel_fn, lock = _launch(separable, threads)
     with lock:
         kernel_fn(xc, channels_last, wt, bt, wc_dw, bc_dw, dact, wc, bc, act, res.reshape(-1), g.dm, g.sh, g.sw, g.dh,
                   g.dw, g.pt, g.pl, g.kh, g.kw, g.oh, g.ow, wp, th, shared, gn, tile_p, fb, nchunks1, nchunks, xs, d,
-                  tt, _stream(res), packed_k)
+                  tt, _stream(res), packed_k, p_scr)
     return _finish(res, dt, out)
