@@ -541,7 +541,7 @@ def _bf16_rows1(nv, packed, a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, 
 def _interleave_rows(typingctx, b, r0, r1, dst, doff, n):
     """``dst[doff + 2j] = b[r0 + j]``, ``dst[doff + 2j + 1] = b[r1 + j]`` for ``j < n <= lanes`` (``r1 < 0``: zeros),
     zeros up to ``2 * lanes`` elements: one vector of a packed pair panel (:func:`pack_pairs`) from two plain
-    rows; masked, nothing past ``n`` is read."""
+    rows of bfloat16 bits, or of float32 rounded to bfloat16; masked, nothing past ``n`` is read."""
     sig = types.void(b, r0, r1, dst, doff, n)
 
     def codegen(context, builder, signature, args):
@@ -549,11 +549,15 @@ def _interleave_rows(typingctx, b, r0, r1, dst, doff, n):
         lanes = vb.lanes
         mask = vb.mask(vb.int64(5))
         base = vb.data(0)
-        lo = vb.load_bits(vb.at(base, vb.int64(1)), mask)
+
+        def row(ptr):
+            return vb.load_bits(ptr, mask) if vb.is_bf16(ptr) else vb.round_bf16(vb.load(ptr, mask))
+
+        lo = row(vb.at(base, vb.int64(1)))
         r1 = vb.int64(2)
         hi = cgutils.alloca_once_value(builder, ir.Constant(vb.hvty, [0] * lanes))
         with builder.if_then(builder.icmp_signed(">=", r1, vb.const(0))):
-            builder.store(vb.load_bits(vb.at(base, r1), mask), hi)
+            builder.store(row(vb.at(base, r1)), hi)
         order = ir.Constant(ir.VectorType(I32, 2 * lanes), [i // 2 + (i % 2) * lanes for i in range(2 * lanes)])
         pairs = builder.shuffle_vector(lo, builder.load(hi), order)
         out = builder.bitcast(vb.at(vb.data(3), vb.int64(4)), pairs.type.as_pointer())
@@ -565,10 +569,10 @@ def _interleave_rows(typingctx, b, r0, r1, dst, doff, n):
 
 @jit
 def _pack_panel(b, boff, ldb, k, ncols, dst):
-    """Columns ``boff`` to ``boff + ncols`` (at most one panel) of the plain ``k x ldb`` bfloat16 ``B`` into ``dst``,
-    laid out as one panel of :func:`pack_pairs`: what the packed micro-kernels read."""
+    """Columns ``boff`` to ``boff + ncols`` (at most one panel) of the plain ``k x ldb`` ``B`` (bfloat16 bits, or
+    float32 rounded to bfloat16) into ``dst``, laid out as one panel of :func:`pack_pairs`: what the packed
+    micro-kernels read."""
     lanes = VECTOR_BYTES // 4
-    nr = NV * lanes
     for q in range((k + 1) // 2):
         r0 = boff + 2 * q * ldb
         r1 = r0 + ldb if 2 * q + 1 < k else -1
@@ -631,6 +635,21 @@ def _bf16_panel(nv, packed, ncols, m, a, aoff, ars, b, boff, ldb, c, coff, ldc, 
 
 
 @jit
+def _bf16_columns(nv, tail, packed, m, a, aoff, ars, b, bp, lb, toff, c, coff, ldc, kp, kodd, bias, bcol, bmode, act,
+                  stream):
+    """One panel of :func:`gemm_bf16`: ``nv`` whole vectors of columns, then ``tail`` columns in a masked one
+    (``toff`` elements into ``b`` from ``bp``)."""
+    lanes = VECTOR_BYTES // 4
+    if nv > 0:
+        _bf16_panel(nv, packed, nv * lanes, m, a, aoff, ars, b, bp, lb, c, coff, ldc, kp, kodd, bias, bcol, bmode,
+                    act, stream)
+    if tail > 0:
+        t = nv * lanes
+        _bf16_panel(0, packed, tail, m, a, aoff, ars, b, bp + toff, lb, c, coff + t, ldc, kp, kodd, bias,
+                    bcol + t if bmode == 1 else bcol, bmode, act, False)
+
+
+@jit
 def gemm_bf16(m, n, k, a, aoff, ars, b, boff, ldb, packed, c, coff, ldc, bias, bioff, bmode, act, stream, scratch):
     """``C[i, j] = act(sum_k A[i, k] * B[k, j] + bias)`` for bfloat16 ``A``, ``B`` (``uint16`` bits), float32 sums.
 
@@ -638,10 +657,12 @@ def gemm_bf16(m, n, k, a, aoff, ars, b, boff, ldb, packed, c, coff, ldc, bias, b
     ----------
     a : ndarray of uint16, flat
         ``A[i, k]`` is ``a[aoff + i*ars + k]`` (pixel-major rows).
-    b : ndarray of uint16, flat
+    b : ndarray of uint16 or float32, flat
         ``B[k, j]`` is ``b[boff + k*ldb + j]``, or with ``packed`` columns
         ``boff`` to ``boff + n`` of the ``k x ldb`` matrix packed by
         :func:`pack_pairs` (``boff`` a multiple of :func:`pair_panel_width`).
+        A float32 ``B`` is rounded to bfloat16 as each panel is packed
+        (``scratch`` is then required).
     c : ndarray of float32 or uint16 (bfloat16 bits), flat
         ``C[i, j]`` is ``c[coff + i*ldc + j]``, overwritten.
     bias, bioff, bmode, act, stream
@@ -668,43 +689,36 @@ def gemm_bf16(m, n, k, a, aoff, ars, b, boff, ldb, packed, c, coff, ldc, bias, b
     kp = k // 2
     kodd = k - 2 * kp
     nt = stream
-    repack = not packed and m > MR and scratch.shape[0] >= (k + kodd) * nr
+    # float32 weights are always repacked (rounded on the way): the plain-row micro-kernels read bfloat16 bits
+    repack = not packed and (m > MR or b.itemsize != 2) and scratch.shape[0] >= (k + kodd) * nr
     for j0 in range(0, n, nr):
         nv = min(NV, (nfull - j0) // lanes)
         bcol = bioff + j0 if bmode == 1 else bioff
-        src = b
+        tail = n - nfull if j0 + nr > nfull and n > nfull else 0
         if repack:
             _pack_panel(b, boff + j0, ldb, k, min(nr, n - j0), scratch)
-            src = scratch
-        if packed or repack:
-            bp = (boff + j0) * (k + kodd) if packed else 0
-            lb = 2 * nr
-            tail = 2 * lanes * nv
+            _bf16_columns(nv, tail, True, m, a, aoff, ars, scratch, 0, 2 * nr, 2 * lanes * nv, c, coff + j0, ldc, kp,
+                          kodd, bias, bcol, bmode, act, nt)
+        elif packed:
+            _bf16_columns(nv, tail, True, m, a, aoff, ars, b, (boff + j0) * (k + kodd), 2 * nr, 2 * lanes * nv, c,
+                          coff + j0, ldc, kp, kodd, bias, bcol, bmode, act, nt)
         else:
-            bp = boff + j0
-            lb = ldb
-            tail = lanes * nv
-        if nv > 0:
-            _bf16_panel(nv, packed or repack, nv * lanes, m, a, aoff, ars, src, bp, lb, c, coff + j0, ldc, kp, kodd,
-                        bias, bcol, bmode, act, nt)
-        if j0 + nr > nfull and n > nfull:
-            t = nv * lanes
-            _bf16_panel(0, packed or repack, n - nfull, m, a, aoff, ars, src, bp + tail, lb, c, coff + j0 + t, ldc,
-                        kp, kodd, bias, bcol + t if bmode == 1 else bcol, bmode, act, False)
+            _bf16_columns(nv, tail, False, m, a, aoff, ars, b, boff + j0, ldb, lanes * nv, c, coff + j0, ldc, kp, kodd,
+                          bias, bcol, bmode, act, nt)
     if nt:
         store_fence()
 
 
 def product(m, n, k, a, aoff, ars, b, boff, ldb, c, coff, ldc, bias, bioff, bmode, act, stream, packed_k, scratch):
     """``C = act(A @ B + bias)`` with ``A`` row-major (``aks = 1``): :func:`gemm_nn`, or :func:`gemm_bf16` when
-    ``b`` holds bfloat16 bits (chosen at compile time; ``packed_k > 0`` means a packed ``B``, ``scratch`` is
+    ``a`` holds bfloat16 bits (chosen at compile time; ``packed_k > 0`` means a packed ``B``, ``scratch`` is
     :func:`gemm_bf16`'s)."""
     raise NotImplementedError("compiled callers only")
 
 
 @overload(product)
 def _product(m, n, k, a, aoff, ars, b, boff, ldb, c, coff, ldc, bias, bioff, bmode, act, stream, packed_k, scratch):
-    if b.dtype == types.uint16:
+    if a.dtype == types.uint16:
         def bf16(m, n, k, a, aoff, ars, b, boff, ldb, c, coff, ldc, bias, bioff, bmode, act, stream, packed_k,
                  scratch):
             gemm_bf16(m, n, k, a, aoff, ars, b, boff, ldb, packed_k > 0, c, coff, ldc, bias, bioff, bmode, act, stream,

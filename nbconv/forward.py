@@ -222,16 +222,13 @@ def _dw_operands(g, kernel, bias, dt):
     Weights per tap ``(KH*KW, C*dm)`` and the bias (zeros for none) for
     :func:`nbconv._depthwise.dw_packed_rows`; ``wc`` is an empty ``(C*dm, 0)``
     array (the kernels read only its row count) and ``bc`` the bias or an
-    empty array.  ``wp`` is the packed row width.  With bfloat16 products
-    the weights are rounded to bfloat16 (and computed in float32).
+    empty array.  ``wp`` is the packed row width.  The depthwise part
+    computes in ``dt.act`` (float32 for bfloat16 products), the weights as given.
     """
     cm = g.c * g.dm
     act_dtype = dt.act
     wp = _packed_width(g)
-    taps = kernel.reshape(g.kh * g.kw, cm)
-    if dt.bf16 and taps.dtype != _dtypes.BFLOAT16:
-        taps = _dtypes.from_bits(_dtypes.bits(taps))
-    wt = _dtypes.operand(taps, act_dtype)
+    wt = _dtypes.operand(kernel.reshape(g.kh * g.kw, cm), act_dtype)
     bc = _bias_array(bias, act_dtype)
     bt = bc if bias is not None else np.zeros(cm, act_dtype)
     wc = _NO_TAPS[act_dtype.char][:cm] if cm <= _NO_TAPS_LEN else np.empty((cm, 0), act_dtype)
@@ -247,11 +244,15 @@ def _packed_size(g, th, wp):
 def _pointwise_operand(given, wmat, dt, as_b):
     """``(B operand (K, F), packed_k)`` of the pointwise product: the packed panels of a
     :class:`~nbconv.packing.PackedPointwiseKernel` made for the call's products when the kernel reads the weights
-    as its ``B`` operand (``as_b``), else the weights row-major (bfloat16 bits for bfloat16 products) and 0."""
+    as its ``B`` operand (``as_b``), else the weights row-major and 0.  For bfloat16 products plain weights are
+    bfloat16 bits, or float32, rounded to bfloat16 as the kernel packs each panel (no cast of the whole kernel:
+    a mixed-precision layer's float32 variables go in as they are)."""
     kind = _dtypes.BITS if dt.bf16 else dt.act
     panels = packing.packed_panels(given, kind) if as_b else None
     if panels is not None:
         return panels, wmat.shape[0]
+    if dt.bf16 and wmat.dtype != _dtypes.BFLOAT16:
+        kind = _dtypes.FLOAT32
     return _dtypes.operand(wmat, kind), 0
 
 
@@ -523,8 +524,9 @@ def separable_conv2d(x, depthwise_kernel, pointwise_kernel, bias=None, *, stride
         The pointwise products' precision: None takes the inputs' (bfloat16
         inputs: the depthwise result is rounded to bfloat16 and multiplied in
         bfloat16 pairs, summed in float32); "bfloat16" does the same for
-        float32 inputs (rounded to bfloat16 first); "float32" computes
-        bfloat16 inputs in float32 throughout.
+        float32 inputs (``x`` and the pointwise weights rounded to bfloat16;
+        the depthwise part computes in float32 with its weights as given);
+        "float32" computes bfloat16 inputs in float32 throughout.
     output_dtype : dtype, optional
         The result's dtype (float16, bfloat16, float32 or float64), for
         example float32 results of bfloat16 products.

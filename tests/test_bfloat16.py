@@ -127,8 +127,8 @@ def test_float32_inputs_with_bfloat16_products(rng, data_format):
     bias = random_array(rng, (40,))
     y = nbconv.separable_conv2d(x, dk, pk, bias, precision="bfloat16", **kwargs)
     assert y.dtype == np.float32
-    # the operands are rounded to bfloat16 first
-    _check_separable(y, bf16_round(x), bf16_round(dk), bf16_round(pk), bias, bf16_output=False, **kwargs)
+    # the input and the pointwise weights are rounded to bfloat16 (the depthwise weights compute as given)
+    _check_separable(y, bf16_round(x), dk, bf16_round(pk), bias, bf16_output=False, **kwargs)
     packed = nbconv.pack_pointwise_kernel(pk, precision="bfloat16")
     assert packed.compute_dtype == BF16
     assert np.array_equal(nbconv.separable_conv2d(x, dk, packed, bias, precision="bfloat16", **kwargs), y)
@@ -137,6 +137,26 @@ def test_float32_inputs_with_bfloat16_products(rng, data_format):
     bound = 25 * U_F32 * pointwise_ref(np.abs(bf16_round(x)), np.abs(bf16_round(pk)), np.abs(bias),
                                        data_format=data_format)
     assert_within(p, ref, bound)
+
+
+@pytest.mark.parametrize("data_format", FORMATS)
+@pytest.mark.parametrize("geom", [(2, 9, 8, 24, 1, 40, 3, 1, 1, "same"), (1, 7, 7, 300, 1, 1030, 3, 1, 1, "same"),
+                                  (1, 14, 14, 33, 2, 70, 3, 2, 1, "same")], ids=str)
+def test_bfloat16_input_with_float32_weights(rng, geom, data_format):
+    """A mixed-precision layer's call: bfloat16 activations, float32 variables, precision='bfloat16' (the kernel
+    rounds each panel of the pointwise weights as it packs it), a bfloat16 result."""
+    x, dk, pk, kwargs = _geometry_inputs(rng, geom, data_format)
+    xb = _bf16(x)[0]
+    y = nbconv.separable_conv2d(xb, dk, pk, precision="bfloat16", output_dtype=BF16, **kwargs)
+    assert y.dtype == BF16
+    _check_separable(y, xb, dk, bf16_round(pk), **kwargs)
+    p = nbconv.pointwise_conv2d(xb, pk[..., :geom[3], :], precision="bfloat16", output_dtype=BF16,
+                                data_format=data_format)
+    k = geom[3]
+    ref = pointwise_ref(_f64(xb), bf16_round(pk[0, 0, :k]), data_format=data_format)
+    bound = (k + 1) * U_F32 * pointwise_ref(np.abs(_f64(xb)), np.abs(bf16_round(pk[0, 0, :k])),
+                                            data_format=data_format)
+    assert_within(p, ref, bound, U_BF16)
 
 
 def test_bfloat16_inputs_with_float32_products(rng):
