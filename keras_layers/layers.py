@@ -73,6 +73,11 @@ from keras import activations, ops
 
 from . import backend as _backend
 
+try:  # reading a variable without the mixed policy's cast (Keras's own layers use it the same way)
+    from keras.src.backend import AutocastScope as _AutocastScope
+except ImportError:  # pragma: no cover  (another Keras: the weights arrive cast to bfloat16)
+    _AutocastScope = None
+
 __all__ = ["SeparableConv2D", "DepthwiseConv2D"]
 
 #: Keras activation functions the kernels fuse, by name
@@ -87,17 +92,31 @@ def _split_activation(activation):
     return "linear", activation
 
 
-def _run(layer, kind, tensors):
+def _own_value(variable):
+    """A variable's own value, not cast to the layer's compute dtype (a mixed policy's float32 weights)."""
+    if _AutocastScope is None:
+        return variable
+    with _AutocastScope(None):
+        return ops.convert_to_tensor(variable)
+
+
+def _run(layer, kind, inputs, variables):
     fused, after = _split_activation(layer.activation)
-    cfg = _backend.make_config(kind, layer.use_bias, layer.strides, layer.padding, layer.dilation_rate,
-                               layer.data_format, fused)
     compute_dtype = keras.backend.standardize_dtype(layer.compute_dtype)
-    # bfloat16 policies (mixed_bfloat16 included) multiply bfloat16 pairs, summed in float32; float16 is computed
-    # in float32
-    work = compute_dtype if compute_dtype in ("float64", "bfloat16") else "float32"
-    tensors = [ops.cast(t, work) for t in tensors]
+    precision = ""
+    if compute_dtype == "bfloat16":
+        # bfloat16 products, summed in float32: the activations in bfloat16, the variables as they are (a mixed
+        # policy's float32 weights are rounded by the kernel as it packs them, not cast by the framework per call)
+        precision = "bfloat16"
+        tensors = [ops.cast(inputs, "bfloat16")] + [_own_value(v) for v in variables]
+    else:
+        # float16 is computed in float32
+        work = "float64" if compute_dtype == "float64" else "float32"
+        tensors = [ops.cast(t, work) for t in [inputs] + list(variables)]
+    cfg = _backend.make_config(kind, layer.use_bias, layer.strides, layer.padding, layer.dilation_rate,
+                               layer.data_format, fused, precision)
     out = _backend.bridge().apply(cfg, *tensors)
-    if compute_dtype != work:
+    if keras.backend.standardize_dtype(out.dtype) != compute_dtype:
         out = ops.cast(out, compute_dtype)
     if after is not None:
         out = after(out)
@@ -124,10 +143,8 @@ class SeparableConv2D(keras.layers.SeparableConv2D):
     __init__.__signature__ = inspect.signature(keras.layers.SeparableConv2D.__init__)
 
     def call(self, inputs):
-        tensors = [inputs, self.depthwise_kernel, self.pointwise_kernel]
-        if self.use_bias:
-            tensors.append(self.bias)
-        return _run(self, "separable", tensors)
+        variables = [self.depthwise_kernel, self.pointwise_kernel] + ([self.bias] if self.use_bias else [])
+        return _run(self, "separable", inputs, variables)
 
 
 @keras.saving.register_keras_serializable(package="nbconv")
@@ -144,7 +161,5 @@ class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
     __init__.__signature__ = inspect.signature(keras.layers.DepthwiseConv2D.__init__)
 
     def call(self, inputs):
-        tensors = [inputs, self.kernel]
-        if self.use_bias:
-            tensors.append(self.bias)
-        return _run(self, "depthwise", tensors)
+        variables = [self.kernel] + ([self.bias] if self.use_bias else [])
+        return _run(self, "depthwise", inputs, variables)

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import numpy as np
 
 import nbconv
+from nbconv import _dtypes
 
 #: glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
@@ -75,7 +76,10 @@ class Config(NamedTuple):
 
     ``kind`` is "depthwise" or "separable"; ``strides`` and ``dilation_rate``
     are pairs of int; ``padding`` is "valid" or "same"; ``data_format`` is
-    "channels_last" or "channels_first"; ``activation`` is one of :data:`FUSED`.
+    "channels_last" or "channels_first"; ``activation`` is one of :data:`FUSED`;
+    ``precision`` is nbconv's ``precision=`` ("bfloat16": bfloat16 products
+    whatever the weights' dtype, with a result of ``x``'s dtype), or "" for
+    the inputs' own.
     """
 
     kind: str
@@ -85,6 +89,7 @@ class Config(NamedTuple):
     dilation_rate: tuple
     data_format: str
     activation: str
+    precision: str = ""
 
     @property
     def names(self):
@@ -93,10 +98,10 @@ class Config(NamedTuple):
         return names if self.has_bias else names[:-1]
 
 
-def make_config(kind, has_bias, strides, padding, dilation_rate, data_format, activation):
+def make_config(kind, has_bias, strides, padding, dilation_rate, data_format, activation, precision=""):
     """Build a :class:`Config` from a layer's attributes (tuples of int, lower-case strings)."""
     return Config(kind, bool(has_bias), tuple(int(s) for s in strides), str(padding).lower(),
-                  tuple(int(d) for d in dilation_rate), data_format, activation or "linear")
+                  tuple(int(d) for d in dilation_rate), data_format, activation or "linear", precision or "")
 
 
 def _out_size(n, k, s, d, padding):
@@ -137,6 +142,12 @@ def _geometry_kwargs(cfg):
                 data_format=cfg.data_format)
 
 
+def _precision_kwargs(cfg, x):
+    if not cfg.precision:
+        return {}
+    return dict(precision=cfg.precision, output_dtype=x.dtype)
+
+
 def forward(cfg, *arrays, out=None):
     """``activation(conv(x) + bias)`` on NumPy arrays; the result has ``x``'s dtype.
 
@@ -149,12 +160,12 @@ def forward(cfg, *arrays, out=None):
     if out is not None and out.dtype != arrays[0].dtype:
         out[...] = forward(cfg, *arrays)
         return out
+    kwargs = dict(activation=act, out=out, **_geometry_kwargs(cfg), **_precision_kwargs(cfg, arrays[0]))
     if cfg.kind == "depthwise":
-        res = nbconv.depthwise_conv2d(arrays[0], arrays[1], bias, activation=act, out=out, **_geometry_kwargs(cfg))
+        res = nbconv.depthwise_conv2d(arrays[0], arrays[1], bias, **kwargs)
     else:
-        res = nbconv.separable_conv2d(arrays[0], arrays[1], arrays[2], bias, activation=act, out=out,
-                                      **_geometry_kwargs(cfg))
-    return np.asarray(res, dtype=arrays[0].dtype)
+        res = nbconv.separable_conv2d(arrays[0], arrays[1], arrays[2], bias, **kwargs)
+    return _dtypes.as_dtype(np.asarray(res), arrays[0].dtype)
 
 
 def backward(cfg, wrt, grad_output, y, *arrays):
@@ -179,5 +190,5 @@ def backward(cfg, wrt, grad_output, y, *arrays):
     out = []
     for name in wrt:
         ref = inputs[name]
-        out.append(np.asarray(getattr(grads, name), dtype=ref.dtype).reshape(ref.shape))
+        out.append(_dtypes.as_dtype(np.asarray(getattr(grads, name)), ref.dtype).reshape(ref.shape))
     return tuple(out)

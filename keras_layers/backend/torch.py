@@ -43,18 +43,19 @@ def _tensor(a):
     return torch.from_numpy(a)
 
 
-def _cfg(kind, bias, strides, padding, dilation_rate, data_format, activation):
-    return _common.make_config(kind, bias is not None, strides, padding, dilation_rate, data_format, activation)
+def _cfg(kind, bias, strides, padding, dilation_rate, data_format, activation, precision):
+    return _common.make_config(kind, bias is not None, strides, padding, dilation_rate, data_format, activation,
+                               precision)
 
 
-def _forward(kind, x, weights, bias, strides, padding, dilation_rate, data_format, activation):
-    cfg = _cfg(kind, bias, strides, padding, dilation_rate, data_format, activation)
+def _forward(kind, x, weights, bias, strides, padding, dilation_rate, data_format, activation, precision):
+    cfg = _cfg(kind, bias, strides, padding, dilation_rate, data_format, activation, precision)
     arrays = [_np(x)] + [_np(w) for w in weights] + ([_np(bias)] if bias is not None else [])
     return _tensor(_common.forward(cfg, *arrays)).to(x.device)
 
 
-def _fake_forward(kind, x, weights, bias, strides, padding, dilation_rate, data_format, activation):
-    cfg = _cfg(kind, bias, strides, padding, dilation_rate, data_format, activation)
+def _fake_forward(kind, x, weights, bias, strides, padding, dilation_rate, data_format, activation, precision):
+    cfg = _cfg(kind, bias, strides, padding, dilation_rate, data_format, activation, precision)
     filters = _common.filters_of(cfg, [w.shape for w in weights])
     return x.new_empty(_common.output_shape(cfg, x.shape, weights[0].shape, filters))
 
@@ -65,8 +66,9 @@ def _wrt_names(kind, mask):
     return tuple(n for n, m in zip(names, mask) if m)
 
 
-def _backward(kind, grad, y, x, weights, bias, strides, padding, dilation_rate, data_format, activation, mask):
-    cfg = _cfg(kind, bias, strides, padding, dilation_rate, data_format, activation)
+def _backward(kind, grad, y, x, weights, bias, strides, padding, dilation_rate, data_format, activation, precision,
+              mask):
+    cfg = _cfg(kind, bias, strides, padding, dilation_rate, data_format, activation, precision)
     wrt = _wrt_names(kind, mask)
     arrays = [_np(x)] + [_np(w) for w in weights] + ([_np(bias)] if bias is not None else [])
     grads = _common.backward(cfg, tuple(wrt), _np(grad), _np(y), *arrays)
@@ -84,26 +86,29 @@ def _fake_backward(kind, x, weights, bias, mask):
 
 @torch.library.custom_op("nbconv::depthwise_conv2d", mutates_args=())
 def depthwise_conv2d(x: torch.Tensor, kernel: torch.Tensor, bias: Optional[torch.Tensor], strides: List[int],
-                     padding: str, dilation_rate: List[int], data_format: str, activation: str) -> torch.Tensor:
-    return _forward("depthwise", x, [kernel], bias, strides, padding, dilation_rate, data_format, activation)
+                     padding: str, dilation_rate: List[int], data_format: str, activation: str,
+                     precision: str) -> torch.Tensor:
+    return _forward("depthwise", x, [kernel], bias, strides, padding, dilation_rate, data_format, activation,
+                    precision)
 
 
 @depthwise_conv2d.register_fake
-def _(x, kernel, bias, strides, padding, dilation_rate, data_format, activation):
-    return _fake_forward("depthwise", x, [kernel], bias, strides, padding, dilation_rate, data_format, activation)
+def _(x, kernel, bias, strides, padding, dilation_rate, data_format, activation, precision):
+    return _fake_forward("depthwise", x, [kernel], bias, strides, padding, dilation_rate, data_format, activation,
+                         precision)
 
 
 @torch.library.custom_op("nbconv::depthwise_conv2d_backward", mutates_args=())
 def depthwise_conv2d_backward(grad: torch.Tensor, y: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor,
                               bias: Optional[torch.Tensor], strides: List[int], padding: str,
-                              dilation_rate: List[int], data_format: str, activation: str,
+                              dilation_rate: List[int], data_format: str, activation: str, precision: str,
                               wrt: List[bool]) -> List[torch.Tensor]:
     return _backward("depthwise", grad, y, x, [kernel], bias, strides, padding, dilation_rate, data_format,
-                     activation, wrt)
+                     activation, precision, wrt)
 
 
 @depthwise_conv2d_backward.register_fake
-def _(grad, y, x, kernel, bias, strides, padding, dilation_rate, data_format, activation, wrt):
+def _(grad, y, x, kernel, bias, strides, padding, dilation_rate, data_format, activation, precision, wrt):
     return _fake_backward("depthwise", x, [kernel], bias, wrt)
 
 
@@ -129,29 +134,30 @@ depthwise_conv2d.register_autograd(_depthwise_grad, setup_context=_setup_depthwi
 @torch.library.custom_op("nbconv::separable_conv2d", mutates_args=())
 def separable_conv2d(x: torch.Tensor, depthwise_kernel: torch.Tensor, pointwise_kernel: torch.Tensor,
                      bias: Optional[torch.Tensor], strides: List[int], padding: str, dilation_rate: List[int],
-                     data_format: str, activation: str) -> torch.Tensor:
+                     data_format: str, activation: str, precision: str) -> torch.Tensor:
     return _forward("separable", x, [depthwise_kernel, pointwise_kernel], bias, strides, padding, dilation_rate,
-                    data_format, activation)
+                    data_format, activation, precision)
 
 
 @separable_conv2d.register_fake
-def _(x, depthwise_kernel, pointwise_kernel, bias, strides, padding, dilation_rate, data_format, activation):
+def _(x, depthwise_kernel, pointwise_kernel, bias, strides, padding, dilation_rate, data_format, activation,
+      precision):
     return _fake_forward("separable", x, [depthwise_kernel, pointwise_kernel], bias, strides, padding,
-                         dilation_rate, data_format, activation)
+                         dilation_rate, data_format, activation, precision)
 
 
 @torch.library.custom_op("nbconv::separable_conv2d_backward", mutates_args=())
 def separable_conv2d_backward(grad: torch.Tensor, y: torch.Tensor, x: torch.Tensor, depthwise_kernel: torch.Tensor,
                               pointwise_kernel: torch.Tensor, bias: Optional[torch.Tensor], strides: List[int],
                               padding: str, dilation_rate: List[int], data_format: str, activation: str,
-                              wrt: List[bool]) -> List[torch.Tensor]:
+                              precision: str, wrt: List[bool]) -> List[torch.Tensor]:
     return _backward("separable", grad, y, x, [depthwise_kernel, pointwise_kernel], bias, strides, padding,
-                     dilation_rate, data_format, activation, wrt)
+                     dilation_rate, data_format, activation, precision, wrt)
 
 
 @separable_conv2d_backward.register_fake
 def _(grad, y, x, depthwise_kernel, pointwise_kernel, bias, strides, padding, dilation_rate, data_format,
-      activation, wrt):
+      activation, precision, wrt):
     return _fake_backward("separable", x, [depthwise_kernel, pointwise_kernel], bias, wrt)
 
 
@@ -207,7 +213,8 @@ def apply(cfg, *tensors):
     """Run the op described by ``cfg`` on ``tensors`` (x, kernel(s)[, bias]): float32, float64 or bfloat16
     torch tensors."""
     bias = tensors[-1] if cfg.has_bias else None
-    static = (list(cfg.strides), cfg.padding, list(cfg.dilation_rate), cfg.data_format, cfg.activation)
+    static = (list(cfg.strides), cfg.padding, list(cfg.dilation_rate), cfg.data_format, cfg.activation,
+              cfg.precision)
     if _plain_eager(tensors):
         weights = list(tensors[1:len(tensors) - 1] if cfg.has_bias else tensors[1:])
         return _forward(cfg.kind, tensors[0], weights, bias, *static)
