@@ -21,7 +21,7 @@ benchmarks/test_bench.py`` process per contender, one after another, choosing
 the contender with ``NBCONV_BENCH_CONTENDER``; a process imports only its own
 library, so the thread pools of Numba, PyTorch, ONNX Runtime and XLA never
 coexist.  The sgemm peak, the memory probe and the first-call probes also run
-in processes of their own.  The ``models`` suite (issue 6) runs one process per
+in processes of their own.  The ``models`` suite runs one process per
 Keras backend (``models_jax``, ``models_tensorflow``, ``models_torch``), with
 ``KERAS_BACKEND`` set by the runner before Keras is imported; a backend that is
 not installed is reported as absent, and a ``--quick`` run measures jax only.
