@@ -8,6 +8,9 @@ Usage::
     python -m benchmarks --list               # suites, cases and contenders
     tox -e bench -- --quick                   # the same through tox
 
+When the run finishes the report is printed, saved under ``benchmarks/results/`` and written as the markdown
+page ``docs/benchmarks.md`` that the README links to (``--markdown none`` leaves the page as it is).
+
 Any option the runner does not know is passed to every pytest-benchmark
 process.  Each contender keeps its own pytest-benchmark storage
 (``.benchmarks/<contender>/``), so nbconv can be tracked over time::
@@ -92,6 +95,9 @@ def _parser():
                    help="run the first-call probes in a --quick run too (a cold compile takes tens of seconds)")
     p.add_argument("--no-check", action="store_true", help="skip checking outputs against the float64 reference")
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="results folder (default benchmarks/results)")
+    p.add_argument("--markdown", default=_report.MARKDOWN_PAGE,
+                   help="markdown page of the run's report (default docs/benchmarks.md, linked from the README), or "
+                        "'none'")
     p.add_argument("--stat", choices=("median", "min"), default="median",
                    help="statistic of the rounds the report uses (default median; min resists a noisy machine)")
     p.add_argument("--show-output", action="store_true", help="print each pytest process's output")
@@ -401,11 +407,13 @@ def main(argv=None):
         json.dump(meta, fh, indent=1)
 
     report = _report.build(raw)
-    text, paths = _report.save(report, args.out, f"report-{stamp}")
+    markdown = None if args.markdown.lower() == "none" else args.markdown
+    text, paths = _report.save(report, args.out, f"report-{stamp}", markdown)
     print()
     sys.stdout.write(text)
     print(f"\nsaved {paths['txt']}\n      {paths['json']}" + (f"\n      {paths['png']}" if paths["png"] else "")
-          + f"\n      (also as latest.*; raw pytest-benchmark JSON and logs in {raw})")
+          + f"\n      (also as latest.*; raw pytest-benchmark JSON and logs in {raw})"
+          + (f"\n      {paths['md']} (the page the README links to)" if paths["md"] else ""))
     failed = [n for n, rc in meta["returncodes"].items() if rc not in (0, 5)]
     return 1 if any(n == "nbconv" or n.startswith("models_") for n in failed) else 0
 

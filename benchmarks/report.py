@@ -7,7 +7,9 @@ Input is a raw results folder written by the runner (``python -m benchmarks``):
 (``nbconv.idle``, ``nbconv.idle.t1``, ...: each case once per idle gap, listed in ``meta["idle"]``).
 
 Regenerate a report from such a folder with ``python -m benchmarks.report [--min] <folder>`` (``--min``: the
-fastest round instead of the median, for a shared, noisy machine).
+fastest round instead of the median, for a shared, noisy machine).  Both the runner and this command also write
+the markdown page ``docs/benchmarks.md`` (environment, targets, summary, chart and tables; ``--markdown PATH`` or
+``none`` to change that), which the README links to instead of quoting a run.
 
 Definitions used throughout:
 
@@ -19,6 +21,7 @@ Definitions used throughout:
 * % of peak = nbconv's GFLOP/s / the sgemm GFLOP/s of NumPy's 4096x4096 float32 matmul measured in
   the same run, in its own process.
 """
+import argparse
 import json
 import math
 import os
@@ -28,7 +31,11 @@ from typing import NamedTuple
 from . import cases as _cases
 from .contenders import CONTENDERS, MODEL_BACKENDS, PEERS, SUITE_ROLES
 
-__all__ = ["Target", "TARGETS", "build", "format_text", "plot", "save", "main"]
+__all__ = ["Target", "TARGETS", "MARKDOWN_PAGE", "build", "format_text", "format_markdown", "text_table", "format_ms",
+           "plot", "save", "main"]
+
+#: the page a finished run writes, linked from the README
+MARKDOWN_PAGE = os.path.join(_cases.ROOT, "docs", "benchmarks.md")
 
 
 class Target(NamedTuple):
@@ -553,7 +560,7 @@ def _models(report):
     return out
 
 
-def _columns(head, body, left=1):
+def text_table(head, body, left=1):
     """A text table: the header, a rule, then ``body``'s rows; the first ``left`` columns left-aligned."""
     widths = [max(len(str(x[i])) for x in [head] + body) for i in range(len(head))]
 
@@ -563,25 +570,24 @@ def _columns(head, body, left=1):
 
 
 def _models_table(report):
+    """(head, body) of the models suite, or None."""
     rows = (report["summary"] or {}).get("models") or []
     head = ["model", "backend", "original ms", "converted ms", "folded ms", "converted", "folded", "max rel err"]
     body = []
     for m in rows:
         err = max(m["checks"].values()) if m["checks"] else None
-        body.append([f"{m['label']} b{m['n']}", m["backend"]] + [_fmt_ms(m["ms"].get(v)) for v in
+        body.append([f"{m['label']} b{m['n']}", m["backend"]] + [format_ms(m["ms"].get(v)) for v in
                                                                ("original", "converted", "folded")]
                     + [f"{m['speedup'][v]:.2f}x" if v in m["speedup"] else "-" for v in ("converted", "folded")]
                     + [f"{err:.1e}" if err is not None else "-"])
-    if not body:
-        return []
-    out = _columns(head, body, left=2)
-    return out
+    return (head, body) if body else None
 
 
 def _idle_table(report):
+    """(head, body, note) of the idle runs, or None."""
     idle = report.get("idle")
     if not idle or not idle["rows"]:
-        return []
+        return None
     present = [(t, label) for t, label in IDLE_COLUMNS if t in idle["runs"]]
     head = ["case", "idle", "nbconv ms"] + [label for _, label in present] + ["vs best", "2 threads/1"]
     body = []
@@ -589,22 +595,22 @@ def _idle_table(report):
         for g in idle["gaps_ms"]:
             gap = f"{g:g}"
             nb = r["ms"].get("nbconv.idle", {}).get(gap)
-            line = [r["case"]["shape"] if g == idle["gaps_ms"][0] else "", f"{gap} ms", _fmt_ms(nb)]
-            line += [_fmt_ms(r["ms"].get(t, {}).get(gap)) for t, _ in present]
+            line = [r["case"]["shape"] if g == idle["gaps_ms"][0] else "", f"{gap} ms", format_ms(nb)]
+            line += [format_ms(r["ms"].get(t, {}).get(gap)) for t, _ in present]
             peers = [r["ms"][p][gap] for p in IDLE_PEERS if gap in r["ms"].get(p, {})]
             t1 = r["ms"].get("nbconv.idle.t1", {}).get(gap)
             line += [f"{min(peers) / nb:.2f}x" if nb and peers else "-", f"{t1 / nb:.2f}x" if nb and t1 else "-"]
             body.append(line)
-    out = _columns(head, body)
-    out.append(f"  note - {report['meta'].get('stat', 'median')} of {idle.get('rounds')} calls per gap, each after "
-               f"sleeping that long (not timed), every contender in its own process after the main passes; 'vs "
-               f"best' = t(best of torch and ONNX Runtime)/t(nbconv), '2 threads/1' = t(nbconv, 1 thread)/t(nbconv)")
-    return out
+    note = (f"{report['meta'].get('stat', 'median')} of {idle.get('rounds')} calls per gap, each after sleeping "
+            f"that long (not timed), every contender in its own process after the main passes; 'vs best' = t(best "
+            f"of torch and ONNX Runtime)/t(nbconv), '2 threads/1' = t(nbconv, 1 thread)/t(nbconv)")
+    return head, body, note
 
 
 # --- text -------------------------------------------------------------------
 
-def _fmt_ms(t):
+def format_ms(t):
+    """A time in ms, to about four significant digits; "-" for None."""
     if t is None:
         return "-"
     if t < 0.1:
@@ -623,7 +629,7 @@ def _cell(row, name, available=True):
         t = row["times_ms"][name]
         sp = row["speedup"].get(name)
         bad = "!" if name in row.get("check_failed", ()) else ""
-        return f"{_fmt_ms(t)}{bad}" + (f" ({sp:.2f}x)" if sp else "")
+        return f"{format_ms(t)}{bad}" + (f" ({sp:.2f}x)" if sp else "")
     if name in row["errors"]:
         return "ERROR"
     if name in row["skips"]:
@@ -632,9 +638,10 @@ def _cell(row, name, available=True):
 
 
 def _table(report, suite):
+    """(head, body) of a suite's table, or None when it has no results."""
     rows = report["suites"].get(suite, [])
     if not rows:
-        return []
+        return None
     subject, peer_names = _roles(suite)
     present = [c for c in (EXTRA_COLUMNS.get(suite, ()) + peer_names) if c in report["contenders"]]
     labels = {c: report["contenders"][c]["label"] for c in present}
@@ -650,14 +657,33 @@ def _table(report, suite):
             else:
                 nbs = "ERROR" if subject in r["errors"] else ("n/a" if subject in r["skips"] else "-")
         else:
-            nbs = _fmt_ms(nb) + ("!" if subject in r.get("check_failed", ()) else "")
+            nbs = format_ms(nb) + ("!" if subject in r.get("check_failed", ()) else "")
         line = [r["case"]["shape"], nbs, f"{r['nbconv_gflops']:.1f}" if r.get("nbconv_gflops") else "-",
                 f"{r['pct_peak']:.0f}%" if r.get("pct_peak") else "-"]
         line += [_cell(r, c, report["contenders"][c].get("available") is not False) for c in present]
         line += [labels.get(r.get("best_peer"), r.get("best_peer") or "-"),
                  f"{r['speedup_best']:.2f}x" if r.get("speedup_best") else "-"]
         body.append(line)
-    out = _columns(head, body)
+    return head, body
+
+
+def _sections(report):
+    """The report's tables in print order: ``(title, head, body, left-aligned columns, notes)``."""
+    out = []
+    for suite in _cases.SUITES:
+        table = _models_table(report) if suite == "models" else _table(report, suite)
+        if not table:
+            continue
+        notes = [SUITE_NOTES[suite]] if suite in SUITE_NOTES else []
+        notes += sorted({f"{report['contenders'][n]['label']}: {why}" for r in report["suites"][suite]
+                         for n, why in r["skips"].items() if n in report["contenders"]})
+        if suite == "backward" and report["summary"].get("backward_note"):
+            notes.append(report["summary"]["backward_note"])
+        out.append((_cases.SUITE_TITLES[suite], *table, 2 if suite == "models" else 1, notes))
+    idle = _idle_table(report)
+    if idle:
+        head, body, note = idle
+        out.append(("Idle gaps: MobileNetV1 + Xception with a sleep before every call", head, body, 1, [note]))
     return out
 
 
@@ -721,12 +747,9 @@ def _env_lines(report):
     return lines
 
 
-def format_text(report):
-    s = report["summary"]
-    out = ["nbconv benchmark report", "=" * 23]
-    out += _env_lines(report)
-    out.append("")
-    out.append("contenders:")
+def _contender_lines(report):
+    """One line per contender: its version and set-up, or why it did not run."""
+    out = []
     for name, c in report["contenders"].items():
         if not c.get("ran"):
             status = "did not run" + (f" (exit code {c.get('returncode')})" if c.get("returncode") else "")
@@ -745,43 +768,103 @@ def format_text(report):
                 status += f"; {len(errs)} case(s) raised: " + "; ".join(f"{k}: {v}" for k, v in list(errs.items())[:3])
             if c.get("returncode") not in (None, 0):
                 status += f"; pytest exit code {c.get('returncode')}"
-        out.append(f"  {c['label']:<14} {status}")
+        out.append((c["label"], status))
+    return out
+
+
+def _checks_line(report):
     bad = [(r["case"]["id"], n, r["checks"][n]) for rows in report["suites"].values() for r in rows
            for n in r.get("check_failed", ())]
     nchecks = sum(len(r["checks"]) for rows in report["suites"].values() for r in rows)
-    out.append(f"checks: {nchecks} outputs compared with a float64 NumPy reference (models suite: converted "
-               f"models with the original); "
-               + (f"{len(bad)} MISMATCH(ES), marked '!': " + ", ".join(f"{n} {c} ({e:.1e})" for c, n, e in bad)
-                  if bad else "all within the tolerance (1e-4 relative to the output's scale unless "
-                                  "NBCONV_BENCH_CHECK_TOL says otherwise)"))
+    return (f"checks: {nchecks} outputs compared with the float64 reference (tests/reference.py; models suite: "
+            f"converted models with the original); "
+            + (f"{len(bad)} MISMATCH(ES), marked '!': " + ", ".join(f"{n} {c} ({e:.1e})" for c, n, e in bad)
+               if bad else "all within the tolerance (1e-4 relative to the output's scale unless "
+                           "NBCONV_BENCH_CHECK_TOL says otherwise)"))
+
+
+def _legend(report):
+    return (f"{report['meta'].get('stat', 'median')} ms per call; '(N.NNx)' = t(peer)/t(nbconv), above 1 nbconv is "
+            f"faster; 'vs best' = t(best peer)/t(nbconv); skip = does not run this case, n/a = not available, "
+            f"absent = library not installed, ! = output check failed.")
+
+
+def format_text(report):
+    """The report as plain text (what the runner prints and saves as ``report-*.txt``)."""
+    out = ["nbconv benchmark report", "=" * 23]
+    out += _env_lines(report)
     out.append("")
-    out.append(f"Tables: {report['meta'].get('stat', 'median')} ms per call; '(N.NNx)' = t(peer)/t(nbconv), "
-               f"above 1 nbconv is faster; "
-               "'vs best' = t(best peer)/t(nbconv); skip = does not run this case, n/a = not available, "
-               "absent = library not installed, ! = output check failed.")
-    for suite in _cases.SUITES:
-        lines = _models_table(report) if suite == "models" else _table(report, suite)
-        if not lines:
-            continue
-        out.append("")
-        out.append(f"## {_cases.SUITE_TITLES[suite]}")
-        out += lines
-        if suite in SUITE_NOTES:
-            out.append(f"  note - {SUITE_NOTES[suite]}")
-        notes = sorted({f"{report['contenders'][n]['label']}: {why}" for r in report["suites"][suite]
-                        for n, why in r["skips"].items() if n in report["contenders"]})
-        for note in notes:
-            out.append(f"  note - {note}")
-        if suite == "backward" and s.get("backward_note"):
-            out.append(f"  note - {s['backward_note']}")
-    idle = _idle_table(report)
-    if idle:
-        out.append("")
-        out.append("## Idle gaps: MobileNetV1 + Xception with a sleep before every call")
-        out += idle
+    out.append("contenders:")
+    out += [f"  {label:<14} {status}" for label, status in _contender_lines(report)]
+    out.append(_checks_line(report))
+    out.append("")
+    out.append(f"Tables: {_legend(report)}")
+    for title, head, body, left, notes in _sections(report):
+        out += ["", f"## {title}"] + text_table(head, body, left) + [f"  note - {n}" for n in notes]
     out.append("")
     out.append("## Summary against the targets")
     out += _summary_lines(report)
+    return "\n".join(out) + "\n"
+
+
+# --- markdown ---------------------------------------------------------------
+
+def _md(cell):
+    return str(cell).replace("|", "\\|").replace("*", "\\*")
+
+
+def _md_table(head, body, escape=True):
+    cell = _md if escape else str
+    return ["| " + " | ".join(cell(c) for c in head) + " |", "|" + "---|" * len(head)] + [
+        "| " + " | ".join(cell(c) for c in row) + " |" for row in body]
+
+
+def _target_rows(report):
+    """Rows of the markdown page's target table: every entry of :data:`TARGETS`, with this run's figure."""
+    results = report["summary"].get("targets") or []
+    rows = []
+    for name, target in TARGETS.items():
+        mine = [r for r in results if r["target"] == name]
+        goal = f"{target.direction} {target.value:g}{target.unit}"
+        if not mine:
+            rows.append([f"`{name}`", _md(target.description), goal, "not measured", ""])
+        for r in mine:
+            figure = f"{r['value']:.3g}{target.unit}" + (f" ({r['where']})" if r["where"] else "")
+            rows.append([f"`{name}`" + (f" ({r['scope']})" if r["scope"] else ""), _md(target.description), goal,
+                         _md(figure), "met" if r["met"] else "**NOT met**"])
+    return rows
+
+
+def format_markdown(report, chart=None):
+    """The report as a markdown page (``docs/benchmarks.md``): environment, targets, summary, chart, tables.
+
+    ``chart`` is the file name of the PNG chart beside the page, if one was drawn.
+    """
+    meta = report["meta"]
+    kind = "quick run (a few shapes, few rounds: not a full measurement)" if meta.get("quick") else "full run"
+    out = ["# nbconv benchmarks", "",
+           f"The {kind} of {meta.get('started', '?')} on {meta.get('cpu') or '?'}, {meta.get('threads')} threads "
+           f"per contender. This page is written by `python -m benchmarks` (`tox -e bench`) when a run finishes, "
+           f"and by `python -m benchmarks.report <raw results folder>`: regenerate it, do not edit it. How the "
+           f"suites are run and read: [README](../README.md#benchmarks).", "",
+           "## Machine and environment", ""]
+    out += [f"- {_md(line.strip())}" for line in _env_lines(report)]
+    out += ["", "Contenders:", ""]
+    out += [f"- **{_md(label)}**: {_md(status)}" for label, status in _contender_lines(report)]
+    out += ["", _md(_checks_line(report)), "", "## Targets", ""]
+    out += _md_table(["target", "what", "goal", "this run", ""], _target_rows(report), escape=False)
+    # a summary line's details ("-   ...") become a nested item
+    out += ["", "## Summary against the targets", ""] + [
+        _md("  - " + line[4:] if line.startswith("-   ") else line) for line in _summary_lines(report)]
+    if chart:
+        out += ["", "## Speedup over the best peer, per shape", "",
+                "One bar per shape: t(best peer) / t(nbconv) on a log scale, labelled with the best peer; right of "
+                "the 1.0 line nbconv is faster.", "", f"![nbconv's speedup over the best peer, per shape]({chart})"]
+    out += ["", "## Tables", "", _md(_legend(report))]
+    for title, head, body, left, notes in _sections(report):
+        out += ["", f"### {_md(title)}", ""] + _md_table(head, body)
+        if notes:
+            out += [""] + [f"- {_md(n)}" for n in notes]
     return "\n".join(out) + "\n"
 
 
@@ -1078,8 +1161,12 @@ def plot(report, path):
     return path
 
 
-def save(report, out_dir, stem):
-    """Write ``<stem>.json``, ``<stem>.txt`` and ``<stem>.png`` (and ``latest.*`` copies) to ``out_dir``."""
+def save(report, out_dir, stem, markdown=MARKDOWN_PAGE):
+    """Write ``<stem>.json``, ``<stem>.txt`` and ``<stem>.png`` (and ``latest.*`` copies) to ``out_dir``, and the
+    markdown page ``markdown`` (with its chart beside it, same name, ``.png``) unless it is None.
+
+    Returns the text report and ``{"json", "txt", "png", "md"}`` paths (None where nothing was written).
+    """
     os.makedirs(out_dir, exist_ok=True)
     text = format_text(report)
     paths = {}
@@ -1090,23 +1177,42 @@ def save(report, out_dir, stem):
             fh.write(text)
         png = plot(report, os.path.join(out_dir, f"{name}.png"))
         paths[name] = {"json": os.path.join(out_dir, f"{name}.json"), "txt": os.path.join(out_dir, f"{name}.txt"),
-                       "png": png}
+                       "png": png, "md": None}
+    if markdown:
+        folder = os.path.dirname(os.path.abspath(markdown))
+        os.makedirs(folder, exist_ok=True)
+        chart = plot(report, os.path.splitext(os.path.abspath(markdown))[0] + ".png")
+        with open(markdown, "w") as fh:
+            fh.write(format_markdown(report, os.path.basename(chart) if chart else None))
+        paths[stem]["md"] = markdown
     return text, paths[stem]
 
 
+def _parser():
+    p = argparse.ArgumentParser(prog="python -m benchmarks.report",
+                                description="Rebuild the report (text, JSON, chart and markdown page) from a raw "
+                                            "results folder of python -m benchmarks.")
+    p.add_argument("raw", help="the raw results folder (benchmarks/results/raw-<stamp>)")
+    stat = p.add_mutually_exclusive_group()
+    stat.add_argument("--median", dest="stat", action="store_const", const="median",
+                      help="the rounds' median (the default)")
+    stat.add_argument("--min", dest="stat", action="store_const", const="min",
+                      help="the fastest round, for a shared, noisy machine")
+    p.add_argument("--markdown", default=MARKDOWN_PAGE,
+                   help="where to write the markdown page (default docs/benchmarks.md), or 'none'")
+    return p
+
+
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    stat = None
-    if argv[:1] in (["--min"], ["--median"]):
-        stat, argv = argv[0][2:], argv[1:]
-    if len(argv) != 1:
-        sys.exit("usage: python -m benchmarks.report [--median|--min] <raw results folder>")
-    raw = argv[0].rstrip("/")
-    report = build(raw, stat)
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    raw = args.raw.rstrip("/")
+    report = build(raw, args.stat)
     stem = "report-" + os.path.basename(raw).replace("raw-", "") + ("-min" if report["meta"]["stat"] == "min" else "")
-    text, paths = save(report, os.path.dirname(raw) or ".", stem)
+    markdown = None if args.markdown.lower() == "none" else args.markdown
+    text, paths = save(report, os.path.dirname(raw) or ".", stem, markdown)
     sys.stdout.write(text)
-    print(f"\nsaved {paths['txt']}, {paths['json']}" + (f", {paths['png']}" if paths["png"] else ""))
+    print(f"\nsaved {paths['txt']}, {paths['json']}" + (f", {paths['png']}" if paths["png"] else "")
+          + (f", {paths['md']}" if paths["md"] else ""))
 
 
 if __name__ == "__main__":

@@ -298,3 +298,69 @@ def test_report_text_names_no_issue_numbers(tmp_path):
     text = report.format_text(report.build(_every_target_raw(tmp_path)))
     assert "issue" not in text.lower()
     assert all("issue" not in title.lower() for title in cases.SUITE_TITLES.values())
+
+
+def test_markdown_page(tmp_path):
+    """The page holds the environment, one row per target (with this run's figure and verdict), the summary, and
+    every suite's table as a markdown table."""
+    raw_dir = tmp_path / "raw-20261206-000000"
+    raw_dir.mkdir()
+    raw = _every_target_raw(raw_dir)
+    dw = next(c for c in cases.CASES if c.suite == "depthwise" and c.dm == 2)
+    data = json.loads((raw_dir / "nbconv.json").read_text())
+    data["benchmarks"].append(_bench(dw.id, 2e-3))
+    (raw_dir / "nbconv.json").write_text(json.dumps(data))
+    meta = json.loads((raw_dir / "meta.json").read_text())
+    (raw_dir / "meta.json").write_text(json.dumps({**meta, "suites": meta["suites"] + ["depthwise"], "cpu": "Zen 4",
+                                                   "threads": 2, "started": "2026-12-06 00:00 UTC"}))
+    rep = report.build(raw)
+    page_path = tmp_path / "docs" / "benchmarks.md"
+    text, paths = report.save(rep, str(tmp_path / "results"), "report-x", str(page_path))
+    assert paths["md"] == str(page_path)
+    page = page_path.read_text()
+    lines = page.splitlines()
+    assert lines[0] == "# nbconv benchmarks"
+    assert "The full run of 2026-12-06 00:00 UTC on Zen 4, 2 threads per contender." in page
+    assert "- machine: Zen 4" in page and "## Machine and environment" in page
+    # the targets table: every entry of TARGETS, this run's figure and verdict
+    rows = {ln.split(" | ")[0][2:]: ln.split(" | ") for ln in lines if ln.startswith("| `")}
+    assert {key.split()[0].strip("`") for key in rows} == set(report.TARGETS)
+    assert rows["`separable_vs_best_peer`"][2:] == ["<= 1", "0.8", "met |"]
+    assert rows["`hard_cases_speedup`"][2:] == [">= 1.5x", "1.25x", "**NOT met** |"]
+    assert rows["`keras_bridge` (jax)"][2:] == ["<= 1.15x", "1.1x (b8, bare layers)", "met |"]
+    # the summary: the text report's lines, with details nested
+    summary = text[text.index("## Summary against the targets"):].splitlines()[1:]
+    assert summary and all(ln in page or ("  - " + ln[4:]) in page for ln in summary)
+    # one markdown table per suite with results; its rows are the text report's
+    for suite in ("mobilenet", "xception", "classic", "hard", "depthwise", "backward", "keras_model", "models"):
+        assert f"### {cases.SUITE_TITLES[suite]}" in page, suite
+    mob = lines.index(f"### {cases.SUITE_TITLES['mobilenet']}")
+    assert lines[mob + 2].startswith("| case | nbconv ms | GFLOP/s | %peak |")
+    assert lines[mob + 3].startswith("|---|")
+    first = lines[mob + 4].split(" | ")
+    assert first[0] == "| b1 112x112x32->64" and first[1] == "1.000"
+    assert "| b1 56x56x128 dw3x3\\*2 | 2.000 |" in page  # markdown's emphasis character escaped
+    assert "### Idle gaps: MobileNetV1 + Xception with a sleep before every call" in page
+    # the chart beside the page where matplotlib is installed (the bench extra), none otherwise
+    chart = page_path.parent / "benchmarks.png"
+    assert chart.exists() is bool(paths["png"])
+    assert ("](benchmarks.png)" in page) is bool(paths["png"])
+
+
+def test_report_main_writes_the_page(tmp_path, capsys):
+    raw_dir = tmp_path / "raw-20261206-000000"
+    raw_dir.mkdir()
+    _write_raw(raw_dir, {"nbconv": {_hard_ids()[0]: 0.001}, "onnxruntime": {_hard_ids()[0]: 0.002}})
+    page = tmp_path / "page.md"
+    report.main([str(raw_dir), "--markdown", str(page)])
+    assert page.read_text().startswith("# nbconv benchmarks\n")
+    assert f", {page}" in capsys.readouterr().out
+    assert (tmp_path / "report-20261206-000000.txt").exists()
+    page.unlink()
+    report.main(["--min", str(raw_dir), "--markdown", "none"])
+    assert not page.exists()
+    assert (tmp_path / "report-20261206-000000-min.txt").exists()
+
+
+def test_the_default_page_is_docs_benchmarks_md():
+    assert report.MARKDOWN_PAGE == os.path.join(_ROOT, "docs", "benchmarks.md")
