@@ -54,11 +54,11 @@ import tempfile
 import time
 
 from . import cases as _cases
+from . import process_env
 from . import report as _report
 from .contenders import CONTENDERS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 #: order in which contenders run (the sgemm peak first)
 ORDER = ("sgemm", "nbconv", "nbconv_2step", "nbconv_packed", "torch_nchw", "torch_nhwc", "onnxruntime", "keras",
          "numpy", "nbconv_layers", "keras_model", "nbconv_layers_tensorflow", "keras_model_tensorflow",
@@ -146,16 +146,6 @@ def _loadavg():
         return None
 
 
-def _env(extra):
-    env = dict(os.environ)
-    env.setdefault("KERAS_BACKEND", "jax")
-    env.setdefault("JAX_PLATFORMS", "cpu")
-    env.setdefault("NBCONV_COMPILE", "sync")  # time compiled kernels, never the NumPy answers of a cold start
-    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.update(extra)
-    return env
-
-
 def _run(cmd, env, log_path, timeout, show):
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
@@ -204,8 +194,8 @@ def _first_predict(args):
         for variant in ("keras", "converted"):
             cache = tempfile.mkdtemp(prefix="nbconv-kernel-cache-")
             try:
-                env = _env({"KERAS_BACKEND": backend, "NBCONV_CACHE_DIR": cache, "NBCONV_COMPILE": "background",
-                            "OMP_WAIT_POLICY": "PASSIVE", "NUMBA_NUM_THREADS": str(args.threads)})
+                env = process_env({"KERAS_BACKEND": backend, "NBCONV_CACHE_DIR": cache, "NBCONV_COMPILE": "background",
+                                   "OMP_WAIT_POLICY": "PASSIVE", "NUMBA_NUM_THREADS": str(args.threads)})
                 found[backend][variant] = res = _probe(["firstpredict", variant], env, max(args.timeout, 900))
             finally:
                 shutil.rmtree(cache, ignore_errors=True)
@@ -279,7 +269,7 @@ def _run_contender(args, raw, suites, passthrough, show, name, tag, label, extra
         cmd.append(f"--benchmark-storage=file://{os.path.join(os.getcwd(), '.benchmarks', name)}")
     cmd += passthrough
     print(f"- {label:<19} ...", end="", flush=True)
-    rc, out, secs = _run(cmd, _env(extra), os.path.join(raw, f"{tag}.log"), args.timeout, show)
+    rc, out, secs = _run(cmd, process_env(extra), os.path.join(raw, f"{tag}.log"), args.timeout, show)
     print(f"\r- {label:<19} {secs:6.1f} s  {_pytest_summary(out)}" + ("" if rc in (0, 5) else
                                                                       f"  (exit code {rc}, log {tag}.log)"))
     return rc, secs
@@ -373,8 +363,8 @@ def main(argv=None):
         probes["memory"] = {}
         for mode in ("fused", "two_step"):
             t0 = time.perf_counter()
-            probes["memory"][mode] = _probe(["memory", mode], _env({"NUMBA_NUM_THREADS": str(args.threads)}),
-                                            args.timeout)
+            probes["memory"][mode] = _probe(["memory", mode],
+                                            process_env({"NUMBA_NUM_THREADS": str(args.threads)}), args.timeout)
             print(f"- memory {mode:<8} {time.perf_counter() - t0:5.1f} s  "
                   + (probes["memory"][mode].get("error") or
                      f"peak +{probes['memory'][mode]['peak_increase_mib']:.0f} MiB"))
@@ -387,7 +377,8 @@ def main(argv=None):
             for kind, cache, mode in (("cold", caches[0], "background"), ("warm", caches[0], "background"),
                                       ("cold_sync", caches[1], "sync")):
                 t0 = time.perf_counter()
-                env = _env({"NBCONV_CACHE_DIR": cache, "NBCONV_COMPILE": mode, "NUMBA_NUM_THREADS": str(args.threads)})
+                env = process_env({"NBCONV_CACHE_DIR": cache, "NBCONV_COMPILE": mode,
+                                   "NUMBA_NUM_THREADS": str(args.threads)})
                 res = _probe(["firstcall"] + (["--only-first"] if mode == "sync" else []), env, max(args.timeout, 900))
                 res["process_s"] = time.perf_counter() - t0
                 probes["first_call"][kind] = res

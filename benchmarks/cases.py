@@ -20,12 +20,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from . import ROOT
+
 __all__ = ["Case", "CASES", "SUITES", "SUITE_TITLES", "KERAS_MODEL_SUITES", "MOBILENET_BLOCKS", "MODEL_OPS", "APP_OPS",
            "APP_MODELS",
            "select", "make_arrays", "explicit_padding", "reference_nhwc"]
 
-#: the checkout's root (``tests/reference.py`` lives there)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: suites in report order
 SUITES = ("mobilenet", "xception", "classic", "hard", "depthwise", "pointwise", "fused", "overhead", "backward",
           "keras_model", "keras_model_tensorflow", "keras_model_torch", "models")

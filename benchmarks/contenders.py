@@ -95,6 +95,8 @@ class Contender:
     ops = ("separable", "depthwise", "pointwise")
     #: suites this contender runs (None: all)
     suites = None
+    #: modules its process imports (``python -m nbconv bench`` lists it as not installed without them)
+    modules = ()
 
     def available(self):
         """None when usable, else the reason it is skipped (shown in the report)."""
@@ -241,6 +243,10 @@ class Keras(Contender):
     ops = ("separable", "depthwise", "pointwise", "separable_fwdbwd")
     suites = OP_SUITES
 
+    @property
+    def modules(self):
+        return "keras", os.environ.get("KERAS_BACKEND") or "jax"
+
     def available(self):
         os.environ.setdefault("KERAS_BACKEND", "jax")
         try:
@@ -331,6 +337,7 @@ class _Torch(Contender):
     channels_last = False
     ops = ("separable", "depthwise", "pointwise", "separable_fwdbwd")
     suites = OP_SUITES
+    modules = ("torch",)
 
     def available(self):
         try:
@@ -436,6 +443,7 @@ class OnnxRuntime(Contender):
     name = "onnxruntime"
     label = "ONNX Runtime"
     suites = OP_SUITES
+    modules = ("onnx", "onnxruntime")
 
     def available(self):
         try:
@@ -562,6 +570,10 @@ class KerasModel(Keras):
             self.env["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
         #: a --quick run measures the jax backend only
         self.full_only = backend != "jax"
+
+    @property
+    def modules(self):
+        return "keras", self.backend
 
     def available(self):
         import importlib.util
@@ -705,6 +717,7 @@ class AppModels(Contender):
             self.env["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
         self._key = None
         self._models = {}
+        self.modules = ("keras", backend)
         #: a --quick run measures the jax backend only
         self.full_only = backend != "jax"
 

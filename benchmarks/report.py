@@ -28,6 +28,7 @@ import os
 import sys
 from typing import NamedTuple
 
+from . import ROOT
 from . import cases as _cases
 from .contenders import CONTENDERS, MODEL_BACKENDS, PEERS, SUITE_ROLES
 
@@ -35,7 +36,7 @@ __all__ = ["Target", "TARGETS", "MARKDOWN_PAGE", "build", "format_text", "format
            "plot", "save", "main"]
 
 #: the page a finished run writes, linked from the README
-MARKDOWN_PAGE = os.path.join(_cases.ROOT, "docs", "benchmarks.md")
+MARKDOWN_PAGE = os.path.join(ROOT, "docs", "benchmarks.md")
 
 
 class Target(NamedTuple):
