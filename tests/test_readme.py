@@ -2,12 +2,16 @@
 
 Illustrative snippets that need outside resources (a Dask scheduler, remote storage) are fenced as ```py.
 """
+import ast
 import pathlib
 import re
+import sys
 
 import pytest
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+if str(README.parent) not in sys.path:  # the benchmarks package of the checkout
+    sys.path.insert(0, str(README.parent))
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
@@ -27,3 +31,55 @@ def test_readme_test_command_is_what_ci_runs():
     ci_lines = [line.strip() for line in (README.parent / ".ci" / "run").read_text().splitlines()]
     assert command in readme_lines
     assert command in ci_lines
+
+
+def _anchor(heading):
+    """GitHub's anchor of a markdown heading: lower case, punctuation dropped, spaces as hyphens."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower().replace("`", ""))
+    return text.replace(" ", "-")
+
+
+def test_readme_contents_follow_the_two_commands_and_resolve():
+    text = README.read_text()
+    contents = text.index("## Contents")
+    assert text.index("python3 -m tox -e bench") < contents and text.index("python3 -m pip install tox && "
+                                                                            "python3 -m tox ") < contents
+    assert contents < min(m.start() for m in re.finditer(r"^## (?!Contents)", text, flags=re.M))
+    anchors = {_anchor(h) for h in re.findall(r"^#{2,4} (.+)$", text, flags=re.M)}
+    links = re.findall(r"\]\(#([^)]+)\)", text)
+    assert links and set(links) <= anchors, set(links) - anchors
+
+
+def test_readme_links_to_files_that_exist():
+    """Every relative link points to a file of the checkout, except the benchmark page, which a run writes."""
+    from benchmarks import report
+
+    text = README.read_text()
+    targets = {link.split("#")[0] for link in re.findall(r"\]\(([^)#][^)]*)\)", text) if "://" not in link}
+    assert "docs/benchmarks.md" in targets and "docs/tuning.md" in targets and "DEVELOPERS.md" in targets
+    root = README.parent
+    assert str(root / "docs" / "benchmarks.md") == report.MARKDOWN_PAGE
+    assert all((root / t).exists() for t in targets - {"docs/benchmarks.md"}), targets
+    # the page is absent until a run writes it: the README says which command does
+    start = text.index("**Results: [docs/benchmarks.md]")
+    paragraph = text[start:text.index("\n\n", start)]
+    assert "writes that page" in paragraph and "tox -e bench" in paragraph
+
+
+def _public_names(module_path):
+    tree = ast.parse((README.parent / module_path).read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"{module_path} has no __all__")
+
+
+@pytest.mark.parametrize("module_path", ["nbconv/__init__.py", "nbconv/dask.py", "nbconv/cost.py",
+                                         "keras_layers/__init__.py"])
+def test_readme_api_table_names_every_public_name(module_path):
+    text = README.read_text()
+    api = text[text.index("## API"):text.index("## The first call")]
+    missing = [name for name in _public_names(module_path) if not re.search(rf"\b{name}\b", api)]
+    assert not missing, f"README's API section lacks {missing} of {module_path}"
+    for command in ("info", "warmup", "bench"):
+        assert f"python -m nbconv {command}" in api
