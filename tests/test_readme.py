@@ -83,3 +83,25 @@ def test_readme_api_table_names_every_public_name(module_path):
     assert not missing, f"README's API section lacks {missing} of {module_path}"
     for command in ("info", "warmup", "bench"):
         assert f"python -m nbconv {command}" in api
+
+
+def test_links_between_the_docs_resolve():
+    """Links between README.md, DEVELOPERS.md and docs/*.md name files that exist and headings they have (the
+    benchmark page is written by a run, so links to it are not followed)."""
+    root = README.parent
+    pages = [README, root / "DEVELOPERS.md", *sorted((root / "docs").glob("*.md"))]
+    checked = 0
+    for page in pages:
+        for link in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if "://" in link or link.startswith("mailto:"):
+                continue
+            path, _, anchor = link.partition("#")
+            target = (page.parent / path).resolve() if path else page
+            if target == (root / "docs" / "benchmarks.md").resolve():
+                continue
+            assert target.exists(), f"{page.name}: {link}"
+            if anchor and target.suffix == ".md":
+                headings = re.findall(r"^#{1,6} (.+)$", target.read_text(), flags=re.M)
+                assert anchor in {_anchor(h) for h in headings}, f"{page.name}: {link}"
+            checked += 1
+    assert checked > 20
