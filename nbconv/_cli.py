@@ -19,21 +19,6 @@ import time
 
 __all__ = ["main"]
 
-#: (label, batch, H, W, C, filters, data_format of the problem) -- 3x3, stride 1, 'same', float32
-QUICK_SHAPES = (
-    ("classic b8 56x56 32->64 NCHW", 8, 56, 56, 32, 64, "channels_first"),
-    ("mobilenet b1 112x112 32->64", 1, 112, 112, 32, 64, "channels_last"),
-    ("mobilenet b1 14x14 512->512", 1, 14, 14, 512, 512, "channels_last"),
-)
-FULL_SHAPES = QUICK_SHAPES + (
-    ("mobilenet b8 28x28 256->256", 8, 28, 28, 256, 256, "channels_last"),
-    ("xception b1 19x19 728->728", 1, 19, 19, 728, 728, "channels_last"),
-)
-
-#: contender -> the distribution it needs (None: nbconv itself)
-CONTENDERS = {"nbconv": None, "torch": "torch", "onnxruntime": "onnxruntime", "keras-jax": "keras"}
-_NEEDS = {"torch": ("torch",), "onnxruntime": ("onnxruntime", "onnx"), "keras-jax": ("keras", "jax")}
-
 
 # --- info ---------------------------------------------------------------------------------------------------
 
