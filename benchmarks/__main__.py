@@ -8,6 +8,9 @@ Usage::
     python -m benchmarks --list               # suites, cases and contenders
     tox -e bench -- --quick                   # the same through tox
 
+When the run finishes the report is printed, saved under ``benchmarks/results/`` and written as the markdown
+page ``docs/benchmarks.md`` that the README links to (``--markdown none`` leaves the page as it is).
+
 Any option the runner does not know is passed to every pytest-benchmark
 process.  Each contender keeps its own pytest-benchmark storage
 (``.benchmarks/<contender>/``), so nbconv can be tracked over time::
@@ -21,7 +24,7 @@ benchmarks/test_bench.py`` process per contender, one after another, choosing
 the contender with ``NBCONV_BENCH_CONTENDER``; a process imports only its own
 library, so the thread pools of Numba, PyTorch, ONNX Runtime and XLA never
 coexist.  The sgemm peak, the memory probe and the first-call probes also run
-in processes of their own.  The ``models`` suite (issue 6) runs one process per
+in processes of their own.  The ``models`` suite runs one process per
 Keras backend (``models_jax``, ``models_tensorflow``, ``models_torch``), with
 ``KERAS_BACKEND`` set by the runner before Keras is imported; a backend that is
 not installed is reported as absent, and a ``--quick`` run measures jax only.
@@ -51,11 +54,11 @@ import tempfile
 import time
 
 from . import cases as _cases
+from . import process_env
 from . import report as _report
 from .contenders import CONTENDERS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 #: order in which contenders run (the sgemm peak first)
 ORDER = ("sgemm", "nbconv", "nbconv_2step", "nbconv_packed", "torch_nchw", "torch_nhwc", "onnxruntime", "keras",
          "numpy", "nbconv_layers", "keras_model", "nbconv_layers_tensorflow", "keras_model_tensorflow",
@@ -92,6 +95,9 @@ def _parser():
                    help="run the first-call probes in a --quick run too (a cold compile takes tens of seconds)")
     p.add_argument("--no-check", action="store_true", help="skip checking outputs against the float64 reference")
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="results folder (default benchmarks/results)")
+    p.add_argument("--markdown", default=_report.MARKDOWN_PAGE,
+                   help="markdown page of the run's report (default docs/benchmarks.md, linked from the README), or "
+                        "'none'")
     p.add_argument("--stat", choices=("median", "min"), default="median",
                    help="statistic of the rounds the report uses (default median; min resists a noisy machine)")
     p.add_argument("--show-output", action="store_true", help="print each pytest process's output")
@@ -138,16 +144,6 @@ def _loadavg():
         return os.getloadavg()[0]
     except (OSError, AttributeError):
         return None
-
-
-def _env(extra):
-    env = dict(os.environ)
-    env.setdefault("KERAS_BACKEND", "jax")
-    env.setdefault("JAX_PLATFORMS", "cpu")
-    env.setdefault("NBCONV_COMPILE", "sync")  # time compiled kernels, never the NumPy answers of a cold start
-    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.update(extra)
-    return env
 
 
 def _run(cmd, env, log_path, timeout, show):
@@ -198,8 +194,8 @@ def _first_predict(args):
         for variant in ("keras", "converted"):
             cache = tempfile.mkdtemp(prefix="nbconv-kernel-cache-")
             try:
-                env = _env({"KERAS_BACKEND": backend, "NBCONV_CACHE_DIR": cache, "NBCONV_COMPILE": "background",
-                            "OMP_WAIT_POLICY": "PASSIVE", "NUMBA_NUM_THREADS": str(args.threads)})
+                env = process_env({"KERAS_BACKEND": backend, "NBCONV_CACHE_DIR": cache, "NBCONV_COMPILE": "background",
+                                   "OMP_WAIT_POLICY": "PASSIVE", "NUMBA_NUM_THREADS": str(args.threads)})
                 found[backend][variant] = res = _probe(["firstpredict", variant], env, max(args.timeout, 900))
             finally:
                 shutil.rmtree(cache, ignore_errors=True)
@@ -273,7 +269,7 @@ def _run_contender(args, raw, suites, passthrough, show, name, tag, label, extra
         cmd.append(f"--benchmark-storage=file://{os.path.join(os.getcwd(), '.benchmarks', name)}")
     cmd += passthrough
     print(f"- {label:<19} ...", end="", flush=True)
-    rc, out, secs = _run(cmd, _env(extra), os.path.join(raw, f"{tag}.log"), args.timeout, show)
+    rc, out, secs = _run(cmd, process_env(extra), os.path.join(raw, f"{tag}.log"), args.timeout, show)
     print(f"\r- {label:<19} {secs:6.1f} s  {_pytest_summary(out)}" + ("" if rc in (0, 5) else
                                                                       f"  (exit code {rc}, log {tag}.log)"))
     return rc, secs
@@ -367,8 +363,8 @@ def main(argv=None):
         probes["memory"] = {}
         for mode in ("fused", "two_step"):
             t0 = time.perf_counter()
-            probes["memory"][mode] = _probe(["memory", mode], _env({"NUMBA_NUM_THREADS": str(args.threads)}),
-                                            args.timeout)
+            probes["memory"][mode] = _probe(["memory", mode],
+                                            process_env({"NUMBA_NUM_THREADS": str(args.threads)}), args.timeout)
             print(f"- memory {mode:<8} {time.perf_counter() - t0:5.1f} s  "
                   + (probes["memory"][mode].get("error") or
                      f"peak +{probes['memory'][mode]['peak_increase_mib']:.0f} MiB"))
@@ -381,7 +377,8 @@ def main(argv=None):
             for kind, cache, mode in (("cold", caches[0], "background"), ("warm", caches[0], "background"),
                                       ("cold_sync", caches[1], "sync")):
                 t0 = time.perf_counter()
-                env = _env({"NBCONV_CACHE_DIR": cache, "NBCONV_COMPILE": mode, "NUMBA_NUM_THREADS": str(args.threads)})
+                env = process_env({"NBCONV_CACHE_DIR": cache, "NBCONV_COMPILE": mode,
+                                   "NUMBA_NUM_THREADS": str(args.threads)})
                 res = _probe(["firstcall"] + (["--only-first"] if mode == "sync" else []), env, max(args.timeout, 900))
                 res["process_s"] = time.perf_counter() - t0
                 probes["first_call"][kind] = res
@@ -401,11 +398,13 @@ def main(argv=None):
         json.dump(meta, fh, indent=1)
 
     report = _report.build(raw)
-    text, paths = _report.save(report, args.out, f"report-{stamp}")
+    markdown = None if args.markdown.lower() == "none" else args.markdown
+    text, paths = _report.save(report, args.out, f"report-{stamp}", markdown)
     print()
     sys.stdout.write(text)
     print(f"\nsaved {paths['txt']}\n      {paths['json']}" + (f"\n      {paths['png']}" if paths["png"] else "")
-          + f"\n      (also as latest.*; raw pytest-benchmark JSON and logs in {raw})")
+          + f"\n      (also as latest.*; raw pytest-benchmark JSON and logs in {raw})"
+          + (f"\n      {paths['md']} (the page the README links to)" if paths["md"] else ""))
     failed = [n for n, rc in meta["returncodes"].items() if rc not in (0, 5)]
     return 1 if any(n == "nbconv" or n.startswith("models_") for n in failed) else 0
 

@@ -8,14 +8,19 @@ call (:mod:`benchmarks.contenders`); the report groups results by ``suite``.
 
 All cases are float32 and 3x3 'same' unless stated.
 
-Adding a suite (e.g. issue 5's Keras model): add rows with a new ``suite``
+Adding a suite (as the Keras model's was added): add rows with a new ``suite``
 name here, teach the contenders that support it their ``setup`` for its ``op``,
 and add the suite name to :data:`SUITES` (the order the report prints them).
 """
+import functools
+import importlib.util
 import math
+import os
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+
+from . import ROOT
 
 __all__ = ["Case", "CASES", "SUITES", "SUITE_TITLES", "KERAS_MODEL_SUITES", "MOBILENET_BLOCKS", "MODEL_OPS", "APP_OPS",
            "APP_MODELS",
@@ -36,13 +41,13 @@ SUITE_TITLES = {
     "pointwise": "Pointwise (1x1) convolution alone",
     "fused": "nbconv's fused kernel against its own depthwise-then-pointwise (and the peers)",
     "overhead": "Per-call overhead on a tiny shape",
-    "backward": "Forward + backward (all gradients), batch 8 (issue 4)",
+    "backward": "Forward + backward (all gradients), batch 8",
     "keras_model": "Keras model of MobileNetV1's 13 separable blocks (SeparableConv2D + BatchNorm + ReLU), "
-                   "112x112x32 input, jax backend (issue 5)",
-    "keras_model_tensorflow": "The same Keras model on the tensorflow backend (issue 5)",
-    "keras_model_torch": "The same Keras model on the torch backend (issue 5)",
+                   "112x112x32 input, jax backend",
+    "keras_model_tensorflow": "The same Keras model on the tensorflow backend",
+    "keras_model_torch": "The same Keras model on the torch backend",
     "models": "keras.applications models (weights=None): original vs keras_layers.convert(model) vs "
-              "convert(model, fold_batchnorm=True), per Keras backend (issue 6)",
+              "convert(model, fold_batchnorm=True), per Keras backend",
 }
 
 #: MobileNetV1's 13 separable blocks as (input H=W, C, F, stride); blocks 7-11 repeat
@@ -295,23 +300,24 @@ def make_arrays(case, seed=0):
     return x, dk, pk
 
 
+@functools.lru_cache(maxsize=None)
+def _reference():
+    """``tests/reference.py``, the project's float64 reference, loaded by path (``tests/`` is not a package)."""
+    path = os.path.join(ROOT, "tests", "reference.py")
+    spec = importlib.util.spec_from_file_location("nbconv_tests_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def reference_nhwc(case, x, dk, pk, pads=None):
-    """Plain float64 NumPy forward pass (NHWC in, NHWC out), with ``pads`` overriding the case's padding."""
-    (pt, pb), (pl, pr) = pads if pads is not None else case.pads
-    x = np.asarray(x, np.float64)
+    """The float64 result of ``case`` for the NHWC arrays of :func:`make_arrays` (NHWC out), computed by
+    ``tests/reference.py``; ``pads`` (``((top, bottom), (left, right))``) overrides the case's padding, for a
+    contender that used another padding with the same output shape."""
+    ref = _reference()
     if case.op == "pointwise":
-        return x @ np.asarray(pk, np.float64).reshape(case.c, case.f)
-    xp = np.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-    s, d = case.stride, case.dilation
-    oh = (xp.shape[1] - (case.k - 1) * d - 1) // s + 1
-    ow = (xp.shape[2] - (case.k - 1) * d - 1) // s + 1
-    w = np.asarray(dk, np.float64)
-    acc = np.zeros((case.n, oh, ow, case.c, case.dm))
-    for i in range(case.k):
-        for j in range(case.k):
-            win = xp[:, i * d: i * d + (oh - 1) * s + 1: s, j * d: j * d + (ow - 1) * s + 1: s, :]
-            acc += win[..., None] * w[i, j]
-    dw = acc.reshape(case.n, oh, ow, case.cm)
+        return ref.pointwise_ref(x, np.asarray(pk).reshape(case.c, case.f))
+    conv = dict(strides=case.stride, padding=pads if pads is not None else case.pads, dilation_rate=case.dilation)
     if case.op == "depthwise":
-        return dw
-    return dw @ np.asarray(pk, np.float64).reshape(case.cm, case.f)
+        return ref.depthwise_ref(x, dk, **conv)
+    return ref.separable_ref(x, dk, pk, **conv)

@@ -26,11 +26,13 @@ import os
 
 import numpy as np
 
-from .cases import APP_MODELS, APP_OPS, KERAS_MODEL_SUITES, MOBILENET_BLOCKS, MODEL_OPS, SUITES, make_arrays
+from .cases import (APP_MODELS, APP_OPS, KERAS_MODEL_SUITES, MOBILENET_BLOCKS, MODEL_OPS, SUITES, make_arrays,
+                    reference_nhwc)
 
-__all__ = ["Bench", "Unsupported", "CONTENDERS", "PEERS", "SUITE_ROLES", "MODEL_BACKENDS", "get", "THREADS"]
+__all__ = ["Bench", "Unsupported", "CONTENDERS", "PEERS", "SUITE_ROLES", "MODEL_BACKENDS", "get", "THREADS",
+           "output_error", "rel_error"]
 
-#: threads every contender may use (the issue's targets are for 2)
+#: threads every contender may use (the report's targets are for 2)
 THREADS = int(os.environ.get("NBCONV_BENCH_THREADS", "2"))
 
 #: above this many forward MACs the NumPy baseline is not run
@@ -93,6 +95,8 @@ class Contender:
     ops = ("separable", "depthwise", "pointwise")
     #: suites this contender runs (None: all)
     suites = None
+    #: modules its process imports (``python -m nbconv bench`` lists it as not installed without them)
+    modules = ()
 
     def available(self):
         """None when usable, else the reason it is skipped (shown in the report)."""
@@ -157,15 +161,12 @@ class NbConv(Contender):
         if case.op == "pointwise":
             return Bench(lambda: nbconv.pointwise_conv2d(xin, pk, data_format=case.data_format), _from_cf(case))
         if case.op == "separable_fwdbwd":
-            backward = getattr(nbconv, "separable_conv2d_backward", None)
-            if backward is None:
-                raise Unsupported("not available: nbconv.separable_conv2d_backward does not exist yet (issue 4)")
             g = _input(case, _grad_output(case))
             wrt = ("x", "depthwise_kernel", "pointwise_kernel")
 
             def fwdbwd():
                 nbconv.separable_conv2d(xin, dk, pk, **kw)
-                return backward(g, xin, dk, pk, wrt=wrt, **kw)
+                return nbconv.separable_conv2d_backward(g, xin, dk, pk, wrt=wrt, **kw)
             return Bench(fwdbwd, check=False)
         if case.op in ("model_predict", "model_bare"):
             return self._model(case)
@@ -227,8 +228,6 @@ class NbConvPacked(NbConv):
         import nbconv
         if case.op not in self.ops:
             raise Unsupported(f"op {case.op}")
-        if not hasattr(nbconv, "pack_pointwise_kernel"):
-            raise Unsupported("not available: nbconv.pack_pointwise_kernel does not exist")
         x, dk, pk = make_arrays(case)
         xin = _input(case, x)
         packed = nbconv.pack_pointwise_kernel(pk)
@@ -243,6 +242,10 @@ class Keras(Contender):
     label = "Keras op"
     ops = ("separable", "depthwise", "pointwise", "separable_fwdbwd")
     suites = OP_SUITES
+
+    @property
+    def modules(self):
+        return "keras", os.environ.get("KERAS_BACKEND") or "jax"
 
     def available(self):
         os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -334,6 +337,7 @@ class _Torch(Contender):
     channels_last = False
     ops = ("separable", "depthwise", "pointwise", "separable_fwdbwd")
     suites = OP_SUITES
+    modules = ("torch",)
 
     def available(self):
         try:
@@ -439,6 +443,7 @@ class OnnxRuntime(Contender):
     name = "onnxruntime"
     label = "ONNX Runtime"
     suites = OP_SUITES
+    modules = ("onnx", "onnxruntime")
 
     def available(self):
         try:
@@ -545,7 +550,7 @@ def _tf_threads():
 
 
 class KerasModel(Keras):
-    """MobileNetV1's 13 blocks built from Keras's own layers (the reference for issue 5), on one Keras backend.
+    """MobileNetV1's 13 blocks built from Keras's own layers (the Keras-model suites' reference), on one backend.
 
     Each backend runs in a process of its own (``env``); the jax contender keeps the names ``keras_model`` /
     ``nbconv_layers``.  On torch the process runs with ``OMP_WAIT_POLICY=PASSIVE`` (unless set), for both
@@ -565,6 +570,10 @@ class KerasModel(Keras):
             self.env["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
         #: a --quick run measures the jax backend only
         self.full_only = backend != "jax"
+
+    @property
+    def modules(self):
+        return "keras", self.backend
 
     def available(self):
         import importlib.util
@@ -635,11 +644,9 @@ class NbConvLayers(KerasModel):
         if note:
             return note
         try:
-            import keras_layers
+            import keras_layers  # noqa: F401
         except Exception as exc:
-            return f"not available: keras_layers does not import ({exc!r}) (issue 5)"
-        if not hasattr(keras_layers, "SeparableConv2D"):
-            return "not available: keras_layers.SeparableConv2D does not exist yet (issue 5)"
+            return f"not available: keras_layers does not import ({exc!r})"
         return None
 
     def _layer_class(self):
@@ -703,13 +710,14 @@ class AppModels(Contender):
         self.backend = backend
         self.name = f"models_{backend}"
         self.label = f"models {backend}"
-        # torch: spinning OpenMP workers starve nbconv's threads between torch ops (keras_layers/layers.py);
+        # torch: spinning OpenMP workers starve nbconv's threads between torch ops (docs/keras.md);
         # set for the original model too, so both sides run under the same pool policy
         self.env = {"KERAS_BACKEND": backend}
         if backend == "torch":
             self.env["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
         self._key = None
         self._models = {}
+        self.modules = ("keras", backend)
         #: a --quick run measures the jax backend only
         self.full_only = backend != "jax"
 
@@ -727,7 +735,7 @@ class AppModels(Contender):
             import keras_layers
             keras_layers.convert  # noqa: B018
         except Exception as exc:
-            return f"not available: keras_layers.convert does not import ({exc!r}) (issue 6)"
+            return f"not available: keras_layers.convert does not import ({exc!r})"
         return None
 
     def version(self):
@@ -856,6 +864,16 @@ def _same_process(subject, base, blocks=8, calls=3):
     med = [float(np.median(t)) for t in times]
     return {"subject_ms": med[0] * 1e3, "base_ms": med[1] * 1e3, "ratio": med[0] / med[1],
             "calls": blocks * calls}
+
+
+def output_error(case, bench, out):
+    """Relative error of ``out``, the first result of ``bench`` (set up for ``case``): against the float64
+    reference (:func:`benchmarks.cases.reference_nhwc`, with the padding the contender used), or the error the
+    contender measured itself (``bench.rel_err``); None when the case is not checked."""
+    if bench.check:
+        x, dk, pk = make_arrays(case)
+        return rel_error(bench.to_nhwc(out), reference_nhwc(case, x, dk, pk, bench.pads))
+    return bench.rel_err
 
 
 def rel_error(out, ref):

@@ -36,7 +36,7 @@ import numpy as np
 
 __all__ = ["memory", "firstcall", "firstpredict", "MEMORY_SHAPE"]
 
-#: (N, H, W, C, F) of the memory benchmark (issue 2)
+#: (N, H, W, C, F) of the memory benchmark
 MEMORY_SHAPE = (32, 112, 112, 64, 128)
 
 

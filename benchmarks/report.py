@@ -1,4 +1,4 @@
-"""The benchmark report: tables per suite, target summary, JSON and a PNG chart.
+"""The benchmark report: tables per suite, a summary against the targets, JSON, a PNG chart and a markdown page.
 
 Input is a raw results folder written by the runner (``python -m benchmarks``):
 ``<contender>.json`` (pytest-benchmark's ``--benchmark-json``),
@@ -7,38 +7,121 @@ Input is a raw results folder written by the runner (``python -m benchmarks``):
 (``nbconv.idle``, ``nbconv.idle.t1``, ...: each case once per idle gap, listed in ``meta["idle"]``).
 
 Regenerate a report from such a folder with ``python -m benchmarks.report [--min] <folder>`` (``--min``: the
-fastest round instead of the median, for a shared, noisy machine).
+fastest round instead of the median, for a shared, noisy machine).  Both the runner and this command also write
+the markdown page ``docs/benchmarks.md`` (environment, targets, summary, chart and tables; ``--markdown PATH`` or
+``none`` to change that), which the README links to instead of quoting a run.
 
 Definitions used throughout:
 
 * time = pytest-benchmark's median of one call, in ms;
 * speedup over a peer = t(peer) / t(nbconv) (> 1: nbconv is faster);
-* the issue's targets are quoted as it states them (e.g. t(nbconv)/t(best peer));
+* targets (:data:`TARGETS`, one table) are stated in the direction the summary prints them
+  (e.g. t(nbconv)/t(best peer) <= 1, t(Keras's op)/t(nbconv) >= 20);
 * GFLOP/s = 2 * (depthwise MACs + pointwise MACs) / t(nbconv) (3x the forward for forward+backward);
 * % of peak = nbconv's GFLOP/s / the sgemm GFLOP/s of NumPy's 4096x4096 float32 matmul measured in
   the same run, in its own process.
 """
+import argparse
 import json
 import math
 import os
 import sys
+from typing import NamedTuple
 
+from . import ROOT
 from . import cases as _cases
 from .contenders import CONTENDERS, MODEL_BACKENDS, PEERS, SUITE_ROLES
 
-__all__ = ["build", "format_text", "plot", "save", "main"]
+__all__ = ["Target", "TARGETS", "MARKDOWN_PAGE", "build", "format_text", "format_markdown", "text_table", "format_ms",
+           "plot", "save", "main"]
+
+#: the page a finished run writes, linked from the README
+MARKDOWN_PAGE = os.path.join(ROOT, "docs", "benchmarks.md")
+
+
+class Target(NamedTuple):
+    """A goal a run is checked against: the measured figure must be ``direction`` (``"<="`` or ``">="``)
+    ``value``; ``unit`` is how the summary prints the value ("x" for a speedup, "%", " us")."""
+
+    value: float
+    direction: str
+    description: str
+    unit: str = ""
+
+    def met(self, measured):
+        """Whether ``measured`` meets the target."""
+        return measured <= self.value if self.direction == "<=" else measured >= self.value
+
+    def __str__(self):
+        return f"target {self.direction} {self.value:g}{self.unit}"
+
+
+#: every target of the summary, by name (the summary lines and the markdown page's table read them here)
+TARGETS = {
+    "separable_vs_best_peer": Target(
+        1.0, "<=", "MobileNetV1 + Xception layers: geomean t(nbconv)/t(best peer)"),
+    "separable_vs_best_peer_worst": Target(
+        1.3, "<=", "MobileNetV1 + Xception layers: t(nbconv)/t(best peer) of the worst shape"),
+    "hard_cases_speedup": Target(
+        1.5, ">=", "cases peers handle poorly (dilation, depth multiplier, 5x5 and 7x7, NCHW, large activations): "
+                   "geomean t(best peer)/t(nbconv)", "x"),
+    "pct_of_sgemm_peak": Target(
+        85, ">=", "MobileNetV1 + Xception layers with a pointwise part of C*dm >= 256: nbconv's lowest GFLOP/s, "
+                  "in % of the run's sgemm peak", "%"),
+    "keras_op_speedup": Target(
+        20, ">=", "separable shapes: geomean t(Keras's op)/t(nbconv), Keras on jax", "x"),
+    "channels_first_cost": Target(
+        1.2, "<=", "nbconv: t(channels_first)/t(channels_last) of the same shape, worst pair"),
+    "call_overhead_us": Target(
+        20, "<=", "nbconv: a whole call on a 1x4x4x8->8 shape, in microseconds", " us"),
+    "backward_vs_torch": Target(
+        1.0, "<=", "forward + backward at batch 8: geomean t(nbconv)/t(torch channels_last)"),
+    "backward_vs_keras": Target(
+        10, ">=", "forward + backward at batch 8: geomean t(jax.grad of Keras's op)/t(nbconv)", "x"),
+    "keras_model_jax": Target(
+        10, ">=", "Keras model of MobileNetV1's 13 blocks (+ BatchNorm + ReLU) on jax: t(Keras's layers)/t(nbconv's "
+                  "layers), lowest of predict b1, predict b8 and the b8 training step", "x"),
+    "keras_model_tensorflow": Target(
+        2.0, ">=", "the same Keras model on tensorflow: t(Keras's layers)/t(nbconv's layers), lowest", "x"),
+    "keras_model_torch": Target(
+        1.3, ">=", "the same Keras model on torch: t(Keras's layers)/t(nbconv's layers), lowest", "x"),
+    "keras_bridge": Target(
+        1.15, "<=", "the bridge, per backend: t(the bare layers' predict at batch 8)/t(the same 13 calls made "
+                    "directly)", "x"),
+    "models_xception_jax": Target(
+        3.0, ">=", "keras.applications Xception on jax: t(original)/t(keras_layers.convert(model)), lowest batch",
+        "x"),
+    "models_xception_tensorflow": Target(
+        1.5, ">=", "keras.applications Xception on tensorflow: t(original)/t(converted), lowest batch", "x"),
+    "models_torch": Target(
+        1.0, ">=", "keras.applications models on torch: t(original)/t(converted), lowest of every model and batch "
+                   "(never slower)", "x"),
+    "idle_vs_best_peer": Target(
+        1.0, "<=", "MobileNetV1 + Xception with 5 or 20 ms idle before each call: geomean t(nbconv)/t(best of "
+                   "torch, ONNX Runtime)"),
+    "idle_vs_best_peer_worst": Target(
+        1.3, "<=", "the same, worst shape"),
+    "idle_thread_speedup": Target(
+        1.5, ">=", "per idle gap: t(nbconv, 1 thread)/t(nbconv, 2 threads), lowest over the shapes of 50 M MAC or "
+                   "more"),
+    "first_call_s": Target(
+        5, "<=", "fresh install, empty kernel cache, new process: import nbconv + the first separable_conv2d, in "
+                 "seconds"),
+    "other_first_call_s": Target(
+        3, "<=", "the same process: the slowest first call of each other function and variant, in seconds"),
+    "first_predict_ratio": Target(
+        1.5, "<=", "first predict of a converted MobileNet (96x96, batch 2) on an empty kernel cache, against "
+                   "Keras's own layers, per backend", "x"),
+}
+#: suites of the MobileNetV1 + Xception targets
+TARGET_SUITES = ("mobilenet", "xception")
+#: shapes of at least this many multiply-adds count for ``idle_thread_speedup``
+IDLE_THREAD_MIN_MACS = 50e6
 
 #: contenders that are not peers but get a column, per suite
 EXTRA_COLUMNS = {"fused": ("nbconv_2step",),
                  **{suite: ("nbconv_packed",) for suite in ("mobilenet", "xception", "pointwise")},
                  **{suite: ("nbconv",) for suite in _cases.KERAS_MODEL_SUITES.values()}}
-#: issue 5's targets: t(Keras's layers)/t(nbconv's layers) per backend; the bridge over the direct calls at b8
-KERAS_MODEL_TARGETS = {"jax": 10.0, "tensorflow": 2.0, "torch": 1.3}
-KERAS_MODEL_BRIDGE_TARGET = 1.15
-TARGET_SUITES = ("mobilenet", "xception")
-#: the idle runs' targets, per gap above 0: t(nbconv)/t(best of the idle peers) (geomean and worst shape), and
-#: t(nbconv on 1 thread)/t(nbconv) on every shape of at least ``thread_min_macs`` multiply-adds
-IDLE_TARGETS = {"ratio_geomean": 1.0, "ratio_max": 1.3, "thread_speedup_min": 1.5, "thread_min_macs": 50e6}
 #: idle runs compared against nbconv (the first three are its peers there), in the table's column order
 IDLE_COLUMNS = (("nbconv.idle.t1", "nbconv 1 thread"), ("nbconv_packed.idle", "nbconv packed"),
                 ("torch_nchw.idle", "torch NCHW"), ("torch_nhwc.idle", "torch ch_last"),
@@ -88,7 +171,7 @@ def _median(xs):
 def build(raw_dir, stat=None):
     """Read a raw results folder and compute every table and summary figure; returns a JSON-able dict.
 
-    ``stat`` is the statistic of the rounds used for every time: "median" (the default, and the issue's) or
+    ``stat`` is the statistic of the rounds used for every time: "median" (the default, the targets') or
     "min" (less sensitive to other processes on a shared machine).
     """
     meta = _load(os.path.join(raw_dir, "meta.json")) or {}
@@ -182,7 +265,7 @@ def _idle(raw_dir, meta, stat):
 
 def _idle_summary(idle):
     """Per gap: nbconv against the best idle peer (geomean, worst shape) and its 2-thread over 1-thread speedup
-    on the shapes of at least ``IDLE_TARGETS["thread_min_macs"]`` multiply-adds (the lowest, and where)."""
+    on the shapes of at least :data:`IDLE_THREAD_MIN_MACS` multiply-adds (the lowest, and where)."""
     out = {}
     for gap in (f"{g:g}" for g in idle["gaps_ms"]):
         ratios, threads = [], []
@@ -194,7 +277,7 @@ def _idle_summary(idle):
             if peers:
                 ratios.append((nb / min(peers), r["case"]["shape"]))
             t1 = r["ms"].get("nbconv.idle.t1", {}).get(gap)
-            if t1 and sum(r["case"]["macs"]) >= IDLE_TARGETS["thread_min_macs"]:
+            if t1 and sum(r["case"]["macs"]) >= IDLE_THREAD_MIN_MACS:
                 threads.append((t1 / nb, r["case"]["shape"]))
         entry = {}
         if ratios:
@@ -291,7 +374,7 @@ def _summary(report):
         else:
             notes = {r["skips"].get("nbconv") or r["errors"].get("nbconv") for r in bw} - {None}
             s["backward_note"] = "; ".join(sorted(notes)) or "nbconv not measured"
-    # 9. Keras model (issue 5), per backend: our layers against Keras's, and against direct nbconv calls
+    # 9. Keras model, per backend: our layers against Keras's, and against direct nbconv calls
     for backend, suite in _cases.KERAS_MODEL_SUITES.items():
         subject, (keras_name,) = _roles(suite)
         km = list(_rows(report, (suite,)))
@@ -307,6 +390,17 @@ def _summary(report):
                          "ratio_vs_direct": same["ratio"] if same else cross,
                          "same_process": bool(same), "ratio_vs_direct_other_process": cross})
         entry = {"backend": backend, "rows": rows}
+        # the target's model has BatchNorm + ReLU: the bare row only measures the bridge
+        speedups = [(k["speedup_vs_keras_layers"], k["shape"]) for k in rows
+                    if k["speedup_vs_keras_layers"] and not k["bare"]]
+        if speedups:
+            entry["speedup_min"], entry["speedup_min_case"] = min(speedups)
+        # the bridge alone: the bare layers against the same convolutions called directly (with BatchNorm, the
+        # model also pays the framework's own BatchNorm and ReLU passes, which the direct calls fold away)
+        bare = [k["ratio_vs_direct"] for k in rows if k["ratio_vs_direct"] and k["bare"]]
+        bridge = bare or [k["ratio_vs_direct"] for k in rows if k["ratio_vs_direct"] and k["shape"].startswith("b8")]
+        if bridge:
+            entry["bridge_b8"], entry["bridge_bare"] = max(bridge), bool(bare)
         notes = {r["skips"].get(subject) or r["errors"].get(subject) for r in km} - {None}
         for name in (subject, keras_name):
             c = report["contenders"].get(name) or {}
@@ -318,14 +412,70 @@ def _summary(report):
     # 10. idle gaps before each call
     if report.get("idle"):
         s["idle"] = _idle_summary(report["idle"])
-    # 11. keras.applications models (issue 6): original vs converted vs folded, per backend
+    # 11. keras.applications models: original vs converted vs folded, per backend
     models = _models(report)
     if models:
         s["models"] = models
     ceilings = _ceilings(report, s)
     if ceilings:
         s["ceilings"] = ceilings
+    s["targets"] = _target_results(report, s)
     return s
+
+
+def _target_results(report, s):
+    """This run's figure for each target of :data:`TARGETS` that it measured: a list of ``{"target", "scope",
+    "value", "where", "met"}`` (``scope``: the backend or idle gap a target is measured per, else None;
+    ``where``: the shape or call that gave the value, if one did)."""
+    out = []
+
+    def add(name, value, where=None, scope=None):
+        if value is not None:
+            out.append({"target": name, "scope": scope, "value": value, "where": where,
+                        "met": TARGETS[name].met(value)})
+
+    add("separable_vs_best_peer", s.get("target_ratio_geomean"))
+    add("separable_vs_best_peer_worst", s.get("target_ratio_max"), s.get("target_ratio_max_case"))
+    add("hard_cases_speedup", s.get("poorly_speedup_geomean"))
+    add("pct_of_sgemm_peak", s.get("pct_peak_c256_min"), s.get("pct_peak_c256_min_case"))
+    add("keras_op_speedup", s.get("keras_speedup_geomean"))
+    if s.get("cf_cl_pairs"):
+        worst = max(s["cf_cl_pairs"], key=lambda p: p["ratio"])
+        add("channels_first_cost", worst["ratio"], worst["cf"])
+    add("call_overhead_us", (s.get("overhead_us") or {}).get("nbconv"))
+    add("backward_vs_torch", s.get("backward_ratio_vs_torch_nhwc_geomean"))
+    add("backward_vs_keras", s.get("backward_speedup_vs_keras_geomean"))
+    for entry in s.get("keras_model") or []:
+        add(f"keras_model_{entry['backend']}", entry.get("speedup_min"), entry.get("speedup_min_case"))
+        add("keras_bridge", entry.get("bridge_b8"), "b8, bare layers" if entry.get("bridge_bare") else "b8",
+            entry["backend"])
+    for backend in MODEL_BACKENDS:
+        rows = [m for m in s.get("models") or [] if m["backend"] == backend and "converted" in m["speedup"]]
+        if backend == "torch":
+            mine = min(((m["speedup"]["converted"], f"{m['label']} b{m['n']}") for m in rows), default=None)
+            add("models_torch", *(mine or (None,)))
+        elif f"models_xception_{backend}" in TARGETS:
+            mine = min(((m["speedup"]["converted"], f"{m['label']} b{m['n']}") for m in rows
+                        if m["model"] == "xception"), default=None)
+            add(f"models_xception_{backend}", *(mine or (None,)))
+    for gap, e in (s.get("idle") or {}).items():
+        scope = "no gap" if gap == "0" else f"{gap} ms"
+        if gap != "0":  # the runs without a gap give the baseline, not a target
+            add("idle_vs_best_peer", e.get("ratio_geomean"), scope=scope)
+            add("idle_vs_best_peer_worst", e.get("ratio_max"), e.get("ratio_max_case"), scope)
+        add("idle_thread_speedup", e.get("thread_speedup_min"), e.get("thread_speedup_min_case"), scope)
+    cold = (report["probes"].get("first_call") or {}).get("cold") or {}
+    if "error" not in cold and cold.get("calls") is not None:
+        add("first_call_s", cold.get("import_plus_first_call_s"), "import + separable_conv2d")
+        others = {k: v for k, v in cold["calls"].items() if k != "separable"}
+        if others:
+            slowest = max(others, key=others.get)
+            add("other_first_call_s", others[slowest], slowest)
+    for backend, res in (report["probes"].get("first_predict") or {}).items():
+        own, ours = (res.get("keras") or {}).get("first_predict_s"), (res.get("converted") or {}).get("first_predict_s")
+        if own and ours:
+            add("first_predict_ratio", ours / own, scope=backend)
+    return out
 
 
 #: suites whose FLOP counts every contender performs (the same convolution), for the fastest rate of a run
@@ -382,12 +532,6 @@ def _ceilings(report, s):
     return out
 
 
-#: issue 6's targets for converted Xception, per backend: minimum t(original)/t(converted)
-MODELS_TARGETS = {"jax": 3.0, "tensorflow": 1.5}
-#: on torch the converted models must never be slower (every model and batch)
-MODELS_TORCH_TARGET = 1.0
-
-
 def _models(report):
     """Rows of the models suite per (model, batch, backend): times of the three variants and the speedups."""
     out = []
@@ -417,7 +561,7 @@ def _models(report):
     return out
 
 
-def _columns(head, body, left=1):
+def text_table(head, body, left=1):
     """A text table: the header, a rule, then ``body``'s rows; the first ``left`` columns left-aligned."""
     widths = [max(len(str(x[i])) for x in [head] + body) for i in range(len(head))]
 
@@ -427,25 +571,24 @@ def _columns(head, body, left=1):
 
 
 def _models_table(report):
+    """(head, body) of the models suite, or None."""
     rows = (report["summary"] or {}).get("models") or []
     head = ["model", "backend", "original ms", "converted ms", "folded ms", "converted", "folded", "max rel err"]
     body = []
     for m in rows:
         err = max(m["checks"].values()) if m["checks"] else None
-        body.append([f"{m['label']} b{m['n']}", m["backend"]] + [_fmt_ms(m["ms"].get(v)) for v in
+        body.append([f"{m['label']} b{m['n']}", m["backend"]] + [format_ms(m["ms"].get(v)) for v in
                                                                ("original", "converted", "folded")]
                     + [f"{m['speedup'][v]:.2f}x" if v in m["speedup"] else "-" for v in ("converted", "folded")]
                     + [f"{err:.1e}" if err is not None else "-"])
-    if not body:
-        return []
-    out = _columns(head, body, left=2)
-    return out
+    return (head, body) if body else None
 
 
 def _idle_table(report):
+    """(head, body, note) of the idle runs, or None."""
     idle = report.get("idle")
     if not idle or not idle["rows"]:
-        return []
+        return None
     present = [(t, label) for t, label in IDLE_COLUMNS if t in idle["runs"]]
     head = ["case", "idle", "nbconv ms"] + [label for _, label in present] + ["vs best", "2 threads/1"]
     body = []
@@ -453,22 +596,22 @@ def _idle_table(report):
         for g in idle["gaps_ms"]:
             gap = f"{g:g}"
             nb = r["ms"].get("nbconv.idle", {}).get(gap)
-            line = [r["case"]["shape"] if g == idle["gaps_ms"][0] else "", f"{gap} ms", _fmt_ms(nb)]
-            line += [_fmt_ms(r["ms"].get(t, {}).get(gap)) for t, _ in present]
+            line = [r["case"]["shape"] if g == idle["gaps_ms"][0] else "", f"{gap} ms", format_ms(nb)]
+            line += [format_ms(r["ms"].get(t, {}).get(gap)) for t, _ in present]
             peers = [r["ms"][p][gap] for p in IDLE_PEERS if gap in r["ms"].get(p, {})]
             t1 = r["ms"].get("nbconv.idle.t1", {}).get(gap)
             line += [f"{min(peers) / nb:.2f}x" if nb and peers else "-", f"{t1 / nb:.2f}x" if nb and t1 else "-"]
             body.append(line)
-    out = _columns(head, body)
-    out.append(f"  note - {report['meta'].get('stat', 'median')} of {idle.get('rounds')} calls per gap, each after "
-               f"sleeping that long (not timed), every contender in its own process after the main passes; 'vs "
-               f"best' = t(best of torch and ONNX Runtime)/t(nbconv), '2 threads/1' = t(nbconv, 1 thread)/t(nbconv)")
-    return out
+    note = (f"{report['meta'].get('stat', 'median')} of {idle.get('rounds')} calls per gap, each after sleeping "
+            f"that long (not timed), every contender in its own process after the main passes; 'vs best' = t(best "
+            f"of torch and ONNX Runtime)/t(nbconv), '2 threads/1' = t(nbconv, 1 thread)/t(nbconv)")
+    return head, body, note
 
 
 # --- text -------------------------------------------------------------------
 
-def _fmt_ms(t):
+def format_ms(t):
+    """A time in ms, to about four significant digits; "-" for None."""
     if t is None:
         return "-"
     if t < 0.1:
@@ -487,7 +630,7 @@ def _cell(row, name, available=True):
         t = row["times_ms"][name]
         sp = row["speedup"].get(name)
         bad = "!" if name in row.get("check_failed", ()) else ""
-        return f"{_fmt_ms(t)}{bad}" + (f" ({sp:.2f}x)" if sp else "")
+        return f"{format_ms(t)}{bad}" + (f" ({sp:.2f}x)" if sp else "")
     if name in row["errors"]:
         return "ERROR"
     if name in row["skips"]:
@@ -496,9 +639,10 @@ def _cell(row, name, available=True):
 
 
 def _table(report, suite):
+    """(head, body) of a suite's table, or None when it has no results."""
     rows = report["suites"].get(suite, [])
     if not rows:
-        return []
+        return None
     subject, peer_names = _roles(suite)
     present = [c for c in (EXTRA_COLUMNS.get(suite, ()) + peer_names) if c in report["contenders"]]
     labels = {c: report["contenders"][c]["label"] for c in present}
@@ -514,14 +658,33 @@ def _table(report, suite):
             else:
                 nbs = "ERROR" if subject in r["errors"] else ("n/a" if subject in r["skips"] else "-")
         else:
-            nbs = _fmt_ms(nb) + ("!" if subject in r.get("check_failed", ()) else "")
+            nbs = format_ms(nb) + ("!" if subject in r.get("check_failed", ()) else "")
         line = [r["case"]["shape"], nbs, f"{r['nbconv_gflops']:.1f}" if r.get("nbconv_gflops") else "-",
                 f"{r['pct_peak']:.0f}%" if r.get("pct_peak") else "-"]
         line += [_cell(r, c, report["contenders"][c].get("available") is not False) for c in present]
         line += [labels.get(r.get("best_peer"), r.get("best_peer") or "-"),
                  f"{r['speedup_best']:.2f}x" if r.get("speedup_best") else "-"]
         body.append(line)
-    out = _columns(head, body)
+    return head, body
+
+
+def _sections(report):
+    """The report's tables in print order: ``(title, head, body, left-aligned columns, notes)``."""
+    out = []
+    for suite in _cases.SUITES:
+        table = _models_table(report) if suite == "models" else _table(report, suite)
+        if not table:
+            continue
+        notes = [SUITE_NOTES[suite]] if suite in SUITE_NOTES else []
+        notes += sorted({f"{report['contenders'][n]['label']}: {why}" for r in report["suites"][suite]
+                         for n, why in r["skips"].items() if n in report["contenders"]})
+        if suite == "backward" and report["summary"].get("backward_note"):
+            notes.append(report["summary"]["backward_note"])
+        out.append((_cases.SUITE_TITLES[suite], *table, 2 if suite == "models" else 1, notes))
+    idle = _idle_table(report)
+    if idle:
+        head, body, note = idle
+        out.append(("Idle gaps: MobileNetV1 + Xception with a sleep before every call", head, body, 1, [note]))
     return out
 
 
@@ -585,12 +748,9 @@ def _env_lines(report):
     return lines
 
 
-def format_text(report):
-    s = report["summary"]
-    out = ["nbconv benchmark report", "=" * 23]
-    out += _env_lines(report)
-    out.append("")
-    out.append("contenders:")
+def _contender_lines(report):
+    """One line per contender: its version and set-up, or why it did not run."""
+    out = []
     for name, c in report["contenders"].items():
         if not c.get("ran"):
             status = "did not run" + (f" (exit code {c.get('returncode')})" if c.get("returncode") else "")
@@ -609,128 +769,216 @@ def format_text(report):
                 status += f"; {len(errs)} case(s) raised: " + "; ".join(f"{k}: {v}" for k, v in list(errs.items())[:3])
             if c.get("returncode") not in (None, 0):
                 status += f"; pytest exit code {c.get('returncode')}"
-        out.append(f"  {c['label']:<14} {status}")
+        out.append((c["label"], status))
+    return out
+
+
+def _checks_line(report):
     bad = [(r["case"]["id"], n, r["checks"][n]) for rows in report["suites"].values() for r in rows
            for n in r.get("check_failed", ())]
     nchecks = sum(len(r["checks"]) for rows in report["suites"].values() for r in rows)
-    out.append(f"checks: {nchecks} outputs compared with a float64 NumPy reference (models suite: converted "
-               f"models with the original); "
-               + (f"{len(bad)} MISMATCH(ES), marked '!': " + ", ".join(f"{n} {c} ({e:.1e})" for c, n, e in bad)
-                  if bad else "all within the tolerance (1e-4 relative to the output's scale unless "
-                                  "NBCONV_BENCH_CHECK_TOL says otherwise)"))
+    return (f"checks: {nchecks} outputs compared with the float64 reference (tests/reference.py; models suite: "
+            f"converted models with the original); "
+            + (f"{len(bad)} MISMATCH(ES), marked '!': " + ", ".join(f"{n} {c} ({e:.1e})" for c, n, e in bad)
+               if bad else "all within the tolerance (1e-4 relative to the output's scale unless "
+                           "NBCONV_BENCH_CHECK_TOL says otherwise)"))
+
+
+def _legend(report):
+    return (f"{report['meta'].get('stat', 'median')} ms per call; '(N.NNx)' = t(peer)/t(nbconv), above 1 nbconv is "
+            f"faster; 'vs best' = t(best peer)/t(nbconv); skip = does not run this case, n/a = not available, "
+            f"absent = library not installed, ! = output check failed.")
+
+
+def format_text(report):
+    """The report as plain text (what the runner prints and saves as ``report-*.txt``)."""
+    out = ["nbconv benchmark report", "=" * 23]
+    out += _env_lines(report)
     out.append("")
-    out.append(f"Tables: {report['meta'].get('stat', 'median')} ms per call; '(N.NNx)' = t(peer)/t(nbconv), "
-               f"above 1 nbconv is faster; "
-               "'vs best' = t(best peer)/t(nbconv); skip = does not run this case, n/a = not available yet, "
-               "absent = library not installed, ! = output check failed.")
-    for suite in _cases.SUITES:
-        lines = _models_table(report) if suite == "models" else _table(report, suite)
-        if not lines:
-            continue
-        out.append("")
-        out.append(f"## {_cases.SUITE_TITLES[suite]}")
-        out += lines
-        if suite in SUITE_NOTES:
-            out.append(f"  note - {SUITE_NOTES[suite]}")
-        notes = sorted({f"{report['contenders'][n]['label']}: {why}" for r in report["suites"][suite]
-                        for n, why in r["skips"].items() if n in report["contenders"]})
-        for note in notes:
-            out.append(f"  note - {note}")
-        if suite == "backward" and s.get("backward_note"):
-            out.append(f"  note - {s['backward_note']}")
-    idle = _idle_table(report)
-    if idle:
-        out.append("")
-        out.append("## Idle gaps: MobileNetV1 + Xception with a sleep before every call")
-        out += idle
+    out.append("contenders:")
+    out += [f"  {label:<14} {status}" for label, status in _contender_lines(report)]
+    out.append(_checks_line(report))
     out.append("")
-    out.append("## Summary against the targets of issue 3 (and issues 2, 4, 5, 6)")
+    out.append(f"Tables: {_legend(report)}")
+    for title, head, body, left, notes in _sections(report):
+        out += ["", f"## {title}"] + text_table(head, body, left) + [f"  note - {n}" for n in notes]
+    out.append("")
+    out.append("## Summary against the targets")
     out += _summary_lines(report)
     return "\n".join(out) + "\n"
 
 
-def _ok(value, target, lower_is_better=True):
-    if value is None:
-        return ""
-    good = value <= target if lower_is_better else value >= target
-    return "  [met]" if good else "  [NOT met]"
+# --- markdown ---------------------------------------------------------------
+
+def _md(cell):
+    return str(cell).replace("|", "\\|").replace("*", "\\*")
+
+
+def _md_table(head, body, escape=True):
+    cell = _md if escape else str
+    return ["| " + " | ".join(cell(c) for c in head) + " |", "|" + "---|" * len(head)] + [
+        "| " + " | ".join(cell(c) for c in row) + " |" for row in body]
+
+
+def _target_rows(report):
+    """Rows of the markdown page's target table: every entry of :data:`TARGETS`, with this run's figure."""
+    results = report["summary"].get("targets") or []
+    rows = []
+    for name, target in TARGETS.items():
+        mine = [r for r in results if r["target"] == name]
+        goal = f"{target.direction} {target.value:g}{target.unit}"
+        if not mine:
+            rows.append([f"`{name}`", _md(target.description), goal, "not measured", ""])
+        for r in mine:
+            figure = f"{r['value']:.3g}{target.unit}" + (f" ({r['where']})" if r["where"] else "")
+            rows.append([f"`{name}`" + (f" ({r['scope']})" if r["scope"] else ""), _md(target.description), goal,
+                         _md(figure), "met" if r["met"] else "**NOT met**"])
+    return rows
+
+
+def format_markdown(report, chart=None):
+    """The report as a markdown page (``docs/benchmarks.md``): environment, targets, summary, chart, tables.
+
+    ``chart`` is the file name of the PNG chart beside the page, if one was drawn.
+    """
+    meta = report["meta"]
+    kind = "quick run (a few shapes, few rounds: not a full measurement)" if meta.get("quick") else "full run"
+    out = ["# nbconv benchmarks", "",
+           f"The {kind} of {meta.get('started', '?')} on {meta.get('cpu') or '?'}, {meta.get('threads')} threads "
+           f"per contender. This page is written by `python -m benchmarks` (`tox -e bench`) when a run finishes, "
+           f"and by `python -m benchmarks.report <raw results folder>`: regenerate it, do not edit it. How the "
+           f"suites are run and read: [README](../README.md#benchmarks).", "",
+           "## Machine and environment", ""]
+    out += [f"- {_md(line.strip())}" for line in _env_lines(report)]
+    out += ["", "Contenders:", ""]
+    out += [f"- **{_md(label)}**: {_md(status)}" for label, status in _contender_lines(report)]
+    out += ["", _md(_checks_line(report)), "", "## Targets", ""]
+    out += _md_table(["target", "what", "goal", "this run", ""], _target_rows(report), escape=False)
+    # a summary line's details ("-   ...") become a nested item
+    out += ["", "## Summary against the targets", ""] + [
+        _md("  - " + line[4:] if line.startswith("-   ") else line) for line in _summary_lines(report)]
+    if chart:
+        out += ["", "## Speedup over the best peer, per shape", "",
+                "One bar per shape: t(best peer) / t(nbconv) on a log scale, labelled with the best peer; right of "
+                "the 1.0 line nbconv is faster.", "", f"![nbconv's speedup over the best peer, per shape]({chart})"]
+    out += ["", "## Tables", "", _md(_legend(report))]
+    for title, head, body, left, notes in _sections(report):
+        out += ["", f"### {_md(title)}", ""] + _md_table(head, body)
+        if notes:
+            out += [""] + [f"- {_md(n)}" for n in notes]
+    return "\n".join(out) + "\n"
+
+
+def _result(s, name, scope=None):
+    """This run's entry for target ``name`` (see :func:`_target_results`), or None when it was not measured."""
+    return next((r for r in s.get("targets") or () if r["target"] == name and r["scope"] == scope), None)
+
+
+def _against(s, name, scope=None):
+    """`` (target <= 1.3)  [met]``: the target of ``name`` and whether this run met it."""
+    r = _result(s, name, scope)
+    return f" ({TARGETS[name]})" + ("" if r is None else "  [met]" if r["met"] else "  [NOT met]")
 
 
 def _reach(bound, target, what="geomean"):
-    """A clause saying how far a speedup ``target`` is from this run's ceiling ``bound`` (see :func:`_ceilings`)."""
+    """A clause saying how far a speedup ``target`` (a :class:`Target`) is from this run's ceiling ``bound``
+    (see :func:`_ceilings`)."""
     if not bound:
         return ""
-    verdict = ("out of reach of any implementation on this machine" if bound < target
+    verdict = ("out of reach of any implementation on this machine" if bound < target.value
                else "within reach")
     return f"; ceiling {bound:.2f}x ({what}), so the target is {verdict}"
 
 
 def _summary_lines(report):
+    """The summary against :data:`TARGETS`, one ``- `` line per figure."""
     s = report["summary"]
-    c = s.get("ceilings") or {}
     out = []
+    for section in (_separable_lines, _op_lines, _backward_lines, _keras_model_lines, _models_lines, _idle_lines,
+                    _memory_lines, _first_call_lines):
+        out += section(report, s, s.get("ceilings") or {})
+    return ["- " + line for line in out]
 
-    def add(text):
-        out.append("- " + text)
 
+def _separable_lines(report, s, c):
+    out = []
     if c.get("rate_gflops"):
-        add(f"ceilings: the most any implementation could show on this machine, from this run's own times: "
-            f"a kernel doing each shape's FLOPs (depthwise included) at {c['rate_gflops']:.0f} GFLOP/s, the run's "
-            f"fastest rate (sgemm peak or the fastest contender on any shape), against the peers' measured times")
+        out.append(f"ceilings: the most any implementation could show on this machine, from this run's own times: "
+                   f"a kernel doing each shape's FLOPs (depthwise included) at {c['rate_gflops']:.0f} GFLOP/s, the "
+                   f"run's fastest rate (sgemm peak or the fastest contender on any shape), against the peers' "
+                   f"measured times")
     if "target_ratio_geomean" in s:
-        add(f"MobileNetV1 + Xception ({s['target_ratio_n']} shapes): geomean t(nbconv)/t(best peer) = "
-            f"{s['target_ratio_geomean']:.2f} (target <= 1.0){_ok(s['target_ratio_geomean'], 1.0)}; "
-            f"max {s['target_ratio_max']:.2f} at {s['target_ratio_max_case']} (target <= 1.3)"
-            f"{_ok(s['target_ratio_max'], 1.3)}"
-            + (f"; ceiling: the lowest geomean ratio reachable at the run's fastest rate is "
-               f"{1 / c['target_speedup_geomean']:.2f}" if c.get("target_speedup_geomean") else ""))
+        out.append(f"MobileNetV1 + Xception ({s['target_ratio_n']} shapes): geomean t(nbconv)/t(best peer) = "
+                   f"{s['target_ratio_geomean']:.2f}{_against(s, 'separable_vs_best_peer')}; "
+                   f"max {s['target_ratio_max']:.2f} at {s['target_ratio_max_case']}"
+                   f"{_against(s, 'separable_vs_best_peer_worst')}"
+                   + (f"; ceiling: the lowest geomean ratio reachable at the run's fastest rate is "
+                      f"{1 / c['target_speedup_geomean']:.2f}" if c.get("target_speedup_geomean") else ""))
     else:
-        add("MobileNetV1 + Xception: not measured (needs nbconv and at least one peer)")
+        out.append("MobileNetV1 + Xception: not measured (needs nbconv and at least one peer)")
     if "packed_ratio_geomean" in s:
-        add(f"  the same {s['packed_n']} shapes with the pointwise weights packed once (nbconv.pack_pointwise_kernel, "
-            f"as ONNX Runtime packs its weights when a session is created): geomean t(nbconv packed)/t(best peer) = "
-            f"{s['packed_ratio_geomean']:.2f}, max {s['packed_ratio_max']:.2f} at {s['packed_ratio_max_case']}")
+        out.append(f"  the same {s['packed_n']} shapes with the pointwise weights packed once "
+                   f"(nbconv.pack_pointwise_kernel, as ONNX Runtime packs its weights when a session is created): "
+                   f"geomean t(nbconv packed)/t(best peer) = {s['packed_ratio_geomean']:.2f}, max "
+                   f"{s['packed_ratio_max']:.2f} at {s['packed_ratio_max_case']}")
     if "poorly_speedup_geomean" in s:
-        add(f"cases peers handle poorly ({s['poorly_n']} shapes): geomean speedup over the best peer = "
-            f"{s['poorly_speedup_geomean']:.2f}x (target >= 1.5x){_ok(s['poorly_speedup_geomean'], 1.5, False)}"
-            + (f"; the best peers run these shapes at {c['poorly_peer_pct_of_rate_median']:.0f}% (median) of the "
-               f"run's fastest rate" if c.get("poorly_peer_pct_of_rate_median") else "")
-            + _reach(c.get("poorly_speedup_geomean"), 1.5))
+        out.append(f"cases peers handle poorly ({s['poorly_n']} shapes): geomean speedup over the best peer = "
+                   f"{s['poorly_speedup_geomean']:.2f}x{_against(s, 'hard_cases_speedup')}"
+                   + (f"; the best peers run these shapes at {c['poorly_peer_pct_of_rate_median']:.0f}% (median) of "
+                      f"the run's fastest rate" if c.get("poorly_peer_pct_of_rate_median") else "")
+                   + _reach(c.get("poorly_speedup_geomean"), TARGETS["hard_cases_speedup"]))
     if "pct_peak_c256_min" in s:
-        add(f"% of sgemm peak, MobileNetV1 + Xception shapes with pointwise C >= 256 ({s['pct_peak_c256_n']}): "
-            f"median {s['pct_peak_c256_median']:.0f}%, min {s['pct_peak_c256_min']:.0f}% at "
-            f"{s['pct_peak_c256_min_case']} (target >= 85%){_ok(s['pct_peak_c256_min'], 85, False)}")
+        out.append(f"% of sgemm peak, MobileNetV1 + Xception shapes with pointwise C >= 256 "
+                   f"({s['pct_peak_c256_n']}): median {s['pct_peak_c256_median']:.0f}%, min "
+                   f"{s['pct_peak_c256_min']:.0f}% at {s['pct_peak_c256_min_case']}{_against(s, 'pct_of_sgemm_peak')}")
+    return out
+
+
+def _op_lines(report, s, c):
+    out = []
     if "keras_speedup_geomean" in s:
         backend = ((report["contenders"].get("keras") or {}).get("info") or {}).get("backend", "?")
-        add(f"vs Keras's op on {backend} ({s['keras_n']} separable shapes): geomean speedup "
-            f"{s['keras_speedup_geomean']:.1f}x, min {s['keras_speedup_min']:.1f}x (target >= 20x)"
-            f"{_ok(s['keras_speedup_geomean'], 20, False)}" + _reach(c.get("keras_speedup_geomean"), 20))
+        out.append(f"vs Keras's op on {backend} ({s['keras_n']} separable shapes): geomean speedup "
+                   f"{s['keras_speedup_geomean']:.1f}x, min {s['keras_speedup_min']:.1f}x"
+                   f"{_against(s, 'keras_op_speedup')}"
+                   + _reach(c.get("keras_speedup_geomean"), TARGETS["keras_op_speedup"]))
     if "cf_cl_pairs" in s:
         pairs = ", ".join(f"{p['cf']} {p['ratio']:.2f}" for p in s["cf_cl_pairs"])
-        add(f"channels_first / channels_last, nbconv, same shape: max {s['cf_cl_ratio_max']:.2f} (target <= 1.2)"
-            f"{_ok(s['cf_cl_ratio_max'], 1.2)} [{pairs}]")
-    if "overhead_us" in s:
-        o = s["overhead_us"]
+        out.append(f"channels_first / channels_last, nbconv, same shape: max {s['cf_cl_ratio_max']:.2f}"
+                   f"{_against(s, 'channels_first_cost')} [{pairs}]")
+    o = s.get("overhead_us") or {}
+    if "nbconv" in o:
         others = ", ".join(f"{report['contenders'][k]['label']} {v:.1f}" for k, v in o.items() if k != "nbconv")
-        if "nbconv" in o:
-            add(f"per-call overhead (whole call on a 1x4x4x8->8 shape, an upper bound on the Python-side "
-                f"overhead): nbconv {o['nbconv']:.1f} us (target <= 20 us){_ok(o['nbconv'], 20)}"
-                + (f"; peers: {others} us" if others else ""))
+        out.append(f"per-call overhead (whole call on a 1x4x4x8->8 shape, an upper bound on the Python-side "
+                   f"overhead): nbconv {o['nbconv']:.1f} us{_against(s, 'call_overhead_us')}"
+                   + (f"; peers: {others} us" if others else ""))
     if "fused_vs_two_step_geomean" in s:
-        add(f"fused kernel vs nbconv's own depthwise-then-pointwise: geomean speedup "
-            f"{s['fused_vs_two_step_geomean']:.2f}x")
+        out.append(f"fused kernel vs nbconv's own depthwise-then-pointwise: geomean speedup "
+                   f"{s['fused_vs_two_step_geomean']:.2f}x")
+    return out
+
+
+def _backward_lines(report, s, c):
     if s.get("backward_note"):
-        add(f"forward+backward (issue 4): {s['backward_note']}")
-    elif "backward_speedup_vs_keras_geomean" in s or "backward_ratio_vs_torch_nhwc_geomean" in s:
-        r = s.get("backward_ratio_vs_torch_nhwc_geomean")
-        k = s.get("backward_speedup_vs_keras_geomean")
-        add("forward+backward (issue 4): "
-            + (f"geomean t(nbconv)/t(torch ch_last) = {r:.2f} (target <= 1.0){_ok(r, 1.0)}" if r else
+        return [f"forward+backward: {s['backward_note']}"]
+    r = s.get("backward_ratio_vs_torch_nhwc_geomean")
+    k = s.get("backward_speedup_vs_keras_geomean")
+    if r is None and k is None:
+        return []
+    return ["forward+backward: "
+            + (f"geomean t(nbconv)/t(torch ch_last) = {r:.2f}{_against(s, 'backward_vs_torch')}" if r else
                "torch ch_last not measured")
-            + "; " + (f"speedup over Keras/jax {k:.1f}x (target >= 10x){_ok(k, 10, False)}" if k else
-                      "Keras not measured"))
+            + "; " + (f"speedup over Keras/jax {k:.1f}x{_against(s, 'backward_vs_keras')}" if k else
+                      "Keras not measured")]
+
+
+def _keras_model_lines(report, s, c):
+    out = []
     for entry in s.get("keras_model") or []:
         backend = entry["backend"]
+        if "speedup_min" not in entry:
+            out.append(f"Keras model on {backend}: {entry.get('note') or 'not measured'}")
+            continue
         parts = []
         for k in entry["rows"]:
             p = k["shape"]
@@ -740,116 +988,117 @@ def _summary_lines(report):
                 p += (f" (bridge: {k['ratio_vs_direct']:.2f}x the direct calls"
                       + (" in the same process" if k.get("same_process") else "") + ")")
             parts.append(p)
-        # the issue's model has BatchNorm + ReLU: the bare row only measures the bridge
-        speedups = [k["speedup_vs_keras_layers"] for k in entry["rows"] if k["speedup_vs_keras_layers"]
-                    and not k.get("bare")]
-        if not speedups:
-            add(f"Keras model (issue 5) on {backend}: {entry.get('note') or 'not measured'}")
-            continue
-        target = KERAS_MODEL_TARGETS[backend]
-        bare = [k["ratio_vs_direct"] for k in entry["rows"] if k["ratio_vs_direct"] and k.get("bare")]
-        # the bridge alone: the bare layers against the same convolutions called directly (with BatchNorm, the
-        # model also pays the framework's own BatchNorm and ReLU passes, which the direct calls fold away)
-        bridge = bare or [k["ratio_vs_direct"] for k in entry["rows"] if k["ratio_vs_direct"]
-                          and k["shape"].startswith("b8")]
-        add(f"Keras model (issue 5) on {backend}: nbconv layers' speedup over Keras's layers: " + ", ".join(parts)
-            + f"; min {min(speedups):.1f}x (target >= {target:g}x){_ok(min(speedups), target, False)}"
-            + (f"; bridge at b8{' (bare layers)' if bare else ''} {max(bridge):.2f}x "
-               f"(target <= {KERAS_MODEL_BRIDGE_TARGET}x)"
-               f"{_ok(max(bridge), KERAS_MODEL_BRIDGE_TARGET)}" if bridge else ""))
+        name = f"keras_model_{backend}"
+        out.append(f"Keras model on {backend}: nbconv layers' speedup over Keras's layers: " + ", ".join(parts)
+                   + f"; min {entry['speedup_min']:.1f}x{_against(s, name)}"
+                   + (f"; bridge at b8{' (bare layers)' if entry['bridge_bare'] else ''} {entry['bridge_b8']:.2f}x"
+                      f"{_against(s, 'keras_bridge', backend)}" if "bridge_b8" in entry else ""))
         ceil = (c.get("keras_model") or {}).get(backend) or []
         direct = ", ".join(f"{k['shape']} {k['direct']:.1f}x" for k in ceil if k["direct"])
         at_rate = [k["at_rate"] for k in ceil if k["at_rate"]]
         if direct or at_rate:
-            add(f"  ceiling on {backend}: "
-                + (f"with a free bridge and free BatchNorm/ReLU, the convolutions at the direct calls' speed would "
-                   f"give {direct}" if direct else "")
-                + ("; " if direct and at_rate else "")
-                + ("at the run's fastest rate " + ", ".join(f"{k['shape']} {k['at_rate']:.1f}x" for k in ceil)
-                   + _reach(min(at_rate), target, "min") if at_rate else ""))
+            out.append(f"  ceiling on {backend}: "
+                       + (f"with a free bridge and free BatchNorm/ReLU, the convolutions at the direct calls' speed "
+                          f"would give {direct}" if direct else "")
+                       + ("; " if direct and at_rate else "")
+                       + ("at the run's fastest rate " + ", ".join(f"{k['shape']} {k['at_rate']:.1f}x" for k in ceil)
+                          + _reach(min(at_rate), TARGETS[name], "min") if at_rate else ""))
+    return out
+
+
+def _models_lines(report, s, c):
+    out = []
     for backend in MODEL_BACKENDS:
         rows = [m for m in s.get("models") or [] if m["backend"] == backend]
-        c = report["contenders"].get(f"models_{backend}") or {}
+        con = report["contenders"].get(f"models_{backend}") or {}
         if not rows:
-            if c.get("ran") and c.get("available") is False:
-                add(f"models (issue 6) on {backend}: {c.get('note')}")
-            elif c.get("ran"):
-                add(f"models (issue 6) on {backend}: not measured"
-                    + (f" ({'; '.join(f'{k}: {v}' for k, v in list((c.get('errors') or {}).items())[:2])})"
-                       if c.get("errors") else ""))
+            if con.get("ran") and con.get("available") is False:
+                out.append(f"models on {backend}: {con.get('note')}")
+            elif con.get("ran"):
+                out.append(f"models on {backend}: not measured"
+                           + (f" ({'; '.join(f'{k}: {v}' for k, v in list((con.get('errors') or {}).items())[:2])})"
+                              if con.get("errors") else ""))
             continue
         parts = ", ".join(f"{m['label']} b{m['n']} " + "/".join(f"{m['speedup'][v]:.2f}x" if v in m["speedup"]
                                                                else "-" for v in ("converted", "folded"))
                           for m in rows)
-        line = f"models (issue 6) on {backend}, speedup of converted/folded over the original: {parts}"
-        if backend in MODELS_TARGETS:
-            xc = [m["speedup"]["converted"] for m in rows if m["model"] == "xception" and "converted" in m["speedup"]]
-            tgt = MODELS_TARGETS[backend]
-            line += (f"; converted Xception min {min(xc):.2f}x (target >= {tgt:g}x){_ok(min(xc), tgt, False)}" if xc
-                     else f"; converted Xception not measured (target >= {tgt:g}x)")
-        elif backend == "torch":
-            conv = [m["speedup"]["converted"] for m in rows if "converted" in m["speedup"]]
-            if conv:
-                line += (f"; converted min {min(conv):.2f}x (target: never slower, >= {MODELS_TORCH_TARGET:g}x)"
-                         f"{_ok(min(conv), MODELS_TORCH_TARGET, False)}")
-        add(line)
-    t = IDLE_TARGETS
+        line = f"models on {backend}, speedup of converted/folded over the original: {parts}"
+        name = "models_torch" if backend == "torch" else f"models_xception_{backend}"
+        r = _result(s, name)
+        if name in TARGETS and backend == "torch":
+            line += f"; converted min {r['value']:.2f}x{_against(s, name)}" if r else ""
+        elif name in TARGETS:
+            line += (f"; converted Xception min {r['value']:.2f}x{_against(s, name)}" if r
+                     else f"; converted Xception not measured ({TARGETS[name]})")
+        out.append(line)
+    return out
+
+
+def _idle_lines(report, s, c):
+    out = []
     for gap, e in (s.get("idle") or {}).items():
-        if gap == "0":
-            label = "idle runs, no gap (fixed rounds, same processes as the gaps)"
-        else:
-            label = f"idle {gap} ms before each call"
+        scope = "no gap" if gap == "0" else f"{gap} ms"
+        label = ("idle runs, no gap (fixed rounds, same processes as the gaps)" if gap == "0"
+                 else f"idle {gap} ms before each call")
         parts = []
         if "ratio_geomean" in e:
+            # without a gap the ratio is the baseline of the gaps' targets, not a target itself
             parts.append(f"geomean t(nbconv)/t(best of torch, ONNX Runtime) = {e['ratio_geomean']:.2f}"
-                         + (f" (target <= {t['ratio_geomean']:g}){_ok(e['ratio_geomean'], t['ratio_geomean'])}"
-                            if gap != "0" else "")
+                         + (_against(s, "idle_vs_best_peer", scope) if gap != "0" else "")
                          + f", max {e['ratio_max']:.2f} at {e['ratio_max_case']}"
-                         + (f" (target <= {t['ratio_max']:g}){_ok(e['ratio_max'], t['ratio_max'])}"
-                            if gap != "0" else ""))
+                         + (_against(s, "idle_vs_best_peer_worst", scope) if gap != "0" else ""))
         if "thread_speedup_min" in e:
             parts.append(f"2 threads over 1, lowest on the {e['thread_n']} shapes of >= "
-                         f"{t['thread_min_macs'] / 1e6:.0f} M MAC: {e['thread_speedup_min']:.2f}x at "
-                         f"{e['thread_speedup_min_case']} (target >= {t['thread_speedup_min']:g})"
-                         f"{_ok(e['thread_speedup_min'], t['thread_speedup_min'], False)}")
+                         f"{IDLE_THREAD_MIN_MACS / 1e6:.0f} M MAC: {e['thread_speedup_min']:.2f}x at "
+                         f"{e['thread_speedup_min_case']}{_against(s, 'idle_thread_speedup', scope)}")
         if parts:
-            add(f"{label}: " + "; ".join(parts))
+            out.append(f"{label}: " + "; ".join(parts))
+    return out
+
+
+def _memory_lines(report, s, c):
     mem = report["probes"].get("memory") or {}
     fused = mem.get("fused")
-    if fused and "error" not in fused:
-        n, h, w, c, f = fused["shape"]
-        line = (f"memory (issue 2), batch {n} {h}x{w}x{c}->{f} fused call: the call raised the peak RSS by "
-                f"{fused['peak_increase_mib']:.0f} MiB = output {fused['output_mib']:.0f} MiB + "
-                f"{fused['scratch_mib']:.1f} MiB scratch (input {fused['input_mib']:.0f} MiB already resident; "
-                f"input + output = {fused['input_mib'] + fused['output_mib']:.0f} MiB; the depthwise intermediate it "
-                f"avoids would be {fused['intermediate_mib']:.0f} MiB); process peak {fused['peak_rss_mib']:.0f} MiB")
-        if not fused.get("peak_exact"):
-            line += " (peak counter could not be reset: upper bound)"
-        add(line)
-        two = mem.get("two_step")
-        if two and "error" not in two:
-            add(f"  for comparison, depthwise_conv2d then pointwise_conv2d: +{two['peak_increase_mib']:.0f} MiB "
-                f"({two['scratch_mib']:.0f} MiB beyond the output)")
-    elif fused:
-        add(f"memory (issue 2): probe failed: {fused['error']}")
+    if not fused:
+        return []
+    if "error" in fused:
+        return [f"memory: probe failed: {fused['error']}"]
+    n, h, w, ch, f = fused["shape"]
+    line = (f"memory, batch {n} {h}x{w}x{ch}->{f} fused call: the call raised the peak RSS by "
+            f"{fused['peak_increase_mib']:.0f} MiB = output {fused['output_mib']:.0f} MiB + "
+            f"{fused['scratch_mib']:.1f} MiB scratch (input {fused['input_mib']:.0f} MiB already resident; "
+            f"input + output = {fused['input_mib'] + fused['output_mib']:.0f} MiB; the depthwise intermediate it "
+            f"avoids would be {fused['intermediate_mib']:.0f} MiB); process peak {fused['peak_rss_mib']:.0f} MiB")
+    if not fused.get("peak_exact"):
+        line += " (peak counter could not be reset: upper bound)"
+    out = [line]
+    two = mem.get("two_step")
+    if two and "error" not in two:
+        out.append(f"  for comparison, depthwise_conv2d then pointwise_conv2d: +{two['peak_increase_mib']:.0f} MiB "
+                   f"({two['scratch_mib']:.0f} MiB beyond the output)")
+    return out
+
+
+def _first_call_lines(report, s, c):
+    out = []
     fc = report["probes"].get("first_call") or {}
     if fc.get("cold") and "error" not in fc["cold"] and fc.get("warm") and "error" not in fc["warm"]:
         cold, warm = fc["cold"], fc["warm"]
         others = {k: v for k, v in cold["calls"].items() if k != "separable"}
-        add(f"first call, fresh kernel cache, new process: import nbconv + first separable_conv2d (b1 56x56x32->64) "
-            f"{cold['import_plus_first_call_s']:.2f} s (target <= 5; import {cold['import_s']:.2f} s + call "
-            f"{cold['first_call_s']:.2f} s, answered by NumPy while the kernels compile in the background); "
-            f"slowest other first call {max(others.values()):.2f} s (target <= 3; "
-            + ", ".join(f"{k} {v:.2f}" for k, v in others.items()) + f"); full speed after "
-            f"{cold['compiled_after_s']:.0f} s; next process (cache warm) import + first call "
-            f"{warm['import_plus_first_call_s']:.2f} s")
+        out.append(f"first call, fresh kernel cache, new process: import nbconv + first separable_conv2d (b1 "
+                   f"56x56x32->64) {cold['import_plus_first_call_s']:.2f} s ({TARGETS['first_call_s']}; import "
+                   f"{cold['import_s']:.2f} s + call {cold['first_call_s']:.2f} s, answered by NumPy while the "
+                   f"kernels compile in the background); slowest other first call {max(others.values()):.2f} s "
+                   f"({TARGETS['other_first_call_s']}; " + ", ".join(f"{k} {v:.2f}" for k, v in others.items())
+                   + f"); full speed after {cold['compiled_after_s']:.0f} s; next process (cache warm) import + "
+                   f"first call {warm['import_plus_first_call_s']:.2f} s")
         sync = fc.get("cold_sync")
         if sync and "error" not in sync:
-            add(f"  with NBCONV_COMPILE=sync the first separable call waits for its compile: "
-                f"{sync['import_plus_first_call_s']:.1f} s")
+            out.append(f"  with NBCONV_COMPILE=sync the first separable call waits for its compile: "
+                       f"{sync['import_plus_first_call_s']:.1f} s")
     elif fc:
         errs = "; ".join(f"{k}: {v.get('error')}" for k, v in fc.items() if isinstance(v, dict) and "error" in v)
-        add(f"first call: probe failed: {errs}")
+        out.append(f"first call: probe failed: {errs}")
     fp = report["probes"].get("first_predict") or {}
     parts = []
     for backend, res in fp.items():
@@ -860,8 +1109,8 @@ def _summary_lines(report):
         else:
             parts.append(f"{backend} failed: {own.get('error') or ours.get('error')}")
     if parts:
-        add("first predict, converted MobileNet (96x96, b2) vs Keras's own layers, fresh kernel cache "
-            "(target <= 1.5x): " + ", ".join(parts))
+        out.append(f"first predict, converted MobileNet (96x96, b2) vs Keras's own layers, fresh kernel cache "
+                   f"({TARGETS['first_predict_ratio']}): " + ", ".join(parts))
     return out
 
 
@@ -913,8 +1162,12 @@ def plot(report, path):
     return path
 
 
-def save(report, out_dir, stem):
-    """Write ``<stem>.json``, ``<stem>.txt`` and ``<stem>.png`` (and ``latest.*`` copies) to ``out_dir``."""
+def save(report, out_dir, stem, markdown=MARKDOWN_PAGE):
+    """Write ``<stem>.json``, ``<stem>.txt`` and ``<stem>.png`` (and ``latest.*`` copies) to ``out_dir``, and the
+    markdown page ``markdown`` (with its chart beside it, same name, ``.png``) unless it is None.
+
+    Returns the text report and ``{"json", "txt", "png", "md"}`` paths (None where nothing was written).
+    """
     os.makedirs(out_dir, exist_ok=True)
     text = format_text(report)
     paths = {}
@@ -925,23 +1178,42 @@ def save(report, out_dir, stem):
             fh.write(text)
         png = plot(report, os.path.join(out_dir, f"{name}.png"))
         paths[name] = {"json": os.path.join(out_dir, f"{name}.json"), "txt": os.path.join(out_dir, f"{name}.txt"),
-                       "png": png}
+                       "png": png, "md": None}
+    if markdown:
+        folder = os.path.dirname(os.path.abspath(markdown))
+        os.makedirs(folder, exist_ok=True)
+        chart = plot(report, os.path.splitext(os.path.abspath(markdown))[0] + ".png")
+        with open(markdown, "w") as fh:
+            fh.write(format_markdown(report, os.path.basename(chart) if chart else None))
+        paths[stem]["md"] = markdown
     return text, paths[stem]
 
 
+def _parser():
+    p = argparse.ArgumentParser(prog="python -m benchmarks.report",
+                                description="Rebuild the report (text, JSON, chart and markdown page) from a raw "
+                                            "results folder of python -m benchmarks.")
+    p.add_argument("raw", help="the raw results folder (benchmarks/results/raw-<stamp>)")
+    stat = p.add_mutually_exclusive_group()
+    stat.add_argument("--median", dest="stat", action="store_const", const="median",
+                      help="the rounds' median (the default)")
+    stat.add_argument("--min", dest="stat", action="store_const", const="min",
+                      help="the fastest round, for a shared, noisy machine")
+    p.add_argument("--markdown", default=MARKDOWN_PAGE,
+                   help="where to write the markdown page (default docs/benchmarks.md), or 'none'")
+    return p
+
+
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    stat = None
-    if argv[:1] in (["--min"], ["--median"]):
-        stat, argv = argv[0][2:], argv[1:]
-    if len(argv) != 1:
-        sys.exit("usage: python -m benchmarks.report [--median|--min] <raw results folder>")
-    raw = argv[0].rstrip("/")
-    report = build(raw, stat)
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    raw = args.raw.rstrip("/")
+    report = build(raw, args.stat)
     stem = "report-" + os.path.basename(raw).replace("raw-", "") + ("-min" if report["meta"]["stat"] == "min" else "")
-    text, paths = save(report, os.path.dirname(raw) or ".", stem)
+    markdown = None if args.markdown.lower() == "none" else args.markdown
+    text, paths = save(report, os.path.dirname(raw) or ".", stem, markdown)
     sys.stdout.write(text)
-    print(f"\nsaved {paths['txt']}, {paths['json']}" + (f", {paths['png']}" if paths["png"] else ""))
+    print(f"\nsaved {paths['txt']}, {paths['json']}" + (f", {paths['png']}" if paths["png"] else "")
+          + (f", {paths['md']}" if paths["md"] else ""))
 
 
 if __name__ == "__main__":

@@ -137,16 +137,11 @@ def _run(benchmark, case):
         # compile / jit / first-touch, outside the timing (unless the contender's setup already made that call)
         out = None if bench.warmed else bench()
         # an idle run times the same set-up as the main run, which checked its output
-        if bench.check and CHECK and not isinstance(case, str) and gap_ms is None:
-            x, dk, pk = _cases.make_arrays(case)
-            ref = _cases.reference_nhwc(case, x, dk, pk, bench.pads)
-            err = _contenders.rel_error(bench.to_nhwc(out), ref)
+        err = _contenders.output_error(case, bench, out) if CHECK and not isinstance(case, str) and gap_ms is None \
+            else None
+        if err is not None:
             INFO["checks"][case.id] = err
             benchmark.extra_info["check_rel_err"] = err
-        elif bench.rel_err is not None and CHECK and gap_ms is None:
-            # the contender compared against its own reference (e.g. a converted model against the original)
-            INFO["checks"][case.id] = bench.rel_err
-            benchmark.extra_info["check_rel_err"] = bench.rel_err
         del out
         if not isinstance(case, str) and not bench.warmed:
             # a slow whole-model call (fixed rounds) gets one more call, as some libraries finish set-up on it

@@ -1,4 +1,4 @@
-"""``python -m nbconv info`` / ``python -m nbconv bench --quick`` (see :mod:`nbconv._cli`)."""
+"""``python -m nbconv info|warmup|bench`` (see :mod:`nbconv._cli`)."""
 import sys
 
 from ._cli import main

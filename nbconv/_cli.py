@@ -1,39 +1,23 @@
-"""Command line: ``python -m nbconv info`` and ``python -m nbconv bench --quick``.
+"""Command line: ``python -m nbconv info``, ``warmup`` and ``bench``.
 
 ``info`` describes the installation (versions, threading layer, SIMD features,
-BLAS, kernel cache).  ``bench`` times the separable convolution on a few
-shapes with nbconv and each installed peer (PyTorch, ONNX Runtime, Keras on
-jax), every contender in its own subprocess: thread pools of different
-libraries spin against each other in one process (DEVELOPERS.md).  The full,
-side-by-side benchmark is ``tox -e bench``.
+BLAS, kernel cache); ``warmup`` compiles every kernel into the cache
+(:mod:`nbconv._warmup`).  ``bench`` in a checkout runs the benchmark suite's
+own contenders and cases (:mod:`benchmarks.cli`: every contender in its own
+process, outputs checked against the float64 reference) with a plain timing
+loop; an installed wheel has no ``benchmarks/``, so there it times nbconv
+alone and points to ``tox -e bench``, the full benchmark.
 """
 import argparse
 import glob
 import importlib.metadata
 import importlib.util
-import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
 __all__ = ["main"]
-
-#: (label, batch, H, W, C, filters, data_format of the problem) -- 3x3, stride 1, 'same', float32
-QUICK_SHAPES = (
-    ("classic b8 56x56 32->64 NCHW", 8, 56, 56, 32, 64, "channels_first"),
-    ("mobilenet b1 112x112 32->64", 1, 112, 112, 32, 64, "channels_last"),
-    ("mobilenet b1 14x14 512->512", 1, 14, 14, 512, 512, "channels_last"),
-)
-FULL_SHAPES = QUICK_SHAPES + (
-    ("mobilenet b8 28x28 256->256", 8, 28, 28, 256, 256, "channels_last"),
-    ("xception b1 19x19 728->728", 1, 19, 19, 728, 728, "channels_last"),
-)
-
-#: contender -> the distribution it needs (None: nbconv itself)
-CONTENDERS = {"nbconv": None, "torch": "torch", "onnxruntime": "onnxruntime", "keras-jax": "keras"}
-_NEEDS = {"torch": ("torch",), "onnxruntime": ("onnxruntime", "onnx"), "keras-jax": ("keras", "jax")}
 
 
 # --- info ---------------------------------------------------------------------------------------------------
@@ -154,12 +138,45 @@ def info(out=sys.stdout):
 
 # --- bench --------------------------------------------------------------------------------------------------
 
-def _median_ms(fn, budget_s, min_runs=3, max_runs=200):
-    fn()
-    fn()  # warm-up: compilation, allocation, thread start
+#: nbconv alone, where the benchmark suite is not there (an installed wheel): (label, N, H, W, C, F) of
+#: MobileNetV1 layers, 3x3 'same', float32, NHWC
+STANDALONE_SHAPES = (
+    ("b1 56x56x128->128", 1, 56, 56, 128, 128),
+    ("b1 14x14x512->512", 1, 14, 14, 512, 512),
+    ("b1 7x7x1024->1024", 1, 7, 7, 1024, 1024),
+)
+#: seconds of timed calls per shape (quick, full) when nbconv is timed alone
+STANDALONE_BUDGET_S = {True: 0.2, False: 1.0}
+
+
+def _checkout():
+    """The root of the checkout this nbconv runs from when it holds the benchmark suite (``benchmarks/``), else
+    None (an installed wheel ships ``nbconv`` and ``keras_layers`` only)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return root if os.path.isfile(os.path.join(root, "benchmarks", "cli.py")) else None
+
+
+def _harness(root):
+    """:mod:`benchmarks.cli` of the checkout at ``root``, or None when another ``benchmarks`` is imported."""
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    try:
+        import benchmarks.cli
+    except ImportError:  # another package named benchmarks came first
+        return None
+    where = os.path.dirname(os.path.abspath(benchmarks.cli.__file__))
+    return benchmarks.cli if where == os.path.join(root, "benchmarks") else None
+
+
+def _median_ms(fn, budget_s, warmup_s=0.2):
+    end = time.perf_counter() + warmup_s
+    while True:  # at least one untimed call: compilation, allocation, thread start
+        fn()
+        if time.perf_counter() >= end:
+            break
     times = []
-    start = time.perf_counter()
-    while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() - start < budget_s):
+    end = time.perf_counter() + budget_s
+    while len(times) < 3 or (time.perf_counter() < end and len(times) < 1000):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
@@ -167,161 +184,47 @@ def _median_ms(fn, budget_s, min_runs=3, max_runs=200):
     return 1e3 * times[len(times) // 2]
 
 
-def _arrays(shape):
+def _bench_alone(quick, contenders, suites, out):
+    """Time nbconv alone, in this process, on :data:`STANDALONE_SHAPES`; point to the full benchmark."""
     import numpy as np
 
-    _, n, h, w, c, f, df = shape
-    rng = np.random.default_rng(0)
-    xshape = (n, h, w, c) if df == "channels_last" else (n, c, h, w)
-    x = rng.standard_normal(xshape, dtype=np.float32)
-    dk = rng.standard_normal((3, 3, c, 1), dtype=np.float32)
-    pk = rng.standard_normal((1, 1, c, f), dtype=np.float32)
-    return x, dk, pk
-
-
-def _setup_nbconv(shape):
     import nbconv
 
-    x, dk, pk = _arrays(shape)
-    df = shape[-1]
-    return lambda: nbconv.separable_conv2d(x, dk, pk, padding="same", data_format=df)
+    from . import _compile
 
-
-def _setup_torch(shape):
-    import torch
-    import torch.nn.functional as F
-
-    torch.set_num_threads(os.cpu_count() or 1)
-    x, dk, pk = _arrays(shape)
-    c, f = dk.shape[2], pk.shape[3]
-    xt = torch.from_numpy(x)
-    if shape[-1] == "channels_last":  # torch's native NHWC: channels_last memory format
-        xt = xt.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
-    wd = torch.from_numpy(dk.transpose(2, 3, 0, 1).copy())  # (C, 1, 3, 3)
-    wp = torch.from_numpy(pk.reshape(c, f).T.reshape(f, c, 1, 1).copy())
-
-    def run():
-        with torch.inference_mode():
-            return F.conv2d(F.conv2d(xt, wd, padding=1, groups=c), wp)
-
-    return run
-
-
-def _setup_onnxruntime(shape):
-    import numpy as np
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
-    x, dk, pk = _arrays(shape)
-    c, f = dk.shape[2], pk.shape[3]
-    if shape[-1] == "channels_last":
-        x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))  # ONNX Conv is NCHW only
-    wd = numpy_helper.from_array(np.ascontiguousarray(dk.transpose(2, 3, 0, 1)), "wd")
-    wp = numpy_helper.from_array(np.ascontiguousarray(pk.reshape(c, f).T.reshape(f, c, 1, 1)), "wp")
-    nodes = [helper.make_node("Conv", ["x", "wd"], ["d"], group=c, kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
-             helper.make_node("Conv", ["d", "wp"], ["y"], kernel_shape=[1, 1])]
-    graph = helper.make_graph(nodes, "sep", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [wd, wp])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = min(model.ir_version, 9)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = os.cpu_count() or 1
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return lambda: sess.run(None, {"x": x})
-
-
-def _setup_keras_jax(shape):
-    os.environ["KERAS_BACKEND"] = "jax"
-    import jax
-    import keras
-
-    x, dk, pk = _arrays(shape)
-    df = shape[-1]
-    fn = jax.jit(lambda x, dk, pk: keras.ops.separable_conv(x, dk, pk, padding="same", data_format=df))
-    xj, dkj, pkj = jax.device_put(x), jax.device_put(dk), jax.device_put(pk)
-    return lambda: fn(xj, dkj, pkj).block_until_ready()
-
-
-_SETUPS = {"nbconv": _setup_nbconv, "torch": _setup_torch, "onnxruntime": _setup_onnxruntime,
-           "keras-jax": _setup_keras_jax}
-
-
-def _worker(name, full):
-    """Run in a subprocess: time one contender on every shape, print one JSON line."""
-    shapes = FULL_SHAPES if full else QUICK_SHAPES
-    budget = 1.0 if full else 0.2
-    results = {}
-    for shape in shapes:
-        try:
-            results[shape[0]] = _median_ms(_SETUPS[name](shape), budget)
-        except Exception as exc:  # noqa: BLE001  (reported in the table, not fatal)
-            results[shape[0]] = f"{type(exc).__name__}: {exc}"[:80]
-    print(json.dumps({"name": name, "results": results}))
-    return 0
-
-
-def _missing(name):
-    return [m for m in _NEEDS.get(name, ()) if importlib.util.find_spec(m) is None]
-
-
-def bench(quick=True, contenders=None, timeout=120, out=sys.stdout):
-    """Time each contender in its own subprocess and print a table of median milliseconds per call."""
-    names = list(contenders or CONTENDERS)
-    shapes = QUICK_SHAPES if quick else FULL_SHAPES
     p = lambda *a: print(*a, file=out, flush=True)  # noqa: E731
-    p(f"separable 3x3 'same' convolution, float32, median ms per call ({os.cpu_count()} cores; "
-      f"each contender in its own process, in its native layout){'  [quick]' if quick else ''}")
-    columns, skipped = {}, {}
-    env = dict(os.environ)
-    for name in names:
-        missing = _missing(name)
-        if missing:
-            skipped[name] = f"not installed ({', '.join(missing)})"
-            continue
-        cmd = [sys.executable, "-m", "nbconv._cli", "--worker", name] + ([] if quick else ["--full"])
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-        except subprocess.TimeoutExpired:
-            skipped[name] = f"timed out after {timeout} s"
-            continue
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-        if proc.returncode != 0 or not lines:
-            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            skipped[name] = f"failed (exit {proc.returncode}): {tail[:100]}"
-            continue
-        columns[name] = json.loads(lines[-1])["results"]
-    width = max(len(s[0]) for s in shapes) + 2
-    header = f"{'shape':<{width}}" + "".join(f"{n:>13}" for n in columns)
-    p(header)
-    p("-" * len(header))
-    notes = []
-    for shape in shapes:
-        row = f"{shape[0]:<{width}}"
-        for name, res in columns.items():
-            v = res.get(shape[0])
-            if isinstance(v, (int, float)):
-                row += f"{v:>13.3f}"
-            else:
-                row += f"{'error':>13}"
-                notes.append(f"{name} on {shape[0]}: {v}")
-        p(row)
-    for note in notes:
-        p(f"  {note}")
-    if "nbconv" in columns and len(columns) > 1:
-        for name in columns:
-            if name == "nbconv":
-                continue
-            ratios = [columns[name][s[0]] / columns["nbconv"][s[0]] for s in shapes
-                      if isinstance(columns[name].get(s[0]), (int, float))
-                      and isinstance(columns["nbconv"].get(s[0]), (int, float))]
-            if ratios:
-                ratios.sort()
-                p(f"{name}: median time ratio {name}/nbconv = {ratios[len(ratios) // 2]:.2f}")
-    for name, why in skipped.items():
-        p(f"skipped {name}: {why}")
-    if not quick:
-        p("(the full benchmark, with memory and first-call probes: tox -e bench)")
+    others = [c for c in contenders or () if c != "nbconv"]
+    p(f"nbconv bench: this installation has no benchmark suite (benchmarks/), so nbconv is timed alone, in this "
+      f"process: separable 3x3 'same', float32, NHWC, median ms per call, {nbconv.get_num_threads()} threads")
+    if others or suites:
+        p(f"  note: {', '.join(others + list(suites or ()))} need the benchmark suite of a checkout")
+    width = max(len(s[0]) for s in STANDALONE_SHAPES) + 2
+    p(f"{'case':<{width}}{'nbconv ms':>10}")
+    p("-" * (width + 10))
+    rng = np.random.default_rng(0)
+    with _compile.compile_mode("sync"):  # time the kernels, not the NumPy answers of a cold start
+        for label, n, h, w, c, f in STANDALONE_SHAPES:
+            x = rng.standard_normal((n, h, w, c), dtype=np.float32)
+            dk = rng.standard_normal((3, 3, c, 1), dtype=np.float32)
+            pk = rng.standard_normal((1, 1, c, f), dtype=np.float32)
+            t = _median_ms(lambda: nbconv.separable_conv2d(x, dk, pk, padding="same"), STANDALONE_BUDGET_S[quick])
+            p(f"{label:<{width}}{t:>10.3f}")
+    p("against PyTorch, ONNX Runtime and Keras, on every suite: tox -e bench in a clone of nbconv's repository")
     return 0
+
+
+def bench(quick=True, contenders=None, suites=None, threads=None, timeout=600.0, out=sys.stdout):
+    """Time nbconv (and the installed peers) and print a table; returns the exit status.
+
+    In a checkout this runs the benchmark suite's own contenders and cases (:mod:`benchmarks.cli`: each
+    contender in its own process, every output checked against the float64 reference); elsewhere it times
+    nbconv alone and points to ``tox -e bench``.  Raises ValueError for an unknown contender or suite.
+    """
+    root = _checkout()
+    harness = _harness(root) if root else None
+    if harness is None:
+        return _bench_alone(quick, contenders, suites, out)
+    return harness.run(contenders, suites, quick, threads, timeout, out)
 
 
 # --- entry point --------------------------------------------------------------------------------------------
@@ -335,27 +238,31 @@ def _parser():
     w = sub.add_parser("warmup", help="compile every kernel into the cache ahead of time (for images, CI)")
     w.add_argument("--jobs", type=int, default=None,
                    help="processes compiling side by side (default: 2, or 1 on a one-core machine)")
-    b = sub.add_parser("bench", help="time nbconv against the installed peers on a few shapes")
-    b.add_argument("--quick", action="store_true", help="three shapes, about ten seconds")
-    b.add_argument("--contenders", nargs="+", choices=list(CONTENDERS), default=None,
-                   help="which contenders to run (default: all; those not installed are listed as skipped)")
-    b.add_argument("--timeout", type=float, default=120.0, help="seconds allowed per contender (default 120)")
+    b = sub.add_parser("bench", help="time nbconv against the installed peers (the benchmark suite's contenders and "
+                                     "cases, in a checkout)")
+    b.add_argument("--quick", action="store_true", help="the quick cases only (seconds per contender)")
+    b.add_argument("--contenders", nargs="+", default=None,
+                   help="contenders of the benchmark suite (default: nbconv torch_nchw torch_nhwc onnxruntime keras; "
+                        "those not installed are listed as skipped)")
+    b.add_argument("--suite", action="append", default=None,
+                   help="a suite of the benchmark (default: mobilenet, xception and classic); repeat for more")
+    b.add_argument("--threads", type=int, default=None, help="threads per contender (default: every core)")
+    b.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per contender (default 600)")
     return parser
 
 
 def main(argv=None):
     """Run the command line; returns the exit status (argparse exits with 2 on a usage error)."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.command == "info":
         return info()
     if args.command == "warmup":
         from ._warmup import warmup
 
         return warmup(args.jobs)
-    return bench(quick=args.quick, contenders=args.contenders, timeout=args.timeout)
-
-
-if __name__ == "__main__":  # the benchmark subprocesses: python -m nbconv._cli --worker NAME [--full]
-    if len(sys.argv) >= 3 and sys.argv[1] == "--worker" and sys.argv[2] in _SETUPS:
-        sys.exit(_worker(sys.argv[2], full="--full" in sys.argv[3:]))
-    sys.exit(main())
+    try:
+        return bench(quick=args.quick, contenders=args.contenders, suites=args.suite, threads=args.threads,
+                     timeout=args.timeout)
+    except ValueError as exc:
+        parser.error(str(exc))

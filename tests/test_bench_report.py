@@ -207,3 +207,160 @@ def test_no_idle_runs_no_idle_section(tmp_path):
     rep = report.build(raw)
     assert rep["idle"] is None and "idle" not in rep["summary"]
     assert "## Idle gaps" not in report.format_text(rep)
+
+
+def _every_target_raw(tmp_path):
+    """A raw folder in which every target gets a figure: nbconv at 1 ms per op case, every peer at 1.25 ms, Keras's
+    op at 25 ms; nbconv's layers 10 ms per model call against Keras's 120 ms (the bare model: 11 ms against the
+    direct calls' 10 ms); converted models 3x faster than the originals; idle runs and both probes."""
+    op_suites = {"mobilenet", "xception", "classic", "hard", "backward", "overhead"}
+    op = [c for c in cases.CASES if c.suite in op_suites]
+    times = {"nbconv": {c.id: (1e-5 if c.suite == "overhead" else 1e-3) for c in op},
+             "onnxruntime": {c.id: 1.25e-3 for c in op if c.suite not in ("backward", "overhead")},
+             "torch_nhwc": {c.id: 1.25e-3 for c in op if c.suite != "overhead"},
+             "keras": {c.id: 25e-3 for c in op if c.suite != "overhead"}}
+    for backend, suite in cases.KERAS_MODEL_SUITES.items():
+        rows = [c for c in cases.CASES if c.suite == suite]
+        subject, keras_name = report._roles(suite)[0], report._roles(suite)[1][0]
+        times[subject] = {c.id: (11e-3 if c.op == "model_bare" else 10e-3) for c in rows}
+        times[keras_name] = {c.id: 120e-3 for c in rows}
+        times["nbconv"].update({c.id: 10e-3 for c in rows if c.op != "model_train"})
+    for backend in ("jax", "tensorflow", "torch"):
+        times[f"models_{backend}"] = {c.id: (3e-3 if c.op == "app_original" else 1e-3)
+                                      for c in cases.CASES if c.suite == "models"}
+    raw = _write_raw(tmp_path, times)
+    big = "mobilenet:b1-56x128-128-s1"  # 55.0 M MAC
+    _write_idle(tmp_path, [0, 20], {"nbconv.idle": {big: {0: 1e-3, 20: 1e-3}},
+                                    "nbconv.idle.t1": {big: {0: 2e-3, 20: 1.6e-3}},
+                                    "onnxruntime.idle": {big: {0: 1.25e-3, 20: 0.8e-3}}})
+    calls = {"separable": 0.14, "depthwise": 0.02, "pointwise": 4.0}
+    first = {"import_s": 0.3, "first_call_s": 0.14, "import_plus_first_call_s": 0.44, "calls": calls,
+             "compiled_after_s": 100.0}
+    (tmp_path / "probes.json").write_text(json.dumps({
+        "first_call": {"cold": first, "warm": first},
+        "first_predict": {"jax": {"keras": {"first_predict_s": 1.0}, "converted": {"first_predict_s": 1.2}}}}))
+    return raw
+
+
+def test_every_target_is_evaluated(tmp_path):
+    """Each entry of the one target table gets this run's figure, computed here by hand from the times above."""
+    rep = report.build(_every_target_raw(tmp_path))
+    results = {(r["target"], r["scope"]): r for r in rep["summary"]["targets"]}
+    assert {name for name, _ in results} == set(report.TARGETS)
+    expected = {
+        ("separable_vs_best_peer", None): (0.8, True), ("separable_vs_best_peer_worst", None): (0.8, True),
+        ("hard_cases_speedup", None): (1.25, False), ("keras_op_speedup", None): (25.0, True),
+        ("channels_first_cost", None): (1.0, True), ("call_overhead_us", None): (10.0, True),
+        ("backward_vs_torch", None): (0.8, True), ("backward_vs_keras", None): (25.0, True),
+        ("keras_model_jax", None): (12.0, True), ("keras_model_tensorflow", None): (12.0, True),
+        ("keras_model_torch", None): (12.0, True), ("keras_bridge", "jax"): (1.1, True),
+        ("keras_bridge", "torch"): (1.1, True), ("models_xception_jax", None): (3.0, True),
+        ("models_xception_tensorflow", None): (3.0, True), ("models_torch", None): (3.0, True),
+        ("idle_vs_best_peer", "20 ms"): (1.25, False), ("idle_vs_best_peer_worst", "20 ms"): (1.25, True),
+        ("idle_thread_speedup", "no gap"): (2.0, True), ("idle_thread_speedup", "20 ms"): (1.6, True),
+        ("first_call_s", None): (0.44, True), ("other_first_call_s", None): (4.0, False),
+        ("first_predict_ratio", "jax"): (1.2, True),
+    }
+    for key, (value, met) in expected.items():
+        assert results[key]["value"] == pytest.approx(value), key
+        assert results[key]["met"] is met, key
+    assert results[("other_first_call_s", None)]["where"] == "pointwise"
+    # the lowest % of peak among the C*dm >= 256 shapes: each at 1 ms against the 100 GFLOP/s peak
+    pct = [_flops(c.id) / 1e-3 / 1e9 for c in cases.CASES if c.suite in report.TARGET_SUITES and c.cm >= 256]
+    assert results[("pct_of_sgemm_peak", None)]["value"] == pytest.approx(min(pct) / PEAK_GFLOPS * 100)
+
+
+def test_targets_table_drives_the_summary(tmp_path, monkeypatch):
+    """The summary prints each target and its verdict from the table: changing an entry changes both."""
+    raw = _every_target_raw(tmp_path)
+    line = next(ln for ln in report.format_text(report.build(raw)).splitlines() if ln.startswith("- MobileNetV1"))
+    assert "= 0.80 (target <= 1)  [met]; max 0.80 at " in line and "(target <= 1.3)  [met]" in line
+    monkeypatch.setitem(report.TARGETS, "separable_vs_best_peer",
+                        report.Target(0.75, "<=", "MobileNetV1 + Xception layers: geomean t(nbconv)/t(best peer)"))
+    monkeypatch.setitem(report.TARGETS, "keras_op_speedup", report.Target(30, ">=", "Keras's op", "x"))
+    rep = report.build(raw)
+    text = report.format_text(rep)
+    assert "= 0.80 (target <= 0.75)  [NOT met]" in text
+    assert "geomean speedup 25.0x, min 25.0x (target >= 30x)  [NOT met]" in text
+    results = {(r["target"], r["scope"]): r for r in rep["summary"]["targets"]}
+    assert results[("separable_vs_best_peer", None)]["met"] is False
+
+
+def test_target_directions():
+    at_most, at_least = report.Target(1.2, "<=", "a"), report.Target(20, ">=", "b", " us")
+    assert at_most.met(1.2) and not at_most.met(1.21)
+    assert at_least.met(20) and not at_least.met(19.9)
+    assert str(at_least) == "target >= 20 us"
+    assert all(t.direction in ("<=", ">=") and t.description for t in report.TARGETS.values())
+
+
+def test_report_text_names_no_issue_numbers(tmp_path):
+    text = report.format_text(report.build(_every_target_raw(tmp_path)))
+    assert "issue" not in text.lower()
+    assert all("issue" not in title.lower() for title in cases.SUITE_TITLES.values())
+
+
+def test_markdown_page(tmp_path):
+    """The page holds the environment, one row per target (with this run's figure and verdict), the summary, and
+    every suite's table as a markdown table."""
+    raw_dir = tmp_path / "raw-20261206-000000"
+    raw_dir.mkdir()
+    raw = _every_target_raw(raw_dir)
+    dw = next(c for c in cases.CASES if c.suite == "depthwise" and c.dm == 2)
+    data = json.loads((raw_dir / "nbconv.json").read_text())
+    data["benchmarks"].append(_bench(dw.id, 2e-3))
+    (raw_dir / "nbconv.json").write_text(json.dumps(data))
+    meta = json.loads((raw_dir / "meta.json").read_text())
+    (raw_dir / "meta.json").write_text(json.dumps({**meta, "suites": meta["suites"] + ["depthwise"], "cpu": "Zen 4",
+                                                   "threads": 2, "started": "2026-12-06 00:00 UTC"}))
+    rep = report.build(raw)
+    page_path = tmp_path / "docs" / "benchmarks.md"
+    text, paths = report.save(rep, str(tmp_path / "results"), "report-x", str(page_path))
+    assert paths["md"] == str(page_path)
+    page = page_path.read_text()
+    lines = page.splitlines()
+    assert lines[0] == "# nbconv benchmarks"
+    assert "The full run of 2026-12-06 00:00 UTC on Zen 4, 2 threads per contender." in page
+    assert "- machine: Zen 4" in page and "## Machine and environment" in page
+    # the targets table: every entry of TARGETS, this run's figure and verdict
+    rows = {ln.split(" | ")[0][2:]: ln.split(" | ") for ln in lines if ln.startswith("| `")}
+    assert {key.split()[0].strip("`") for key in rows} == set(report.TARGETS)
+    assert rows["`separable_vs_best_peer`"][2:] == ["<= 1", "0.8", "met |"]
+    assert rows["`hard_cases_speedup`"][2:] == [">= 1.5x", "1.25x", "**NOT met** |"]
+    assert rows["`keras_bridge` (jax)"][2:] == ["<= 1.15x", "1.1x (b8, bare layers)", "met |"]
+    # the summary: the text report's lines, with details nested
+    summary = text[text.index("## Summary against the targets"):].splitlines()[1:]
+    assert summary and all(ln in page or ("  - " + ln[4:]) in page for ln in summary)
+    # one markdown table per suite with results; its rows are the text report's
+    for suite in ("mobilenet", "xception", "classic", "hard", "depthwise", "backward", "keras_model", "models"):
+        assert f"### {cases.SUITE_TITLES[suite]}" in page, suite
+    mob = lines.index(f"### {cases.SUITE_TITLES['mobilenet']}")
+    assert lines[mob + 2].startswith("| case | nbconv ms | GFLOP/s | %peak |")
+    assert lines[mob + 3].startswith("|---|")
+    first = lines[mob + 4].split(" | ")
+    assert first[0] == "| b1 112x112x32->64" and first[1] == "1.000"
+    assert "| b1 56x56x128 dw3x3\\*2 | 2.000 |" in page  # markdown's emphasis character escaped
+    assert "### Idle gaps: MobileNetV1 + Xception with a sleep before every call" in page
+    # the chart beside the page where matplotlib is installed (the bench extra), none otherwise
+    chart = page_path.parent / "benchmarks.png"
+    assert chart.exists() is bool(paths["png"])
+    assert ("](benchmarks.png)" in page) is bool(paths["png"])
+
+
+def test_report_main_writes_the_page(tmp_path, capsys):
+    raw_dir = tmp_path / "raw-20261206-000000"
+    raw_dir.mkdir()
+    _write_raw(raw_dir, {"nbconv": {_hard_ids()[0]: 0.001}, "onnxruntime": {_hard_ids()[0]: 0.002}})
+    page = tmp_path / "page.md"
+    report.main([str(raw_dir), "--markdown", str(page)])
+    assert page.read_text().startswith("# nbconv benchmarks\n")
+    assert f", {page}" in capsys.readouterr().out
+    assert (tmp_path / "report-20261206-000000.txt").exists()
+    page.unlink()
+    report.main(["--min", str(raw_dir), "--markdown", "none"])
+    assert not page.exists()
+    assert (tmp_path / "report-20261206-000000-min.txt").exists()
+
+
+def test_the_default_page_is_docs_benchmarks_md():
+    assert report.MARKDOWN_PAGE == os.path.join(_ROOT, "docs", "benchmarks.md")

@@ -73,16 +73,24 @@ def test_usage_errors_exit_2_in_process(args, capsys):
     assert "usage: python -m nbconv" in capsys.readouterr().err
 
 
-def test_bench_quick_nbconv_in_a_subprocess():
-    proc = run("bench", "--quick", "--contenders", "nbconv")
+def test_bench_runs_the_benchmark_suites_cases_in_a_subprocess():
+    """In a checkout, ``bench`` times the benchmark suite's own cases (here the quick overhead case, a tiny call)
+    in a process per contender and checks the output against the float64 reference."""
+    from benchmarks import cases
+
+    proc = run("bench", "--quick", "--contenders", "nbconv", "--suite", "overhead", "--threads", "1")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    header = next(i for i, line in enumerate(lines) if line.startswith("shape"))
-    assert lines[header].split()[1:] == ["nbconv"]
-    rows = lines[header + 2: header + 2 + len(_cli.QUICK_SHAPES)]
-    for (label, *_), row in zip(_cli.QUICK_SHAPES, rows):
-        assert row.startswith(label)
-        assert float(row[len(label):]) > 0
+    header = next(i for i, line in enumerate(lines) if line.startswith("case"))
+    assert lines[header].split() == ["case", "nbconv"]
+    expected = cases.select(["overhead"], quick=True)
+    rows = lines[header + 2: header + 2 + len(expected)]
+    for case, row in zip(expected, rows):
+        assert row.startswith(case.shape_label)
+        assert 0 < float(row[len(case.shape_label):]) < 1000
+    assert "checks: 1 outputs compared with the float64 reference (tests/reference.py): all within 0.0001" in \
+        proc.stdout
+    assert lines[-1].endswith("tox -e bench")
 
 
 def test_bench_lists_missing_peers_as_skipped(monkeypatch):
@@ -90,7 +98,40 @@ def test_bench_lists_missing_peers_as_skipped(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("torch", "onnx") else
                         real(name, *a))
     out = io.StringIO()
-    assert _cli.bench(quick=True, contenders=["torch", "onnxruntime"], out=out) == 0
+    assert _cli.bench(quick=True, contenders=["torch_nchw", "onnxruntime"], suites=["overhead"], out=out) == 0
     text = out.getvalue()
-    assert "skipped torch: not installed (torch)" in text
-    assert "skipped onnxruntime: not installed" in text
+    assert "skipped torch_nchw: not installed (torch)" in text
+    assert "skipped onnxruntime: not installed (onnx" in text
+    assert "no contender ran" in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--contenders", "pytorch"], "Expected contenders among"),
+    (["--suite", "models"], "Expected suites among"),
+])
+def test_bench_rejects_unknown_contenders_and_suites(args, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _cli.main(["bench", "--quick", *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: python -m nbconv" in err and message in err
+
+
+def test_bench_without_the_benchmark_suite_times_nbconv_alone(monkeypatch):
+    """An installed wheel has no benchmarks/: nbconv alone, in process, and a pointer to the full benchmark."""
+    monkeypatch.setattr(_cli, "_checkout", lambda: None)
+    monkeypatch.setattr(_cli, "STANDALONE_SHAPES", (("b1 6x6x8->16", 1, 6, 6, 8, 16),))
+    monkeypatch.setattr(_cli, "STANDALONE_BUDGET_S", {True: 0.01, False: 0.01})
+    out = io.StringIO()
+    assert _cli.bench(quick=True, contenders=["nbconv", "onnxruntime"], out=out) == 0
+    lines = out.getvalue().splitlines()
+    assert "no benchmark suite (benchmarks/), so nbconv is timed alone" in lines[0]
+    assert "onnxruntime need the benchmark suite of a checkout" in lines[1]
+    row = next(line for line in lines if line.startswith("b1 6x6x8->16"))
+    assert float(row.split()[-1]) > 0
+    assert "tox -e bench" in lines[-1]
+
+
+def test_checkout_is_found():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert _cli._checkout() == root
