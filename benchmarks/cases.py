@@ -28,7 +28,7 @@ __all__ = ["Case", "CASES", "SUITES", "SUITE_TITLES", "KERAS_MODEL_SUITES", "MOB
 
 #: suites in report order
 SUITES = ("mobilenet", "xception", "classic", "hard", "depthwise", "pointwise", "fused", "overhead", "backward",
-          "keras_model", "keras_model_tensorflow", "keras_model_torch", "models")
+          "bf16", "bf16_backward", "keras_model", "keras_model_tensorflow", "keras_model_torch", "models")
 #: the Keras model suite of each Keras backend (one process per backend and side)
 KERAS_MODEL_SUITES = {"jax": "keras_model", "tensorflow": "keras_model_tensorflow", "torch": "keras_model_torch"}
 
@@ -42,6 +42,8 @@ SUITE_TITLES = {
     "fused": "nbconv's fused kernel against its own depthwise-then-pointwise (and the peers)",
     "overhead": "Per-call overhead on a tiny shape",
     "backward": "Forward + backward (all gradients), batch 8",
+    "bf16": "bfloat16: MobileNetV1 + Xception separable layers, bfloat16 in and out, products summed in float32",
+    "bf16_backward": "bfloat16: forward + backward (all gradients), batch 8",
     "keras_model": "Keras model of MobileNetV1's 13 separable blocks (SeparableConv2D + BatchNorm + ReLU), "
                    "112x112x32 input, jax backend",
     "keras_model_tensorflow": "The same Keras model on the tensorflow backend",
@@ -88,6 +90,8 @@ class Case:
     padding: object = "same"
     data_format: str = "channels_last"
     op: str = "separable"  # separable | depthwise | pointwise | separable_fwdbwd | model_predict | model_train | app_*
+    #: "float32", or "bfloat16": inputs, weights and outputs in bfloat16 (the Keras model cases: mixed_bfloat16)
+    dtype: str = "float32"
     #: the keras.applications model of an app_* case (a key of APP_MODELS)
     model: str = ""
     quick: bool = False
@@ -146,7 +150,8 @@ class Case:
         oh, ow = self.out_hw
         if self.op in MODEL_OPS:
             return f"b{self.n} " + {"model_predict": "predict", "model_train": "train step",
-                                    "model_bare": "predict, no BatchNorm"}[self.op]
+                                    "model_bare": "predict, no BatchNorm"}[self.op] + (
+                                        " mixed_bfloat16" if self.bf16 else "")
         head = f"b{self.n} {self.h}x{self.w}x{self.c}"
         if self.op == "depthwise":
             parts = [head, f"dw{self.k}x{self.k}" + (f"*{self.dm}" if self.dm > 1 else "")]
@@ -163,7 +168,13 @@ class Case:
             parts.append(f"d{self.dilation}")
         if self.data_format == "channels_first":
             parts.append("NCHW")
+        if self.bf16:
+            parts.append("bf16")
         return " ".join(parts)
+
+    @property
+    def bf16(self):
+        return self.dtype == "bfloat16"
 
     def to_dict(self):
         d = asdict(self)
@@ -239,10 +250,24 @@ def _build():
     for hw, c, f, s in [(112, 32, 64, 1), (56, 128, 128, 1), (56, 128, 256, 2), (28, 256, 256, 1),
                         (14, 512, 512, 1), (7, 1024, 1024, 1)]:
         cases.append(_mnv1("backward", 8, hw, c, f, s, quick=(hw == 14), op="separable_fwdbwd"))
+    for hw, c, f, s in _MOBILENET:
+        cases.append(_mnv1("bf16", 1, hw, c, f, s, quick=(hw, c, f, s) in _MOBILENET_QUICK, dtype="bfloat16",
+                           tags=("target",)))
+    for hw, c, f in _XCEPTION:
+        cases.append(Case("bf16", f"b1-{hw}x{c}-{f}", 1, hw, hw, c, f, quick=(hw == 19), dtype="bfloat16",
+                          tags=("target",)))
+    for hw, c, f, s in [(112, 32, 64, 1), (56, 128, 128, 1), (56, 128, 256, 2), (28, 256, 256, 1),
+                        (14, 512, 512, 1), (7, 1024, 1024, 1)]:
+        cases.append(_mnv1("bf16_backward", 8, hw, c, f, s, quick=(hw == 14), op="separable_fwdbwd",
+                           dtype="bfloat16"))
     for backend, suite in KERAS_MODEL_SUITES.items():
         for n, op in ((1, "model_predict"), (8, "model_predict"), (8, "model_train"), (8, "model_bare")):
             cases.append(Case(suite, f"b{n}-{op.split('_')[1]}", n, 112, 112, 32, 1024, op=op,
                               quick=(n == 1 and backend == "jax")))
+    # the model under mixed_bfloat16 (jax): against the same model in float32
+    for n, op in ((1, "model_predict"), (8, "model_predict"), (8, "model_train")):
+        cases.append(Case("keras_model", f"b{n}-{op.split('_')[1]}-bf16", n, 112, 112, 32, 1024, op=op,
+                          dtype="bfloat16", quick=(n == 1)))
     # keras.applications models: the variants of one (model, batch) follow each other (the contender builds the
     # original once and converts it); --quick: MobileNet at batch 1 only
     for model, (_, hw, _) in APP_MODELS.items():
@@ -257,6 +282,10 @@ def _build():
 
 CASES = _build()
 
+
+#: output check of the bfloat16 cases, relative to the output's scale: the intermediate and the output are rounded
+#: to 8 significant bits (2^-8 each)
+BF16_CHECK_TOL = 3e-2
 
 #: suites timed with idle gaps before each call (``python -m benchmarks --idle``)
 IDLE_SUITES = ("mobilenet", "xception")
@@ -288,7 +317,8 @@ def select(suites=None, quick=False):
 
 
 def make_arrays(case, seed=0):
-    """Deterministic float32 inputs in Keras layouts: x (NHWC), depthwise (kh, kw, C, dm), pointwise (1, 1, C*dm, F).
+    """Deterministic inputs in Keras layouts: x (NHWC), depthwise (kh, kw, C, dm), pointwise (1, 1, C*dm, F);
+    float32 values, rounded to bfloat16 for a bfloat16 case (the contenders cast them, exactly).
 
     Values are scaled so the outputs stay O(1) (no denormals, no overflow).
     """
@@ -297,6 +327,10 @@ def make_arrays(case, seed=0):
     dk = (rng.standard_normal((case.k, case.k, case.c, case.dm), dtype=np.float32) / case.k)
     pk = (rng.standard_normal((1, 1, case.cm if case.op != "pointwise" else case.c, case.f), dtype=np.float32)
           / np.float32(math.sqrt(case.cm)))
+    if case.bf16:
+        import ml_dtypes
+
+        x, dk, pk = (a.astype(ml_dtypes.bfloat16).astype(np.float32) for a in (x, dk, pk))
     return x, dk, pk
 
 

@@ -68,6 +68,19 @@ def _nchw(a):
     return np.ascontiguousarray(a.transpose(0, 3, 1, 2))
 
 
+def _as_case_dtype(case, *arrays):
+    """The float32 arrays of ``make_arrays`` in the case's dtype (bfloat16 ones hold bfloat16 values already)."""
+    if not case.bf16:
+        return arrays
+    import ml_dtypes
+    return tuple(a.astype(ml_dtypes.bfloat16) for a in arrays)
+
+
+def _no_bf16(case, why):
+    if case.bf16:
+        raise Unsupported(f"no bfloat16: {why}")
+
+
 def _input(case, x):
     return _nchw(x) if case.data_format == "channels_first" else x
 
@@ -151,7 +164,7 @@ class NbConv(Contender):
 
     def setup(self, case):
         import nbconv
-        x, dk, pk = make_arrays(case)
+        x, dk, pk = _as_case_dtype(case, *make_arrays(case))
         xin = _input(case, x)
         kw = self._kw(case)
         if case.op == "separable":
@@ -161,7 +174,7 @@ class NbConv(Contender):
         if case.op == "pointwise":
             return Bench(lambda: nbconv.pointwise_conv2d(xin, pk, data_format=case.data_format), _from_cf(case))
         if case.op == "separable_fwdbwd":
-            g = _input(case, _grad_output(case))
+            g = _input(case, *_as_case_dtype(case, _grad_output(case)))
             wrt = ("x", "depthwise_kernel", "pointwise_kernel")
 
             def fwdbwd():
@@ -222,13 +235,13 @@ class NbConvPacked(NbConv):
     name = "nbconv_packed"
     label = "nbconv packed"
     ops = ("separable", "pointwise")
-    suites = ("mobilenet", "xception", "pointwise")
+    suites = ("mobilenet", "xception", "pointwise", "bf16")
 
     def setup(self, case):
         import nbconv
         if case.op not in self.ops:
             raise Unsupported(f"op {case.op}")
-        x, dk, pk = make_arrays(case)
+        x, dk, pk = _as_case_dtype(case, *make_arrays(case))
         xin = _input(case, x)
         packed = nbconv.pack_pointwise_kernel(pk)
         if case.op == "pointwise":
@@ -295,7 +308,7 @@ class Keras(Contender):
         import keras
         ops = keras.ops
         backend = keras.backend.backend()
-        x, dk, pk = make_arrays(case)
+        x, dk, pk = _as_case_dtype(case, *make_arrays(case))
         xin = _input(case, x)
         pad = self._padding(case)
         df = case.data_format
@@ -317,13 +330,14 @@ class Keras(Contender):
             import jax.numpy as jnp
             args = [jax.device_put(a) for a in (xin, dk, pk)]
             if case.op == "separable_fwdbwd":
-                g = jax.device_put(_input(case, _grad_output(case)))
+                g = jax.device_put(_input(case, *_as_case_dtype(case, _grad_output(case))))
                 step = jax.jit(jax.value_and_grad(lambda x, dk, pk: jnp.vdot(op(x, dk, pk), g), argnums=(0, 1, 2)))
                 return Bench(lambda: jax.block_until_ready(step(*args)), check=False)
             f = jax.jit(op)
             return Bench(lambda: f(*args).block_until_ready(), _from_cf(case))
         if case.op == "separable_fwdbwd":
             raise Unsupported(f"forward+backward is measured on the jax backend only (this is {backend})")
+        _no_bf16(case, "measured on the jax backend only")
         if backend == "tensorflow":
             import tensorflow as tf
             args = [tf.constant(a) for a in (xin, dk, pk)]
@@ -365,12 +379,13 @@ class _Torch(Contender):
 
         x, dk, pk = make_arrays(case)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        xt = torch.from_numpy(_nchw(x)).contiguous(memory_format=fmt)
+        dtype = torch.bfloat16 if case.bf16 else torch.float32
+        xt = torch.from_numpy(_nchw(x)).to(dtype).contiguous(memory_format=fmt)
         wd = torch.from_numpy(np.ascontiguousarray(dk.reshape(case.k, case.k, case.cm).transpose(2, 0, 1)[:, None]))
-        wd = wd.contiguous(memory_format=fmt)
+        wd = wd.to(dtype).contiguous(memory_format=fmt)
         kin = case.c if case.op == "pointwise" else case.cm
         wp = torch.from_numpy(np.ascontiguousarray(pk.reshape(kin, case.f).T[:, :, None, None]))
-        wp = wp.contiguous(memory_format=fmt)
+        wp = wp.to(dtype).contiguous(memory_format=fmt)
         (pt, pb), (pl, pr) = case.pads
         pre_pad = None
         if pt == pb and pl == pr:
@@ -387,7 +402,7 @@ class _Torch(Contender):
         # a channels_first input arriving at a channels_last user is converted inside the timed call
         convert = self.channels_last and case.data_format == "channels_first"
         if convert:
-            xt = torch.from_numpy(_nchw(x))
+            xt = torch.from_numpy(_nchw(x)).to(dtype)
 
         def prep(t):
             if convert:
@@ -397,7 +412,7 @@ class _Torch(Contender):
             return t
 
         def to_nhwc(out):
-            return out.permute(0, 2, 3, 1).numpy()
+            return out.permute(0, 2, 3, 1).float().numpy()
 
         if case.op == "separable":
             def fn():
@@ -414,7 +429,7 @@ class _Torch(Contender):
                 with torch.inference_mode():
                     return F.conv2d(prep(xt), wp)
         elif case.op == "separable_fwdbwd":
-            g = torch.from_numpy(_nchw(_grad_output(case))).contiguous(memory_format=fmt)
+            g = torch.from_numpy(_nchw(_grad_output(case))).to(dtype).contiguous(memory_format=fmt)
             for t in (xt, wd, wp):
                 t.requires_grad_(True)
 
@@ -468,6 +483,7 @@ class OnnxRuntime(Contender):
 
         if case.op not in self.ops:
             raise Unsupported("inference only")
+        _no_bf16(case, "ONNX Runtime has no bfloat16 convolutions on x86")
         x, dk, pk = make_arrays(case)
         (pt, pb), (pl, pr) = case.pads
         kin = case.c if case.op == "pointwise" else case.cm
@@ -513,6 +529,7 @@ class NumPyBaseline(Contender):
             raise Unsupported("forward only")
         if sum(case.macs) > NUMPY_MAX_MACS:
             raise Unsupported(f"small shapes only (<= {NUMPY_MAX_MACS / 1e6:.0f} M MAC)")
+        _no_bf16(case, "the NumPy baseline is float32")
         x, dk, pk = make_arrays(case)
         (pt, pb), (pl, pr) = case.pads
         oh, ow = case.out_hw
@@ -619,15 +636,22 @@ class KerasModel(Keras):
             raise Unsupported(f"op {case.op}")
         cls = self._layer_class()
         keras.utils.set_random_seed(0)
-        inp = keras.Input((case.h, case.w, case.c), batch_size=case.n)
-        y = inp
-        bare = case.op == "model_bare"
-        for hw, c, f, s in MOBILENET_BLOCKS:
-            y = cls(f, 3, strides=s, padding="same", use_bias=bare, activation="relu" if bare else None)(y)
-            if not bare:
-                y = keras.layers.BatchNormalization()(y)
-                y = keras.layers.ReLU()(y)
-        model = keras.Model(inp, y)
+        if case.bf16 and self.backend != "jax":
+            raise Unsupported("mixed_bfloat16 is measured on the jax backend")
+        policy = keras.config.dtype_policy()
+        keras.config.set_dtype_policy("mixed_bfloat16" if case.bf16 else "float32")
+        try:
+            inp = keras.Input((case.h, case.w, case.c), batch_size=case.n)
+            y = inp
+            bare = case.op == "model_bare"
+            for hw, c, f, s in MOBILENET_BLOCKS:
+                y = cls(f, 3, strides=s, padding="same", use_bias=bare, activation="relu" if bare else None)(y)
+                if not bare:
+                    y = keras.layers.BatchNormalization()(y)
+                    y = keras.layers.ReLU()(y)
+            model = keras.Model(inp, y)
+        finally:
+            keras.config.set_dtype_policy(policy)
         x = np.random.default_rng(0).standard_normal((case.n, case.h, case.w, case.c), dtype=np.float32)
         return model, x
 

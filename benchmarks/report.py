@@ -104,6 +104,18 @@ TARGETS = {
     "idle_thread_speedup": Target(
         1.5, ">=", "per idle gap: t(nbconv, 1 thread)/t(nbconv, 2 threads), lowest over the shapes of 50 M MAC or "
                    "more"),
+    "bf16_vs_float32": Target(
+        1.7, ">=", "bfloat16 MobileNetV1 + Xception layers of 256+ channels: t(nbconv float32)/t(nbconv bfloat16), "
+                   "lowest", "x"),
+    "bf16_vs_torch": Target(
+        1.4, ">=", "bfloat16 MobileNetV1 + Xception layers: geomean t(torch bfloat16, better layout)/t(nbconv)", "x"),
+    "bf16_vs_torch_worst": Target(
+        1.0, ">=", "the same, worst shape (never slower)", "x"),
+    "bf16_backward_vs_torch": Target(
+        1.3, ">=", "bfloat16 forward + backward at batch 8: geomean t(torch bfloat16, better layout)/t(nbconv)", "x"),
+    "bf16_keras_model": Target(
+        1.5, ">=", "Keras model of MobileNetV1's 13 blocks under mixed_bfloat16 on jax: t(nbconv's layers in "
+                   "float32)/t(nbconv's layers in mixed_bfloat16), lowest", "x"),
     "first_call_s": Target(
         5, "<=", "fresh install, empty kernel cache, new process: import nbconv + the first separable_conv2d, in "
                  "seconds"),
@@ -120,13 +132,17 @@ IDLE_THREAD_MIN_MACS = 50e6
 
 #: contenders that are not peers but get a column, per suite
 EXTRA_COLUMNS = {"fused": ("nbconv_2step",),
-                 **{suite: ("nbconv_packed",) for suite in ("mobilenet", "xception", "pointwise")},
+                 **{suite: ("nbconv_packed",) for suite in ("mobilenet", "xception", "pointwise", "bf16")},
                  **{suite: ("nbconv",) for suite in _cases.KERAS_MODEL_SUITES.values()}}
 #: idle runs compared against nbconv (the first three are its peers there), in the table's column order
 IDLE_COLUMNS = (("nbconv.idle.t1", "nbconv 1 thread"), ("nbconv_packed.idle", "nbconv packed"),
                 ("torch_nchw.idle", "torch NCHW"), ("torch_nhwc.idle", "torch ch_last"),
                 ("onnxruntime.idle", "ONNX Runtime"))
 IDLE_PEERS = ("torch_nchw.idle", "torch_nhwc.idle", "onnxruntime.idle")
+#: bfloat16 layers of at least this many channels count for ``bf16_vs_float32``
+BF16_MIN_CHANNELS = 256
+#: torch's layouts, the better of which the bfloat16 targets compare with
+BF16_TORCH = ("torch_nchw", "torch_nhwc")
 SUITE_NOTES = {
     "classic": "the input arrives NCHW (torch ch_last converts inside the timing); the NHWC row is its "
                "channels_last twin for nbconv's channels_first/channels_last ratio",
@@ -218,7 +234,8 @@ def build(raw_dir, stat=None):
                     row.setdefault("bridge", {})[name] = st["bridge"]
                 if st["check"] is not None:
                     row["checks"][name] = st["check"]
-                    if st["check"] > (entry.get("check_tol") or 1e-4):
+                    tol = _cases.BF16_CHECK_TOL if case.bf16 else (entry.get("check_tol") or 1e-4)
+                    if st["check"] > tol:
                         row.setdefault("check_failed", []).append(name)
             elif (entry.get("errors") or {}).get(case.id):
                 row["errors"][name] = entry["errors"][case.id]
@@ -236,7 +253,8 @@ def build(raw_dir, stat=None):
             row["speedup_best"] = peers[best] / t_nb if t_nb else None
         if t_nb:
             row["nbconv_gflops"] = case.flops / (t_nb * 1e-3) / 1e9
-            if peak_gflops and case.op not in ("separable_fwdbwd", "model_train"):
+            # the sgemm peak is float32's: bfloat16 products have another
+            if peak_gflops and case.op not in ("separable_fwdbwd", "model_train") and not case.bf16:
                 row["pct_peak"] = 100 * row["nbconv_gflops"] / peak_gflops
         suites.setdefault(case.suite, []).append(row)
 
@@ -341,7 +359,7 @@ def _summary(report):
     # 5. channels_first vs channels_last twins (same geometry, nbconv)
     def geom(c):
         return (c["op"], c["n"], c["h"], c["w"], c["c"], c["f"], c["k"], c["stride"], c["dilation"], c["dm"],
-                json.dumps(c["pads"]))
+                json.dumps(c["pads"]), c.get("dtype"))
     by_geom = {}
     for r in _rows(report, _cases.SUITES):
         t = r["times_ms"].get("nbconv")
@@ -385,6 +403,7 @@ def _summary(report):
             same = (r.get("bridge") or {}).get(subject)
             cross = (1 / r["speedup"]["nbconv"]) if r["speedup"].get("nbconv") else None
             rows.append({"case": r["case"]["id"], "shape": r["case"]["shape"], "bare": r["case"]["op"] == "model_bare",
+                         "bf16": r["case"].get("dtype") == "bfloat16",
                          "speedup_vs_keras_layers": r["speedup"].get(keras_name),
                          # both sides in one process share the machine's spells; two processes each have their own
                          "ratio_vs_direct": same["ratio"] if same else cross,
@@ -392,7 +411,7 @@ def _summary(report):
         entry = {"backend": backend, "rows": rows}
         # the target's model has BatchNorm + ReLU: the bare row only measures the bridge
         speedups = [(k["speedup_vs_keras_layers"], k["shape"]) for k in rows
-                    if k["speedup_vs_keras_layers"] and not k["bare"]]
+                    if k["speedup_vs_keras_layers"] and not k["bare"] and not k["bf16"]]
         if speedups:
             entry["speedup_min"], entry["speedup_min_case"] = min(speedups)
         # the bridge alone: the bare layers against the same convolutions called directly (with BatchNorm, the
@@ -409,7 +428,11 @@ def _summary(report):
         if notes:
             entry["note"] = "; ".join(sorted(n for n in notes if n))
         s.setdefault("keras_model", []).append(entry)
-    # 10. idle gaps before each call
+    # 10. bfloat16
+    bf16 = _bf16_summary(report)
+    if bf16:
+        s["bf16"] = bf16
+    # 10b. idle gaps before each call
     if report.get("idle"):
         s["idle"] = _idle_summary(report["idle"])
     # 11. keras.applications models: original vs converted vs folded, per backend
@@ -475,6 +498,60 @@ def _target_results(report, s):
         own, ours = (res.get("keras") or {}).get("first_predict_s"), (res.get("converted") or {}).get("first_predict_s")
         if own and ours:
             add("first_predict_ratio", ours / own, scope=backend)
+    b = s.get("bf16") or {}
+    add("bf16_vs_float32", b.get("fp32_speedup_min"), b.get("fp32_speedup_min_case"))
+    add("bf16_vs_torch", b.get("torch_speedup_geomean"))
+    add("bf16_vs_torch_worst", b.get("torch_speedup_min"), b.get("torch_speedup_min_case"))
+    add("bf16_backward_vs_torch", b.get("backward_torch_speedup_geomean"))
+    add("bf16_keras_model", b.get("keras_model_speedup_min"), b.get("keras_model_speedup_min_case"))
+    return out
+
+
+def _bf16_summary(report):
+    """bfloat16 against nbconv's float32 (same shapes, same run) and torch's bfloat16; the Keras model under
+    mixed_bfloat16 against its float32 twin."""
+    out = {}
+
+    def key(c):
+        return c["n"], c["h"], c["c"], c["f"], c["stride"]
+
+    fp32 = {key(r["case"]): r["times_ms"]["nbconv"] for r in _rows(report, TARGET_SUITES)
+            if r["times_ms"].get("nbconv")}
+    vs_fp32, vs_torch = [], []
+    for r in _rows(report, ("bf16",)):
+        c, nb = r["case"], r["times_ms"].get("nbconv")
+        if not nb:
+            continue
+        if key(c) in fp32 and c["c"] * c["dm"] >= BF16_MIN_CHANNELS:
+            vs_fp32.append((fp32[key(c)] / nb, c["shape"]))
+        torch = [r["times_ms"][p] for p in BF16_TORCH if r["times_ms"].get(p)]
+        if torch:
+            vs_torch.append((min(torch) / nb, c["shape"]))
+    if vs_fp32:
+        out.update(fp32_speedup_geomean=_geomean([x for x, _ in vs_fp32]), fp32_n=len(vs_fp32))
+        out["fp32_speedup_min"], out["fp32_speedup_min_case"] = min(vs_fp32)
+    if vs_torch:
+        out.update(torch_speedup_geomean=_geomean([x for x, _ in vs_torch]), torch_n=len(vs_torch))
+        out["torch_speedup_min"], out["torch_speedup_min_case"] = min(vs_torch)
+    bw = []
+    for r in _rows(report, ("bf16_backward",)):
+        nb = r["times_ms"].get("nbconv")
+        torch = [r["times_ms"][p] for p in BF16_TORCH if r["times_ms"].get(p)]
+        if nb and torch:
+            bw.append(min(torch) / nb)
+    if bw:
+        out.update(backward_torch_speedup_geomean=_geomean(bw), backward_n=len(bw))
+    subject = _roles("keras_model")[0]
+    model = {}
+    for r in _rows(report, ("keras_model",)):
+        c, t_ = r["case"], r["times_ms"].get(subject)
+        if t_:
+            model.setdefault((c["n"], c["op"]), {})[c.get("dtype", "float32")] = (t_, c["shape"])
+    km = [(d["float32"][0] / d["bfloat16"][0], d["bfloat16"][1]) for d in model.values()
+          if "float32" in d and "bfloat16" in d]
+    if km:
+        out["keras_model_rows"] = [{"shape": shape, "speedup": x} for x, shape in km]
+        out["keras_model_speedup_min"], out["keras_model_speedup_min_case"] = min(km)
     return out
 
 
@@ -894,8 +971,8 @@ def _summary_lines(report):
     """The summary against :data:`TARGETS`, one ``- `` line per figure."""
     s = report["summary"]
     out = []
-    for section in (_separable_lines, _op_lines, _backward_lines, _keras_model_lines, _models_lines, _idle_lines,
-                    _memory_lines, _first_call_lines):
+    for section in (_separable_lines, _op_lines, _backward_lines, _keras_model_lines, _models_lines, _bf16_lines,
+                    _idle_lines, _memory_lines, _first_call_lines):
         out += section(report, s, s.get("ceilings") or {})
     return ["- " + line for line in out]
 
@@ -1031,6 +1108,28 @@ def _models_lines(report, s, c):
             line += (f"; converted Xception min {r['value']:.2f}x{_against(s, name)}" if r
                      else f"; converted Xception not measured ({TARGETS[name]})")
         out.append(line)
+    return out
+
+
+def _bf16_lines(report, s, c):
+    b = s.get("bf16") or {}
+    out = []
+    if "fp32_speedup_geomean" in b:
+        out.append(f"bfloat16 against nbconv's float32 on the same shapes ({b['fp32_n']} layers of >= "
+                   f"{BF16_MIN_CHANNELS} channels): geomean {b['fp32_speedup_geomean']:.2f}x, min "
+                   f"{b['fp32_speedup_min']:.2f}x at {b['fp32_speedup_min_case']}{_against(s, 'bf16_vs_float32')}")
+    if "torch_speedup_geomean" in b:
+        out.append(f"bfloat16 against torch's bfloat16 (the better of NCHW and channels_last), {b['torch_n']} "
+                   f"MobileNetV1 + Xception shapes: geomean {b['torch_speedup_geomean']:.2f}x"
+                   f"{_against(s, 'bf16_vs_torch')}; min {b['torch_speedup_min']:.2f}x at "
+                   f"{b['torch_speedup_min_case']}{_against(s, 'bf16_vs_torch_worst')}")
+    if "backward_torch_speedup_geomean" in b:
+        out.append(f"bfloat16 forward + backward at batch 8 against torch's bfloat16 ({b['backward_n']} shapes): "
+                   f"geomean {b['backward_torch_speedup_geomean']:.2f}x{_against(s, 'bf16_backward_vs_torch')}")
+    if "keras_model_speedup_min" in b:
+        rows = ", ".join(f"{k['shape']} {k['speedup']:.2f}x" for k in b["keras_model_rows"])
+        out.append(f"Keras model under mixed_bfloat16 on jax against the same nbconv layers in float32: {rows}"
+                   f"{_against(s, 'bf16_keras_model')}")
     return out
 
 

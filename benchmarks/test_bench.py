@@ -169,12 +169,13 @@ def _run(benchmark, case):
     if "threadpools" not in INFO:
         INFO["threadpools"] = _threadpools()  # after a call, so lazily loaded pools are listed
     _write_info()
-    if benchmark.extra_info.get("check_rel_err", 0) > CHECK_TOL:
+    tol = _cases.BF16_CHECK_TOL if getattr(case, "bf16", False) else CHECK_TOL
+    if benchmark.extra_info.get("check_rel_err", 0) > tol:
         INFO["errors"][case.id] = (f"output differs from the float64 reference (relative error "
                                    f"{benchmark.extra_info['check_rel_err']:.3g})")
         _write_info()
         pytest.fail(f"output differs from the float64 reference: relative error "
-                    f"{benchmark.extra_info['check_rel_err']:.3g} > {CHECK_TOL}")
+                    f"{benchmark.extra_info['check_rel_err']:.3g} > {tol}")
 
 
 def _make_test(name):

@@ -212,10 +212,11 @@ def test_no_idle_runs_no_idle_section(tmp_path):
 def _every_target_raw(tmp_path):
     """A raw folder in which every target gets a figure: nbconv at 1 ms per op case, every peer at 1.25 ms, Keras's
     op at 25 ms; nbconv's layers 10 ms per model call against Keras's 120 ms (the bare model: 11 ms against the
-    direct calls' 10 ms); converted models 3x faster than the originals; idle runs and both probes."""
-    op_suites = {"mobilenet", "xception", "classic", "hard", "backward", "overhead"}
+    direct calls' 10 ms); converted models 3x faster than the originals; idle runs and both probes; bfloat16 cases
+    at 0.5 ms (the same model at 10 ms in both dtypes)."""
+    op_suites = {"mobilenet", "xception", "classic", "hard", "backward", "overhead", "bf16", "bf16_backward"}
     op = [c for c in cases.CASES if c.suite in op_suites]
-    times = {"nbconv": {c.id: (1e-5 if c.suite == "overhead" else 1e-3) for c in op},
+    times = {"nbconv": {c.id: (1e-5 if c.suite == "overhead" else 0.5e-3 if c.bf16 else 1e-3) for c in op},
              "onnxruntime": {c.id: 1.25e-3 for c in op if c.suite not in ("backward", "overhead")},
              "torch_nhwc": {c.id: 1.25e-3 for c in op if c.suite != "overhead"},
              "keras": {c.id: 25e-3 for c in op if c.suite != "overhead"}}
@@ -260,6 +261,9 @@ def test_every_target_is_evaluated(tmp_path):
         ("idle_thread_speedup", "no gap"): (2.0, True), ("idle_thread_speedup", "20 ms"): (1.6, True),
         ("first_call_s", None): (0.44, True), ("other_first_call_s", None): (4.0, False),
         ("first_predict_ratio", "jax"): (1.2, True),
+        ("bf16_vs_float32", None): (2.0, True), ("bf16_vs_torch", None): (2.5, True),
+        ("bf16_vs_torch_worst", None): (2.5, True), ("bf16_backward_vs_torch", None): (2.5, True),
+        ("bf16_keras_model", None): (1.0, False),
     }
     for key, (value, met) in expected.items():
         assert results[key]["value"] == pytest.approx(value), key
