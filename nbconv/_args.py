@@ -29,6 +29,8 @@ __all__ = [
     "pointwise_matrix",
     "separable_operands",
     "same_padding",
+    "conv_output_size",
+    "conv_output_hw",
 ]
 
 
@@ -344,6 +346,34 @@ def same_padding(size, k, s, d):
     return total // 2, total - total // 2
 
 
+def conv_output_size(size, k, stride, dilation, padding):
+    """Output size along one axis of a convolution: ``None`` for an unknown ``size`` (a symbolic shape).
+
+    ``padding`` is "valid", "same" (Keras/TF: ``ceil(size / stride)``) or
+    explicit ``(before, after)``; 0 when the dilated kernel is larger than
+    the padded input (callers validate).
+    """
+    if size is None:
+        return None
+    if padding == "same":
+        return -(-size // stride)
+    before, after = (0, 0) if padding == "valid" else padding
+    return max(0, (size + before + after - (k - 1) * dilation - 1) // stride + 1)
+
+
+def conv_output_hw(h, w, kernel_hw, strides, padding, dilation_rate):
+    """``(OH, OW)`` of a convolution in any of the spellings the public functions take (sizes may be None).
+
+    ``padding``: "valid", "same", an int, ``(ph, pw)`` or ``((top, bottom), (left, right))``.
+    """
+    kh, kw = kernel_hw
+    sh, sw = normalize_pair(strides, "strides")
+    dh, dw = normalize_pair(dilation_rate, "dilation_rate")
+    pad = padding if type(padding) is str and padding in ("same", "valid") else normalize_padding(padding)
+    rows, cols = (pad, pad) if isinstance(pad, str) else pad
+    return conv_output_size(h, kh, sh, dh, rows), conv_output_size(w, kw, sw, dw, cols)
+
+
 def depthwise_geometry(x, kernel, strides, padding, dilation_rate, channels_last, kernel_name="kernel", x_name="x"):
     """Validate ``x`` (4-D) against a Keras depthwise kernel ``(kh, kw, C, dm)`` and return the :class:`Geometry`."""
     layout = "(N, H, W, C)" if channels_last else "(N, C, H, W)"
@@ -374,15 +404,13 @@ def depthwise_geometry(x, kernel, strides, padding, dilation_rate, channels_last
         (pt, pb), (pl, pr) = same_padding(h, kh, sh, dh), same_padding(w, kw, sw, dw)
     else:
         (pt, pb), (pl, pr) = pad
-    oh = (h + pt + pb - (kh - 1) * dh - 1) // sh + 1
-    ow = (w + pl + pr - (kw - 1) * dw - 1) // sw + 1
-    if pad == "same":
-        oh, ow = -(-h // sh), -(-w // sw)
-    elif oh <= 0 or ow <= 0:
+    oh = conv_output_size(h, kh, sh, dh, pad if pad == "same" else (pt, pb))
+    ow = conv_output_size(w, kw, sw, dw, pad if pad == "same" else (pl, pr))
+    if oh <= 0 or ow <= 0:
         raise ValueError(
             f"Expected an output of positive size. Received: {x_name} with spatial size {(h, w)}, "
             f"kernel size {(kh, kw)}, dilation_rate={(dh, dw)}, padding={padding!r}, "
-            f"which give an output of size {(max(oh, 0), max(ow, 0))}"
+            f"which give an output of size {(oh, ow)}"
         )
     return Geometry(n, h, w, c, kh, kw, dm, sh, sw, dh, dw, pt, pb, pl, pr, oh, ow, channels_last)
 

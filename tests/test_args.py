@@ -10,6 +10,7 @@ import pytest
 
 import nbconv
 import nbconv.forward
+from nbconv import _args
 from reference import assert_close, depthwise_ref, pointwise_ref, random_array, separable_ref
 
 FORMATS = ["channels_last", "channels_first"]
@@ -447,3 +448,15 @@ def test_nan_inf_propagate(rng, data_format, dtype, activation):
         assert_close(y, e)
     y = nbconv.pointwise_conv2d(x, pk[:, :, :3], **kw)
     assert_close(y, pointwise_ref(x, pk[:, :, :3], **kw))
+
+
+@pytest.mark.parametrize("size", [1, 7, 8, 9, None])
+@pytest.mark.parametrize("padding", ["valid", "same", 1, (2, 0), ((0, 2), (1, 3))])
+@pytest.mark.parametrize("k,s,d", [(3, 1, 1), (3, 2, 1), (5, 1, 2), (2, 3, 2)])
+def test_conv_output_hw_against_the_reference(size, padding, k, s, d):
+    from reference import output_size, resolve_padding
+
+    got = _args.conv_output_hw(size, 10, (k, k), s, padding, d)
+    (pt, pb), (pl, pr) = resolve_padding(padding, size or 1, 10, k, k, (s, s), (d, d))
+    assert got[1] == output_size(10, k, s, d, pl, pr)
+    assert got[0] == (None if size is None else output_size(size, k, s, d, pt, pb))
