@@ -406,7 +406,8 @@ def depthwise_geometry(x, kernel, strides, padding, dilation_rate, channels_last
         (pt, pb), (pl, pr) = pad
     oh = conv_output_size(h, kh, sh, dh, pad if pad == "same" else (pt, pb))
     ow = conv_output_size(w, kw, sw, dw, pad if pad == "same" else (pl, pr))
-    if oh <= 0 or ow <= 0:
+    # 'same' keeps an empty input empty; otherwise an output of no pixels means a kernel larger than the input
+    if pad != "same" and (oh <= 0 or ow <= 0):
         raise ValueError(
             f"Expected an output of positive size. Received: {x_name} with spatial size {(h, w)}, "
             f"kernel size {(kh, kw)}, dilation_rate={(dh, dw)}, padding={padding!r}, "

@@ -405,7 +405,7 @@ def _rowsum_rows(g1, off, rows, cols, ld, acc):
 @pjit
 def dwsep_backward_nhwc(x, dk, wmat, wmat_t, g2, want_dx, dx, want_dk, dkp, want_pw, dpwp, want_b, dbp,
                         halo, halo_pos, sh, sw, dh, dw, pt, pl, oh_size, ow_size, tile_p, nchunks,
-                        dscr, ddscr, ibuf, consts, chars, wt, bt, wc0, xs_scr, wp):
+                        dscr, ddscr, ibuf, consts, chars, wt, bt, xs_scr, wp):
     """Parallel backward of depthwise (``wmat`` empty) or fused separable convolution, NHWC.
 
     Parameters
@@ -429,9 +429,8 @@ def dwsep_backward_nhwc(x, dk, wmat, wmat_t, g2, want_dx, dx, want_dk, dkp, want
     dscr, ddscr : ndarray of shape (nchunks, tile_p, C*dm)
         Thread-private tiles of ``D`` and ``dD`` (separable only).
     ibuf : ndarray of shape (nchunks, 8), int32
-    wt, bt, wc0, xs_scr, wp : operands of :func:`nbconv._depthwise.dw_tile` for the recompute of ``D``
-        (``(KH*KW, C*dm)`` weights, zero bias, an empty ``(C*dm, 0)`` array, per-chunk packed-row scratch,
-        packed row width);
+    wt, bt, xs_scr, wp : operands of :func:`nbconv._depthwise.dw_tile` for the recompute of ``D``
+        (``(KH*KW, C*dm)`` weights, zero bias, per-chunk packed-row scratch, packed row width);
         ``tile_p`` is then a multiple of ``OW``.
 
     Notes
@@ -486,9 +485,8 @@ def dwsep_backward_nhwc(x, dk, wmat, wmat_t, g2, want_dx, dx, want_dk, dkp, want
                         _colsum_rows(g1, grow * gw, npx, gw, gw, dba)
                     if sep:
                         if want_pw:
-                            dw_tile(x, n, True, False, wt, bt, wc0, bt[:0], 0, dm, p0 // ow_size, npx // ow_size,
-                                    sh, sw, dh, dw, pt, pl, dk.shape[0], dk.shape[1], ow_size, wp, xs_scr[chunk], d1, 0,
-                                    npx)
+                            dw_tile(x, n, True, False, wt, bt, 0, dm, p0 // ow_size, npx // ow_size, sh, sw, dh, dw,
+                                    pt, pl, dk.shape[0], dk.shape[1], ow_size, wp, xs_scr[chunk], d1, 0, npx)
                             gemm_nn(cm, f, npx, d1, 0, 1, cm, g1, grow * f, f, dpw1, chunk * cm * f, f, True,
                                     nobias, 0, 0, 0)
                         if want_dx or want_dk:

@@ -487,8 +487,8 @@ def pack_rows_nchw(xn, dm, pr0, nrows, pt, pl, wp, lanes, xs):
 
 
 @jit
-def dw_tile(x, n, channels_last, channel_major, wt, bt, wc, bc, act, dm, r0, nr, sh, sw, dh, dw, pt, pl, kh_n, kw_n,
-            ow_n, wp, xs, dst, doff, ldd):
+def dw_tile(x, n, channels_last, channel_major, wt, bt, act, dm, r0, nr, sh, sw, dh, dw, pt, pl, kh_n, kw_n, ow_n, wp,
+            xs, dst, doff, ldd):
     """Depthwise output rows ``r0 .. r0+nr-1`` of image ``n``, all channels, via packed rows in ``xs``.
 
     ``x`` is NHWC if ``channels_last``, else NCHW.  The tile is stored
@@ -501,20 +501,19 @@ def dw_tile(x, n, channels_last, channel_major, wt, bt, wc, bc, act, dm, r0, nr,
         pack_rows(x[n], dm, r0 * sh, nin, pt, pl, wp, VECTOR_BYTES // xs.itemsize, xs)
     else:
         pack_rows_nchw(x[n], dm, r0 * sh, nin, pt, pl, wp, VECTOR_BYTES // xs.itemsize, xs)
-    dw_packed_rows(xs, nin, wp, wt, bt, act, nr, ow_n, sh, sw, dh, dw, kh_n, kw_n, wc.shape[0], dst[doff:],
+    dw_packed_rows(xs, nin, wp, wt, bt, act, nr, ow_n, sh, sw, dh, dw, kh_n, kw_n, wt.shape[1], dst[doff:],
                    channel_major, ldd)
 
 
 @pjit
-def depthwise_packed(x, channels_last, wt, bt, wc, bc, act, out1, dm, sh, sw, dh, dw, pt, pl, kh_n, kw_n, oh_n, ow_n,
-                     wp, th, nchunks, xs_scr):
+def depthwise_packed(x, channels_last, wt, bt, act, out1, dm, sh, sw, dh, dw, pt, pl, kh_n, kw_n, oh_n, ow_n, wp, th,
+                     nchunks, xs_scr):
     """Parallel depthwise convolution from packed rows, NHWC or NCHW.
 
     Parameters
     ----------
     x : ndarray of shape (N, H, W, C) if ``channels_last`` else (N, C, H, W)
-    wt, bt : NHWC weights per tap and bias, see :func:`dw_packed_rows`
-    wc, bc : an empty ``(C*dm, 0)`` array (its row count is read) and the bias or ``(0,)``
+    wt, bt : NHWC weights per tap ``(KH*KW, C*dm)`` and bias, see :func:`dw_packed_rows`
     out1 : ndarray, flat
         The output, ``(N, OH, OW, C*dm)`` or ``(N, C*dm, OH, OW)`` (same layout as ``x``) in C order.
     xs_scr : ndarray of shape (nchunks, packed rows * wp * C*dm)
@@ -526,7 +525,7 @@ def depthwise_packed(x, channels_last, wt, bt, wc, bc, act, out1, dm, sh, sw, dh
     its own pixel range of every channel plane).
     """
     n_img = x.shape[0]
-    cm = wc.shape[0]
+    cm = wt.shape[1]
     ohw = oh_n * ow_n
     rtiles = (oh_n + th - 1) // th
     ntasks = n_img * rtiles
@@ -539,5 +538,5 @@ def depthwise_packed(x, channels_last, wt, bt, wc, bc, act, out1, dm, sh, sw, dh
             r0 = (t - n * rtiles) * th
             nr = min(th, oh_n - r0)
             doff = (n * oh_n + r0) * ow_n * cm if channels_last else n * cm * ohw + r0 * ow_n
-            dw_tile(x, n, channels_last, not channels_last, wt, bt, wc, bc, act, dm, r0, nr, sh, sw, dh, dw, pt, pl,
-                    kh_n, kw_n, ow_n, wp, xs, out1, doff, ohw)
+            dw_tile(x, n, channels_last, not channels_last, wt, bt, act, dm, r0, nr, sh, sw, dh, dw, pt, pl, kh_n,
+                    kw_n, ow_n, wp, xs, out1, doff, ohw)

@@ -30,9 +30,8 @@ from ._gemm import product, product_t, transpose_tile
 
 
 @pjit
-def separable(x, channels_last, wt, bt, wc, bc, dact, wmat, bias, act, out1, dm, sh, sw, dh, dw, pt, pl, kh_n, kw_n,
-              oh_n, ow_n, wp, th, shared, gn, tile_p, fb, nchunks1, nchunks, xs_scr, d_scr, t_scr, stream, packed_k,
-              p_scr):
+def separable(x, channels_last, wt, bt, dact, wmat, bias, act, out1, dm, sh, sw, dh, dw, pt, pl, kh_n, kw_n, oh_n, ow_n,
+              wp, th, shared, gn, tile_p, fb, nchunks1, nchunks, xs_scr, d_scr, t_scr, stream, packed_k, p_scr):
     """Parallel fused separable convolution.
 
     Parameters
@@ -42,7 +41,6 @@ def separable(x, channels_last, wt, bt, wc, bc, dact, wmat, bias, act, out1, dm,
         Depthwise weights per tap (see :func:`nbconv._depthwise.dw_packed_rows`).
     bt : ndarray of shape (C*dm,)
         Depthwise bias (zeros for none); ``dact`` its activation code.
-    wc, bc : an empty ``(C*dm, 0)`` array (its row count is read) and the depthwise bias or ``(0,)``
     wmat : ndarray of shape (C*dm, F), or packed
         Row-major, or with ``packed_k`` (= ``C*dm``) its elements packed by
         :func:`nbconv._gemm.pack_b` (then ``fb`` is a multiple of the panel
@@ -111,8 +109,8 @@ def separable(x, channels_last, wt, bt, wc, bc, dact, wmat, bias, act, out1, dm,
                 n = t // rtiles
                 r0 = (t - n * rtiles) * th
                 nr = min(th, oh_n - r0)
-                dw_tile(x, n, channels_last, False, wt, bt, wc, bc, dact, dm, r0, nr, sh, sw, dh, dw, pt, pl, kh_n,
-                        kw_n, ow_n, wp, xs, dall, (n * oh_n + r0) * ow_n * cm, 0)
+                dw_tile(x, n, channels_last, False, wt, bt, dact, dm, r0, nr, sh, sw, dh, dw, pt, pl, kh_n, kw_n, ow_n,
+                        wp, xs, dall, (n * oh_n + r0) * ow_n * cm, 0)
         gp = n_img * ohw // gn
         ptiles = (gp + tile_p - 1) // tile_p
         ntasks = gn * ptiles * fblocks
@@ -143,8 +141,8 @@ def separable(x, channels_last, wt, bt, wc, bc, dact, wmat, bias, act, out1, dm,
                 doff = 0
                 ldd = th * ow_n
                 if tile != have:
-                    dw_tile(x, n, channels_last, not (channels_last or transposed), wt, bt, wc, bc, dact, dm, r0, nr,
-                            sh, sw, dh, dw, pt, pl, kh_n, kw_n, ow_n, wp, xs_scr[chunk], d, 0, ldd)
+                    dw_tile(x, n, channels_last, not (channels_last or transposed), wt, bt, dact, dm, r0, nr, sh, sw,
+                            dh, dw, pt, pl, kh_n, kw_n, ow_n, wp, xs_scr[chunk], d, 0, ldd)
                     have = tile
             if channels_last:
                 coff = (n * ohw + p0) * f + f0

@@ -16,7 +16,7 @@ import threading
 
 import numpy as np
 
-from . import _args, _compile, _dtypes, _fallback
+from . import _args, _compile, _dtypes, _fallback, _plan
 from . import forward as _forward
 from ._backward import (
     add_halos_nchw,
@@ -33,7 +33,6 @@ from ._backward import (
 )
 from ._pointwise import GEMM_CHARS
 from ._runtime import GEMM_LAUNCH, LAUNCH_LOCK
-from ._threads import get_num_threads
 
 __all__ = [
     "DepthwiseConv2DGrads",
@@ -47,24 +46,6 @@ __all__ = [
 _compile.register(add_halos_nchw, add_halos_nhwc, dk3_nhwc, dwsep_backward_nchw, dwsep_backward_nhwc,
                   pointwise_backward_nchw, pointwise_backward_nhwc, reduce_chunks, activation_grad, transpose_into,
                   weight_grad_nhwc)
-
-#: bytes of one thread-private tile (the separable backward holds two: D and dD)
-TILE_BYTES = 256 * 1024
-#: bytes of one pointwise GEMM operand tile
-PW_TILE_BYTES = 512 * 1024
-#: budget for the per-chunk partial sums of a pointwise kernel gradient; beyond it fewer chunks are used
-PARTIALS_BYTES = 16 * 1024 * 1024
-#: elements per block of the parallel chunk reduction
-REDUCE_BLOCK = 4096
-#: largest depthwise intermediate the NHWC separable backward holds whole (one buffer, D then dD), running
-#: the three products over all pixels at once instead of per tile (see :func:`_sep_backward_whole`) ...
-WHOLE_BYTES = 16 * 1024 * 1024
-#: ... when the pointwise weights exceed this: measured at batch 8, 14x14x512 and 7x7x1024 took 0.77x and
-#: 0.61x the tiled time, 28x28x256 and 56x56x128 (weights of 256 and 64 KiB) 1.05x and 1.2x
-WHOLE_WEIGHT_BYTES = 256 * 1024
-#: block of a weight gradient per task (rows x columns): 512 KiB of float32, within L2 while the pixels stream
-WG_BLOCK = (256, 512)
-
 
 class DepthwiseConv2DGrads(NamedTuple):
     """Gradients of :func:`nbconv.depthwise_conv2d` (None for those not requested)."""
@@ -159,7 +140,7 @@ def _reduce(parts, compute):
     out = np.empty(parts.shape[1:], compute)
     if out.size:
         with LAUNCH_LOCK:
-            _compile.k(reduce_chunks)(parts.reshape(parts.shape[0], -1), out.reshape(-1), REDUCE_BLOCK)
+            _compile.k(reduce_chunks)(parts.reshape(parts.shape[0], -1), out.reshape(-1), _plan.tunables().reduce_block)
     return out
 
 
@@ -171,25 +152,10 @@ def _dwsep_backward(g, xc, dkc, wc, gc, want_dx, want_dk, want_pw, want_b, compu
     empty ``(0, 0)`` array for a plain depthwise backward; ``gc`` has the
     output's layout.
     """
-    threads = get_num_threads()
     cm = g.c * g.dm
     sep = wc.shape[0] > 0
     f = wc.shape[1] if sep else cm
-    rows = g.n * g.oh
-    ohw = g.oh * g.ow
-    itemsize = compute.itemsize
-    # few chunks when the pointwise partial sums are large (each chunk holds a C*dm x F block)
-    limit = 4 * threads
-    if sep and want_pw:
-        limit = max(threads, min(limit, PARTIALS_BYTES // max(1, cm * f * itemsize)))
-    nchunks = max(1, min(rows, limit))
-    if sep:
-        tile_p = max(16, min(ohw, TILE_BYTES // max(1, cm * itemsize)))
-        if g.channels_last:
-            # whole output rows: the NHWC recompute of D runs the forward's row-tile micro-kernels
-            tile_p = max(1, tile_p // g.ow) * g.ow
-    else:
-        tile_p = ohw  # no scratch: a chunk walks its rows in one go
+    nchunks, tile_p, _, xs_size = _plan.dwsep_backward(g, f, sep, want_pw, want_dk, compute.itemsize)
     hr = max(1, (g.kh - 1) * g.dh - g.sh + 1)
     one = (1,) * 3
     dx = np.empty(xc.shape, compute) if want_dx else np.empty((1,) * 4, compute)
@@ -208,16 +174,13 @@ def _dwsep_backward(g, xc, dkc, wc, gc, want_dx, want_dk, want_pw, want_b, compu
     ibuf, consts = _gemm_buffers(nchunks, compute)
     if g.channels_last:
         # packed-row scratch and operands of the forward's depthwise row tiles (recompute of D)
-        th = tile_p // g.ow if sep else 1
-        wp = _forward._packed_width(g)
-        xs = np.empty((nchunks, ((th - 1) * g.sh + (g.kh - 1) * g.dh + 1) * wp * -(-cm // 16) * 16
-                       if sep and (want_pw or want_dk) else 1), compute)
+        xs = np.empty((nchunks, xs_size), compute)
         wt = _compile.operand(dkc.reshape(g.kh * g.kw, cm))
         with GEMM_LAUNCH:
             _compile.k(dwsep_backward_nhwc)(xc, dkc, wc, _transposed(wc), gc.reshape(-1, f), want_dx, dx, want_dk, dkp,
                                             want_pw, dpwp, want_b, dbp, halo, halo_pos, g.sh, g.sw, g.dh, g.dw, g.pt,
                                             g.pl, g.oh, g.ow, tile_p, nchunks, dscr, ddscr, ibuf, consts, GEMM_CHARS,
-                                            wt, np.zeros(cm, compute), np.empty((cm, 0), compute), xs, wp)
+                                            wt, np.zeros(cm, compute), xs, _plan.packed_width(g))
         if want_dx:
             _compile.k(add_halos_nhwc)(dx, halo, halo_pos)
     else:
@@ -266,12 +229,8 @@ def _transposed(w):
 
 def _weight_grad(x2, g2, want_b, compute):
     """``(x2.T @ g2, column sums of g2 or None)`` of ``(P, K)`` and ``(P, F)`` arrays, in parallel blocks."""
-    threads = get_num_threads()
     k, f = x2.shape[1], g2.shape[1]
-    mb, nb = min(k, WG_BLOCK[0]), min(f, WG_BLOCK[1])
-    blocks = -(-k // mb) * -(-f // nb)
-    # too few blocks to share evenly: split the pixels too, into partial sums added afterwards
-    parts = 1 if blocks % threads == 0 or blocks >= 4 * threads else threads // math.gcd(blocks, threads)
+    mb, nb, parts = _plan.weight_grad_parts(k, f)
     dwp = np.empty((parts, k, f), compute)
     dbp = np.empty((parts, f) if want_b else (parts, 1), compute)
     with GEMM_LAUNCH:
@@ -282,7 +241,7 @@ def _weight_grad(x2, g2, want_b, compute):
 
 
 def _sep_backward_whole(g, xc, dk, wc, gc, want_dx, want_dk, want_pw, want_b, compute):
-    """NHWC separable backward with the depthwise intermediate held whole (at most :data:`WHOLE_BYTES`).
+    """NHWC separable backward with the depthwise intermediate held whole (:func:`nbconv._plan.whole_intermediate`).
 
     ``D`` comes from the forward depthwise kernels, ``dPW = D^T G`` from
     :func:`_weight_grad`, then ``dD = G PW^T`` (the forward pointwise
@@ -330,15 +289,12 @@ def _dw_grads_nhwc(g, xc, dk, gd, want_dx, want_dk, compute):
     fast_dk = want_dk and g.kh == g.kw == 3
     dx = ddk = None
     if fast_dk:
-        threads = get_num_threads()
-        th = _forward._row_tiles(g, cm, compute.itemsize, threads, 4 * threads)
-        nchunks = _forward._nchunks(g.n * -(-g.oh // th), threads)
-        wp = _forward._packed_width(g)
-        xs = np.empty((nchunks, _forward._packed_size(g, th, wp)), compute)
+        th, nchunks, xs_shape = _plan.dk3(g, compute.itemsize)
+        xs = np.empty(xs_shape, compute)
         dkp = np.zeros((nchunks, 9 * cm), compute)
         with LAUNCH_LOCK:
-            _compile.k(dk3_nhwc)(xc, gd.reshape(-1, cm), g.dm, g.sh, g.sw, g.dh, g.dw, g.pt, g.pl, g.oh, g.ow, wp, th,
-                                 nchunks, xs, dkp)
+            _compile.k(dk3_nhwc)(xc, gd.reshape(-1, cm), g.dm, g.sh, g.sw, g.dh, g.dw, g.pt, g.pl, g.oh, g.ow,
+                                 _plan.packed_width(g), th, nchunks, xs, dkp)
         ddk = _reduce(dkp, compute).reshape(3, 3, cm)
     if fast_dx:
         dx = _forward.depthwise_conv2d(gd, np.ascontiguousarray(dk[::-1, ::-1]), padding=flip_pad,
@@ -492,15 +448,7 @@ def pointwise_conv2d_backward(grad_output, x, kernel, *, data_format="channels_l
     xc = _dtypes.operand(x, compute)
     gc = _masked(_dtypes.operand(grad_output, compute), act, output, compute)
     wc = _dtypes.operand(wmat, compute)
-    threads = get_num_threads()
-    isz = compute.itemsize
-    hw = h * w
-    tile_p = max(16, min(hw if not channels_last else n * hw, PW_TILE_BYTES // (max(k, f) * isz)))
-    ntasks = -(-n * hw // tile_p) if channels_last else n * -(-hw // tile_p)
-    limit = 4 * threads
-    if want_w:
-        limit = max(threads, min(limit, PARTIALS_BYTES // max(1, k * f * isz)))
-    nchunks = max(1, min(ntasks, limit))
+    tile_p, nchunks = _plan.pointwise_backward(n, h * w, k, f, channels_last, want_w, compute.itemsize)
     dx = np.empty(xc.shape, compute) if want_dx else np.empty((1,) * 4, compute)
     dwp = np.zeros((nchunks, k, f) if want_w else (nchunks, 1, 1), compute)
     dbp = np.zeros((nchunks, f) if want_b else (nchunks, 1), compute)
@@ -595,8 +543,7 @@ def separable_conv2d_backward(grad_output, x, depthwise_kernel, pointwise_kernel
     xc = _dtypes.operand(x, compute)
     gc = _masked(_dtypes.operand(grad_output, compute), act, output, compute)
     wc = _dtypes.operand(wmat, compute)
-    if (channels_last and g.n * g.oh * g.ow * cm * compute.itemsize <= WHOLE_BYTES
-            and cm * f * compute.itemsize > WHOLE_WEIGHT_BYTES):
+    if _plan.whole_intermediate(g, f, compute.itemsize):
         dx, ddk, dpw, db = _sep_backward_whole(g, xc, _dtypes.operand(dk, compute), wc, gc, want_dx, want_dk,
                                                want_pw, want_b, compute)
     else:

@@ -45,3 +45,15 @@ def keras_ops():
     import keras
 
     return keras.ops
+
+
+@pytest.fixture
+def plan_override():
+    """``plan_override(name=value, ...)`` changes the planner's tunables (``nbconv._plan.override``) until the
+    test ends."""
+    import contextlib
+
+    from nbconv import _plan
+
+    with contextlib.ExitStack() as stack:
+        yield lambda **changes: stack.enter_context(_plan.override(**changes))

@@ -199,12 +199,12 @@ def test_depthwise_backward_matches_jax_grad(rng, jx, case, data_format):
 @pytest.mark.parametrize("data_format, path", [("channels_first", "auto"), ("channels_last", "auto"),
                                                ("channels_last", "whole"), ("channels_last", "tiled")])
 @pytest.mark.parametrize("case", JAX_CASES, ids=[str(c) for c in JAX_CASES])
-def test_separable_backward_matches_jax_grad(rng, jx, case, data_format, path, monkeypatch):
+def test_separable_backward_matches_jax_grad(rng, jx, case, data_format, path, plan_override):
     """Both NHWC strategies (the intermediate held whole, or recomputed per tile) are forced in turn."""
     if path == "whole":
-        monkeypatch.setattr(nbb, "WHOLE_WEIGHT_BYTES", 0)
+        plan_override(whole_weight_bytes=0)
     elif path == "tiled":
-        monkeypatch.setattr(nbb, "WHOLE_BYTES", 0)
+        plan_override(whole_bytes=0)
     jax, jnp, ops = jx
     h, w, c, dm, (kh, kw), strides, dilation, padding = case
     f = 5
@@ -449,9 +449,9 @@ def test_mixed_dtypes_promote(rng, jx):
 @pytest.mark.parametrize("wrt", [("x",), ("depthwise_kernel",), ("pointwise_kernel",), ("bias",),
                                  ("x", "bias"), ("depthwise_kernel", "pointwise_kernel"), "x", ()])
 @pytest.mark.parametrize("whole", [False, True])
-def test_separable_wrt_subsets(rng, jx, data_format, wrt, whole, monkeypatch):
+def test_separable_wrt_subsets(rng, jx, data_format, wrt, whole, plan_override):
     if whole:  # the NHWC whole-intermediate strategy (channels_first ignores the setting)
-        monkeypatch.setattr(nbb, "WHOLE_WEIGHT_BYTES", 0)
+        plan_override(whole_weight_bytes=0)
     kwargs = dict(strides=2, padding="same", dilation_rate=1, data_format=data_format)
     x = random_array(rng, _x_shape(2, 9, 8, 4, data_format), np.float64)
     dk = random_array(rng, (3, 3, 4, 2), np.float64)
@@ -498,10 +498,9 @@ def test_depthwise_and_pointwise_wrt_subsets(rng, data_format, wrt):
 
 @pytest.mark.parametrize("data_format", FORMATS)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_small_tiles_and_many_chunks(rng, monkeypatch, data_format, threads):
+def test_small_tiles_and_many_chunks(rng, plan_override, data_format, threads):
     """Tiles of 16 pixels crossing output rows, chunks of one output row, halos spanning several chunks."""
-    monkeypatch.setattr(nbb, "TILE_BYTES", 1)
-    monkeypatch.setattr(nbb, "PW_TILE_BYTES", 1)
+    plan_override(backward_tile_bytes=1, backward_pointwise_tile_bytes=1, threads=threads)
     kwargs = dict(strides=(1, 2), padding=((3, 4), (1, 2)), dilation_rate=(2, 1), data_format=data_format)
     x = rng.standard_normal(_x_shape(2, 7, 13, 2, data_format))
     dk = rng.standard_normal((4, 3, 2, 2))

@@ -13,18 +13,18 @@ SHAPES = [(1, 5, 5, 24, 40), (1, 7, 7, 40, 130), (2, 6, 5, 8, 200), (1, 3, 4, 30
 @pytest.mark.parametrize("data_format", FORMATS)
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("shared_bytes", [0, 1 << 30])
-def test_packed_separable_and_pointwise_every_plan(rng, monkeypatch, data_format, threads, shared_bytes):
+def test_packed_separable_and_pointwise_every_plan(rng, data_format, threads, shared_bytes):
     """Fused and shared modes, filter blocks split at panel boundaries, 1-3 threads; bias and relu6 epilogue."""
-    import nbconv.forward as fw
+    from nbconv import _plan
 
-    monkeypatch.setattr(fw, "planning_threads", lambda: threads)
-    monkeypatch.setattr(fw, "TINY_MACS", 0)
-    monkeypatch.setattr(fw, "SHARED_BYTES", shared_bytes)
-    monkeypatch.setattr(fw, "SHARED_MIN_CM", 1)
-    monkeypatch.setattr(fw, "FUSED_B_BYTES", 0)
-    monkeypatch.setattr(fw, "MIN_SPLIT_P", 1 << 20)  # split the filters, not the pixels
-    monkeypatch.setattr(fw, "MIN_FB", 16)
-    monkeypatch.setattr(fw, "FB_TARGET", 48)
+    # split the filters, not the pixels
+    plans = _plan.override(threads=threads, tiny_macs=0, shared_bytes=shared_bytes, shared_min_channels=1,
+                           fused_weight_bytes=0, min_split_pixels=1 << 20, min_filter_block=16, filter_block=48)
+    with plans:
+        _check_every_shape(rng, data_format)
+
+
+def _check_every_shape(rng, data_format):
     for n, h, w, c, f in SHAPES:
         shape = (n, h, w, c) if data_format == "channels_last" else (n, c, h, w)
         x = random_array(rng, shape, np.float32)

@@ -251,7 +251,7 @@ def test_separable_explicit_padding_matches_keras_on_padded_input(rng, keras_ops
     assert_close(separable_ref(x, dk, pk, **kwargs), expected, tol=2e-5)
 
 
-# ---------------------------------------------------------------- work planning (forward._plan, _row_tiles)
+# ---------------------------------------------------------------- work planning (nbconv._plan)
 
 # (N, H, W, C, F, strides): batch 1 and several, pixels above and below the split threshold, filters beyond FB_TARGET
 PLAN_SHAPES = [(1, 7, 7, 24, 40, 1), (1, 10, 9, 8, 200, 1), (3, 6, 5, 6, 70, 2), (2, 13, 11, 5, 9, 1),
@@ -263,22 +263,22 @@ PLAN_SHAPES = [(1, 7, 7, 24, 40, 1), (1, 10, 9, 8, 200, 1), (3, 6, 5, 6, 70, 2),
 @pytest.mark.parametrize("tiles", ["one-row", "default"])
 @pytest.mark.parametrize("shared_bytes", [0, 1 << 30])
 @pytest.mark.parametrize("stream", [False, True])
-def test_separable_every_work_plan(rng, monkeypatch, data_format, threads, tiles, shared_bytes, stream):
+def test_separable_every_work_plan(rng, data_format, threads, tiles, shared_bytes, stream):
     """Fused and shared modes, pixel and filter splits, one-row tiles, task counts for 1..5 threads; outputs
     written with ordinary or non-temporal stores (aligned rows where F is a multiple of 16, some rows otherwise)."""
-    import nbconv.forward as fw
+    from nbconv import _plan
 
-    monkeypatch.setattr(fw, "planning_threads", lambda: threads)
-    monkeypatch.setattr(fw, "TINY_MACS", 0)
-    monkeypatch.setattr(fw, "SHARED_BYTES", shared_bytes)
-    monkeypatch.setattr(fw, "SHARED_MIN_CM", 1)
-    monkeypatch.setattr(fw, "FUSED_B_BYTES", 0)  # with room, shared mode whatever the tile count
-    monkeypatch.setattr(fw, "MIN_SPLIT_P", 16)
-    monkeypatch.setattr(fw, "MIN_FB", 16)
-    monkeypatch.setattr(fw, "FB_TARGET", 48)
-    monkeypatch.setattr(fw, "STREAM_BYTES", 0 if stream else 1 << 40)
+    # with room, shared mode whatever the tile count
+    changes = dict(threads=threads, tiny_macs=0, shared_bytes=shared_bytes, shared_min_channels=1,
+                   fused_weight_bytes=0, min_split_pixels=16, min_filter_block=16, filter_block=48,
+                   stream_bytes=0 if stream else 1 << 40)
     if tiles == "one-row":
-        monkeypatch.setattr(fw, "TILE_BYTES", 1)
+        changes["fused_tile_bytes"] = 1
+    with _plan.override(**changes):
+        _check_plan_shapes(rng, data_format)
+
+
+def _check_plan_shapes(rng, data_format):
     for n, h, w, c, f, s in PLAN_SHAPES:
         x, dk, pk, kwargs = _geometry_inputs(rng, (n, h, w, c, 1, f, 3, s, 1, "same"), data_format)
         bias = random_array(rng, (f,), np.float32)
@@ -304,22 +304,22 @@ MODE_SHAPES = [
 
 @pytest.mark.parametrize("shape", MODE_SHAPES, ids=[str(s[:6]) for s in MODE_SHAPES])
 def test_separable_default_plan_modes(rng, monkeypatch, shape):
-    """The default tunables pick the mode the measurements chose (``forward.FUSED_B_BYTES``), and the result
-    matches the reference in either mode."""
-    import nbconv.forward as fw
+    """The default tunables pick the mode the measurements chose (``_plan.Tunables.fused_weight_bytes``), and the
+    result matches the reference in either mode."""
+    from nbconv import _plan
 
     n, h, w, c, f, s, shared = shape
-    monkeypatch.setattr(fw, "planning_threads", lambda: 2)
     seen = []
-    plan = fw._separable_plan
+    plan = _plan.separable
 
-    def spy(g, *args):
-        result = plan(g, *args)
-        seen.append(result[1])
+    def spy(*args):
+        result = plan(*args)
+        seen.append(result.shared)
         return result
-    monkeypatch.setattr(fw, "_separable_plan", spy)
+    monkeypatch.setattr(_plan, "separable", spy)
     x, dk, pk, kwargs = _geometry_inputs(rng, (n, h, w, c, 1, f, 3, s, 1, "same"), "channels_last")
-    y = nbconv.separable_conv2d(x, dk, pk, **kwargs)
+    with _plan.override(threads=2):
+        y = nbconv.separable_conv2d(x, dk, pk, **kwargs)
     assert seen == [shared]
     assert_close(y, separable_ref(x, dk, pk, **kwargs), tol=tolerance_for(np.float32))
 
@@ -390,7 +390,8 @@ def test_one_thread_calls_run_the_serial_twin(rng, monkeypatch, op):
                 "depthwise": lambda: depthwise_ref(x, dk, padding="same"),
                 "pointwise": lambda: pointwise_ref(x, pk)}[op]()
     assert_close(CALLS[op](x, dk, pk), expected, tol=tolerance_for(np.float32))
-    monkeypatch.setattr(fw, "TINY_MACS", 0)
-    monkeypatch.setattr(fw, "planning_threads", lambda: 2)
-    assert_close(CALLS[op](x, dk, pk), expected, tol=tolerance_for(np.float32))
+    from nbconv import _plan
+
+    with _plan.override(tiny_macs=0, threads=2):
+        assert_close(CALLS[op](x, dk, pk), expected, tol=tolerance_for(np.float32))
     assert ran == [(True, 1), (False, 2)]
