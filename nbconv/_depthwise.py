@@ -20,8 +20,7 @@ NHWC tiles go through a channel-blocked copy of their input rows
 micro-kernels emitted as LLVM IR (:func:`_dw_microkernel`, see
 :mod:`nbconv._simd`): accumulators for 8 pixels in registers, the nine 3x3
 weight vectors held for a whole strip, and the columns neighbouring pixels
-share loaded once.  Measured on one thread, 56x56x128: 50 GFLOP/s for the
-flat loop over the NHWC rows, 130 for the micro-kernel on blocked rows.
+share loaded once (2.6x a flat loop over the NHWC rows: docs/tuning.md).
 """
 import numpy as np
 from llvmlite import ir
@@ -260,8 +259,8 @@ def _dk_microkernel(masked):
 
     for ``j < nch``.  The nine tap sums stay in registers for the whole
     call: per pixel one gradient vector and nine input vectors are loaded
-    and nothing is stored (the loop over taps with a tap-sized accumulator in
-    memory loads and stores it per pixel and tap: 15-20 GFLOP/s).
+    and nothing is stored (a tap-sized accumulator in memory is loaded and
+    stored per pixel and tap).
     """
 
     @intrinsic
@@ -364,7 +363,7 @@ def pack_rows(xn, dm, pr0, nrows, pt, pl, wp, lanes, xs):
     col0 = min(pl, wp)
     col1 = min(pl + w, wp)
     # packed channel -> input channel, for one gather per vector: a scalar loop per element (with its division)
-    # took 1.4 ms of a 56x56x128 dm=2 depthwise call, against 0.17 ms for the same output at dm=1
+    # cost 8x the whole dm=1 call
     src_of = np.arange(cm if dm > 1 else 0) // dm
     for r in range(nrows):
         ih = pr0 + r - pt
@@ -469,8 +468,8 @@ def pack_rows_nchw(xn, dm, pr0, nrows, pt, pl, wp, lanes, xs):
             for i in range(col1 * lanes, wp * lanes):
                 row[i] = zero
             if dm == 1:
-                # (lanes x lanes) blocks of channel rows transposed in registers: 2.6x faster than element by
-                # element, which put the NCHW depthwise at twice the NHWC time
+                # (lanes x lanes) blocks of channel rows transposed in registers: element by element put the NCHW
+                # depthwise at twice the NHWC time
                 src = xn.reshape(-1)
                 s0 = b * lanes * h * w + ih * w - pl
                 d0 = (b * nrows + r) * wp * lanes

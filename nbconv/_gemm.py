@@ -2,8 +2,7 @@
 
 Why not BLAS: OpenBLAS packs both operands on every call, which costs as
 much as the product itself when the pixels are few (7x7 or 10x10 images of
-1024+ channels: 130-160 GFLOP/s on one thread, against 210+ here), and the
-fused kernel calls it once per small tile.  Here the operands are read where
+1024+ channels), and the fused kernel calls it once per small tile.  Here the operands are read where
 they lie: ``B`` (the pointwise weights, ``K x F`` row-major) in rows of
 ``NV`` vectors, ``A`` (the depthwise tile) one scalar per row and ``k``.
 
@@ -18,7 +17,7 @@ row block of ``A`` passes over it), rows in blocks of ``MR``.  The last
 columns (fewer than one vector) use masked loads and stores, and row blocks of
 6, 3 and 1 rows cover every row count exactly, so no load or store ever leaves the arrays.
 
-Outputs too large to stay in cache (``forward.STREAM_BYTES``) can be stored
+Outputs too large to stay in cache (``_plan.Tunables.stream_bytes``) can be stored
 non-temporally (``stream``): the lines are not read before being written, and
 the operands keep the caches.
 
@@ -671,8 +670,7 @@ def gemm_bf16(m, n, k, a, aoff, ars, b, boff, ldb, packed, c, coff, ldc, bias, b
         Where each panel of a plain ``B`` is packed first (:func:`panel_scratch`
         elements, else it is read as it lies) when more than one block of
         rows reads it: the two rows of a pair lie ``ldb`` apart, and at 1024+
-        filters a panel's rows crowd a few cache sets (49x1024 @ 1024x1024:
-        316 GFLOP/s on plain rows, 485 on packed pairs, one thread).
+        filters a panel's rows crowd a few cache sets.
 
     Notes
     -----

@@ -28,9 +28,9 @@ pjit = functools.partial(jit, parallel=True)
 def serial_twin(kernel):
     """The serial compilation of a parallel kernel (``prange`` runs as ``range``), cached under its own name.
 
-    Calls planned for one thread run it: a parallel launch costs 4-6 us
-    even for one task (Numba's TBB pool enters an arena and wakes a worker),
-    three times a whole 4x4 separable kernel.  The twin is a copy of the
+    Calls planned for one thread run it: a parallel launch costs more than
+    a whole tiny kernel even for one task (Numba's TBB pool enters an arena
+    and wakes a worker).  The twin is a copy of the
     Python function with its own ``__qualname__``: Numba keys its on-disk
     cache by qualified name, and would otherwise load the parallel build.
     """

@@ -20,13 +20,31 @@ Scratch bound
     mode) or ``N * OH * OW * C*dm`` in all (shared mode, used only while that
     is at most ``forward.SHARED_BYTES``); ``nchunks <= 4 * threads``.  The
     public layer picks ``th`` so one depthwise tile is at most
-    ``forward.TILE_BYTES`` (one output row at least).
+    ``_plan.Tunables.fused_tile_bytes`` (one output row at least).
 """
 from numba import prange
 
 from ._depthwise import dw_tile
-from ._jit import pjit
+from ._jit import jit, pjit
 from ._gemm import product, product_t, transpose_tile
+
+
+@jit
+def _tile_product(channels_last, transposed, n, p0, npx, f0, nf, cm, f, ohw, d, doff, ldd, w1, bias, act, out1, tt,
+                  stream, packed_k, p_scr):
+    """One task's product: filters ``f0 .. f0+nf`` of pixels ``p0 .. p0+npx`` of image ``n`` from its depthwise
+    tile (``d`` from ``doff``), written NHWC, NCHW through the transposed store of ``tt``, or NCHW with the weights
+    as ``A`` of a channel-major tile (rows ``ldd`` apart)."""
+    bmode = 1 if bias.shape[0] > 0 else 0
+    if channels_last:
+        product(npx, nf, cm, d, doff, cm, w1, f0, f, out1, (n * ohw + p0) * f + f0, f, bias, f0, bmode, act, stream,
+                packed_k, p_scr)
+    elif transposed:
+        product(npx, nf, cm, d, doff, cm, w1, f0, f, tt, 0, nf, bias, f0, bmode, act, False, packed_k, p_scr)
+        transpose_tile(tt, 0, nf, npx, nf, out1, (n * f + f0) * ohw + p0, ohw)
+    else:
+        product_t(nf, npx, cm, w1, f0, f, d, doff, ldd, out1, (n * f + f0) * ohw + p0, ohw, bias, f0, 2 * bmode, act,
+                  stream)
 
 
 @pjit
@@ -87,10 +105,9 @@ def separable(x, channels_last, wt, bt, dact, wmat, bias, act, out1, dm, sh, sw,
     weights are read down columns, one cache line per filter block and
     channel.  In shared mode the GEMM therefore runs as for NHWC (weight
     rows in the lanes) and each block is transposed into the output in
-    registers: 7x7x1024->1024 went from 1.76x to 1.07x the NHWC time,
-    14x14x512->1024 s2 from 1.72x to 1.08x, no shared-mode shape got
-    slower.  Fused mode (large images) keeps the channel-major tiles, which
-    measured 3-20% faster there than pixel-major plus the transpose.
+    registers (1.7x the NHWC time before, 1.1x after).  Fused mode (large
+    images) keeps the channel-major tiles, faster there than pixel-major
+    plus the transpose (figures: docs/tuning.md).
     """
     n_img = x.shape[0]
     cm = wt.shape[1]
@@ -100,6 +117,7 @@ def separable(x, channels_last, wt, bt, dact, wmat, bias, act, out1, dm, sh, sw,
     rtiles = (oh_n + th - 1) // th
     fblocks = (f + fb - 1) // fb
     w1 = wmat.reshape(-1)
+    ldd = th * ow_n  # the row stride of a channel-major fused tile
     if shared:
         ntasks1 = n_img * rtiles
         dall = d_scr[0]
@@ -139,21 +157,9 @@ def separable(x, channels_last, wt, bt, dact, wmat, bias, act, out1, dm, sh, sw,
                 p0 = r0 * ow_n
                 d = d_scr[chunk]
                 doff = 0
-                ldd = th * ow_n
                 if tile != have:
                     dw_tile(x, n, channels_last, not (channels_last or transposed), wt, bt, dact, dm, r0, nr, sh, sw,
                             dh, dw, pt, pl, kh_n, kw_n, ow_n, wp, xs_scr[chunk], d, 0, ldd)
                     have = tile
-            if channels_last:
-                coff = (n * ohw + p0) * f + f0
-                product(npx, nf, cm, d, doff, cm, w1, f0, f, out1, coff, f, bias, f0,
-                        1 if bias.shape[0] > 0 else 0, act, stream, packed_k, p_scr[chunk])
-            elif transposed:
-                tt = t_scr[chunk]
-                product(npx, nf, cm, d, doff, cm, w1, f0, f, tt, 0, nf, bias, f0,
-                        1 if bias.shape[0] > 0 else 0, act, False, packed_k, p_scr[chunk])
-                transpose_tile(tt, 0, nf, npx, nf, out1, (n * f + f0) * ohw + p0, ohw)
-            else:
-                coff = (n * f + f0) * ohw + p0
-                product_t(nf, npx, cm, w1, f0, f, d, doff, ldd, out1, coff, ohw, bias, f0,
-                          2 if bias.shape[0] > 0 else 0, act, stream)
+            _tile_product(channels_last, transposed, n, p0, npx, f0, nf, cm, f, ohw, d, doff, ldd, w1, bias, act,
+                          out1, t_scr[chunk], stream, packed_k, p_scr[chunk])

@@ -39,11 +39,11 @@ def _workspace(*specs):
     """Scratch arrays ``(shape, dtype)`` carved from one grow-only buffer private to the calling Python thread.
 
     Scratch is megabytes for large images: a fresh ``np.empty`` per call is
-    returned to the OS when freed and page-faults back in on the next call
-    (about 0.5 ms for 4 MB).  Each array starts 64-byte aligned.  A thread's
+    returned to the OS when freed and page-faults back in on the next call.
+    Each array starts 64-byte aligned.  A thread's
     next call reuses the buffer, so a call's scratch must not outlive it.
     The views of a repeated set of shapes are cached (a layer calls with the
-    same shapes every time: a few microseconds of a tiny call).
+    same shapes every time).
     """
     views = getattr(_WORKSPACE, "views", None)
     if views is None:

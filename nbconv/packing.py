@@ -5,12 +5,12 @@ where they lie, ``F`` elements apart per input channel.  With 1024 filters or
 more (a row stride of 4 KiB or more in float32), the rows it reads in one
 block all fall on the same few cache sets and are fetched again for every
 block of pixels: on 7x7 and 10x10 images with 1024-2048 channels, where a
-call has few pixel blocks to share them, the product ran at 75-80 % of what it
-reaches on packed weights (one thread, alternating blocks of calls:
-49x1024 @ 1024x1024 78-90 -> 103-108 GFLOP/s, 100x1536 @ 1536x2048 74-81 ->
-101-106).  Packing on every call costs more than it saves (the copy pays the
-same strided reads), so it is done once, here, as ONNX Runtime does when a
-session is created and XNNPACK when an operator is.
+call has few pixel blocks to share them, the product runs at 75-80 % of what
+it reaches on packed weights (docs/tuning.md).  Packing on every call costs
+more than it saves (the copy pays the same strided reads), so it is done
+once, here, as ONNX Runtime does when a session is created and XNNPACK when
+an operator is.  bfloat16 products pack their pairs of rows here too, or
+per panel inside the kernel for plain weights (:func:`nbconv._gemm.gemm_bf16`).
 """
 import numpy as np
 
