@@ -275,11 +275,8 @@ def _run_contender(args, raw, suites, passthrough, show, name, tag, label, extra
     return rc, secs
 
 
-def main(argv=None):
-    args, passthrough = _parser().parse_known_args(argv)
-    if args.list:
-        _list()
-        return 0
+def _selection(args, passthrough):
+    """``(suites, contender names, cases, passthrough)`` from the command line (errors exit through argparse)."""
     suites = [s for item in args.suite for s in item.split(",") if s]
     unknown = [s for s in suites if s not in _cases.SUITES]
     if unknown:
@@ -299,35 +296,26 @@ def main(argv=None):
     if any(a.startswith("--benchmark-json") for a in passthrough):
         print("note: --benchmark-json is set by the runner for each contender; yours is ignored")
         passthrough = [a for a in passthrough if not a.startswith("--benchmark-json")]
-    show = args.show_output or any(a.startswith("--benchmark-compare") for a in passthrough)
+    # contenders with no case in this selection do not run
+    names = [n for n in names if n == "sgemm" or (
+        not (args.quick and getattr(CONTENDERS[n], "full_only", False))
+        and any(CONTENDERS[n].suites is None or c.suite in CONTENDERS[n].suites for c in selected))]
+    return suites, names, selected, passthrough
 
-    started = datetime.datetime.now(datetime.timezone.utc)
-    stamp = started.strftime("%Y%m%d-%H%M%S")
-    raw = os.path.join(args.out, f"raw-{stamp}")
-    os.makedirs(raw, exist_ok=True)
-    t_start = time.perf_counter()
-    meta = {"started": started.strftime("%Y-%m-%d %H:%M UTC"), "stamp": stamp, "quick": args.quick,
-            "suites": suites or list(_cases.SUITES), "contenders": list(names), "threads": args.threads,
-            "python": platform.python_version(), "platform": platform.platform(terse=True), "cpu": _cpu_model(),
-            "cpus": os.cpu_count(), "stat": args.stat, "argv": sys.argv[1:] if argv is None else list(argv),
-            "env": {k: os.environ.get(k) for k in ENV_SHOWN}, "returncodes": {}, "seconds": {},
-            "loadavg": {"start": _loadavg()}}
+
+def _meta(args, argv, suites, names, started):
+    meta = {"started": started.strftime("%Y-%m-%d %H:%M UTC"), "stamp": started.strftime("%Y%m%d-%H%M%S"),
+            "quick": args.quick, "suites": suites or list(_cases.SUITES), "contenders": list(names),
+            "threads": args.threads, "python": platform.python_version(), "platform": platform.platform(terse=True),
+            "cpu": _cpu_model(), "cpus": os.cpu_count(), "stat": args.stat,
+            "argv": sys.argv[1:] if argv is None else list(argv), "env": {k: os.environ.get(k) for k in ENV_SHOWN},
+            "returncodes": {}, "seconds": {}, "loadavg": {"start": _loadavg()}}
     meta["env"]["KERAS_BACKEND"] = os.environ.get("KERAS_BACKEND") or "jax (set by the runner)"
-    print(f"nbconv benchmarks: {len(selected)} cases x {len(names)} contenders, one process each "
-          f"({'quick' if args.quick else 'full'} run); raw results in {raw}")
-    for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
-        if os.environ.get(k):
-            print(f"  note: {k}={os.environ[k]} is set (OpenBLAS runs slower than it could; see the report)")
+    return meta
 
-    for name in list(names):
-        contender = CONTENDERS[name]
-        if name != "sgemm":
-            n_cases = len([c for c in selected if contender.suites is None or c.suite in contender.suites])
-            if args.quick and getattr(contender, "full_only", False):
-                n_cases = 0
-            if n_cases == 0:
-                meta["contenders"].remove(name)
-                names.remove(name)
+
+def _main_passes(args, raw, suites, passthrough, show, names, meta):
+    """Every contender in its own process, ``passes`` times in alternation; per case the faster pass counts."""
     passes = max(1, args.passes if args.passes is not None else (1 if args.quick else 2))
     meta["passes"] = passes
     runs = [(p, name) for p in range(passes) for name in names
@@ -342,54 +330,95 @@ def main(argv=None):
     for name in names:
         _merge_passes(raw, name, passes, args.stat)
 
+
+def _idle_runs(args, raw, suites, passthrough, show, names, selected, meta):
+    """The MobileNetV1 + Xception cases again, sleeping before every call, one process per run of IDLE_RUNS."""
     gaps = _idle_gaps(args.idle)
     idle_suites = [s for s in (suites or _cases.SUITES) if s in _cases.IDLE_SUITES]
     meta["idle"] = {"gaps_ms": gaps, "runs": {}}
-    if gaps and idle_suites and any(c.suite in idle_suites for c in selected):
-        rounds = args.idle_rounds or (10 if args.quick else 25)
-        meta["idle"]["rounds"] = rounds
-        for tag, name, threads in IDLE_RUNS:
-            if name not in names:
-                continue
-            extra = {"NBCONV_BENCH_IDLE_MS": ",".join(f"{g:g}" for g in gaps), "NBCONV_BENCH_IDLE_ROUNDS": str(rounds)}
-            if threads:
-                extra["NBCONV_BENCH_THREADS"] = str(threads)
-            rc, secs = _run_contender(args, raw, idle_suites, passthrough, show, name, tag, tag, extra)
-            meta["idle"]["runs"][tag] = {"contender": name, "threads": threads or args.threads, "returncode": rc}
-            meta["seconds"][tag] = secs
+    if not (gaps and idle_suites and any(c.suite in idle_suites for c in selected)):
+        return
+    rounds = args.idle_rounds or (10 if args.quick else 25)
+    meta["idle"]["rounds"] = rounds
+    for tag, name, threads in IDLE_RUNS:
+        if name not in names:
+            continue
+        extra = {"NBCONV_BENCH_IDLE_MS": ",".join(f"{g:g}" for g in gaps), "NBCONV_BENCH_IDLE_ROUNDS": str(rounds)}
+        if threads:
+            extra["NBCONV_BENCH_THREADS"] = str(threads)
+        rc, secs = _run_contender(args, raw, idle_suites, passthrough, show, name, tag, tag, extra)
+        meta["idle"]["runs"][tag] = {"contender": name, "threads": threads or args.threads, "returncode": rc}
+        meta["seconds"][tag] = secs
 
-    probes = {}
-    if "nbconv" in meta["contenders"] and not args.no_memory:
-        probes["memory"] = {}
-        for mode in ("fused", "two_step"):
+
+def _memory_probes(args):
+    out = {}
+    for mode in ("fused", "two_step"):
+        t0 = time.perf_counter()
+        out[mode] = _probe(["memory", mode], process_env({"NUMBA_NUM_THREADS": str(args.threads)}), args.timeout)
+        print(f"- memory {mode:<8} {time.perf_counter() - t0:5.1f} s  "
+              + (out[mode].get("error") or f"peak +{out[mode]['peak_increase_mib']:.0f} MiB"))
+    return out
+
+
+def _first_call_probes(args):
+    """Cold (empty kernel cache) and warm first calls in fresh processes, background and sync compile modes."""
+    out = {}
+    caches = [tempfile.mkdtemp(prefix="nbconv-kernel-cache-") for _ in range(2)]
+    try:
+        for kind, cache, mode in (("cold", caches[0], "background"), ("warm", caches[0], "background"),
+                                  ("cold_sync", caches[1], "sync")):
             t0 = time.perf_counter()
-            probes["memory"][mode] = _probe(["memory", mode],
-                                            process_env({"NUMBA_NUM_THREADS": str(args.threads)}), args.timeout)
-            print(f"- memory {mode:<8} {time.perf_counter() - t0:5.1f} s  "
-                  + (probes["memory"][mode].get("error") or
-                     f"peak +{probes['memory'][mode]['peak_increase_mib']:.0f} MiB"))
-    if "nbconv" in meta["contenders"] and args.quick and not args.firstcall and not args.no_firstcall:
+            env = process_env({"NBCONV_CACHE_DIR": cache, "NBCONV_COMPILE": mode,
+                               "NUMBA_NUM_THREADS": str(args.threads)})
+            res = _probe(["firstcall"] + (["--only-first"] if mode == "sync" else []), env, max(args.timeout, 900))
+            res["process_s"] = time.perf_counter() - t0
+            out[kind] = res
+            print(f"- first call {kind:<9} {res['process_s']:5.1f} s  "
+                  + (res.get("error") or f"import + first call {res['import_plus_first_call_s']:.2f} s, all "
+                                         f"{len(res['calls'])} first calls {res['all_first_calls_s']:.2f} s, "
+                                         f"compiled after {res['compiled_after_s']:.0f} s"))
+    finally:
+        for cache in caches:
+            shutil.rmtree(cache, ignore_errors=True)
+    return out
+
+
+def _probes(args, meta):
+    probes = {}
+    if "nbconv" not in meta["contenders"]:
+        return probes
+    if not args.no_memory:
+        probes["memory"] = _memory_probes(args)
+    if args.quick and not args.firstcall and not args.no_firstcall:
         print("- first call    skipped in a --quick run (add --firstcall)")
-    elif "nbconv" in meta["contenders"] and not args.no_firstcall:
-        probes["first_call"] = {}
-        caches = [tempfile.mkdtemp(prefix="nbconv-kernel-cache-") for _ in range(2)]
-        try:
-            for kind, cache, mode in (("cold", caches[0], "background"), ("warm", caches[0], "background"),
-                                      ("cold_sync", caches[1], "sync")):
-                t0 = time.perf_counter()
-                env = process_env({"NBCONV_CACHE_DIR": cache, "NBCONV_COMPILE": mode,
-                                   "NUMBA_NUM_THREADS": str(args.threads)})
-                res = _probe(["firstcall"] + (["--only-first"] if mode == "sync" else []), env, max(args.timeout, 900))
-                res["process_s"] = time.perf_counter() - t0
-                probes["first_call"][kind] = res
-                print(f"- first call {kind:<9} {res['process_s']:5.1f} s  "
-                      + (res.get("error") or f"import + first call {res['import_plus_first_call_s']:.2f} s, all "
-                                             f"{len(res['calls'])} first calls {res['all_first_calls_s']:.2f} s, "
-                                             f"compiled after {res['compiled_after_s']:.0f} s"))
-        finally:
-            for cache in caches:
-                shutil.rmtree(cache, ignore_errors=True)
+    elif not args.no_firstcall:
+        probes["first_call"] = _first_call_probes(args)
         probes["first_predict"] = _first_predict(args)
+    return probes
+
+
+def main(argv=None):
+    args, passthrough = _parser().parse_known_args(argv)
+    if args.list:
+        _list()
+        return 0
+    suites, names, selected, passthrough = _selection(args, passthrough)
+    show = args.show_output or any(a.startswith("--benchmark-compare") for a in passthrough)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    meta = _meta(args, argv, suites, names, started)
+    raw = os.path.join(args.out, f"raw-{meta['stamp']}")
+    os.makedirs(raw, exist_ok=True)
+    t_start = time.perf_counter()
+    print(f"nbconv benchmarks: {len(selected)} cases x {len(names)} contenders, one process each "
+          f"({'quick' if args.quick else 'full'} run); raw results in {raw}")
+    for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
+        if os.environ.get(k):
+            print(f"  note: {k}={os.environ[k]} is set (OpenBLAS runs slower than it could; see the report)")
+
+    _main_passes(args, raw, suites, passthrough, show, names, meta)
+    _idle_runs(args, raw, suites, passthrough, show, names, selected, meta)
+    probes = _probes(args, meta)
     with open(os.path.join(raw, "probes.json"), "w") as fh:
         json.dump(probes, fh, indent=1)
     meta["elapsed_s"] = time.perf_counter() - t_start
@@ -399,7 +428,7 @@ def main(argv=None):
 
     report = _report.build(raw)
     markdown = None if args.markdown.lower() == "none" else args.markdown
-    text, paths = _report.save(report, args.out, f"report-{stamp}", markdown)
+    text, paths = _report.save(report, args.out, f"report-{meta['stamp']}", markdown)
     print()
     sys.stdout.write(text)
     print(f"\nsaved {paths['txt']}\n      {paths['json']}" + (f"\n      {paths['png']}" if paths["png"] else "")

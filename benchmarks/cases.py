@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from nbconv._args import conv_output_hw, same_padding
+
 from . import ROOT
 
 __all__ = ["Case", "CASES", "SUITES", "SUITE_TITLES", "KERAS_MODEL_SUITES", "MOBILENET_BLOCKS", "MODEL_OPS", "APP_OPS",
@@ -112,11 +114,9 @@ class Case:
 
     @property
     def out_hw(self):
-        (pt, pb), (pl, pr) = self.pads
-        ek = (self.k - 1) * self.dilation + 1
         if self.op == "pointwise":
             return self.h, self.w
-        return (self.h + pt + pb - ek) // self.stride + 1, (self.w + pl + pr - ek) // self.stride + 1
+        return conv_output_hw(self.h, self.w, (self.k, self.k), self.stride, self.pads, self.dilation)
 
     @property
     def macs(self):
@@ -192,11 +192,7 @@ def explicit_padding(case):
         return (p, p), (p, p)
     if case.padding == "valid":
         return (0, 0), (0, 0)
-    pads = []
-    for n in (case.h, case.w):
-        total = max((math.ceil(n / case.stride) - 1) * case.stride + (case.k - 1) * case.dilation + 1 - n, 0)
-        pads.append((total // 2, total - total // 2))
-    return tuple(pads)
+    return tuple(same_padding(n, case.k, case.stride, case.dilation) for n in (case.h, case.w))
 
 
 def _mnv1(suite, n, hw, c, f, s, quick=False, **kw):
