@@ -51,7 +51,7 @@ from numba import prange
 from ._depthwise import _first_valid, dk3_packed_rows, dw_tile, pack_rows
 from ._elementwise import RELU6
 from ._jit import jit, pjit
-from ._gemm import KC, gemm_nn, transpose_tile
+from ._gemm import KC, gemm_bf16, gemm_nn, transpose_tile
 from ._pointwise import gemm_rm
 from ._simd import VECTOR_BYTES
 
@@ -836,6 +836,58 @@ def transpose_into(a, out):
         i0 = (t // ntc) * tile
         j0 = (t - (t // ntc) * ntc) * tile
         transpose_tile(a1, i0 * c + j0, c, min(tile, r - i0), min(tile, c - j0), o1, j0 * r + i0, r)
+
+
+@pjit
+def weight_grad_bf16(dt, g2b, g2, parts, mb, nb, qb, dwp, want_b, dbp, p_scr):
+    """Parallel ``dW = D @ G`` with bfloat16 products (float32 sums), and ``db = sum of G's rows``.
+
+    Parameters
+    ----------
+    dt : ndarray of uint16, shape (K, P)
+        The depthwise intermediate transposed, in bfloat16 bits (pairs of pixels side by side).
+    g2b : ndarray of uint16, shape (P, F)
+        The output gradient in bfloat16 bits.
+    g2 : ndarray of shape (P, F)
+        The same in float32, for the bias gradient (summed exactly as the float path does).
+    parts, mb, nb, dwp, want_b, dbp
+        As in :func:`weight_grad_nhwc`.
+    qb : int
+        Pixels per product, even: a panel of ``G`` (``qb x 64`` pairs) stays in L2 while the task's rows of
+        ``D^T`` pass over it; the sums of the blocks accumulate in ``dwp``.
+    p_scr : ndarray of uint16, shape (tasks, >= qb * 64)
+        Per task, where :func:`nbconv._gemm.gemm_bf16` packs the panels of ``G``.
+    """
+    k, p_all = dt.shape
+    f = g2b.shape[1]
+    kb = (k + mb - 1) // mb
+    fbk = (f + nb - 1) // nb
+    ntasks = parts * kb * fbk
+    d1 = dt.reshape(-1)
+    gb1 = g2b.reshape(-1)
+    g1 = g2.reshape(-1)
+    dw1 = dwp.reshape(-1)
+    nobias = g1[:0]
+    for t in prange(ntasks):
+        part = t // (kb * fbk)
+        rest = t - part * kb * fbk
+        k0 = (rest // fbk) * mb
+        f0 = (rest - (rest // fbk) * fbk) * nb
+        p0 = part * p_all // parts
+        p1 = (part + 1) * p_all // parts
+        mk = min(mb, k - k0)
+        nf = min(nb, f - f0)
+        coff = part * k * f + k0 * f + f0
+        if p1 <= p0:
+            gemm_nn(mk, nf, 0, g1, 0, 1, k, g1, 0, f, dw1, coff, f, False, nobias, 0, 0, 0)
+        for q0 in range(p0, p1, qb):
+            ql = min(qb, p1 - q0)
+            gemm_bf16(mk, nf, ql, d1, k0 * p_all + q0, p_all, gb1, q0 * f + f0, f, False, dw1, coff, f, nobias, 0, 0,
+                      0, False, p_scr[t], q0 > p0)
+        if want_b and k0 == 0:
+            acc = dbp[part, f0:f0 + nf]
+            acc[:] = 0
+            _colsum_rows(g1, p0 * f + f0, p1 - p0, nf, f, acc)
 
 
 @pjit

@@ -343,7 +343,8 @@ def transpose_tile(src, soff, lds, rows, cols, dst, doff, ldd):
 
 def _microkernel_bf16(rows, nv, masked, packed):
     """An intrinsic ``mk(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act,
-    stream)``: :func:`_microkernel` for bfloat16 ``A`` and ``B`` (``uint16`` bits), float32 sums, no accumulate.
+    stream, accumulate)``: :func:`_microkernel` for bfloat16 ``A`` and ``B`` (``uint16`` bits), float32 sums
+    (added to a float32 ``C`` if ``accumulate``).
 
     ``A[r, k]`` is ``a[aoff + r*ars + k]``; ``k`` runs over ``2*kp + kodd``
     (an odd last ``k`` reads one element of ``A``, never its neighbour).
@@ -356,8 +357,10 @@ def _microkernel_bf16(rows, nv, masked, packed):
     """
 
     @intrinsic
-    def mk(typingctx, a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream):
-        sig = types.void(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+    def mk(typingctx, a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream,
+           accumulate):
+        sig = types.void(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream,
+                         accumulate)
 
         def codegen(context, builder, signature, args):
             vb = VectorBuilder(context, builder, signature, args, types.float32)
@@ -420,11 +423,14 @@ def _microkernel_bf16(rows, nv, masked, packed):
             is_col = builder.icmp_signed("==", bmode, vb.const(1))
             is_row = builder.icmp_signed("==", bmode, vb.const(2))
             streaming = builder.icmp_unsigned("!=", args[17], ir.Constant(args[17].type, 0))
+            add = builder.icmp_unsigned("!=", args[18], ir.Constant(args[18].type, 0))
             for r in range(rows):
                 with builder.if_then(builder.icmp_signed("<", vb.const(r), mr)):
                     crow = vb.at(cptr, builder.mul(vb.const(r), ldc))
                     for j in range(nv):
                         p = vb.at(crow, lanes * j)
+                        with builder.if_then(add):
+                            builder.store(builder.fadd(vb.load(p, mask), builder.load(accs[r][j])), accs[r][j])
                         val = builder.load(accs[r][j])
                         with builder.if_then(is_col):
                             builder.store(builder.fadd(val, vb.load(vb.at(bptr_, lanes * j), mask)), accs[r][j])
@@ -460,80 +466,110 @@ _br6_m, _br3_m, _br1_m = (_microkernel_bf16(r, 1, True, False) for r in (6, 3, 1
 # one branch per compile-time variant: Numba cannot index a tuple of intrinsics at run time
 @jit
 def _bf16_rows6(nv, packed, a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act,
-                stream):
+                stream, accumulate):
     if packed:
         if nv == 0:
-            _bp6_m(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+            _bp6_m(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream,
+                   accumulate)
         elif nv == 1:
-            _bp6_1(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+            _bp6_1(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream,
+                   accumulate)
         elif nv == 2:
-            _bp6_2(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+            _bp6_2(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream,
+                   accumulate)
         elif nv == 3:
-            _bp6_3(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+            _bp6_3(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream,
+                   accumulate)
         else:
-            _bp6_4(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+            _bp6_4(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream,
+                   accumulate)
     elif nv == 0:
-        _br6_m(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+        _br6_m(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream,
+               accumulate)
     elif nv == 1:
-        _br6_1(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+        _br6_1(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream,
+               accumulate)
     elif nv == 2:
-        _br6_2(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+        _br6_2(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream,
+               accumulate)
     elif nv == 3:
-        _br6_3(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+        _br6_3(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream,
+               accumulate)
     else:
-        _br6_4(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+        _br6_4(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream,
+               accumulate)
 
 
 @jit
 def _bf16_rows3(nv, packed, a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act,
-                stream):
+                stream, accumulate):
     if packed:
         if nv == 0:
-            _bp3_m(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+            _bp3_m(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream,
+                   accumulate)
         elif nv == 1:
-            _bp3_1(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+            _bp3_1(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream,
+                   accumulate)
         elif nv == 2:
-            _bp3_2(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+            _bp3_2(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream,
+                   accumulate)
         elif nv == 3:
-            _bp3_3(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+            _bp3_3(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream,
+                   accumulate)
         else:
-            _bp3_4(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+            _bp3_4(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream,
+                   accumulate)
     elif nv == 0:
-        _br3_m(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+        _br3_m(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream,
+               accumulate)
     elif nv == 1:
-        _br3_1(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+        _br3_1(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream,
+               accumulate)
     elif nv == 2:
-        _br3_2(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+        _br3_2(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream,
+               accumulate)
     elif nv == 3:
-        _br3_3(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+        _br3_3(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream,
+               accumulate)
     else:
-        _br3_4(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+        _br3_4(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream,
+               accumulate)
 
 
 @jit
 def _bf16_rows1(nv, packed, a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act,
-                stream):
+                stream, accumulate):
     if packed:
         if nv == 0:
-            _bp1_m(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+            _bp1_m(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream,
+                   accumulate)
         elif nv == 1:
-            _bp1_1(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+            _bp1_1(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream,
+                   accumulate)
         elif nv == 2:
-            _bp1_2(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+            _bp1_2(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream,
+                   accumulate)
         elif nv == 3:
-            _bp1_3(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+            _bp1_3(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream,
+                   accumulate)
         else:
-            _bp1_4(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+            _bp1_4(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream,
+                   accumulate)
     elif nv == 0:
-        _br1_m(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+        _br1_m(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream,
+               accumulate)
     elif nv == 1:
-        _br1_1(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+        _br1_1(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream,
+               accumulate)
     elif nv == 2:
-        _br1_2(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+        _br1_2(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream,
+               accumulate)
     elif nv == 3:
-        _br1_3(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+        _br1_3(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream,
+               accumulate)
     else:
-        _br1_4(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream)
+        _br1_4(a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, mr, ncols, bias, bioff, bmode, act, stream,
+               accumulate)
 
 
 @intrinsic
@@ -611,7 +647,7 @@ def pack_pairs(matrix):
 
 @jit
 def _bf16_panel(nv, packed, ncols, m, a, aoff, ars, b, boff, ldb, c, coff, ldc, kp, kodd, bias, bioff, bmode, act,
-                stream):
+                stream, accumulate):
     """All ``m`` rows of one panel (:func:`_column_panel` for the bfloat16 micro-kernels)."""
     i0 = 0
     while i0 < m:
@@ -621,35 +657,36 @@ def _bf16_panel(nv, packed, ncols, m, a, aoff, ars, b, boff, ldb, c, coff, ldc, 
         bi = bioff + i0 if bmode == 2 else bioff
         if left >= MR:
             _bf16_rows6(nv, packed, a, ai, ars, b, boff, ldb, c, ci, ldc, kp, kodd, MR, ncols, bias, bi, bmode, act,
-                        stream)
+                        stream, accumulate)
             i0 += MR
         elif left >= 3:
             _bf16_rows3(nv, packed, a, ai, ars, b, boff, ldb, c, ci, ldc, kp, kodd, 3, ncols, bias, bi, bmode, act,
-                        stream)
+                        stream, accumulate)
             i0 += 3
         else:
             _bf16_rows1(nv, packed, a, ai, ars, b, boff, ldb, c, ci, ldc, kp, kodd, 1, ncols, bias, bi, bmode, act,
-                        stream)
+                        stream, accumulate)
             i0 += 1
 
 
 @jit
 def _bf16_columns(nv, tail, packed, m, a, aoff, ars, b, bp, lb, toff, c, coff, ldc, kp, kodd, bias, bcol, bmode, act,
-                  stream):
+                  stream, accumulate):
     """One panel of :func:`gemm_bf16`: ``nv`` whole vectors of columns, then ``tail`` columns in a masked one
     (``toff`` elements into ``b`` from ``bp``)."""
     lanes = VECTOR_BYTES // 4
     if nv > 0:
         _bf16_panel(nv, packed, nv * lanes, m, a, aoff, ars, b, bp, lb, c, coff, ldc, kp, kodd, bias, bcol, bmode,
-                    act, stream)
+                    act, stream, accumulate)
     if tail > 0:
         t = nv * lanes
         _bf16_panel(0, packed, tail, m, a, aoff, ars, b, bp + toff, lb, c, coff + t, ldc, kp, kodd, bias,
-                    bcol + t if bmode == 1 else bcol, bmode, act, False)
+                    bcol + t if bmode == 1 else bcol, bmode, act, False, accumulate)
 
 
 @jit
-def gemm_bf16(m, n, k, a, aoff, ars, b, boff, ldb, packed, c, coff, ldc, bias, bioff, bmode, act, stream, scratch):
+def gemm_bf16(m, n, k, a, aoff, ars, b, boff, ldb, packed, c, coff, ldc, bias, bioff, bmode, act, stream, scratch,
+              accumulate=False):
     """``C[i, j] = act(sum_k A[i, k] * B[k, j] + bias)`` for bfloat16 ``A``, ``B`` (``uint16`` bits), float32 sums.
 
     Parameters
@@ -663,7 +700,7 @@ def gemm_bf16(m, n, k, a, aoff, ars, b, boff, ldb, packed, c, coff, ldc, bias, b
         A float32 ``B`` is rounded to bfloat16 as each panel is packed
         (``scratch`` is then required).
     c : ndarray of float32 or uint16 (bfloat16 bits), flat
-        ``C[i, j]`` is ``c[coff + i*ldc + j]``, overwritten.
+        ``C[i, j]`` is ``c[coff + i*ldc + j]``, overwritten, or (float32 only) added to if ``accumulate``.
     bias, bioff, bmode, act, stream
         As in :func:`gemm_nn`.
     scratch : ndarray of uint16, flat
@@ -696,13 +733,13 @@ def gemm_bf16(m, n, k, a, aoff, ars, b, boff, ldb, packed, c, coff, ldc, bias, b
         if repack:
             _pack_panel(b, boff + j0, ldb, k, min(nr, n - j0), scratch)
             _bf16_columns(nv, tail, True, m, a, aoff, ars, scratch, 0, 2 * nr, 2 * lanes * nv, c, coff + j0, ldc, kp,
-                          kodd, bias, bcol, bmode, act, nt)
+                          kodd, bias, bcol, bmode, act, nt, accumulate)
         elif packed:
             _bf16_columns(nv, tail, True, m, a, aoff, ars, b, (boff + j0) * (k + kodd), 2 * nr, 2 * lanes * nv, c,
-                          coff + j0, ldc, kp, kodd, bias, bcol, bmode, act, nt)
+                          coff + j0, ldc, kp, kodd, bias, bcol, bmode, act, nt, accumulate)
         else:
             _bf16_columns(nv, tail, False, m, a, aoff, ars, b, boff + j0, ldb, lanes * nv, c, coff + j0, ldc, kp, kodd,
-                          bias, bcol, bmode, act, nt)
+                          bias, bcol, bmode, act, nt, accumulate)
     if nt:
         store_fence()
 

@@ -29,8 +29,10 @@ from ._backward import (
     reduce_chunks,
     activation_grad,
     transpose_into,
+    weight_grad_bf16,
     weight_grad_nhwc,
 )
+from ._gemm import panel_scratch
 from ._pointwise import GEMM_CHARS
 from ._runtime import GEMM_LAUNCH, LAUNCH_LOCK
 
@@ -45,7 +47,7 @@ __all__ = [
 
 _compile.register(add_halos_nchw, add_halos_nhwc, dk3_nhwc, dwsep_backward_nchw, dwsep_backward_nhwc,
                   pointwise_backward_nchw, pointwise_backward_nhwc, reduce_chunks, activation_grad, transpose_into,
-                  weight_grad_nhwc)
+                  weight_grad_bf16, weight_grad_nhwc)
 
 class DepthwiseConv2DGrads(NamedTuple):
     """Gradients of :func:`nbconv.depthwise_conv2d` (None for those not requested)."""
@@ -240,7 +242,28 @@ def _weight_grad(x2, g2, want_b, compute):
     return _reduce(dwp, compute), (_reduce(dbp, compute) if want_b else None)
 
 
-def _sep_backward_whole(g, xc, dk, wc, gc, want_dx, want_dk, want_pw, want_b, compute):
+def _weight_grad_bf16(d2, g2, g2b, want_b, compute):
+    """:func:`_weight_grad` with bfloat16 products: ``(d2.T @ g2b, column sums of g2 or None)``; ``d2`` float32
+    ``(P, K)``, ``g2b`` the bfloat16 ``(P, F)`` gradient (``g2`` in float32 for the bias)."""
+    p, k = d2.shape
+    f = g2.shape[1]
+    dt = np.empty((k, p), _dtypes.BITS)
+    with LAUNCH_LOCK:
+        _compile.k(transpose_into)(d2, dt)
+    mb, nb, parts = _plan.weight_grad_parts(k, f)
+    qb = _plan.tunables().weight_grad_pixels
+    tasks = parts * -(-k // mb) * -(-f // nb)
+    dwp = np.empty((parts, k, f), compute)
+    dbp = np.empty((parts, f) if want_b else (parts, 1), compute)
+    p_scr = np.empty((tasks, panel_scratch(qb)), _dtypes.BITS)
+    with LAUNCH_LOCK:
+        _compile.k(weight_grad_bf16)(dt, _dtypes.bits(g2b), g2, parts, mb, nb, qb, dwp, want_b, dbp, p_scr)
+    if parts == 1:
+        return dwp[0], (dbp[0] if want_b else None)
+    return _reduce(dwp, compute), (_reduce(dbp, compute) if want_b else None)
+
+
+def _sep_backward_whole(g, xc, dk, wc, gc, want_dx, want_dk, want_pw, want_b, compute, bf16=False):
     """NHWC separable backward with the depthwise intermediate held whole (:func:`nbconv._plan.whole_intermediate`).
 
     ``D`` comes from the forward depthwise kernels, ``dPW = D^T G`` from
@@ -250,7 +273,10 @@ def _sep_backward_whole(g, xc, dk, wc, gc, want_dx, want_dk, want_pw, want_b, co
     all pixels, in blocks of its own output: the tiled path
     (:func:`_dwsep_backward`) re-reads the ``C*dm x F`` weights and partial
     sums for every tile of a few hundred pixels, which on small images with
-    many channels (7x7x1024) cost more than the products.
+    many channels (7x7x1024) cost more than the products.  With ``bf16``
+    both products multiply bfloat16 pairs (``G`` and ``D`` rounded,
+    float32 sums): :func:`_weight_grad_bf16`, and the forward's pointwise
+    kernel with ``precision="bfloat16"``.
     """
     strides, dilation = (g.sh, g.sw), (g.dh, g.dw)
     padding = ((g.pt, g.pb), (g.pl, g.pr))
@@ -260,13 +286,19 @@ def _sep_backward_whole(g, xc, dk, wc, gc, want_dx, want_dk, want_pw, want_b, co
     if want_pw:
         _forward.depthwise_conv2d(xc, dk, strides=strides, padding=padding, dilation_rate=dilation, out=buf)
     g2 = gc.reshape(-1, f)
+    gb = _dtypes.from_bits(_dtypes.bits(gc)) if bf16 and (want_pw or want_dx or want_dk) else None
     if want_pw or want_b:
-        if want_pw:
+        if want_pw and bf16:
+            dpw, db = _weight_grad_bf16(buf.reshape(-1, cm), g2, gb.reshape(-1, f), want_b, compute)
+        elif want_pw:
             dpw, db = _weight_grad(buf.reshape(-1, cm), g2, want_b, compute)
         else:
             db = g2.sum(axis=0, dtype=compute)
     if want_dx or want_dk:
-        _forward.pointwise_conv2d(gc, _transposed(wc), out=buf)
+        if bf16:
+            _forward.pointwise_conv2d(gb, _transposed(wc), out=buf, precision="bfloat16", output_dtype=compute)
+        else:
+            _forward.pointwise_conv2d(gc, _transposed(wc), out=buf)
         dx, ddk = _dw_grads_nhwc(g, xc, dk, buf, want_dx, want_dk, compute)
     return dx, ddk, dpw, db
 
@@ -528,6 +560,8 @@ def separable_conv2d_backward(grad_output, x, depthwise_kernel, pointwise_kernel
     grad_output = _check_grad_output(grad_output, g.out_shape(f), "separable_conv2d")
     act, output = _activation_mask(activation, output, grad_output)
     compute, result = _args.dtypes_for(grad_output, x, dk, pk, precision="float32")
+    # bfloat16 inputs: the two pointwise products of the backward multiply bfloat16 pairs too
+    bf16 = _args.dtypes_for(grad_output, x, dk, pk).bf16
 
     want_dx, want_dk = "x" in names, "depthwise_kernel" in names
     want_pw, want_b = "pointwise_kernel" in names, "bias" in names
@@ -543,9 +577,9 @@ def separable_conv2d_backward(grad_output, x, depthwise_kernel, pointwise_kernel
     xc = _dtypes.operand(x, compute)
     gc = _masked(_dtypes.operand(grad_output, compute), act, output, compute)
     wc = _dtypes.operand(wmat, compute)
-    if _plan.whole_intermediate(g, f, compute.itemsize):
+    if _plan.whole_intermediate(g, f, compute.itemsize, bf16):
         dx, ddk, dpw, db = _sep_backward_whole(g, xc, _dtypes.operand(dk, compute), wc, gc, want_dx, want_dk,
-                                               want_pw, want_b, compute)
+                                               want_pw, want_b, compute, bf16)
     else:
         dx, ddk, dpw, db = _dwsep_backward(g, xc, _internal_dk(dk, g, compute), wc, gc, want_dx, want_dk, want_pw,
                                            want_b, compute)

@@ -249,26 +249,83 @@ def test_denormals():
     assert np.allclose(d, float(tiny), rtol=1e-6, atol=0)
 
 
-def test_backward(rng):
-    x, dk, pk, kwargs = _geometry_inputs(rng, (2, 8, 7, 6, 2, 9, 3, (2, 1), 1, "same"), "channels_last")
-    xb, dkb, pkb = _bf16(x, dk, pk)
-    y = nbconv.separable_conv2d(xb, dkb, pkb, activation="relu", **kwargs)
+def _jax_grads(fn, args, cot):
+    """float64 jax gradients of ``sum(fn(*args) * cot)`` with respect to every argument."""
+    import jax
+    import jax.numpy as jnp
+
+    with jax.enable_x64(True):
+        return [np.asarray(v, np.float64) for v in jax.grad(lambda *a: jnp.sum(fn(*a) * cot),
+                                                            argnums=tuple(range(len(args))))(*args)]
+
+
+# the last three hold the intermediate whole and multiply bfloat16 pairs (nbconv._plan.whole_intermediate)
+@pytest.mark.parametrize("shape", [(2, 8, 7, 6, 2, 9, (2, 1)), (1, 7, 7, 300, 1, 130, 1), (2, 9, 9, 256, 1, 161, 1),
+                                   (2, 8, 7, 130, 2, 150, (2, 1))], ids=str)
+def test_separable_backward_within_the_bfloat16_bound(rng, shape):
+    """bfloat16 inputs, NHWC: with weights of 128+ KiB in float32 both pointwise products of the backward
+    multiply bfloat16 pairs (dD = G W^T and dW = D^T G, with D and G rounded).  Against float64 jax gradients
+    of the same (bfloat16-valued) operands; the bound is each gradient's map applied to absolute values (the
+    same jax gradient of |x|, |dk|, |pk| with cotangent |G|), times 3 * 2^-8 for the operands' roundings and
+    the float32 sums, plus 2^-8 of |ref| for the rounded result."""
+    import keras
+
+    n, h, w, c, dm, f, strides = shape
+    kwargs = dict(strides=strides, padding="same", dilation_rate=1, data_format="channels_last")
+    x, dk, pk = _bf16(random_array(rng, (n, h, w, c)), random_array(rng, (3, 3, c, dm)),
+                      random_array(rng, (1, 1, c * dm, f)))
+    y = nbconv.separable_conv2d(x, dk, pk, **kwargs)
     g = _bf16(random_array(rng, y.shape))[0]
-    grads = nbconv.separable_conv2d_backward(g, xb, dkb, pkb, activation="relu", output=y, **kwargs)
-    # the same as float32 gradients of the widened operands, rounded once
-    ref = nbconv.separable_conv2d_backward(g.astype(np.float32), *[a.astype(np.float32) for a in (xb, dkb, pkb)],
-                                           activation="relu", output=y.astype(np.float32), **kwargs)
-    for name, got, want in zip(grads._fields, grads, ref):
-        assert got.dtype == BF16, name
-        scale = np.abs(want).max()
-        assert np.all(np.abs(got.astype(np.float64) - want) <= U_BF16 * np.abs(want) + 1e-6 * scale), name
-    for fn, args in ((nbconv.depthwise_conv2d_backward, (dkb,)), (nbconv.pointwise_conv2d_backward, ())):
-        if fn is nbconv.pointwise_conv2d_backward:
-            grads = fn(_bf16(random_array(rng, (2, 8, 7, 9)))[0], xb, _bf16(random_array(rng, (6, 9)))[0])
-        else:
-            yd = nbconv.depthwise_conv2d(xb, dkb, **kwargs)
-            grads = fn(yd, xb, *args, **kwargs)
-        assert all(a.dtype == BF16 for a in grads)
+    got = nbconv.separable_conv2d_backward(g, x, dk, pk, **kwargs)
+
+    def fn(a, b, p):
+        return keras.ops.separable_conv(a, b, p, **kwargs)
+    ref = _jax_grads(fn, [_f64(x), _f64(dk), _f64(pk)], _f64(g))
+    bound = _jax_grads(fn, [np.abs(_f64(x)), np.abs(_f64(dk)), np.abs(_f64(pk))], np.abs(_f64(g)))
+    for name, actual, want, b in zip(("x", "depthwise_kernel", "pointwise_kernel"), got, ref, bound):
+        assert actual.dtype == BF16, name
+        assert_within(actual, want, 3 * U_BF16 * b, U_BF16)
+
+
+@pytest.mark.parametrize("op", ["separable_nchw", "depthwise", "pointwise"])
+def test_backward_in_float32_on_bfloat16_values(rng, op):
+    """NCHW separable, depthwise and pointwise backward of bfloat16 inputs: float32 on the widened operands,
+    rounded once (NHWC separable products are bfloat16 pairs: the test above).  Against float64 jax gradients,
+    within 2^-8 of the result plus float32 sums (64 * 2^-24 of the absolute-value map)."""
+    import keras
+
+    ops = keras.ops
+    kw = dict(strides=(2, 1), padding="same", dilation_rate=1)
+    if op == "separable_nchw":
+        x, dk, pk = _bf16(random_array(rng, (2, 6, 8, 7)), random_array(rng, (3, 3, 6, 2)),
+                          random_array(rng, (1, 1, 12, 9)))
+        args, fmt = (x, dk, pk), "channels_first"
+
+        def fn(a, b, p):
+            return ops.separable_conv(a, b, p, data_format=fmt, **kw)
+        g = _bf16(random_array(rng, nbconv.separable_conv2d(x, dk, pk, data_format=fmt, **kw).shape))[0]
+        got = nbconv.separable_conv2d_backward(g, x, dk, pk, data_format=fmt, **kw)[:3]
+    elif op == "depthwise":
+        x, dk = _bf16(random_array(rng, (2, 8, 7, 6)), random_array(rng, (3, 3, 6, 2)))
+        args = (x, dk)
+
+        def fn(a, b):
+            return ops.depthwise_conv(a, b, **kw)
+        g = _bf16(random_array(rng, nbconv.depthwise_conv2d(x, dk, **kw).shape))[0]
+        got = nbconv.depthwise_conv2d_backward(g, x, dk, **kw)[:2]
+    else:
+        x, w = _bf16(random_array(rng, (2, 8, 7, 6)), random_array(rng, (6, 9)))
+        args = (x, w)
+
+        def fn(a, b):
+            return ops.matmul(a, b)
+        g = _bf16(random_array(rng, (2, 8, 7, 9)))[0]
+        got = nbconv.pointwise_conv2d_backward(g, x, w)[:2]
+    ref = _jax_grads(fn, [_f64(a) for a in args], _f64(g))
+    bound = _jax_grads(fn, [np.abs(_f64(a)) for a in args], np.abs(_f64(g)))
+    for actual, want, b in zip(got, ref, bound):
+        assert actual.dtype == BF16
+        assert_within(actual, want, 64 * U_F32 * b, U_BF16)
 
 
 def test_as_bfloat16():
