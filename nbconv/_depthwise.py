@@ -24,12 +24,13 @@ share loaded once (2.6x a flat loop over the NHWC rows: docs/tuning.md).
 """
 import numpy as np
 from llvmlite import ir
-from numba import prange, types
+from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._jit import jit, pjit
+from ._jit import jit
 from ._simd import VECTOR_BYTES, VectorBuilder, copy_scalar, copy_vector, gather_vector, transpose_block
+from ._sync import PHASE2, claim, enter, leave
 
 #: output pixels of one NHWC depthwise micro-kernel call (each tap: one weight vector, DW_PIXELS input vectors)
 DW_PIXELS = 8
@@ -504,10 +505,10 @@ def dw_tile(x, n, channels_last, channel_major, wt, bt, act, dm, r0, nr, sh, sw,
                    channel_major, ldd)
 
 
-@pjit
+@jit
 def depthwise_packed(x, channels_last, wt, bt, act, out1, dm, sh, sw, dh, dw, pt, pl, kh_n, kw_n, oh_n, ow_n, wp, th,
-                     nchunks, xs_scr):
-    """Parallel depthwise convolution from packed rows, NHWC or NCHW.
+                     nchunks, xs_scr, sched, sig, lead):
+    """Depthwise convolution from packed rows, NHWC or NCHW, run by the calling thread and the pool's helpers.
 
     Parameters
     ----------
@@ -516,19 +517,27 @@ def depthwise_packed(x, channels_last, wt, bt, act, out1, dm, sh, sw, dh, dw, pt
     out1 : ndarray, flat
         The output, ``(N, OH, OW, C*dm)`` or ``(N, C*dm, OH, OW)`` (same layout as ``x``) in C order.
     xs_scr : ndarray of shape (nchunks, packed rows * wp * C*dm)
+    sched, sig, lead
+        The call's chunk counters, the pool's generation counter and this
+        participant's role (:mod:`nbconv._sync`).
 
     Notes
     -----
-    Parallel over tasks ``(n, tile of th output rows)``; each task packs its
-    input rows into its chunk's scratch and writes its own output rows (NCHW:
-    its own pixel range of every channel plane).
+    Tasks ``(n, tile of th output rows)`` in ``nchunks`` chunks that the
+    participants claim; each task packs its input rows into its chunk's
+    scratch and writes its own output rows (NCHW: its own pixel range of
+    every channel plane).
     """
+    enter(sched, sig, lead)
     n_img = x.shape[0]
     cm = wt.shape[1]
     ohw = oh_n * ow_n
     rtiles = (oh_n + th - 1) // th
     ntasks = n_img * rtiles
-    for chunk in prange(nchunks):
+    while True:
+        chunk = claim(sched, PHASE2, nchunks)
+        if chunk < 0:
+            break
         t0 = chunk * ntasks // nchunks
         t1 = (chunk + 1) * ntasks // nchunks
         xs = xs_scr[chunk]
@@ -539,3 +548,4 @@ def depthwise_packed(x, channels_last, wt, bt, act, out1, dm, sh, sw, dh, dw, pt
             doff = (n * oh_n + r0) * ow_n * cm if channels_last else n * cm * ohw + r0 * ow_n
             dw_tile(x, n, channels_last, not channels_last, wt, bt, act, dm, r0, nr, sh, sw, dh, dw, pt, pl, kh_n,
                     kw_n, ow_n, wp, xs, out1, doff, ohw)
+    leave(sched, lead)

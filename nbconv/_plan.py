@@ -52,6 +52,9 @@ class Tunables:
     filter_block: int = 512
     #: tasks per thread from which an uneven share no longer matters
     even_tasks: int = 8
+    #: forward: fewest depthwise row tiles per thread (a thread that joins late still finds work; more tiles
+    #: repack the input rows they share)
+    depthwise_tiles_per_thread: int = 4
     #: forward: multiply-adds below which a call runs as one task, on the calling thread
     tiny_macs: int = 1 << 19
     #: forward: outputs of at least this many bytes are written with non-temporal stores
@@ -244,7 +247,7 @@ def depthwise(g, itemsize):
 def _depthwise(g, itemsize, t):
     cm = g.c * g.dm
     threads = _threads_for(g.n * g.oh * g.ow * cm * g.kh * g.kw, t)
-    th = _row_tiles(g, cm, itemsize, threads, 4 * threads, t.fused_tile_bytes, t)
+    th = _row_tiles(g, cm, itemsize, threads, t.depthwise_tiles_per_thread * threads, t.fused_tile_bytes, t)
     chunks = nchunks(g.n * -(-g.oh // th), threads)
     return DepthwisePlan(threads, th, chunks, (chunks, packed_size(g, th, packed_width(g))))
 
@@ -280,7 +283,7 @@ def _separable(g, f, itemsize, align, bf16, t):
     if shared:
         # small images: depthwise for all rows first (parallel over rows), then GEMM tiles x filter blocks;
         # NHWC pixels of all images are one GEMM
-        th = _row_tiles(g, cm, itemsize, threads, 4 * threads, t.fused_tile_bytes, t)
+        th = _row_tiles(g, cm, itemsize, threads, t.depthwise_tiles_per_thread * threads, t.fused_tile_bytes, t)
         chunks1 = nchunks(g.n * -(-g.oh // th), threads)
         gn = 1 if g.channels_last else g.n
         tile_p, fb, ntasks = _gemm(gn, g.n * g.oh * g.ow // gn, f, threads, align, t)

@@ -8,10 +8,10 @@ SciPy's BLAS ``sgemm``/``dgemm`` straight from a kernel (see
 the micro-kernel does not read.
 """
 import numpy as np
-from numba import prange
 
 from ._gemm import gemm_nn, product
-from ._jit import jit, pjit
+from ._jit import jit
+from ._sync import PHASE2, claim, enter, leave
 from ._runtime import dgemm, sgemm
 
 #: ``chars`` argument of the GEMM helpers: Fortran 'N' and 'T'
@@ -48,9 +48,10 @@ def gemm_rm(ta, tb, m, n, k, a, aoff, lda, b, boff, ldb, beta, c, coff, ldc, ibu
         dgemm(pchars + tb, pchars + ta, pib, pib + 4, pib + 8, pconst, pb, pib + 12, pa, pib + 16, pbeta, pc, pib + 20)
 
 
-@pjit
-def pointwise_nhwc(x2, wmat, bias, act, out2, tile_p, fb, nchunks, stream, packed_k, p_scr):
-    """Parallel pointwise convolution, NHWC: ``out2 = act(x2 @ wmat + bias)``.
+@jit
+def pointwise_nhwc(x2, wmat, bias, act, out2, tile_p, fb, nchunks, stream, packed_k, p_scr, sched, sig, lead):
+    """Pointwise convolution, NHWC: ``out2 = act(x2 @ wmat + bias)``, run by the calling thread and the pool's
+    helpers (``sched``, ``sig``, ``lead``: :mod:`nbconv._sync`).
 
     Parameters
     ----------
@@ -70,8 +71,9 @@ def pointwise_nhwc(x2, wmat, bias, act, out2, tile_p, fb, nchunks, stream, packe
 
     Notes
     -----
-    Parallel over tasks ``(tile of tile_p pixels, block of fb filters)``.
+    Tasks ``(tile of tile_p pixels, block of fb filters)``, in ``nchunks`` chunks the participants claim.
     """
+    enter(sched, sig, lead)
     p_all, k = x2.shape
     f = out2.shape[1]
     ptiles = (p_all + tile_p - 1) // tile_p
@@ -80,7 +82,10 @@ def pointwise_nhwc(x2, wmat, bias, act, out2, tile_p, fb, nchunks, stream, packe
     x1 = x2.reshape(-1)
     w1 = wmat.reshape(-1)
     o1 = out2.reshape(-1)
-    for chunk in prange(nchunks):
+    while True:
+        chunk = claim(sched, PHASE2, nchunks)
+        if chunk < 0:
+            break
         t0 = chunk * ntasks // nchunks
         t1 = (chunk + 1) * ntasks // nchunks
         for t in range(t0, t1):
@@ -91,11 +96,13 @@ def pointwise_nhwc(x2, wmat, bias, act, out2, tile_p, fb, nchunks, stream, packe
             npx = min(tile_p, p_all - p0)
             product(npx, nf, k, x1, p0 * k, k, w1, f0, f, o1, p0 * f + f0, f, bias, f0,
                     1 if bias.shape[0] > 0 else 0, act, stream, packed_k, p_scr[chunk])
+    leave(sched, lead)
 
 
-@pjit
-def pointwise_nchw(x3, wmat, bias, act, out3, tile_p, fb, nchunks, stream):
-    """Parallel pointwise convolution, NCHW: ``out3[n] = act(wmat.T @ x3[n] + bias[:, None])``.
+@jit
+def pointwise_nchw(x3, wmat, bias, act, out3, tile_p, fb, nchunks, stream, sched, sig, lead):
+    """Pointwise convolution, NCHW: ``out3[n] = act(wmat.T @ x3[n] + bias[:, None])``, run by the calling thread
+    and the pool's helpers (``sched``, ``sig``, ``lead``: :mod:`nbconv._sync`).
 
     Parameters
     ----------
@@ -107,9 +114,11 @@ def pointwise_nchw(x3, wmat, bias, act, out3, tile_p, fb, nchunks, stream):
 
     Notes
     -----
-    Parallel over tasks ``(n, tile of tile_p pixels, block of fb filters)``;
-    the product reads the strided pixel tile and writes the strided output tile in place.
+    Tasks ``(n, tile of tile_p pixels, block of fb filters)`` in ``nchunks``
+    chunks the participants claim; the product reads the strided pixel tile
+    and writes the strided output tile in place.
     """
+    enter(sched, sig, lead)
     n_img, k, hw = x3.shape
     f = wmat.shape[1]
     ptiles = (hw + tile_p - 1) // tile_p
@@ -118,7 +127,10 @@ def pointwise_nchw(x3, wmat, bias, act, out3, tile_p, fb, nchunks, stream):
     x1 = x3.reshape(-1)
     w1 = wmat.reshape(-1)
     o1 = out3.reshape(-1)
-    for chunk in prange(nchunks):
+    while True:
+        chunk = claim(sched, PHASE2, nchunks)
+        if chunk < 0:
+            break
         t0 = chunk * ntasks // nchunks
         t1 = (chunk + 1) * ntasks // nchunks
         for t in range(t0, t1):
@@ -133,3 +145,4 @@ def pointwise_nchw(x3, wmat, bias, act, out3, tile_p, fb, nchunks, stream):
             # out[f, p] = sum_k wmat[k, f] x[k, p]: wmat read transposed (row stride 1, k stride F)
             gemm_nn(nf, npx, k, w1, f0, 1, f, x1, n * k * hw + p0, hw, o1, coff, hw, False, bias, f0,
                     2 if bias.shape[0] > 0 else 0, act, stream)
+    leave(sched, lead)

@@ -11,6 +11,10 @@ Threading layer
     ``workqueue`` and serialise our own launches with a lock
     (:data:`LAUNCH_LOCK`), which keeps fork and threads safe at some cost.
 
+System calls
+    ``sched_yield`` is bound to an LLVM symbol for the helper threads'
+    spin-waits (:mod:`nbconv._sync`).
+
 BLAS
     The channels_first backward's weight-gradient products (``x @ G.T`` per
     image) call SciPy's BLAS ``sgemm``/``dgemm`` directly from the kernels
@@ -28,7 +32,7 @@ import numba
 from numba import types
 from numba.core.extending import get_cython_function_address
 
-__all__ = ["THREADING_LAYER", "LAUNCH_LOCK", "BLAS_THREADS", "GEMM_LAUNCH", "sgemm", "dgemm"]
+__all__ = ["THREADING_LAYER", "LAUNCH_LOCK", "BLAS_THREADS", "GEMM_LAUNCH", "sgemm", "dgemm", "sched_yield"]
 
 
 def _preload_tbb():
@@ -89,6 +93,12 @@ for _name in ("sgemm", "dgemm"):
 _gemm_sig = types.void(*([types.voidptr] * 13))
 sgemm = types.ExternalFunction("nbconv_sgemm", _gemm_sig)
 dgemm = types.ExternalFunction("nbconv_dgemm", _gemm_sig)
+
+# sched_yield, for the helpers' spin-waits (nbconv._sync): bound to a symbol, as BLAS is, so the kernels that
+# call it stay cacheable (a ctypes pointer would be baked into the machine code)
+_llvm.add_symbol("nbconv_sched_yield", ctypes.cast(ctypes.CDLL(None).sched_yield, ctypes.c_void_p).value
+                 if sys.platform != "win32" else 0)
+sched_yield = types.ExternalFunction("nbconv_sched_yield", types.int32())
 
 
 class _BlasThreads:

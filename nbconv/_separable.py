@@ -22,10 +22,9 @@ Scratch bound
     public layer picks ``th`` so one depthwise tile is at most
     ``_plan.Tunables.fused_tile_bytes`` (one output row at least).
 """
-from numba import prange
-
 from ._depthwise import dw_tile
-from ._jit import jit, pjit
+from ._jit import jit
+from ._sync import PHASE1, PHASE1_DONE, PHASE2, claim, done, enter, leave, wait_at_least
 from ._gemm import product, product_t, transpose_tile
 
 
@@ -47,10 +46,11 @@ def _tile_product(channels_last, transposed, n, p0, npx, f0, nf, cm, f, ohw, d, 
                   stream)
 
 
-@pjit
+@jit
 def separable(x, channels_last, wt, bt, dact, wmat, bias, act, out1, dm, sh, sw, dh, dw, pt, pl, kh_n, kw_n, oh_n, ow_n,
-              wp, th, shared, gn, tile_p, fb, nchunks1, nchunks, xs_scr, d_scr, t_scr, stream, packed_k, p_scr):
-    """Parallel fused separable convolution.
+              wp, th, shared, gn, tile_p, fb, nchunks1, nchunks, xs_scr, d_scr, t_scr, stream, packed_k, p_scr, sched,
+              sig, lead):
+    """Fused separable convolution, run by the calling thread and the pool's helpers at once.
 
     Parameters
     ----------
@@ -90,15 +90,20 @@ def separable(x, channels_last, wt, bt, dact, wmat, bias, act, out1, dm, sh, sw,
         Write the output with non-temporal stores (see :func:`nbconv._gemm.gemm_nn`).
     p_scr : ndarray of uint16, shape (nchunks, panel scratch) or (nchunks, 0)
         Per chunk, where bfloat16 products pack a panel of plain weights (:func:`nbconv._gemm.gemm_bf16`).
+    sched, sig, lead
+        The call's chunk counters, the pool's generation counter and this
+        participant's role (:mod:`nbconv._sync`).
 
     Notes
     -----
-    Fused mode: parallel over tasks ``(n, tile of th output rows, block of fb
-    filters)`` (filter blocks innermost, so a chunk reuses its depthwise tile
-    across them), grouped into ``nchunks`` contiguous chunks, each owning its
-    scratch rows.  Shared mode: phase 1 over ``(n, tile of th rows)``, phase
-    2 over ``(GEMM, tile of tile_p pixels, block of fb filters)``.  Tasks write
-    disjoint parts of the output (and of the shared buffer).
+    Fused mode: tasks ``(n, tile of th output rows, block of fb filters)``
+    (filter blocks innermost, so a chunk reuses its depthwise tile across
+    them), grouped into ``nchunks`` contiguous chunks, each owning its
+    scratch rows; every participant claims chunks until none is left.
+    Shared mode: phase 1 over ``(n, tile of th rows)``, then, once all its
+    chunks are done, phase 2 over ``(GEMM, tile of tile_p pixels, block of
+    fb filters)``.  Tasks write disjoint parts of the output (and of the
+    shared buffer).
 
     NCHW output with the filters as GEMM rows puts the pixels in the vector
     lanes: a 7x7 image is 49 columns (a masked fourth vector), and the
@@ -109,6 +114,7 @@ def separable(x, channels_last, wt, bt, dact, wmat, bias, act, out1, dm, sh, sw,
     images) keeps the channel-major tiles, faster there than pixel-major
     plus the transpose (figures: docs/tuning.md).
     """
+    enter(sched, sig, lead)
     n_img = x.shape[0]
     cm = wt.shape[1]
     ohw = oh_n * ow_n
@@ -121,7 +127,10 @@ def separable(x, channels_last, wt, bt, dact, wmat, bias, act, out1, dm, sh, sw,
     if shared:
         ntasks1 = n_img * rtiles
         dall = d_scr[0]
-        for chunk in prange(nchunks1):
+        while True:
+            chunk = claim(sched, PHASE1, nchunks1)
+            if chunk < 0:
+                break
             xs = xs_scr[chunk]
             for t in range(chunk * ntasks1 // nchunks1, (chunk + 1) * ntasks1 // nchunks1):
                 n = t // rtiles
@@ -129,6 +138,9 @@ def separable(x, channels_last, wt, bt, dact, wmat, bias, act, out1, dm, sh, sw,
                 nr = min(th, oh_n - r0)
                 dw_tile(x, n, channels_last, False, wt, bt, dact, dm, r0, nr, sh, sw, dh, dw, pt, pl, kh_n, kw_n, ow_n,
                         wp, xs, dall, (n * oh_n + r0) * ow_n * cm, 0)
+            done(sched, PHASE1_DONE)
+        # phase 2 reads every row of phase 1, whoever computed it
+        wait_at_least(sched, PHASE1_DONE, nchunks1)
         gp = n_img * ohw // gn
         ptiles = (gp + tile_p - 1) // tile_p
         ntasks = gn * ptiles * fblocks
@@ -136,7 +148,10 @@ def separable(x, channels_last, wt, bt, dact, wmat, bias, act, out1, dm, sh, sw,
         gp = ohw
         ptiles = rtiles
         ntasks = n_img * ptiles * fblocks
-    for chunk in prange(nchunks):
+    while True:
+        chunk = claim(sched, PHASE2, nchunks)
+        if chunk < 0:
+            break
         t0 = chunk * ntasks // nchunks
         t1 = (chunk + 1) * ntasks // nchunks
         have = -1
@@ -163,3 +178,4 @@ def separable(x, channels_last, wt, bt, dact, wmat, bias, act, out1, dm, sh, sw,
                     have = tile
             _tile_product(channels_last, transposed, n, p0, npx, f0, nf, cm, f, ohw, d, doff, ldd, w1, bias, act,
                           out1, t_scr[chunk], stream, packed_k, p_scr[chunk])
+    leave(sched, lead)

@@ -1,10 +1,13 @@
-"""Public thread control: how many threads nbconv's parallel kernels use."""
+"""Thread control: how many threads nbconv's kernels use, and the helper threads of the forward kernels."""
 import contextlib
 import numbers
+import os
+import threading
 
 import numba
+import numpy as np
 
-__all__ = ["get_num_threads", "set_num_threads", "num_threads", "planning_threads"]
+__all__ = ["get_num_threads", "set_num_threads", "num_threads", "planning_threads", "POOL", "SPIN_ENV"]
 
 
 def get_num_threads():
@@ -57,3 +60,135 @@ def planning_threads():
     shape); a smaller setting just runs the same tasks on fewer threads.
     """
     return numba.config.NUMBA_NUM_THREADS
+
+
+# --- the helper threads of the forward kernels --------------------------------------------------------------
+
+#: environment variable: milliseconds a helper keeps spinning for the next call before it sleeps
+SPIN_ENV = "NBCONV_SPIN_MS"
+#: default of :data:`SPIN_ENV`: longer than the gaps between a model's layers or a server's requests (5-20 ms),
+#: short enough that an idle process stops using the cores
+DEFAULT_SPIN_MS = 25.0
+
+
+def _spin_ms():
+    value = os.environ.get(SPIN_ENV)
+    if value in (None, ""):
+        return DEFAULT_SPIN_MS
+    try:
+        ms = float(value)
+    except ValueError:
+        ms = -1.0
+    if not 0 <= ms <= 1000:
+        raise ValueError(f"Expected the environment variable {SPIN_ENV} to be a number of milliseconds from 0 to "
+                         f"1000. Received: {value!r}")
+    return ms
+
+
+#: :data:`SPIN_ENV`, read (and checked) at import
+SPIN_MS = _spin_ms()
+
+
+class _Pool:
+    """Threads that share the forward kernels' chunks with the calling thread, and keep spinning between calls.
+
+    Numba's TBB layer makes a task arena per parallel launch, and after a
+    few milliseconds without work its worker sleeps: it then joined a call
+    50-300 us late, or not at all (two threads ran like one after 5 ms or
+    more idle).  These helpers instead spin for :data:`SPIN_ENV` ms after
+    each call (yielding the core to any other thread that wants it), then
+    sleep until a call wakes them.  A call publishes its kernel and arguments
+    and runs them itself as the leader; every participant claims chunks of
+    the work from the call's own counters (:mod:`nbconv._sync`), so a helper
+    that is late or absent leaves its share to the others.  One call at a
+    time uses the helpers: a concurrent call from another Python thread runs
+    on its own thread alone.  Nothing survives ``fork()``: a child starts its
+    own helpers on its first call.
+    """
+
+    def __init__(self):
+        self._reset()
+
+    def _reset(self):
+        # also the child's state after fork(): the helpers did not survive it, and a lock may have been held
+        self._lock = threading.Lock()
+        self._cv = threading.Condition()
+        self.sig = np.zeros(8, np.int64)  # [0]: the generation of the last published call
+        self._job = None
+        self._threads = []
+        self._sleepers = 0
+        self._wakes = 0
+        self._pid = None
+
+    def _start(self, helpers):
+        self._pid = os.getpid()
+        self._threads = []
+        for i in range(helpers):
+            t = threading.Thread(target=self._helper, args=(i,), name=f"nbconv-helper-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _helper(self, index):
+        from ._sync import cycles_per_ms, now, wait_change
+
+        pid = self._pid
+        seen = int(self.sig[0])
+        spin = int(SPIN_MS * cycles_per_ms())  # measured here, not in the call that started the helpers
+        while pid == os.getpid():
+            gen = wait_change(self.sig, seen, now() + spin)
+            if gen == seen:
+                with self._cv:
+                    self._sleepers += 1
+                    wakes = self._wakes
+                    while int(self.sig[0]) == seen and self._wakes == wakes:
+                        self._cv.wait()
+                    self._sleepers -= 1
+                gen = int(self.sig[0])
+                if gen == seen:  # woken early (:meth:`wake`): spin for the call on its way
+                    continue
+            seen = gen
+            job = self._job
+            if job is None or job[0] != gen or index >= job[1]:
+                continue
+            try:
+                job[2](*job[3])
+            except Exception:  # noqa: BLE001  (the leader runs the same call and raises it)
+                pass
+
+    def wake(self):
+        """Wake sleeping helpers as a call begins, so they spin by the time its kernel starts (a wake-up
+        takes 10-40 us, about what the call's argument checks take)."""
+        if self._sleepers and not self._lock.locked():
+            with self._cv:
+                self._wakes += 1
+                self._cv.notify_all()
+
+    def run(self, kernel, args, threads):
+        """``kernel(*args, sched, sig, lead)`` on ``threads`` threads at most: the calling one and helpers."""
+        from ._sync import HELPER, LEAD, LEAD_BUMPED, new_sched
+
+        sched = new_sched()
+        threads = min(threads, get_num_threads())
+        if threads <= 1 or not self._lock.acquire(blocking=False):
+            kernel(*args, sched, self.sig, HELPER)
+            return
+        try:
+            if self._pid != os.getpid() or len(self._threads) < planning_threads() - 1:
+                self._start(planning_threads() - 1)
+            gen = int(self.sig[0]) + 1
+            self._job = (gen, threads - 1, kernel, args + (sched, self.sig, HELPER))
+            if self._sleepers:
+                with self._cv:
+                    self.sig[0] = gen
+                    self._cv.notify_all()
+                kernel(*args, sched, self.sig, LEAD_BUMPED)
+            else:
+                kernel(*args, sched, self.sig, LEAD)
+        finally:
+            self._job = None  # a helper that wakes late finds nothing to do (and keeps no array alive)
+            self._lock.release()
+
+
+POOL = _Pool()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=POOL._reset)

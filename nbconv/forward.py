@@ -4,7 +4,6 @@ Each function normalises and validates its arguments (:mod:`nbconv._args`),
 picks the kernel and its tiling, allocates the output and calls the kernel.
 Nothing here loops over data.
 """
-import contextlib
 import math
 import threading
 
@@ -13,26 +12,29 @@ import numpy as np
 from . import _args, _compile, _dtypes, _fallback, _plan, packing
 from ._depthwise import depthwise_packed
 from ._gemm import panel_scratch
-from ._jit import serial_twin
 from ._pointwise import pointwise_nchw, pointwise_nhwc
-from ._runtime import LAUNCH_LOCK
 from ._separable import separable
+from ._threads import POOL
 
 __all__ = ["depthwise_conv2d", "pointwise_conv2d", "separable_conv2d"]
 
 _WORKSPACE = threading.local()
+#: the counters of a call run in record mode (its kernel does not run)
+_NO_SCHED = np.zeros(8, np.int64)
 
-#: kernel -> its serial twin, for calls planned for one thread (no parallel launch, no launch lock)
-_SERIAL = {k: serial_twin(k) for k in (depthwise_packed, pointwise_nhwc, pointwise_nchw, separable)}
-_compile.register(*_SERIAL, *_SERIAL.values(), twins=_SERIAL.items())
-_NO_LOCK = contextlib.nullcontext()
+#: the forward kernels: serial functions that the calling thread and the pool's helpers run at once
+KERNELS = (depthwise_packed, pointwise_nhwc, pointwise_nchw, separable)
+_compile.register(*KERNELS)
 
 
-def _launch(kernel, threads):
-    """``(kernel, lock)`` to run a call planned for ``threads`` threads: the serial twin for one."""
-    if threads == 1:
-        return _compile.k(_SERIAL.get(kernel, kernel)), _NO_LOCK
-    return _compile.k(kernel), LAUNCH_LOCK
+def _launch(kernel, threads, *args):
+    """Run ``kernel(*args)`` on ``threads`` threads at most (:data:`nbconv._threads.POOL`); in record mode
+    (:func:`nbconv._compile.record_calls`) only its signature is noted."""
+    fn = _compile.k(kernel)
+    if fn is not kernel:
+        fn(*args, _NO_SCHED, POOL.sig, 0)
+    else:
+        POOL.run(kernel, args, threads)
 
 
 def _workspace(*specs):
@@ -179,6 +181,7 @@ def depthwise_conv2d(x, kernel, bias=None, *, strides=_args.DEFAULT, padding="va
         follows NumPy promotion of the inputs (float16 is computed in float32,
         bfloat16 in float32 from its bfloat16 values), or ``output_dtype``.
     """
+    POOL.wake()
     strides, dilation_rate = _args.resolve_aliases("depthwise_conv2d", strides, dilation_rate, aliases)
     channels_last = _args.normalize_data_format(data_format)
     act = _args.normalize_activation(activation)
@@ -196,10 +199,8 @@ def depthwise_conv2d(x, kernel, bias=None, *, strides=_args.DEFAULT, padding="va
     plan = _plan.depthwise(g, dt.act.itemsize)
     wt, bt = _dw_operands(g, kernel, bias, dt)
     (xs,) = _workspace((plan.xs_shape, dt.act))
-    kernel_fn, lock = _launch(depthwise_packed, plan.threads)
-    with lock:
-        kernel_fn(xc, channels_last, wt, bt, act, res.reshape(-1), g.dm, g.sh, g.sw, g.dh, g.dw, g.pt, g.pl, g.kh,
-                  g.kw, g.oh, g.ow, _plan.packed_width(g), plan.th, plan.nchunks, xs)
+    _launch(depthwise_packed, plan.threads, xc, channels_last, wt, bt, act, res.reshape(-1), g.dm, g.sh, g.sw, g.dh,
+            g.dw, g.pt, g.pl, g.kh, g.kw, g.oh, g.ow, _plan.packed_width(g), plan.th, plan.nchunks, xs)
     return _finish(res, dt, out)
 
 
@@ -232,6 +233,7 @@ def pointwise_conv2d(x, kernel, bias=None, *, data_format="channels_last", activ
     -------
     ndarray of shape (N, H, W, F) or (N, F, H, W)
     """
+    POOL.wake()
     channels_last = _args.normalize_data_format(data_format)
     act = _args.normalize_activation(activation)
     x = _args.as_float_array(x, "x")
@@ -260,18 +262,15 @@ def pointwise_conv2d(x, kernel, bias=None, *, data_format="channels_last", activ
         wc, packed_k = _pointwise_operand(given, wmat, dt, True)
         plan = _plan.pointwise(n, h * w, k, f, False, packing.packed_align(given, dt))
         (p_scr,) = _workspace(((plan.nchunks, _panel_scratch(dt, packed_k, k)), _dtypes.BITS))
-        kernel_fn, lock = _launch(pointwise_nhwc, plan.threads)
-        with lock:
-            kernel_fn(x2, wc, bc, act, res2, plan.tile_p, plan.fb, plan.nchunks, stream, packed_k, p_scr)
+        _launch(pointwise_nhwc, plan.threads, x2, wc, bc, act, res2, plan.tile_p, plan.fb, plan.nchunks, stream,
+                packed_k, p_scr)
         if not channels_last:
             res[...] = np.moveaxis(res2.reshape(n, h, w, f), 3, 1)
     else:
         wc = _dtypes.operand(wmat, dt.act)
         plan = _plan.pointwise(n, h * w, k, f, True, 16)
-        kernel_fn, lock = _launch(pointwise_nchw, plan.threads)
-        with lock:
-            kernel_fn(xc.reshape(n, k, -1), wc, bc, act, res.reshape(n, f, -1), plan.tile_p, plan.fb, plan.nchunks,
-                      stream)
+        _launch(pointwise_nchw, plan.threads, xc.reshape(n, k, -1), wc, bc, act, res.reshape(n, f, -1), plan.tile_p,
+                plan.fb, plan.nchunks, stream)
     return _finish(res, dt, out)
 
 
@@ -320,6 +319,7 @@ def separable_conv2d(x, depthwise_kernel, pointwise_kernel, bias=None, *, stride
     -------
     ndarray of shape (N, OH, OW, F) or (N, F, OH, OW)
     """
+    POOL.wake()
     strides, dilation_rate = _args.resolve_aliases("separable_conv2d", strides, dilation_rate, aliases)
     channels_last = _args.normalize_data_format(data_format)
     act = _args.normalize_activation(activation)
@@ -345,9 +345,7 @@ def separable_conv2d(x, depthwise_kernel, pointwise_kernel, bias=None, *, stride
     xs, d, tt, p_scr = _workspace((plan.xs_shape, dt.act), (plan.d_shape, _dtypes.BITS if dt.bf16 else dt.act),
                                   (plan.t_shape, dt.act),
                                   ((plan.nchunks, _panel_scratch(dt, packed_k, cm)), _dtypes.BITS))
-    kernel_fn, lock = _launch(separable, plan.threads)
-    with lock:
-        kernel_fn(xc, channels_last, wt, bt, dact, wc, bc, act, res.reshape(-1), g.dm, g.sh, g.sw, g.dh, g.dw, g.pt,
-                  g.pl, g.kh, g.kw, g.oh, g.ow, _plan.packed_width(g), plan.th, plan.shared, plan.gn, plan.tile_p,
-                  plan.fb, plan.nchunks1, plan.nchunks, xs, d, tt, _plan.stream(res.nbytes), packed_k, p_scr)
+    _launch(separable, plan.threads, xc, channels_last, wt, bt, dact, wc, bc, act, res.reshape(-1), g.dm, g.sh, g.sw,
+            g.dh, g.dw, g.pt, g.pl, g.kh, g.kw, g.oh, g.ow, _plan.packed_width(g), plan.th, plan.shared, plan.gn,
+            plan.tile_p, plan.fb, plan.nchunks1, plan.nchunks, xs, d, tt, _plan.stream(res.nbytes), packed_k, p_scr)
     return _finish(res, dt, out)

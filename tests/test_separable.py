@@ -367,31 +367,3 @@ def test_out_rejects_wrong_arrays(rng, func):
     with pytest.raises(ValueError,
                        match="Expected `out` to share no memory with the inputs. Received: out overlapping x"):
         CALLS[func](big[0][..., :4] if func != "pointwise" else big[0], dk, pk, out=big[0])
-
-
-@pytest.mark.parametrize("op", ["separable", "depthwise", "pointwise"])
-def test_one_thread_calls_run_the_serial_twin(rng, monkeypatch, op):
-    """A call planned for one thread runs the kernel's serial build (no parallel launch); others the parallel one."""
-    import nbconv.forward as fw
-
-    ran = []
-    launch = fw._launch
-
-    def spy(kernel, threads):
-        fn, lock = launch(kernel, threads)
-        ran.append((fn is fw._SERIAL[kernel], threads))
-        return fn, lock
-
-    monkeypatch.setattr(fw, "_launch", spy)
-    x = random_array(rng, (2, 9, 8, 5), np.float32)
-    dk = random_array(rng, (3, 3, 5, 1), np.float32)
-    pk = random_array(rng, (1, 1, 5, 6), np.float32)
-    expected = {"separable": lambda: separable_ref(x, dk, pk, padding="same"),
-                "depthwise": lambda: depthwise_ref(x, dk, padding="same"),
-                "pointwise": lambda: pointwise_ref(x, pk)}[op]()
-    assert_close(CALLS[op](x, dk, pk), expected, tol=tolerance_for(np.float32))
-    from nbconv import _plan
-
-    with _plan.override(tiny_macs=0, threads=2):
-        assert_close(CALLS[op](x, dk, pk), expected, tol=tolerance_for(np.float32))
-    assert ran == [(True, 1), (False, 2)]

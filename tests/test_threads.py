@@ -137,3 +137,138 @@ def test_results_identical_for_1_and_2_threads(rng, case, data_format):
             f"{name}: 1 and 2 threads differ in {(one != two).sum()} of {one.size} values "
             f"(max {np.abs(one - two).max():.3g})"
         )
+
+
+# --- the helper threads of the forward kernels (nbconv._threads.POOL) ----------------------------------------
+
+needs_two = pytest.mark.skipif(LIMIT < 2, reason="Numba's pool has a single thread on this machine")
+
+
+def _separable_case(rng, shape=(2, 28, 28, 32), f=48):
+    x = random_array(rng, shape)
+    dk = random_array(rng, (3, 3, shape[-1], 1))
+    pk = random_array(rng, (1, 1, shape[-1], f))
+    return (x, dk, pk), separable_ref(x, dk, pk, padding="same")
+
+
+def _run_python(code, **env):
+    """``code`` in a fresh interpreter (this environment plus ``env``); returns its completed process."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    env = dict(os.environ, NBCONV_COMPILE="sync", **env)
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+@needs_two
+def test_concurrent_callers_each_get_their_result(rng):
+    """Calls from four Python threads at once (one leads the helpers, the others run alone): every result right."""
+    cases = [_separable_case(rng, (1 + i % 2, 20 + 4 * i, 24, 16 + 8 * i), 24 + 8 * i) for i in range(4)]
+    failures = []
+
+    def caller(i):
+        args, expected = cases[i]
+        for _ in range(6):
+            try:
+                assert_close(nbconv.separable_conv2d(*args, padding="same"), expected)
+            except AssertionError as e:  # pragma: no cover  (reported below)
+                failures.append((i, str(e)))
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+
+
+@needs_two
+def test_forked_child_calls_with_its_own_helpers(rng):
+    """A child forked after the helpers started (they do not survive fork) computes right, without hanging."""
+    import os
+    import time
+
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork() on this platform")
+    args, expected = _separable_case(rng)
+    assert_close(nbconv.separable_conv2d(*args, padding="same"), expected)  # the parent's helpers are running
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover  (the child reports through the pipe)
+        try:
+            with nbconv.num_threads(2):
+                ok = all(np.allclose(nbconv.separable_conv2d(*args, padding="same"), expected, rtol=1e-4,
+                                     atol=1e-4) for _ in range(3))
+            os.write(write, b"ok" if ok else b"wrong")
+        finally:
+            os._exit(0)
+    os.close(write)
+    deadline = time.monotonic() + 120
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            pytest.fail("the forked child hung in its nbconv call")
+        time.sleep(0.05)
+    assert os.read(read, 16) == b"ok"
+    os.close(read)
+
+
+@needs_two
+def test_helpers_spin_only_for_the_spin_window():
+    """After a call the helper spins NBCONV_SPIN_MS (here 300 ms), then sleeps: the process's CPU time over the
+    next 0.2 s is mostly the spinning helper's, over the second after that almost nothing."""
+    proc = _run_python("""
+        import json, time
+        import numpy as np
+        import nbconv
+        x = np.ones((2, 28, 28, 32), np.float32); dk = np.ones((3, 3, 32, 1), np.float32)
+        pk = np.ones((1, 1, 32, 64), np.float32)
+        for _ in range(3):
+            nbconv.separable_conv2d(x, dk, pk, padding="same")
+        c0 = time.process_time(); time.sleep(0.2); c1 = time.process_time()
+        time.sleep(0.2); c2 = time.process_time(); time.sleep(1.0); c3 = time.process_time()
+        print(json.dumps({"spinning": c1 - c0, "asleep": c3 - c2}))
+    """, NBCONV_SPIN_MS="300")
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    cpu = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert cpu["spinning"] > 0.1, cpu
+    assert cpu["asleep"] < 0.1, cpu
+
+
+@needs_two
+def test_calls_that_wake_sleeping_helpers_are_right():
+    """NBCONV_SPIN_MS=0: helpers sleep after every call and each call wakes them; results as on one thread."""
+    proc = _run_python("""
+        import time
+        import numpy as np
+        import nbconv
+        from reference import assert_close, random_array, separable_ref
+        rng = np.random.default_rng(0)
+        x = random_array(rng, (2, 28, 28, 32)); dk = random_array(rng, (3, 3, 32, 1))
+        pk = random_array(rng, (1, 1, 32, 64))
+        expected = separable_ref(x, dk, pk, padding="same")
+        with nbconv.num_threads(1):
+            one = nbconv.separable_conv2d(x, dk, pk, padding="same")
+        for i in range(20):
+            time.sleep(0.002 * (i % 3))
+            y = nbconv.separable_conv2d(x, dk, pk, padding="same")
+            assert_close(y, expected)
+            assert np.array_equal(y, one)
+        print("done")
+    """, NBCONV_SPIN_MS="0")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("done")
+
+
+@pytest.mark.parametrize("bad", ["abc", "-1", "1001", "nan"])
+def test_bad_spin_setting_is_refused_at_import(bad):
+    proc = _run_python("import nbconv", NBCONV_SPIN_MS=bad)
+    assert proc.returncode != 0
+    assert (f"Expected the environment variable NBCONV_SPIN_MS to be a number of milliseconds from 0 to 1000. "
+            f"Received: {bad!r}") in proc.stderr
