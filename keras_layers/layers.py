@@ -37,8 +37,13 @@ _FUSABLE = {activations.linear: "linear", activations.relu: "relu", activations.
 
 
 def _split_activation(activation):
-    """``(fused name, activation to apply afterwards or None)``."""
-    name = _FUSABLE.get(activation) if activation is not None else "linear"
+    """``(fused name, activation to apply afterwards or None)``: a Keras function, or a name among
+    :data:`keras_layers.backend.FUSED` (the fused layer keeps names)."""
+    if activation is None:
+        return "linear", None
+    if isinstance(activation, str) and activation in _backend.FUSED:
+        return activation, None
+    name = _FUSABLE.get(activation)
     if name is not None:
         return name, None
     return "linear", activation
@@ -52,7 +57,9 @@ def _own_value(variable):
         return ops.convert_to_tensor(variable)
 
 
-def _run(layer, kind, inputs, variables):
+def _run(layer, kind, inputs, variables, depthwise_bias=False, depthwise_activation=None):
+    """The layer's op on ``inputs`` through the backend's bridge: ``variables`` are the op's inputs after ``x``
+    (``keras_layers.backend.Config.names``), with a ``depthwise_bias`` last for the fused block."""
     fused, after = _split_activation(layer.activation)
     compute_dtype = keras.backend.standardize_dtype(layer.compute_dtype)
     precision = ""
@@ -66,7 +73,7 @@ def _run(layer, kind, inputs, variables):
         work = "float64" if compute_dtype == "float64" else "float32"
         tensors = [ops.cast(t, work) for t in [inputs] + list(variables)]
     cfg = _backend.make_config(kind, layer.use_bias, layer.strides, layer.padding, layer.dilation_rate,
-                               layer.data_format, fused, precision)
+                               layer.data_format, fused, precision, depthwise_bias, depthwise_activation)
     out = _backend.bridge().apply(cfg, *tensors)
     if keras.backend.standardize_dtype(out.dtype) != compute_dtype:
         out = ops.cast(out, compute_dtype)

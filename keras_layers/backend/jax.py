@@ -98,6 +98,7 @@ def _op(cfg):
     def bwd(res, g):
         if not res.wrt:
             return tuple(None for _ in names)
+        _common.check_differentiable(cfg)  # at trace time, not inside the host call
         by_name = dict(zip(names, res.arrays))
         shapes = tuple(_sds(by_name[n]) for n in res.wrt)
         y = res.y if res.y is not None else g

@@ -142,6 +142,7 @@ def _op(cfg, watched):
         y.set_shape(_common.output_shape(cfg, x.shape, args[1].shape, filters))
 
         def grad(g):
+            _common.check_differentiable(cfg)  # when the gradient is built, not inside the host call
             y_or_g = y if cfg.activation != "linear" else g
             inputs = [g, y_or_g, *args]
             grads = [None] * len(args)
