@@ -54,7 +54,9 @@ def _own_value(variable):
     if _AutocastScope is None:
         return variable
     with _AutocastScope(None):
-        return ops.convert_to_tensor(variable)
+        # ``.value``, not ops.convert_to_tensor: a TF variable is a tensor to Keras's TF backend, which returns it
+        # as it is, and the bridge's own conversion would then cast it under the layer's autocast scope
+        return variable.value
 
 
 def _run(layer, kind, inputs, variables, depthwise_bias=False, depthwise_activation=None):
