@@ -26,6 +26,10 @@ weights, so the new model owns all of its weights.
     and the activation fused;
   - a ``DepthwiseConv2D [→ BatchNormalization] [→ ReLU/ReLU6]`` that no 1x1 convolution
     follows becomes our ``DepthwiseConv2D`` likewise.
+  - every other ``Conv2D → BatchNormalization [→ ReLU/ReLU6]`` (stem, MobileNetV2's expand
+    convolutions, Xception's shortcuts) stays Keras's own ``Conv2D``, with the batch norm
+    folded into its kernel and bias and the activation fused: the framework's
+    convolution, without a separate pass of the batch norm and the activation.
 
   The layers absorbed into a fused op are replaced by :class:`Absorbed`
   placeholders named like them (the graph keeps its shape, the placeholders
@@ -289,6 +293,7 @@ class _Plan:
         self.replace = {}  # id(original layer) -> (factory(), weights or None)
         self.identity = set()  # ids of absorbed layers
         self.entries = []  # (description, [original layer names], new class name)
+        self.own = []  # the same, for layers that stay Keras's own (folded weights or the backend's faster kernel)
 
 
 def _copy_config(layer, drop=()):
@@ -398,6 +403,33 @@ def _plan_folded_conv(graph, plan, layer, ours):
     return True
 
 
+def _plan_folded_keras_conv(graph, plan, layer):
+    """Keras's ``Conv2D [→ BN] [→ act]`` → Keras's ``Conv2D`` with the batch norm folded into its kernel and bias
+    and the activation fused (the expand and stem convolutions of the MobileNets, Xception's shortcuts)."""
+    if getattr(layer, "groups", 1) != 1:
+        return False
+    act = _activation_of(layer.activation)
+    if act is None:
+        return False
+    bn, act, absorbed = _tail(graph, layer, layer.data_format, act)
+    if bn is None:
+        return False
+    kernel = _np(layer.kernel)
+    b = _np(layer.bias) if layer.use_bias else np.zeros(kernel.shape[-1])
+    s, t = _bn_scale_shift(bn)
+    weights = [(kernel * s).astype(layer.variable_dtype), (b * s + t).astype(layer.variable_dtype)]
+    config = _copy_config(layer)
+    config.update(use_bias=True, activation=act)
+    cls = type(layer)
+    plan.replace[id(layer)] = (lambda: cls.from_config(config), weights)
+    for a in absorbed:
+        plan.identity.add(id(a))
+    folded = "batch norm" + (" + activation" if len(absorbed) > 1 else "")
+    plan.own.append((f"{cls.__name__} + folded {folded}", [layer.name] + [a.name for a in absorbed],
+                     f"{cls.__name__} {layer.name!r} (Keras's)"))
+    return True
+
+
 def _make_plan(model, fold_batchnorm):
     graph = _Graph(model)
     plan = _Plan()
@@ -406,6 +438,9 @@ def _make_plan(model, fold_batchnorm):
             continue
         is_sep = isinstance(layer, keras.layers.SeparableConv2D)
         is_dw = isinstance(layer, keras.layers.DepthwiseConv2D)
+        if fold_batchnorm and type(layer) is keras.layers.Conv2D:
+            _plan_folded_keras_conv(graph, plan, layer)
+            continue
         if not (is_sep or is_dw):
             continue
         if fold_batchnorm:
@@ -425,15 +460,18 @@ def _make_plan(model, fold_batchnorm):
 # --- the report ---------------------------------------------------------------------------------------------
 
 class ConversionReport:
-    """What :func:`convert` did: one entry per new nbconv layer, and the layers left as they were."""
+    """What :func:`convert` did: one entry per new nbconv layer, the Keras layers it rewrote without nbconv (folded
+    batch norms, or the backend's own kernel where that is faster), and the layers left as they were."""
 
-    def __init__(self, model_name, fold_batchnorm, entries, kept):
+    def __init__(self, model_name, fold_batchnorm, entries, kept, own=()):
         self.model_name = model_name
         self.fold_batchnorm = fold_batchnorm
         #: list of (description, original layer names, "NewClass 'new layer name'")
         self.entries = list(entries)
         #: {class name: count} of the layers cloned unchanged (placeholders excluded)
         self.kept = dict(kept)
+        #: the same as ``entries`` for layers that stay Keras's own, the description saying why
+        self.own = list(own)
 
     @property
     def converted(self):
@@ -441,15 +479,17 @@ class ConversionReport:
         return sum(len(names) for _, names, _ in self.entries)
 
     def __str__(self):
-        counts = collections.Counter(desc for desc, _, _ in self.entries)
         head = (f"nbconv: converted model {self.model_name!r}"
                 f"{' (batch norms folded, inference only)' if self.fold_batchnorm else ''}: "
                 f"{len(self.entries)} nbconv layer(s) replace {self.converted} layer(s)")
         lines = [head]
-        for desc, n in counts.items():
-            lines.append(f"  {n:4d} x {desc}")
-        for desc, names, cls in self.entries:
-            lines.append(f"    {' -> '.join(names)}  =>  {cls}")
+        for title, entries in (("", self.entries), ("Keras's own kernels: ", self.own)):
+            if title and entries:
+                lines.append(f"  {title}{len(entries)} layer(s), replacing {sum(len(n) for _, n, _ in entries)}")
+            for desc, n in collections.Counter(desc for desc, _, _ in entries).items():
+                lines.append(f"  {n:4d} x {desc}")
+            for desc, names, cls in entries:
+                lines.append(f"    {' -> '.join(names)}  =>  {cls}")
         if self.kept:
             kept = ", ".join(f"{n} {cls}" for cls, n in sorted(self.kept.items(), key=lambda kv: -kv[1]))
             lines.append(f"  left as they are: {kept}")
@@ -518,7 +558,7 @@ def convert(model, *, fold_batchnorm=False, verbose=False):
             weights = original.get_weights()
         if weights:
             new.set_weights(weights)
-    report = ConversionReport(model.name, bool(fold_batchnorm), plan.entries, kept)
+    report = ConversionReport(model.name, bool(fold_batchnorm), plan.entries, kept, plan.own)
     object.__setattr__(new_model, "nbconv_report", report)
     if verbose:
         print(report)
