@@ -52,7 +52,8 @@ from keras import activations
 from nbconv._args import conv_output_hw, normalize_data_format, normalize_pair, normalize_padding, same_padding
 
 from .backend._common import activation_name
-from .layers import DepthwiseConv2D, SeparableConv2D, _jit_ok, _run
+from . import layers as _layers
+from .layers import DepthwiseConv2D, SeparableConv2D, _jit_ok, _run, own_kernel_modes
 
 __all__ = ["convert", "FusedSeparableConv2D", "Absorbed", "ConversionReport"]
 
@@ -463,7 +464,7 @@ class ConversionReport:
     """What :func:`convert` did: one entry per new nbconv layer, the Keras layers it rewrote without nbconv (folded
     batch norms, or the backend's own kernel where that is faster), and the layers left as they were."""
 
-    def __init__(self, model_name, fold_batchnorm, entries, kept, own=()):
+    def __init__(self, model_name, fold_batchnorm, entries, kept, own=(), notes=()):
         self.model_name = model_name
         self.fold_batchnorm = fold_batchnorm
         #: list of (description, original layer names, "NewClass 'new layer name'")
@@ -472,6 +473,8 @@ class ConversionReport:
         self.kept = dict(kept)
         #: the same as ``entries`` for layers that stay Keras's own, the description saying why
         self.own = list(own)
+        #: lines about how the new layers run on this backend (e.g. where they choose the backend's own kernel)
+        self.notes = list(notes)
 
     @property
     def converted(self):
@@ -493,9 +496,28 @@ class ConversionReport:
         if self.kept:
             kept = ", ".join(f"{n} {cls}" for cls, n in sorted(self.kept.items(), key=lambda kv: -kv[1]))
             lines.append(f"  left as they are: {kept}")
+        lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 
     __repr__ = __str__
+
+
+def _kernel_notes(entries):
+    """Where the new layers run the backend's own kernel (:data:`keras_layers.layers.OWN_KERNEL`)."""
+    notes = []
+    for cls, kind in ((SeparableConv2D, "separable"), (DepthwiseConv2D, "depthwise")):
+        modes = own_kernel_modes(kind)
+        count = sum(new.startswith(cls.__name__ + " ") for _, _, new in entries)
+        if modes and count:
+            names = {"predict": "inference", "train": "training"}
+            when = " and ".join(names.get(m, m) for m in modes)
+            up_to = _layers.NBCONV_UP_TO.get(keras.backend.backend(), {})
+            but = "".join(f", nbconv's in {names.get(m, m)} on outputs of up to {n} pixels (N*OH*OW)"
+                          for (k, m), n in up_to.items() if k == kind and m in modes)
+            notes.append(f"{count} {cls.__name__} layer(s) run {keras.backend.backend()}'s own kernel in {when}{but}: "
+                         "measured faster inside a model than nbconv's behind the host call (docs/keras.md; "
+                         "keras_layers.layers.OWN_KERNEL and NBCONV_UP_TO set the choice)")
+    return notes
 
 
 # --- convert -------------------------------------------------------------------------------------------------
@@ -558,7 +580,8 @@ def convert(model, *, fold_batchnorm=False, verbose=False):
             weights = original.get_weights()
         if weights:
             new.set_weights(weights)
-    report = ConversionReport(model.name, bool(fold_batchnorm), plan.entries, kept, plan.own)
+    report = ConversionReport(model.name, bool(fold_batchnorm), plan.entries, kept, plan.own,
+                              _kernel_notes(plan.entries))
     object.__setattr__(new_model, "nbconv_report", report)
     if verbose:
         print(report)

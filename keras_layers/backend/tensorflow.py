@@ -169,3 +169,8 @@ def apply(cfg, *tensors):
     TF tensors."""
     tensors = [tf.convert_to_tensor(t) for t in tensors]
     return _op(cfg, _watched(tensors))(*tensors)
+
+
+def needs_gradient(tensors):
+    """Whether a ``GradientTape`` records any of ``tensors`` (a training step's trace), as the layers ask it."""
+    return _watched([tf.convert_to_tensor(t) for t in tensors]) is not None

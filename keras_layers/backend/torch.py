@@ -242,3 +242,8 @@ def apply(cfg, *tensors):
     if cfg.kind == "depthwise":
         return depthwise_conv2d(tensors[0], weights[0], bias, *static)
     return separable_conv2d(tensors[0], *weights, bias, depthwise_bias, *static, cfg.depthwise_activation)
+
+
+def needs_gradient(tensors):
+    """Whether autograd records an op on ``tensors`` (a training step, not Keras's no_grad predict)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors if t is not None)
