@@ -829,7 +829,9 @@ class AppModels(Contender):
             # layers' gradients by tests/keras_layers)
             model.train_on_batch(x, target)
             model.train_on_batch(x, target)
-            return Bench(lambda: model.train_on_batch(x, target), check=False, rounds=rounds, warmed=True)
+            return Bench(lambda: model.train_on_batch(x, target), check=False, rounds=rounds, warmed=True,
+                         extra=self._paired(case, lambda: model.train_on_batch(x, target), "app_fit_original",
+                                            lambda m: m.train_on_batch(x, target)))
         rel_err = None
         if case.op != "app_original":
             # this first call also compiles the converted model's predict function (outside the timing)
@@ -838,7 +840,18 @@ class AppModels(Contender):
         # untimed call lets lazily initialised pools settle (a costly call is long enough not to need it)
         if macs <= MODEL_ROUNDS[0][0]:
             model.predict_on_batch(x)
-        return Bench(lambda: model.predict_on_batch(x), check=False, rel_err=rel_err, rounds=rounds, warmed=True)
+        return Bench(lambda: model.predict_on_batch(x), check=False, rel_err=rel_err, rounds=rounds, warmed=True,
+                     extra=self._paired(case, lambda: model.predict_on_batch(x), "app_original",
+                                        lambda m: m.predict_on_batch(x)))
+
+    def _paired(self, case, call, base_op, base_call):
+        """The ``extra`` of a variant's Bench: it and the original timed in alternating blocks in this process
+        (``_same_process``), so that the machine's drift between cases does not enter their ratio."""
+        if case.op == base_op or base_op not in self._models:
+            return None
+        base = self._models[base_op]
+        blocks, calls = (8, 3) if sum(case.macs) <= MODEL_ROUNDS[1][0] else (4, 2)
+        return lambda: {"paired": _same_process(call, lambda: base_call(base), blocks=blocks, calls=calls)}
 
 
 def _calibrate_batchnorms(model, x):

@@ -179,9 +179,11 @@ SUITE_NOTES = {
     "models": "ms per model.predict_on_batch(x) (jax.jit on jax, tf.function on tensorflow, eager on torch) and "
               "per model.train_on_batch(x, y) (fit: SGD at learning rate 0, mse), each backend in its own process; "
               "batch norms calibrated on the input; converted = keras_layers.convert(model), folded = "
-              "convert(model, fold_batchnorm=True); speedup = t(original)/t(variant); max rel err = the converted "
-              "predictions against the original's, relative to their scale, checked before timing; torch runs "
-              "with OMP_WAIT_POLICY=PASSIVE (unless set) for both the original and the converted models",
+              "convert(model, fold_batchnorm=True); speedup = t(original)/t(variant), the two timed in "
+              "alternating blocks in the contender's process (the ms columns are each case's own timing); max "
+              "rel err = the converted predictions against the original's, relative to their scale, checked "
+              "before timing; torch runs with OMP_WAIT_POLICY=PASSIVE (unless set) for both the original and "
+              "the converted models",
     "backward": "one forward plus the gradients with respect to x, the depthwise and the pointwise kernels; "
                 "GFLOP/s counts 3x the forward FLOPs; PyTorch via torch.autograd.grad, Keras via "
                 "jax.jit(jax.value_and_grad(...)) of keras.ops.separable_conv",
@@ -236,7 +238,8 @@ def build(raw_dir, stat=None):
             st = b["stats"]
             times[(name, cid)] = {"time": st[stat], "median": st["median"], "min": st["min"], "iqr": st.get("iqr"),
                                   "rounds": st["rounds"], "check": b.get("extra_info", {}).get("check_rel_err"),
-                                  "bridge": b.get("extra_info", {}).get("bridge")}
+                                  "bridge": b.get("extra_info", {}).get("bridge"),
+                                  "paired": b.get("extra_info", {}).get("paired")}
 
     peak = times.get(("sgemm", "sgemm-4096"))
     peak_gflops = CONTENDERS["sgemm"].flops / peak["time"] / 1e9 if peak else None
@@ -258,6 +261,9 @@ def build(raw_dir, stat=None):
                 if st["bridge"]:
                     # the subject against the direct calls, timed in the subject's own process
                     row.setdefault("bridge", {})[name] = st["bridge"]
+                if st.get("paired"):
+                    # a models-suite variant against the original, alternating in the contender's process
+                    row.setdefault("paired", {})[name] = st["paired"]
                 if st["check"] is not None:
                     row["checks"][name] = st["check"]
                     tol = _cases.BF16_CHECK_TOL if case.bf16 else (entry.get("check_tol") or 1e-4)
@@ -652,13 +658,20 @@ def _models(report):
             else:
                 row = out[-1]
             row["ms"][c["op"][4:]] = t
+            paired = (r.get("paired") or {}).get(name)
+            if paired:
+                row.setdefault("paired", {})[c["op"][4:]] = 1.0 / paired["ratio"]
             if name in r["checks"]:
                 row["checks"][c["op"][4:]] = r["checks"][name]
     for row in out:
-        t0, t_fit = row["ms"].get("original"), row["ms"].get("fit_original")
-        row["speedup"] = {v: t0 / row["ms"][v] for v in ("converted", "folded") if t0 and row["ms"].get(v)}
+        # the ratio timed alternating with the original in one process where there is one: the variants' own
+        # medians come from spells of their own, and the machine's drift between them moved identical graphs by
+        # 0.95-1.18x
+        t0, t_fit, paired = row["ms"].get("original"), row["ms"].get("fit_original"), row.get("paired", {})
+        row["speedup"] = {v: paired.get(v) or t0 / row["ms"][v] for v in ("converted", "folded")
+                          if t0 and row["ms"].get(v)}
         if t_fit and row["ms"].get("fit_converted"):
-            row["speedup"]["fit"] = t_fit / row["ms"]["fit_converted"]
+            row["speedup"]["fit"] = paired.get("fit_converted") or t_fit / row["ms"]["fit_converted"]
     out.sort(key=lambda o: (list(_cases.APP_MODELS).index(o["model"]), o["n"], o["h"],
                             list(MODEL_BACKENDS).index(o["backend"]) if o["backend"] in MODEL_BACKENDS else 99))
     return out

@@ -371,3 +371,20 @@ def test_report_main_writes_the_page(tmp_path, capsys):
 
 def test_the_default_page_is_docs_benchmarks_md():
     assert report.MARKDOWN_PAGE == os.path.join(_ROOT, "docs", "benchmarks.md")
+
+
+def test_models_speedups_prefer_the_paired_timing(tmp_path):
+    """A models-suite variant timed alternating with the original in its process: that ratio is the speedup, not
+    the two cases' own medians (timed in separate spells of the machine)."""
+    ids = {c.op: c.id for c in cases.CASES if c.suite == "models" and c.model == "mobilenet" and c.n == 2}
+    times = {"models_torch": {ids["app_original"]: 4e-3, ids["app_converted"]: 2e-3, ids["app_folded"]: 1e-3,
+                              ids["app_fit_original"]: 8e-3, ids["app_fit_converted"]: 4e-3}}
+    extra = {"models_torch": {ids["app_converted"]: {"paired": {"ratio": 0.8}},
+                              ids["app_fit_converted"]: {"paired": {"ratio": 1.25}}}}
+    rep = report.build(_write_raw(tmp_path, times, extra))
+    (row,) = rep["summary"]["models"]
+    assert row["shape"] == "MobileNet b2 96x96" and row["backend"] == "torch"
+    assert row["speedup"] == pytest.approx({"converted": 1.25, "folded": 4.0, "fit": 0.8})
+    results = {r["target"]: r for r in rep["summary"]["targets"]}
+    assert results["models_torch_fit"]["value"] == pytest.approx(0.8) and not results["models_torch_fit"]["met"]
+    assert results["models_torch_folded"]["value"] == pytest.approx(4.0)
