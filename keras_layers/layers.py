@@ -114,7 +114,8 @@ def own_kernel_modes(kind, backend=None):
 def _own_kernel(layer, kind, inputs, variables):
     """Whether ``layer`` runs Keras's own ``call`` here (:data:`OWN_KERNEL`, :data:`NBCONV_UP_TO`)."""
     modes = own_kernel_modes(kind)
-    if not modes:
+    if not modes or (keras.backend.backend() == "tensorflow" and layer.strides[0] != layer.strides[1]):
+        # TF's depthwise and separable kernels reject unequal strides (tensorflow#57251); nbconv computes them
         return False
     mode = "train" if _backend.bridge().needs_gradient([inputs] + [v.value for v in variables]) else "predict"
     if mode not in modes:

@@ -9,7 +9,7 @@ import keras_layers
 import keras_layers.layers as layers_module
 from helpers import BACKEND, gradients, make_pair, to_numpy
 from keras_layers import backend as kl_backend
-from reference import assert_close
+from reference import assert_close, depthwise_ref, separable_ref
 
 pytestmark = pytest.mark.own_kernel_policy
 
@@ -67,6 +67,23 @@ def test_small_outputs_run_nbconv_all_the_same(size, nbconv, rng, bridge_calls, 
     ours, ref = make_pair("separable", x.shape, rng, filters=3, kernel_size=3, padding="same")
     assert_close(to_numpy(inference(ours, x)), to_numpy(ref(x)), tol=2e-5)
     assert bridge_calls == (["separable"] if nbconv else [])  # 128, 144 and 120 output pixels
+
+
+@pytest.mark.parametrize("kind", ["separable", "depthwise"])
+def test_unequal_strides_run_nbconv_on_tensorflow(kind, rng, bridge_calls):
+    """TF's own kernels reject unequal strides: there the layer keeps nbconv, whatever the table says."""
+    x = rng.standard_normal((2, 9, 8, 3)).astype("float32")
+    ours, _ = make_pair(kind, x.shape, rng, kernel_size=3, strides=(1, 2), padding="same",
+                        **({"filters": 4} if kind == "separable" else {}))
+    y = to_numpy(inference(ours, x))
+    w = [to_numpy(v) for v in ours.weights]
+    if kind == "separable":
+        expected = separable_ref(x, w[0], w[1], w[2], strides=(1, 2), padding="same")
+    else:
+        expected = depthwise_ref(x, w[0], w[1], strides=(1, 2), padding="same")
+    assert_close(y, expected)
+    own = "predict" in layers_module.own_kernel_modes(kind) and BACKEND != "tensorflow"
+    assert bridge_calls == ([] if own else [kind])
 
 
 @pytest.mark.skipif(BACKEND == "numpy", reason="Keras's numpy backend has no autodiff")
