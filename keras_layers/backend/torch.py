@@ -5,6 +5,10 @@ kernels; their backward is another pair of custom ops
 (``nbconv::depthwise_conv2d_backward`` / ``nbconv::separable_conv2d_backward``),
 so both eager mode and ``torch.compile`` (no graph break) work.  The backward
 computes only the gradients autograd asks for (``ctx.needs_input_grad``).
+The separable op also carries FusedSeparableConv2D's depthwise bias and
+activation, for which nbconv has no backward: its autograd formula raises
+ValueError.  Explicit padding travels as ``padding="explicit"`` plus
+``pads=[top, bottom, left, right]`` (custom ops take no nested tuples).
 Tensors on another device are computed on the CPU and moved back.
 
 Run with ``OMP_WAIT_POLICY=PASSIVE`` set before torch is imported: otherwise
