@@ -25,7 +25,7 @@ from nbconv._args import conv_output_hw, same_padding
 from . import ROOT
 
 __all__ = ["Case", "CASES", "SUITES", "SUITE_TITLES", "KERAS_MODEL_SUITES", "MOBILENET_BLOCKS", "MODEL_OPS", "APP_OPS",
-           "APP_MODELS",
+           "APP_MODELS", "APP_FIT_OPS", "APP_SHAPES",
            "select", "make_arrays", "explicit_padding", "reference_nhwc"]
 
 #: suites in report order
@@ -50,8 +50,9 @@ SUITE_TITLES = {
                    "112x112x32 input, jax backend",
     "keras_model_tensorflow": "The same Keras model on the tensorflow backend",
     "keras_model_torch": "The same Keras model on the torch backend",
-    "models": "keras.applications models (weights=None): original vs keras_layers.convert(model) vs "
-              "convert(model, fold_batchnorm=True), per Keras backend",
+    "models": "keras.applications models (weights=None, batch norms calibrated): original vs "
+              "keras_layers.convert(model) vs convert(model, fold_batchnorm=True) in predict, original vs "
+              "converted in a training step, per Keras backend",
 }
 
 #: MobileNetV1's 13 separable blocks as (input H=W, C, F, stride); blocks 7-11 repeat
@@ -60,12 +61,18 @@ MOBILENET_BLOCKS = ((112, 32, 64, 1), (112, 64, 128, 2), (56, 128, 128, 1), (56,
 #: predict and a training step of the model (+ BatchNorm + ReLU), and predict of the bare layers (relu as the
 #: layers' activation, no BatchNorm): against the direct calls, the bare model measures the bridge alone
 MODEL_OPS = ("model_predict", "model_train", "model_bare")
-#: the three variants of a keras.applications model timed by the "models" suite
-APP_OPS = ("app_original", "app_converted", "app_folded")
-#: keras.applications models of the "models" suite: case name -> (constructor, input H=W, forward MACs per image);
-#: the MACs are nbconv.cost.model_cost(model, 1).macs (convolutions, separable, depthwise and dense layers)
-APP_MODELS = {"mobilenet": ("MobileNet", 224, 568_740_352), "mobilenetv2": ("MobileNetV2", 224, 300_774_272),
-              "xception": ("Xception", 299, 8_357_403_496)}
+#: the variants of a keras.applications model timed by the "models" suite: predict of the original, the converted
+#: and the folded model, and a training step (train_on_batch) of the original and the converted one
+APP_OPS = ("app_original", "app_converted", "app_folded", "app_fit_original", "app_fit_converted")
+#: the training-step variants among APP_OPS
+APP_FIT_OPS = ("app_fit_original", "app_fit_converted")
+#: keras.applications models of the "models" suite: case name -> (constructor, {input H=W: forward MACs per
+#: image}); the MACs are nbconv.cost.model_cost(model, 1).macs (convolutions, separable, depthwise and dense layers)
+APP_MODELS = {"mobilenet": ("MobileNet", {224: 568_740_352, 96: 105_298_432}),
+              "mobilenetv2": ("MobileNetV2", {224: 300_774_272, 96: 56_289_152}),
+              "xception": ("Xception", {224: 4_552_879_072, 96: 827_908_576})}
+#: (batch, input H=W) of every model in the "models" suite
+APP_SHAPES = ((1, 224), (2, 96), (8, 96))
 
 
 @dataclass(frozen=True)
@@ -122,7 +129,7 @@ class Case:
     def macs(self):
         """(depthwise MACs, pointwise MACs) of the forward pass."""
         if self.op in APP_OPS:
-            return 0, self.n * APP_MODELS[self.model][2]
+            return 0, self.n * APP_MODELS[self.model][1][self.h]
         if self.op in MODEL_OPS:
             dw = pw = 0
             for hw, c, f, s in MOBILENET_BLOCKS:
@@ -141,12 +148,12 @@ class Case:
     def flops(self):
         """Floating-point operations counted for GFLOP/s: 2 * MACs (forward); 3x that for forward+backward."""
         f = 2 * sum(self.macs)
-        return 3 * f if self.op in ("separable_fwdbwd", "model_train") else f
+        return 3 * f if self.op in ("separable_fwdbwd", "model_train") + APP_FIT_OPS else f
 
     @property
     def shape_label(self):
         if self.op in APP_OPS:
-            return f"{APP_MODELS[self.model][0]} b{self.n} {self.op[4:]}"
+            return f"{APP_MODELS[self.model][0]} b{self.n} {self.h}x{self.w} {self.op[4:].replace('_', ' ')}"
         oh, ow = self.out_hw
         if self.op in MODEL_OPS:
             return f"b{self.n} " + {"model_predict": "predict", "model_train": "train step",
@@ -264,12 +271,12 @@ def _build():
     for n, op in ((1, "model_predict"), (8, "model_predict"), (8, "model_train")):
         cases.append(Case("keras_model", f"b{n}-{op.split('_')[1]}-bf16", n, 112, 112, 32, 1024, op=op,
                           dtype="bfloat16", quick=(n == 1)))
-    # keras.applications models: the variants of one (model, batch) follow each other (the contender builds the
-    # original once and converts it); --quick: MobileNet at batch 1 only
-    for model, (_, hw, _) in APP_MODELS.items():
-        for n in (1, 8):
+    # keras.applications models: the variants of one (model, batch, size) follow each other (the contender builds
+    # the original once and converts it); --quick: MobileNet at batch 1 only
+    for model in APP_MODELS:
+        for n, hw in APP_SHAPES:
             for op in APP_OPS:
-                cases.append(Case("models", f"{model}-b{n}-{op[4:]}", n, hw, hw, 3, 1000, op=op, model=model,
+                cases.append(Case("models", f"{model}-b{n}-{hw}-{op[4:]}", n, hw, hw, 3, 1000, op=op, model=model,
                                   quick=(model == "mobilenet" and n == 1)))
     ids = [c.id for c in cases]
     assert len(ids) == len(set(ids)), "duplicate case ids"

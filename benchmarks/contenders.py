@@ -26,8 +26,8 @@ import os
 
 import numpy as np
 
-from .cases import (APP_MODELS, APP_OPS, KERAS_MODEL_SUITES, MOBILENET_BLOCKS, MODEL_OPS, SUITES, make_arrays,
-                    reference_nhwc)
+from .cases import (APP_FIT_OPS, APP_MODELS, APP_OPS, KERAS_MODEL_SUITES, MOBILENET_BLOCKS, MODEL_OPS, SUITES,
+                    make_arrays, reference_nhwc)
 
 __all__ = ["Bench", "Unsupported", "CONTENDERS", "PEERS", "SUITE_ROLES", "MODEL_BACKENDS", "get", "THREADS",
            "output_error", "rel_error"]
@@ -718,10 +718,12 @@ MODEL_ROUNDS = ((1e9, 15), (5e9, 5), (30e9, 3), (math.inf, 2))
 class AppModels(Contender):
     """keras.applications models on one Keras backend: original, converted, converted with folded batch norms.
 
-    The process runs with ``KERAS_BACKEND`` set (``env``); each (model, batch) is built once with
-    ``weights=None`` and converted with :func:`keras_layers.convert`, and the converted predictions are checked
-    against the original's before anything is timed.  The timed call is ``model.predict_on_batch(x)``: jitted by
-    Keras on jax (``jax.jit``) and tensorflow (``tf.function``), eager on torch (Keras's only mode there).
+    The process runs with ``KERAS_BACKEND`` set (``env``); each (model, batch, size) is built once with
+    ``weights=None``, its batch norms calibrated on the input (:func:`_calibrate_batchnorms`), and converted with
+    :func:`keras_layers.convert`; the converted predictions are checked against the original's before anything
+    is timed.  The timed call is ``model.predict_on_batch(x)`` or, for the training step,
+    ``model.train_on_batch(x, target)`` (SGD, learning rate 0, mse): jitted by Keras on jax (``jax.jit``) and
+    tensorflow (``tf.function``), eager on torch (Keras's only mode there).
     """
 
     peer = False
@@ -783,41 +785,97 @@ class AppModels(Contender):
                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
 
     def _get(self, case):
-        """The original, converted and folded models of ``case`` (built once per (model, batch)), the input and
-        the original's prediction."""
+        """The model of ``case`` (the original built once per (model, batch, size) with calibrated batch norms,
+        converted as the case asks), the input, and the original's prediction."""
         import keras
         import keras_layers
-        key = (case.model, case.n)
+        key = (case.model, case.n, case.h)
         if key != self._key:
             self._models.clear()
             self._key = key
-            ctor, hw, _ = APP_MODELS[case.model]
+            ctor = APP_MODELS[case.model][0]
             keras.utils.set_random_seed(0)
             # logits, not softmax: with random weights the logits are tiny and the softmax is uniform to the last
             # bit, which would make the check below vacuous (the softmax costs nothing next to the convolutions)
-            original = getattr(keras.applications, ctor)(input_shape=(hw, hw, 3), weights=None,
+            original = getattr(keras.applications, ctor)(input_shape=(case.h, case.w, 3), weights=None,
                                                           classifier_activation=None)
-            x = np.random.default_rng(0).standard_normal((case.n, hw, hw, 3), dtype=np.float32)
+            x = np.random.default_rng(0).standard_normal((case.n, case.h, case.w, 3), dtype=np.float32)
+            _calibrate_batchnorms(original, x)
             self._models.update(app_original=original, x=x, ref=np.asarray(original.predict_on_batch(x)))
         if case.op not in self._models:
-            self._models[case.op] = keras_layers.convert(self._models["app_original"],
-                                                         fold_batchnorm=case.op == "app_folded")
+            original = self._models["app_original"]
+            if case.op == "app_fit_original":
+                model = keras.models.clone_model(original)
+                model.set_weights(original.get_weights())
+            else:
+                model = keras_layers.convert(original, fold_batchnorm=case.op == "app_folded")
+            if case.op in APP_FIT_OPS:
+                # a learning rate of 0: every step computes and applies an update, and the weights stay the
+                # original's
+                model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.0), loss="mse")
+            self._models[case.op] = model
         return self._models[case.op], self._models["x"], self._models["ref"]
 
     def setup(self, case):
         if case.op not in APP_OPS:
             raise Unsupported(f"op {case.op}")
         model, x, ref = self._get(case)
+        macs = sum(case.macs) * (3 if case.op in APP_FIT_OPS else 1)
+        rounds = next(r for limit, r in MODEL_ROUNDS if macs <= limit)
+        if case.op in APP_FIT_OPS:
+            target = np.random.default_rng(1).standard_normal(ref.shape).astype(np.float32)
+            # the first steps trace/compile the training function (outside the timing); no output check: the
+            # models' Dropout layers draw their own masks (the predictions are checked in the predict cases, the
+            # layers' gradients by tests/keras_layers)
+            model.train_on_batch(x, target)
+            model.train_on_batch(x, target)
+            return Bench(lambda: model.train_on_batch(x, target), check=False, rounds=rounds, warmed=True,
+                         extra=self._paired(case, lambda: model.train_on_batch(x, target), "app_fit_original",
+                                            lambda m: m.train_on_batch(x, target)))
         rel_err = None
         if case.op != "app_original":
             # this first call also compiles the converted model's predict function (outside the timing)
             rel_err = rel_error(model.predict_on_batch(x), ref.astype(np.float64))
         # the original's first call (its reference prediction, in _get) compiled it; on the cheaper calls one more
         # untimed call lets lazily initialised pools settle (a costly call is long enough not to need it)
-        rounds = next(r for limit, r in MODEL_ROUNDS if sum(case.macs) <= limit)
-        if sum(case.macs) <= MODEL_ROUNDS[0][0]:
+        if macs <= MODEL_ROUNDS[0][0]:
             model.predict_on_batch(x)
-        return Bench(lambda: model.predict_on_batch(x), check=False, rel_err=rel_err, rounds=rounds, warmed=True)
+        return Bench(lambda: model.predict_on_batch(x), check=False, rel_err=rel_err, rounds=rounds, warmed=True,
+                     extra=self._paired(case, lambda: model.predict_on_batch(x), "app_original",
+                                        lambda m: m.predict_on_batch(x)))
+
+    def _paired(self, case, call, base_op, base_call):
+        """The ``extra`` of a variant's Bench: it and the original timed in alternating blocks in this process
+        (``_same_process``), so that the machine's drift between cases does not enter their ratio."""
+        if case.op == base_op or base_op not in self._models:
+            return None
+        base = self._models[base_op]
+        blocks, calls = (8, 3) if sum(case.macs) <= MODEL_ROUNDS[1][0] else (4, 2)
+        return lambda: {"paired": _same_process(call, lambda: base_call(base), blocks=blocks, calls=calls)}
+
+
+def _calibrate_batchnorms(model, x):
+    """Set every BatchNormalization's moving statistics to those of its input on ``x``, in one pass through the
+    graph: with weights=None they are mean 0 and variance 1, and a deep random model's features then drift far
+    from O(1) (or die), which is neither what a trained model computes nor a fair timing (denormals, saturated
+    ReLU6)."""
+    import keras
+
+    def operation(op):
+        if not isinstance(op, keras.layers.BatchNormalization):
+            return op
+
+        def call(t, **kwargs):
+            a = np.asarray(keras.ops.convert_to_numpy(t), np.float64)
+            axes = tuple(i for i in range(a.ndim) if i != op.axis % a.ndim)
+            weights = op.get_weights()  # [gamma,] [beta,] moving_mean, moving_variance
+            weights[-2] = a.mean(axes).astype(weights[-2].dtype)
+            weights[-1] = (a.var(axes) + op.epsilon).astype(weights[-1].dtype)
+            op.set_weights(weights)
+            return op(t, **kwargs)
+        return call
+
+    model._run_through_graph(keras.ops.convert_to_tensor(x), operation_fn=operation)
 
 
 class Sgemm(Contender):

@@ -89,13 +89,27 @@ TARGETS = {
         1.15, "<=", "the bridge, per backend: t(the bare layers' predict at batch 8)/t(the same 13 calls made "
                     "directly)", "x"),
     "models_xception_jax": Target(
-        3.0, ">=", "keras.applications Xception on jax: t(original)/t(keras_layers.convert(model)), lowest batch",
+        3.0, ">=", "keras.applications Xception on jax: t(original)/t(keras_layers.convert(model)) in predict, "
+                   "lowest of b1 224x224, b2 and b8 96x96", "x"),
+    "models_mobilenets_jax": Target(
+        2.0, ">=", "keras.applications MobileNet and MobileNetV2 on jax: t(original)/t(converted) in predict, "
+                   "lowest", "x"),
+    "models_tensorflow": Target(
+        1.0, ">=", "keras.applications Xception, MobileNet, MobileNetV2 on tensorflow: t(original)/t(converted) in "
+                   "predict, lowest of every model and batch (never slower)", "x"),
+    "models_tensorflow_folded": Target(
+        1.3, ">=", "the same, t(original)/t(convert(model, fold_batchnorm=True)), lowest", "x"),
+    "models_tensorflow_fit": Target(
+        1.0, ">=", "the same, a training step (train_on_batch): t(original)/t(converted), lowest (never slower)",
         "x"),
-    "models_xception_tensorflow": Target(
-        1.5, ">=", "keras.applications Xception on tensorflow: t(original)/t(converted), lowest batch", "x"),
     "models_torch": Target(
-        1.0, ">=", "keras.applications models on torch: t(original)/t(converted), lowest of every model and batch "
-                   "(never slower)", "x"),
+        1.0, ">=", "keras.applications Xception, MobileNet, MobileNetV2 on torch: t(original)/t(converted) in "
+                   "predict, lowest of every model and batch (never slower)", "x"),
+    "models_torch_folded": Target(
+        1.3, ">=", "the same, t(original)/t(convert(model, fold_batchnorm=True)), lowest", "x"),
+    "models_torch_fit": Target(
+        1.0, ">=", "the same, a training step (train_on_batch): t(original)/t(converted), lowest (never slower)",
+        "x"),
     "idle_vs_best_peer": Target(
         1.0, "<=", "MobileNetV1 + Xception with 5 or 20 ms idle before each call: geomean t(nbconv)/t(best of "
                    "torch, ONNX Runtime)"),
@@ -125,6 +139,17 @@ TARGETS = {
         1.5, "<=", "first predict of a converted MobileNet (96x96, batch 2) on an empty kernel cache, against "
                    "Keras's own layers, per backend", "x"),
 }
+#: the models suite's targets: name -> (backend, speedup ("converted", "folded" or "fit"), models or None for all)
+MODEL_TARGETS = {
+    "models_xception_jax": ("jax", "converted", ("xception",)),
+    "models_mobilenets_jax": ("jax", "converted", ("mobilenet", "mobilenetv2")),
+    "models_tensorflow": ("tensorflow", "converted", None),
+    "models_tensorflow_folded": ("tensorflow", "folded", None),
+    "models_tensorflow_fit": ("tensorflow", "fit", None),
+    "models_torch": ("torch", "converted", None),
+    "models_torch_folded": ("torch", "folded", None),
+    "models_torch_fit": ("torch", "fit", None),
+}
 #: suites of the MobileNetV1 + Xception targets
 TARGET_SUITES = ("mobilenet", "xception")
 #: shapes of at least this many multiply-adds count for ``idle_thread_speedup``
@@ -151,11 +176,14 @@ SUITE_NOTES = {
     "fused": "nbconv dw+pw = nbconv.depthwise_conv2d then nbconv.pointwise_conv2d (materialises the intermediate); "
              "not a peer",
     "overhead": "the whole call on a tiny shape: for nbconv, the Python-side overhead plus one kernel launch",
-    "models": "ms per model.predict_on_batch(x) (jax.jit on jax, tf.function on tensorflow, eager on torch), "
-              "each backend in its own process; converted = keras_layers.convert(model), folded = "
-              "convert(model, fold_batchnorm=True); speedup = t(original)/t(variant); max rel err = the converted "
-              "predictions against the original's, relative to their scale, checked before timing; torch runs "
-              "with OMP_WAIT_POLICY=PASSIVE (unless set) for both the original and the converted models",
+    "models": "ms per model.predict_on_batch(x) (jax.jit on jax, tf.function on tensorflow, eager on torch) and "
+              "per model.train_on_batch(x, y) (fit: SGD at learning rate 0, mse), each backend in its own process; "
+              "batch norms calibrated on the input; converted = keras_layers.convert(model), folded = "
+              "convert(model, fold_batchnorm=True); speedup = t(original)/t(variant), the two timed in "
+              "alternating blocks in the contender's process (the ms columns are each case's own timing); max "
+              "rel err = the converted predictions against the original's, relative to their scale, checked "
+              "before timing; torch runs with OMP_WAIT_POLICY=PASSIVE (unless set) for both the original and "
+              "the converted models",
     "backward": "one forward plus the gradients with respect to x, the depthwise and the pointwise kernels; "
                 "GFLOP/s counts 3x the forward FLOPs; PyTorch via torch.autograd.grad, Keras via "
                 "jax.jit(jax.value_and_grad(...)) of keras.ops.separable_conv",
@@ -210,7 +238,8 @@ def build(raw_dir, stat=None):
             st = b["stats"]
             times[(name, cid)] = {"time": st[stat], "median": st["median"], "min": st["min"], "iqr": st.get("iqr"),
                                   "rounds": st["rounds"], "check": b.get("extra_info", {}).get("check_rel_err"),
-                                  "bridge": b.get("extra_info", {}).get("bridge")}
+                                  "bridge": b.get("extra_info", {}).get("bridge"),
+                                  "paired": b.get("extra_info", {}).get("paired")}
 
     peak = times.get(("sgemm", "sgemm-4096"))
     peak_gflops = CONTENDERS["sgemm"].flops / peak["time"] / 1e9 if peak else None
@@ -232,6 +261,9 @@ def build(raw_dir, stat=None):
                 if st["bridge"]:
                     # the subject against the direct calls, timed in the subject's own process
                     row.setdefault("bridge", {})[name] = st["bridge"]
+                if st.get("paired"):
+                    # a models-suite variant against the original, alternating in the contender's process
+                    row.setdefault("paired", {})[name] = st["paired"]
                 if st["check"] is not None:
                     row["checks"][name] = st["check"]
                     tol = _cases.BF16_CHECK_TOL if case.bf16 else (entry.get("check_tol") or 1e-4)
@@ -472,15 +504,11 @@ def _target_results(report, s):
         add(f"keras_model_{entry['backend']}", entry.get("speedup_min"), entry.get("speedup_min_case"))
         add("keras_bridge", entry.get("bridge_b8"), "b8, bare layers" if entry.get("bridge_bare") else "b8",
             entry["backend"])
-    for backend in MODEL_BACKENDS:
-        rows = [m for m in s.get("models") or [] if m["backend"] == backend and "converted" in m["speedup"]]
-        if backend == "torch":
-            mine = min(((m["speedup"]["converted"], f"{m['label']} b{m['n']}") for m in rows), default=None)
-            add("models_torch", *(mine or (None,)))
-        elif f"models_xception_{backend}" in TARGETS:
-            mine = min(((m["speedup"]["converted"], f"{m['label']} b{m['n']}") for m in rows
-                        if m["model"] == "xception"), default=None)
-            add(f"models_xception_{backend}", *(mine or (None,)))
+    for name, (backend, variant, models) in MODEL_TARGETS.items():
+        rows = [m for m in s.get("models") or [] if m["backend"] == backend and variant in m["speedup"]
+                and (models is None or m["model"] in models)]
+        mine = min(((m["speedup"][variant], m["shape"]) for m in rows), default=None)
+        add(name, *(mine or (None,)))
     for gap, e in (s.get("idle") or {}).items():
         scope = "no gap" if gap == "0" else f"{gap} ms"
         if gap != "0":  # the runs without a gap give the baseline, not a target
@@ -616,24 +644,35 @@ def _models(report):
         c = r["case"]
         for name, t in r["times_ms"].items():
             backend = name[len("models_"):]
-            key = (c["model"], c["n"], backend)
-            if not out or (out[-1]["model"], out[-1]["n"], out[-1]["backend"]) != key:
-                hit = [o for o in out if (o["model"], o["n"], o["backend"]) == key]
+            key = (c["model"], c["n"], c["h"], backend)
+            if not out or (out[-1]["model"], out[-1]["n"], out[-1]["h"], out[-1]["backend"]) != key:
+                hit = [o for o in out if (o["model"], o["n"], o["h"], o["backend"]) == key]
                 if hit:
                     row = hit[0]
                 else:
-                    row = {"model": c["model"], "label": _cases.APP_MODELS[c["model"]][0], "n": c["n"],
-                           "backend": backend, "ms": {}, "checks": {}}
+                    label = _cases.APP_MODELS[c["model"]][0]
+                    row = {"model": c["model"], "label": label, "n": c["n"], "h": c["h"],
+                           "shape": f"{label} b{c['n']} {c['h']}x{c['w']}", "backend": backend, "ms": {},
+                           "checks": {}}
                     out.append(row)
             else:
                 row = out[-1]
             row["ms"][c["op"][4:]] = t
+            paired = (r.get("paired") or {}).get(name)
+            if paired:
+                row.setdefault("paired", {})[c["op"][4:]] = 1.0 / paired["ratio"]
             if name in r["checks"]:
                 row["checks"][c["op"][4:]] = r["checks"][name]
     for row in out:
-        t0 = row["ms"].get("original")
-        row["speedup"] = {v: t0 / row["ms"][v] for v in ("converted", "folded") if t0 and row["ms"].get(v)}
-    out.sort(key=lambda o: (list(_cases.APP_MODELS).index(o["model"]), o["n"],
+        # the ratio timed alternating with the original in one process where there is one: the variants' own
+        # medians come from spells of their own, and the machine's drift between them moved identical graphs by
+        # 0.95-1.18x
+        t0, t_fit, paired = row["ms"].get("original"), row["ms"].get("fit_original"), row.get("paired", {})
+        row["speedup"] = {v: paired.get(v) or t0 / row["ms"][v] for v in ("converted", "folded")
+                          if t0 and row["ms"].get(v)}
+        if t_fit and row["ms"].get("fit_converted"):
+            row["speedup"]["fit"] = paired.get("fit_converted") or t_fit / row["ms"]["fit_converted"]
+    out.sort(key=lambda o: (list(_cases.APP_MODELS).index(o["model"]), o["n"], o["h"],
                             list(MODEL_BACKENDS).index(o["backend"]) if o["backend"] in MODEL_BACKENDS else 99))
     return out
 
@@ -650,13 +689,14 @@ def text_table(head, body, left=1):
 def _models_table(report):
     """(head, body) of the models suite, or None."""
     rows = (report["summary"] or {}).get("models") or []
-    head = ["model", "backend", "original ms", "converted ms", "folded ms", "converted", "folded", "max rel err"]
+    head = ["model", "backend", "original ms", "converted ms", "folded ms", "fit original ms", "fit converted ms",
+            "converted", "folded", "fit", "max rel err"]
     body = []
     for m in rows:
         err = max(m["checks"].values()) if m["checks"] else None
-        body.append([f"{m['label']} b{m['n']}", m["backend"]] + [format_ms(m["ms"].get(v)) for v in
-                                                               ("original", "converted", "folded")]
-                    + [f"{m['speedup'][v]:.2f}x" if v in m["speedup"] else "-" for v in ("converted", "folded")]
+        body.append([m["shape"], m["backend"]] + [format_ms(m["ms"].get(v)) for v in
+                                                  ("original", "converted", "folded", "fit_original", "fit_converted")]
+                    + [f"{m['speedup'][v]:.2f}x" if v in m["speedup"] else "-" for v in ("converted", "folded", "fit")]
                     + [f"{err:.1e}" if err is not None else "-"])
     return (head, body) if body else None
 
@@ -1096,17 +1136,17 @@ def _models_lines(report, s, c):
                            + (f" ({'; '.join(f'{k}: {v}' for k, v in list((con.get('errors') or {}).items())[:2])})"
                               if con.get("errors") else ""))
             continue
-        parts = ", ".join(f"{m['label']} b{m['n']} " + "/".join(f"{m['speedup'][v]:.2f}x" if v in m["speedup"]
-                                                               else "-" for v in ("converted", "folded"))
+        parts = ", ".join(f"{m['shape']} " + "/".join(f"{m['speedup'][v]:.2f}x" if v in m["speedup"]
+                                                       else "-" for v in ("converted", "folded", "fit"))
                           for m in rows)
-        line = f"models on {backend}, speedup of converted/folded over the original: {parts}"
-        name = "models_torch" if backend == "torch" else f"models_xception_{backend}"
-        r = _result(s, name)
-        if name in TARGETS and backend == "torch":
-            line += f"; converted min {r['value']:.2f}x{_against(s, name)}" if r else ""
-        elif name in TARGETS:
-            line += (f"; converted Xception min {r['value']:.2f}x{_against(s, name)}" if r
-                     else f"; converted Xception not measured ({TARGETS[name]})")
+        line = f"models on {backend}, speedup of converted/folded/fit over the original: {parts}"
+        for name, (b, variant, models) in MODEL_TARGETS.items():
+            if b != backend:
+                continue
+            r = _result(s, name)
+            what = f"{variant}{'' if models is None else ' ' + '/'.join(models)}"
+            line += (f"; {what} min {r['value']:.2f}x{_against(s, name)}" if r
+                     else f"; {what} not measured ({TARGETS[name]})")
         out.append(line)
     return out
 

@@ -26,6 +26,10 @@ weights, so the new model owns all of its weights.
     and the activation fused;
   - a ``DepthwiseConv2D [→ BatchNormalization] [→ ReLU/ReLU6]`` that no 1x1 convolution
     follows becomes our ``DepthwiseConv2D`` likewise.
+  - every other ``Conv2D → BatchNormalization [→ ReLU/ReLU6]`` (stem, MobileNetV2's expand
+    convolutions, Xception's shortcuts) stays Keras's own ``Conv2D``, with the batch norm
+    folded into its kernel and bias and the activation fused: the framework's
+    convolution, without a separate pass of the batch norm and the activation.
 
   The layers absorbed into a fused op are replaced by :class:`Absorbed`
   placeholders named like them (the graph keeps its shape, the placeholders
@@ -43,80 +47,27 @@ import collections
 
 import keras
 import numpy as np
-from keras import activations, ops
+from keras import activations
 
-from nbconv._args import normalize_padding, same_padding
+from nbconv._args import conv_output_hw, normalize_data_format, normalize_pair, normalize_padding, same_padding
 
-from .layers import DepthwiseConv2D, SeparableConv2D
+from .backend._common import activation_name
+from . import layers as _layers
+from .layers import DepthwiseConv2D, SeparableConv2D, _jit_ok, _run, own_kernel_modes
 
 __all__ = ["convert", "FusedSeparableConv2D", "Absorbed", "ConversionReport"]
 
 
 # --- the fused inference layer -----------------------------------------------------------------------------
 
-def _host_forward(config, x, dk, db, pk, b):
-    import nbconv
-
-    x = np.asarray(x)
-    out = nbconv.separable_conv2d(
-        x, np.asarray(dk), np.asarray(pk), np.asarray(b), strides=config["strides"], padding=config["padding"],
-        dilation_rate=config["dilation_rate"], data_format=config["data_format"],
-        activation=config["activation"], depthwise_bias=np.asarray(db),
-        depthwise_activation=config["depthwise_activation"])
-    return np.asarray(out, dtype=x.dtype)
-
-
-def _host_call(fn, out_shape, dtype, tensors):
-    """Run ``fn`` (NumPy in, NumPy out) on the active backend's tensors: inference only, no gradient."""
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-
-        return jax.pure_callback(fn, jax.ShapeDtypeStruct(out_shape, dtype), *tensors, vmap_method="sequential")
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        y = tf.numpy_function(fn, list(tensors), Tout=dtype, stateful=False)
-        y.set_shape(out_shape)
-        return y
-    if backend == "torch":
-        from .backend import torch as bridge
-
-        return bridge._tensor(fn(*[bridge._np(t) for t in tensors])).to(tensors[0].device)
-    if backend == "numpy":
-        return fn(*[np.asarray(t) for t in tensors])
-    raise ValueError(f"Expected a Keras backend among jax, tensorflow, torch, numpy. Received: backend={backend!r}")
-
-
 def _activation_name(value, name):
-    if value is None:
-        return "linear"
+    """None, a fusable Keras activation function or its name -> "linear", "relu" or "relu6"."""
     if callable(value):
-        found = {activations.linear: "linear", activations.relu: "relu", activations.relu6: "relu6"}.get(value)
+        found = _activation_of(value)
         if found is None:
             raise ValueError(f"Expected `{name}` to be None, 'linear', 'relu' or 'relu6'. Received: {name}={value!r}")
         return found
-    if isinstance(value, str) and value.lower() in ("linear", "relu", "relu6"):
-        return value.lower()
-    raise ValueError(f"Expected `{name}` to be None, 'linear', 'relu' or 'relu6'. Received: {name}={value!r}")
-
-
-def _pair(value, name):
-    if isinstance(value, int):
-        value = (value, value)
-    value = tuple(value)
-    if len(value) != 2 or not all(isinstance(v, int) and v > 0 for v in value):
-        raise ValueError(f"Expected `{name}` to be a positive int or a tuple of 2 positive ints. "
-                         f"Received: {name}={value!r}")
-    return value
-
-
-def _data_format(value):
-    value = keras.config.image_data_format() if value is None else value
-    if not isinstance(value, str) or value.lower() not in ("channels_last", "channels_first"):
-        raise ValueError("Expected `data_format` to be 'channels_last' or 'channels_first'. "
-                         f"Received: data_format={value!r}")
-    return value.lower()
+    return activation_name(value, name)
 
 
 @keras.saving.register_keras_serializable(package="nbconv")
@@ -126,9 +77,10 @@ class FusedSeparableConv2D(keras.layers.Layer):
     What :func:`convert` makes of a MobileNet block with its batch norms folded
     in.  Weights: ``depthwise_kernel`` (kh, kw, C, dm), ``depthwise_bias``
     (C*dm,), ``pointwise_kernel`` (1, 1, C*dm, filters), ``bias`` (filters,),
-    all non-trainable: the layer has no gradient (on jax it is a
-    ``pure_callback``, on tensorflow a ``numpy_function``, on torch a plain
-    host call).
+    all non-trainable.  It runs through the same backend bridges as
+    :class:`keras_layers.SeparableConv2D` (:mod:`keras_layers.backend`), but
+    nbconv has no backward for a depthwise bias or activation: asking for a
+    gradient through it raises ValueError.
 
     Parameters
     ----------
@@ -149,16 +101,18 @@ class FusedSeparableConv2D(keras.layers.Layer):
             raise ValueError("Expected `depth_multiplier` to be a positive int. "
                              f"Received: depth_multiplier={depth_multiplier!r}")
         self.filters = filters
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.strides = _pair(strides, "strides")
-        self.dilation_rate = _pair(dilation_rate, "dilation_rate")
+        self.kernel_size = normalize_pair(kernel_size, "kernel_size")
+        self.strides = normalize_pair(strides, "strides")
+        self.dilation_rate = normalize_pair(dilation_rate, "dilation_rate")
         self.depth_multiplier = depth_multiplier
         self.padding = normalize_padding(padding)
-        self.data_format = _data_format(data_format)
+        # None: Keras's image_data_format, as its own layers
+        data_format = keras.config.image_data_format() if data_format is None else data_format
+        self.data_format = "channels_last" if normalize_data_format(data_format) else "channels_first"
         self.depthwise_activation = _activation_name(depthwise_activation, "depthwise_activation")
         self.activation = _activation_name(activation, "activation")
         self.use_bias = True
-        self.supports_jit = keras.backend.backend() != "tensorflow"
+        self.supports_jit = _jit_ok()
         self.input_spec = keras.layers.InputSpec(ndim=4)
 
     def _channel_axis(self):
@@ -176,42 +130,22 @@ class FusedSeparableConv2D(keras.layers.Layer):
                                                 initializer="zeros", trainable=False)
         self.bias = self.add_weight(name="bias", shape=(self.filters,), initializer="zeros", trainable=False)
 
-    def _out_size(self, n, i):
-        if n is None:
-            return None
-        k, s, d = self.kernel_size[i], self.strides[i], self.dilation_rate[i]
-        if self.padding == "same":
-            before, after = same_padding(n, k, s, d)
-        elif self.padding == "valid":
-            before, after = 0, 0
-        else:
-            before, after = self.padding[i]
-        return (n + before + after - (k - 1) * d - 1) // s + 1
-
     def compute_output_shape(self, input_shape):
-        if self.data_format == "channels_last":
-            n, h, w = input_shape[0], input_shape[1], input_shape[2]
-            return (n, self._out_size(h, 0), self._out_size(w, 1), self.filters)
-        n, h, w = input_shape[0], input_shape[2], input_shape[3]
-        return (n, self.filters, self._out_size(h, 0), self._out_size(w, 1))
+        channels_last = self.data_format == "channels_last"
+        n, h, w = (input_shape[0], input_shape[1], input_shape[2]) if channels_last else (
+            input_shape[0], input_shape[2], input_shape[3])
+        oh, ow = conv_output_hw(h, w, self.kernel_size, self.strides, self.padding, self.dilation_rate)
+        if oh == 0 or ow == 0:
+            raise ValueError(f"Expected an input large enough for a non-empty output. Received: input_shape="
+                             f"{tuple(input_shape)}, which gives an output of size {(oh, ow)} for kernel_size="
+                             f"{self.kernel_size}, dilation_rate={self.dilation_rate}, padding={self.padding!r}")
+        return (n, oh, ow, self.filters) if channels_last else (n, self.filters, oh, ow)
 
     def call(self, inputs):
-        compute_dtype = keras.backend.standardize_dtype(self.compute_dtype)
-        work = compute_dtype if compute_dtype in ("float64", "bfloat16") else "float32"
-        tensors = [ops.cast(t, work) for t in
-                   (inputs, self.depthwise_kernel, self.depthwise_bias, self.pointwise_kernel, self.bias)]
-        config = dict(strides=self.strides, padding=self.padding, dilation_rate=self.dilation_rate,
-                      data_format=self.data_format, activation=self.activation,
-                      depthwise_activation=self.depthwise_activation)
-
-        def fn(*arrays):
-            return _host_forward(config, *arrays)
-
-        # the cast tensor's own dtype: jax without x64 keeps float32 whatever was asked
-        out = _host_call(fn, self.compute_output_shape(tuple(inputs.shape)), tensors[0].dtype, tensors)
-        if compute_dtype != work:
-            out = ops.cast(out, compute_dtype)
-        return out
+        # the bridge's tensor order: x, depthwise_kernel, pointwise_kernel, bias, depthwise_bias
+        variables = [self.depthwise_kernel, self.pointwise_kernel, self.bias, self.depthwise_bias]
+        return _run(self, "separable", inputs, variables, depthwise_bias=True,
+                    depthwise_activation=self.depthwise_activation)
 
     def get_config(self):
         config = super().get_config()
@@ -360,6 +294,7 @@ class _Plan:
         self.replace = {}  # id(original layer) -> (factory(), weights or None)
         self.identity = set()  # ids of absorbed layers
         self.entries = []  # (description, [original layer names], new class name)
+        self.own = []  # the same, for layers that stay Keras's own (folded weights or the backend's faster kernel)
 
 
 def _copy_config(layer, drop=()):
@@ -469,6 +404,33 @@ def _plan_folded_conv(graph, plan, layer, ours):
     return True
 
 
+def _plan_folded_keras_conv(graph, plan, layer):
+    """Keras's ``Conv2D [→ BN] [→ act]`` → Keras's ``Conv2D`` with the batch norm folded into its kernel and bias
+    and the activation fused (the expand and stem convolutions of the MobileNets, Xception's shortcuts)."""
+    if getattr(layer, "groups", 1) != 1:
+        return False
+    act = _activation_of(layer.activation)
+    if act is None:
+        return False
+    bn, act, absorbed = _tail(graph, layer, layer.data_format, act)
+    if bn is None:
+        return False
+    kernel = _np(layer.kernel)
+    b = _np(layer.bias) if layer.use_bias else np.zeros(kernel.shape[-1])
+    s, t = _bn_scale_shift(bn)
+    weights = [(kernel * s).astype(layer.variable_dtype), (b * s + t).astype(layer.variable_dtype)]
+    config = _copy_config(layer)
+    config.update(use_bias=True, activation=act)
+    cls = type(layer)
+    plan.replace[id(layer)] = (lambda: cls.from_config(config), weights)
+    for a in absorbed:
+        plan.identity.add(id(a))
+    folded = "batch norm" + (" + activation" if len(absorbed) > 1 else "")
+    plan.own.append((f"{cls.__name__} + folded {folded}", [layer.name] + [a.name for a in absorbed],
+                     f"{cls.__name__} {layer.name!r} (Keras's)"))
+    return True
+
+
 def _make_plan(model, fold_batchnorm):
     graph = _Graph(model)
     plan = _Plan()
@@ -477,6 +439,9 @@ def _make_plan(model, fold_batchnorm):
             continue
         is_sep = isinstance(layer, keras.layers.SeparableConv2D)
         is_dw = isinstance(layer, keras.layers.DepthwiseConv2D)
+        if fold_batchnorm and type(layer) is keras.layers.Conv2D:
+            _plan_folded_keras_conv(graph, plan, layer)
+            continue
         if not (is_sep or is_dw):
             continue
         if fold_batchnorm:
@@ -496,15 +461,20 @@ def _make_plan(model, fold_batchnorm):
 # --- the report ---------------------------------------------------------------------------------------------
 
 class ConversionReport:
-    """What :func:`convert` did: one entry per new nbconv layer, and the layers left as they were."""
+    """What :func:`convert` did: one entry per new nbconv layer, the Keras layers it rewrote without nbconv (folded
+    batch norms, or the backend's own kernel where that is faster), and the layers left as they were."""
 
-    def __init__(self, model_name, fold_batchnorm, entries, kept):
+    def __init__(self, model_name, fold_batchnorm, entries, kept, own=(), notes=()):
         self.model_name = model_name
         self.fold_batchnorm = fold_batchnorm
         #: list of (description, original layer names, "NewClass 'new layer name'")
         self.entries = list(entries)
         #: {class name: count} of the layers cloned unchanged (placeholders excluded)
         self.kept = dict(kept)
+        #: the same as ``entries`` for layers that stay Keras's own, the description saying why
+        self.own = list(own)
+        #: lines about how the new layers run on this backend (e.g. where they choose the backend's own kernel)
+        self.notes = list(notes)
 
     @property
     def converted(self):
@@ -512,21 +482,42 @@ class ConversionReport:
         return sum(len(names) for _, names, _ in self.entries)
 
     def __str__(self):
-        counts = collections.Counter(desc for desc, _, _ in self.entries)
         head = (f"nbconv: converted model {self.model_name!r}"
                 f"{' (batch norms folded, inference only)' if self.fold_batchnorm else ''}: "
                 f"{len(self.entries)} nbconv layer(s) replace {self.converted} layer(s)")
         lines = [head]
-        for desc, n in counts.items():
-            lines.append(f"  {n:4d} x {desc}")
-        for desc, names, cls in self.entries:
-            lines.append(f"    {' -> '.join(names)}  =>  {cls}")
+        for title, entries in (("", self.entries), ("Keras's own kernels: ", self.own)):
+            if title and entries:
+                lines.append(f"  {title}{len(entries)} layer(s), replacing {sum(len(n) for _, n, _ in entries)}")
+            for desc, n in collections.Counter(desc for desc, _, _ in entries).items():
+                lines.append(f"  {n:4d} x {desc}")
+            for desc, names, cls in entries:
+                lines.append(f"    {' -> '.join(names)}  =>  {cls}")
         if self.kept:
             kept = ", ".join(f"{n} {cls}" for cls, n in sorted(self.kept.items(), key=lambda kv: -kv[1]))
             lines.append(f"  left as they are: {kept}")
+        lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 
     __repr__ = __str__
+
+
+def _kernel_notes(entries):
+    """Where the new layers run the backend's own kernel (:data:`keras_layers.layers.OWN_KERNEL`)."""
+    notes = []
+    for cls, kind in ((SeparableConv2D, "separable"), (DepthwiseConv2D, "depthwise")):
+        modes = own_kernel_modes(kind)
+        count = sum(new.startswith(cls.__name__ + " ") for _, _, new in entries)
+        if modes and count:
+            names = {"predict": "inference", "train": "training"}
+            when = " and ".join(names.get(m, m) for m in modes)
+            up_to = _layers.NBCONV_UP_TO.get(keras.backend.backend(), {})
+            but = "".join(f", nbconv's in {names.get(m, m)} on outputs of up to {n} pixels (N*OH*OW)"
+                          for (k, m), n in up_to.items() if k == kind and m in modes)
+            notes.append(f"{count} {cls.__name__} layer(s) run {keras.backend.backend()}'s own kernel in {when}{but}: "
+                         "measured faster inside a model than nbconv's behind the host call (docs/keras.md; "
+                         "keras_layers.layers.OWN_KERNEL and NBCONV_UP_TO set the choice)")
+    return notes
 
 
 # --- convert -------------------------------------------------------------------------------------------------
@@ -589,7 +580,8 @@ def convert(model, *, fold_batchnorm=False, verbose=False):
             weights = original.get_weights()
         if weights:
             new.set_weights(weights)
-    report = ConversionReport(model.name, bool(fold_batchnorm), plan.entries, kept)
+    report = ConversionReport(model.name, bool(fold_batchnorm), plan.entries, kept, plan.own,
+                              _kernel_notes(plan.entries))
     object.__setattr__(new_model, "nbconv_report", report)
     if verbose:
         print(report)

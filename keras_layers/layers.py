@@ -11,6 +11,13 @@ activation fused, casts the result to the layer's compute dtype and applies
 any other activation through ``keras.ops``.  A model saved with these layers
 needs ``import keras_layers`` before ``keras.saving.load_model``.
 
+Where the backend's own kernel is measured faster inside a model (tensorflow:
+oneDNN's kernels run as fast as nbconv's on most layers, and the host call
+costs more than they differ), the layer runs Keras's own ``call`` instead:
+:data:`OWN_KERNEL` and :data:`NBCONV_UP_TO` hold the choice per backend, layer
+kind and mode (inference, or a gradient recorded), and ``convert(...,
+verbose=True)`` reports it.
+
 Backends: jax (jit, grad, vmap), torch (eager and ``torch.compile``),
 tensorflow (``tf.function``; ``supports_jit`` is False there, since XLA cannot
 compile the host call) and numpy (inference only).  Process settings (torch
@@ -37,8 +44,13 @@ _FUSABLE = {activations.linear: "linear", activations.relu: "relu", activations.
 
 
 def _split_activation(activation):
-    """``(fused name, activation to apply afterwards or None)``."""
-    name = _FUSABLE.get(activation) if activation is not None else "linear"
+    """``(fused name, activation to apply afterwards or None)``: a Keras function, or a name among
+    :data:`keras_layers.backend.FUSED` (the fused layer keeps names)."""
+    if activation is None:
+        return "linear", None
+    if isinstance(activation, str) and activation in _backend.FUSED:
+        return activation, None
+    name = _FUSABLE.get(activation)
     if name is not None:
         return name, None
     return "linear", activation
@@ -49,10 +61,14 @@ def _own_value(variable):
     if _AutocastScope is None:
         return variable
     with _AutocastScope(None):
-        return ops.convert_to_tensor(variable)
+        # ``.value``, not ops.convert_to_tensor: a TF variable is a tensor to Keras's TF backend, which returns it
+        # as it is, and the bridge's own conversion would then cast it under the layer's autocast scope
+        return variable.value
 
 
-def _run(layer, kind, inputs, variables):
+def _run(layer, kind, inputs, variables, depthwise_bias=False, depthwise_activation=None):
+    """The layer's op on ``inputs`` through the backend's bridge: ``variables`` are the op's inputs after ``x``
+    (``keras_layers.backend.Config.names``), with a ``depthwise_bias`` last for the fused block."""
     fused, after = _split_activation(layer.activation)
     compute_dtype = keras.backend.standardize_dtype(layer.compute_dtype)
     precision = ""
@@ -66,13 +82,51 @@ def _run(layer, kind, inputs, variables):
         work = "float64" if compute_dtype == "float64" else "float32"
         tensors = [ops.cast(t, work) for t in [inputs] + list(variables)]
     cfg = _backend.make_config(kind, layer.use_bias, layer.strides, layer.padding, layer.dilation_rate,
-                               layer.data_format, fused, precision)
+                               layer.data_format, fused, precision, depthwise_bias, depthwise_activation)
     out = _backend.bridge().apply(cfg, *tensors)
     if keras.backend.standardize_dtype(out.dtype) != compute_dtype:
         out = ops.cast(out, compute_dtype)
     if after is not None:
         out = after(out)
     return out
+
+
+#: where the backend's own kernel is faster inside a model than nbconv's behind the bridge, measured on
+#: keras.applications models (docs/keras.md, "Where the backend's own kernel runs"): backend -> layer kind ->
+#: the modes ("predict": no gradient recorded, "train": a gradient may be asked) in which the layer runs Keras's
+#: own ``call``.  Edit it to change the choice (``{}``: nbconv everywhere); FusedSeparableConv2D always runs nbconv.
+OWN_KERNEL = {
+    "tensorflow": {"depthwise": ("predict", "train"), "separable": ("predict", "train")},
+}
+#: exceptions to OWN_KERNEL: backend -> (kind, mode) -> the output size (N*OH*OW pixels; OH*OW when the batch is
+#: unknown) up to which nbconv runs all the same, its kernel saving more than the host call costs.  TF's separable
+#: layers on 2 images of 6x6x728 took 1.4-2.2x nbconv's time, on 1 of 14x14 or 8 of 6x6 1.03-1.12x
+NBCONV_UP_TO = {
+    "tensorflow": {("separable", "predict"): 128},
+}
+
+
+def own_kernel_modes(kind, backend=None):
+    """The modes in which a layer of ``kind`` ("depthwise", "separable") runs the backend's own kernel."""
+    return tuple(OWN_KERNEL.get(backend or keras.backend.backend(), {}).get(kind, ()))
+
+
+def _own_kernel(layer, kind, inputs, variables):
+    """Whether ``layer`` runs Keras's own ``call`` here (:data:`OWN_KERNEL`, :data:`NBCONV_UP_TO`)."""
+    modes = own_kernel_modes(kind)
+    if not modes or (keras.backend.backend() == "tensorflow" and layer.strides[0] != layer.strides[1]):
+        # TF's depthwise and separable kernels reject unequal strides (tensorflow#57251); nbconv computes them
+        return False
+    mode = "train" if _backend.bridge().needs_gradient([inputs] + [v.value for v in variables]) else "predict"
+    if mode not in modes:
+        return False
+    limit = NBCONV_UP_TO.get(keras.backend.backend(), {}).get((kind, mode))
+    if limit is not None:
+        shape = layer.compute_output_shape(tuple(inputs.shape))
+        n, hw = shape[0], (shape[1:3] if layer.data_format == "channels_last" else shape[2:4])
+        if None not in hw and (n or 1) * hw[0] * hw[1] <= limit:
+            return False
+    return True
 
 
 def _jit_ok():
@@ -96,6 +150,8 @@ class SeparableConv2D(keras.layers.SeparableConv2D):
 
     def call(self, inputs):
         variables = [self.depthwise_kernel, self.pointwise_kernel] + ([self.bias] if self.use_bias else [])
+        if _own_kernel(self, "separable", inputs, variables):
+            return super().call(inputs)
         return _run(self, "separable", inputs, variables)
 
 
@@ -114,4 +170,6 @@ class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
 
     def call(self, inputs):
         variables = [self.kernel] + ([self.bias] if self.use_bias else [])
+        if _own_kernel(self, "depthwise", inputs, variables):
+            return super().call(inputs)
         return _run(self, "depthwise", inputs, variables)

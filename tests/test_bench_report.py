@@ -227,7 +227,7 @@ def _every_target_raw(tmp_path):
         times[keras_name] = {c.id: 120e-3 for c in rows}
         times["nbconv"].update({c.id: 10e-3 for c in rows if c.op != "model_train"})
     for backend in ("jax", "tensorflow", "torch"):
-        times[f"models_{backend}"] = {c.id: (3e-3 if c.op == "app_original" else 1e-3)
+        times[f"models_{backend}"] = {c.id: (3e-3 if c.op in ("app_original", "app_fit_original") else 1e-3)
                                       for c in cases.CASES if c.suite == "models"}
     raw = _write_raw(tmp_path, times)
     big = "mobilenet:b1-56x128-128-s1"  # 55.0 M MAC
@@ -256,7 +256,10 @@ def test_every_target_is_evaluated(tmp_path):
         ("keras_model_jax", None): (12.0, True), ("keras_model_tensorflow", None): (12.0, True),
         ("keras_model_torch", None): (12.0, True), ("keras_bridge", "jax"): (1.1, True),
         ("keras_bridge", "torch"): (1.1, True), ("models_xception_jax", None): (3.0, True),
-        ("models_xception_tensorflow", None): (3.0, True), ("models_torch", None): (3.0, True),
+        ("models_mobilenets_jax", None): (3.0, True), ("models_tensorflow", None): (3.0, True),
+        ("models_tensorflow_folded", None): (3.0, True), ("models_tensorflow_fit", None): (3.0, True),
+        ("models_torch", None): (3.0, True), ("models_torch_folded", None): (3.0, True),
+        ("models_torch_fit", None): (3.0, True),
         ("idle_vs_best_peer", "20 ms"): (1.25, False), ("idle_vs_best_peer_worst", "20 ms"): (1.25, True),
         ("idle_thread_speedup", "no gap"): (2.0, True), ("idle_thread_speedup", "20 ms"): (1.6, True),
         ("first_call_s", None): (0.44, True), ("other_first_call_s", None): (4.0, False),
@@ -368,3 +371,20 @@ def test_report_main_writes_the_page(tmp_path, capsys):
 
 def test_the_default_page_is_docs_benchmarks_md():
     assert report.MARKDOWN_PAGE == os.path.join(_ROOT, "docs", "benchmarks.md")
+
+
+def test_models_speedups_prefer_the_paired_timing(tmp_path):
+    """A models-suite variant timed alternating with the original in its process: that ratio is the speedup, not
+    the two cases' own medians (timed in separate spells of the machine)."""
+    ids = {c.op: c.id for c in cases.CASES if c.suite == "models" and c.model == "mobilenet" and c.n == 2}
+    times = {"models_torch": {ids["app_original"]: 4e-3, ids["app_converted"]: 2e-3, ids["app_folded"]: 1e-3,
+                              ids["app_fit_original"]: 8e-3, ids["app_fit_converted"]: 4e-3}}
+    extra = {"models_torch": {ids["app_converted"]: {"paired": {"ratio": 0.8}},
+                              ids["app_fit_converted"]: {"paired": {"ratio": 1.25}}}}
+    rep = report.build(_write_raw(tmp_path, times, extra))
+    (row,) = rep["summary"]["models"]
+    assert row["shape"] == "MobileNet b2 96x96" and row["backend"] == "torch"
+    assert row["speedup"] == pytest.approx({"converted": 1.25, "folded": 4.0, "fit": 0.8})
+    results = {r["target"]: r for r in rep["summary"]["targets"]}
+    assert results["models_torch_fit"]["value"] == pytest.approx(0.8) and not results["models_torch_fit"]["met"]
+    assert results["models_torch_folded"]["value"] == pytest.approx(4.0)

@@ -10,7 +10,10 @@ import importlib
 
 import keras
 
-from ._common import FUSED, Config, make_config  # noqa: F401
+import functools
+
+from ._common import FUSED, Config  # noqa: F401
+from ._common import make_config as _make_config
 
 _BRIDGES = {"jax": "jax", "tensorflow": "tensorflow", "torch": "torch", "numpy": "numpy"}
 
@@ -23,6 +26,19 @@ def _load():
 
 
 _BRIDGE = _load()
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_config(*args):
+    return _make_config(*args)
+
+
+def make_config(*args):
+    """:func:`keras_layers.backend._common.make_config`, cached: layers build their config on every call."""
+    try:
+        return _cached_config(*args)
+    except TypeError:  # an unhashable spelling (a list): validated and normalised all the same
+        return _make_config(*args)
 
 
 def bridge():

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 
 import nbconv
-from nbconv import _dtypes
+from nbconv import _args, _dtypes
 
 #: glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
@@ -69,47 +69,73 @@ SEPARABLE_NAMES = ("x", "depthwise_kernel", "pointwise_kernel", "bias")
 
 #: activations fused into the kernel epilogue, by the Keras function that the layer holds
 FUSED = ("linear", "relu", "relu6")
+_ACTIVATION_NAMES = {code: name for name, code in _args.ACTIVATIONS.items() if name is not None}
 
 
 class Config(NamedTuple):
     """Static description of one op: hashable, so bridges can cache one compiled op per config.
 
     ``kind`` is "depthwise" or "separable"; ``strides`` and ``dilation_rate``
-    are pairs of int; ``padding`` is "valid" or "same"; ``data_format`` is
-    "channels_last" or "channels_first"; ``activation`` is one of :data:`FUSED`;
-    ``precision`` is nbconv's ``precision=`` ("bfloat16": bfloat16 products
-    whatever the weights' dtype, with a result of ``x``'s dtype), or "" for
-    the inputs' own.
+    are pairs of int; ``padding`` is "valid", "same" or explicit zero padding
+    ``((top, bottom), (left, right))``; ``data_format`` is "channels_last" or
+    "channels_first"; ``activation`` is one of :data:`FUSED`; ``precision``
+    is nbconv's ``precision=`` ("bfloat16": bfloat16 products whatever the
+    weights' dtype, with a result of ``x``'s dtype), or "" for the inputs'
+    own.  A separable op may also add a ``depthwise_bias`` (its last input)
+    and apply ``depthwise_activation`` to the depthwise result: the fused
+    inference block of :class:`keras_layers.FusedSeparableConv2D`, which has
+    no backward.
     """
 
     kind: str
     has_bias: bool
     strides: tuple
-    padding: str
+    padding: object
     dilation_rate: tuple
     data_format: str
     activation: str
     precision: str = ""
+    depthwise_bias: bool = False
+    depthwise_activation: str = "linear"
 
     @property
     def names(self):
         """Names of the op's tensor inputs, in order."""
         names = DEPTHWISE_NAMES if self.kind == "depthwise" else SEPARABLE_NAMES
-        return names if self.has_bias else names[:-1]
+        names = names if self.has_bias else names[:-1]
+        return names + ("depthwise_bias",) if self.depthwise_bias else names
+
+    @property
+    def differentiable(self):
+        """Whether nbconv has a backward for the op (none for a depthwise bias or activation)."""
+        return not self.depthwise_bias and self.depthwise_activation == "linear"
 
 
-def make_config(kind, has_bias, strides, padding, dilation_rate, data_format, activation, precision=""):
-    """Build a :class:`Config` from a layer's attributes (tuples of int, lower-case strings)."""
-    return Config(kind, bool(has_bias), tuple(int(s) for s in strides), str(padding).lower(),
-                  tuple(int(d) for d in dilation_rate), data_format, activation or "linear", precision or "")
+def activation_name(value, name="activation"):
+    """None or a fused activation's name (any case) -> its name in :data:`FUSED`; ValueError otherwise."""
+    return _ACTIVATION_NAMES[_args.normalize_activation(value, name)]
 
 
-def _out_size(n, k, s, d, padding):
-    if n is None:
-        return None
-    if padding == "same":
-        return (n + s - 1) // s
-    return (n - d * (k - 1) - 1) // s + 1
+def make_config(kind, has_bias, strides, padding, dilation_rate, data_format, activation, precision="",
+                depthwise_bias=False, depthwise_activation=None):
+    """Build a :class:`Config` from a layer's attributes, validated by :mod:`nbconv._args`.
+
+    ``padding`` takes every spelling nbconv does ("valid", "same", an int,
+    ``(ph, pw)``, ``((top, bottom), (left, right))``); ``activation`` and
+    ``depthwise_activation`` are None, "linear", "relu" or "relu6".
+    """
+    if kind not in ("depthwise", "separable"):
+        raise ValueError(f"Expected `kind` to be 'depthwise' or 'separable'. Received: kind={kind!r}")
+    if depthwise_bias and kind != "separable":
+        raise ValueError(f"Expected a separable op for a depthwise bias. Received: kind={kind!r}")
+    if data_format is None or _args.normalize_data_format(data_format):  # validates; None is channels_last
+        data_format = "channels_last"
+    else:
+        data_format = "channels_first"
+    return Config(kind, bool(has_bias), _args.normalize_pair(strides, "strides"), _args.normalize_padding(padding),
+                  _args.normalize_pair(dilation_rate, "dilation_rate"), data_format,
+                  activation_name(activation, "activation"), precision or "", bool(depthwise_bias),
+                  activation_name(depthwise_activation, "depthwise_activation"))
 
 
 def output_shape(cfg, x_shape, kernel_shape, filters):
@@ -118,23 +144,28 @@ def output_shape(cfg, x_shape, kernel_shape, filters):
     ``kernel_shape`` is the depthwise kernel's (kh, kw, C, dm); ``filters`` is
     the number of output channels (C*dm for depthwise, F for separable).
     """
-    kh, kw = kernel_shape[0], kernel_shape[1]
-    if cfg.data_format == "channels_last":
-        n, h, w = x_shape[0], x_shape[1], x_shape[2]
-    else:
-        n, h, w = x_shape[0], x_shape[2], x_shape[3]
-    oh = _out_size(h, kh, cfg.strides[0], cfg.dilation_rate[0], cfg.padding)
-    ow = _out_size(w, kw, cfg.strides[1], cfg.dilation_rate[1], cfg.padding)
-    if cfg.data_format == "channels_last":
-        return (n, oh, ow, filters)
-    return (n, filters, oh, ow)
+    channels_last = cfg.data_format == "channels_last"
+    n, h, w = (x_shape[0], x_shape[1], x_shape[2]) if channels_last else (x_shape[0], x_shape[2], x_shape[3])
+    oh, ow = _args.conv_output_hw(h, w, kernel_shape[:2], cfg.strides, cfg.padding, cfg.dilation_rate)
+    return (n, oh, ow, filters) if channels_last else (n, filters, oh, ow)
 
 
 def filters_of(cfg, kernel_shapes):
-    """Number of output channels from the kernels' shapes."""
+    """Number of output channels from the kernels' shapes (the op's inputs after ``x``, in order)."""
     if cfg.kind == "depthwise":
         return kernel_shapes[0][2] * kernel_shapes[0][3]
     return kernel_shapes[1][-1]
+
+
+def check_differentiable(cfg):
+    """Raise a clear error when a gradient is asked of an op that has none (see :attr:`Config.differentiable`)."""
+    if not cfg.differentiable:
+        raise ValueError(
+            "Expected a differentiable op: nbconv has no backward for a separable convolution with a depthwise "
+            "bias or activation (FusedSeparableConv2D, what keras_layers.convert(fold_batchnorm=True) builds, is "
+            "inference only; convert without fold_batchnorm to train). Received: a gradient request for an op "
+            f"with depthwise_bias={cfg.depthwise_bias}, depthwise_activation={cfg.depthwise_activation!r}"
+        )
 
 
 def _geometry_kwargs(cfg):
@@ -155,16 +186,21 @@ def forward(cfg, *arrays, out=None):
     that receives the result (a framework's output buffer: no copy).
     """
     arrays = [np.asarray(a) for a in arrays]
-    bias = arrays[-1] if cfg.has_bias else None
-    act = None if cfg.activation == "linear" else cfg.activation
     if out is not None and out.dtype != arrays[0].dtype:
         out[...] = forward(cfg, *arrays)
         return out
+    inputs = dict(zip(cfg.names, arrays))
+    act = None if cfg.activation == "linear" else cfg.activation
     kwargs = dict(activation=act, out=out, **_geometry_kwargs(cfg), **_precision_kwargs(cfg, arrays[0]))
     if cfg.kind == "depthwise":
-        res = nbconv.depthwise_conv2d(arrays[0], arrays[1], bias, **kwargs)
+        res = nbconv.depthwise_conv2d(inputs["x"], inputs["kernel"], inputs.get("bias"), **kwargs)
     else:
-        res = nbconv.separable_conv2d(arrays[0], arrays[1], arrays[2], bias, **kwargs)
+        if cfg.depthwise_bias or cfg.depthwise_activation != "linear":
+            kwargs.update(depthwise_bias=inputs.get("depthwise_bias"),
+                          depthwise_activation=None if cfg.depthwise_activation == "linear"
+                          else cfg.depthwise_activation)
+        res = nbconv.separable_conv2d(inputs["x"], inputs["depthwise_kernel"], inputs["pointwise_kernel"],
+                                      inputs.get("bias"), **kwargs)
     return _dtypes.as_dtype(np.asarray(res), arrays[0].dtype)
 
 
@@ -173,8 +209,10 @@ def backward(cfg, wrt, grad_output, y, *arrays):
 
     ``y`` is the op's output (only read when the activation is relu or relu6;
     any array otherwise).  ``arrays`` are the op's inputs.  Returns one array
-    per name in ``wrt``, shaped and typed like that input.
+    per name in ``wrt``, shaped and typed like that input.  Raises ValueError
+    for an op that has no backward (:func:`check_differentiable`).
     """
+    check_differentiable(cfg)
     arrays = [np.asarray(a) for a in arrays]
     g = np.asarray(grad_output)
     act = dict(activation=cfg.activation, output=np.asarray(y) if cfg.activation != "linear" else None)

@@ -98,6 +98,7 @@ def _op(cfg):
     def bwd(res, g):
         if not res.wrt:
             return tuple(None for _ in names)
+        _common.check_differentiable(cfg)  # at trace time, not inside the host call
         by_name = dict(zip(names, res.arrays))
         shapes = tuple(_sds(by_name[n]) for n in res.wrt)
         y = res.y if res.y is not None else g
@@ -114,3 +115,8 @@ def apply(cfg, *tensors):
     jax arrays."""
     tensors = tuple(jnp.asarray(t) for t in tensors)
     return _op(cfg)(*tensors)
+
+
+def needs_gradient(tensors):
+    """Always False: under jax the gradient is taken after tracing, so nothing tells training from inference."""
+    return False

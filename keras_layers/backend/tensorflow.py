@@ -88,11 +88,15 @@ def clear_buffers():
         _pool.clear()
 
 
+@functools.lru_cache(maxsize=256)
+def _result_shape(cfg, x_shape, kernel_shapes):
+    # per call, inside the host call: the validated output-size arithmetic once per shape
+    return _common.output_shape(cfg, x_shape, kernel_shapes[0], _common.filters_of(cfg, kernel_shapes))
+
+
 def _forward(cfg, *arrays):
     arrays = [np.asarray(a) for a in arrays]
-    x, kernel = arrays[0], arrays[1]
-    filters = _common.filters_of(cfg, [a.shape for a in arrays[1:]])
-    out = _result_buffer(_common.output_shape(cfg, x.shape, kernel.shape, filters), x.dtype)
+    out = _result_buffer(_result_shape(cfg, arrays[0].shape, tuple(a.shape for a in arrays[1:])), arrays[0].dtype)
     return _common.forward(cfg, *arrays, out=out)
 
 
@@ -142,6 +146,7 @@ def _op(cfg, watched):
         y.set_shape(_common.output_shape(cfg, x.shape, args[1].shape, filters))
 
         def grad(g):
+            _common.check_differentiable(cfg)  # when the gradient is built, not inside the host call
             y_or_g = y if cfg.activation != "linear" else g
             inputs = [g, y_or_g, *args]
             grads = [None] * len(args)
@@ -164,3 +169,8 @@ def apply(cfg, *tensors):
     TF tensors."""
     tensors = [tf.convert_to_tensor(t) for t in tensors]
     return _op(cfg, _watched(tensors))(*tensors)
+
+
+def needs_gradient(tensors):
+    """Whether a ``GradientTape`` records any of ``tensors`` (a training step's trace), as the layers ask it."""
+    return _watched([tf.convert_to_tensor(t) for t in tensors]) is not None

@@ -5,6 +5,10 @@ kernels; their backward is another pair of custom ops
 (``nbconv::depthwise_conv2d_backward`` / ``nbconv::separable_conv2d_backward``),
 so both eager mode and ``torch.compile`` (no graph break) work.  The backward
 computes only the gradients autograd asks for (``ctx.needs_input_grad``).
+The separable op also carries FusedSeparableConv2D's depthwise bias and
+activation, for which nbconv has no backward: its autograd formula raises
+ValueError.  Explicit padding travels as ``padding="explicit"`` plus
+``pads=[top, bottom, left, right]`` (custom ops take no nested tuples).
 Tensors on another device are computed on the CPU and moved back.
 
 Run with ``OMP_WAIT_POLICY=PASSIVE`` set before torch is imported: otherwise
@@ -43,19 +47,34 @@ def _tensor(a):
     return torch.from_numpy(a)
 
 
-def _cfg(kind, bias, strides, padding, dilation_rate, data_format, activation, precision):
+def _padding_args(padding):
+    """A Config's padding as the ops' ``(padding: str, pads: List[int])``: custom ops take no nested tuples."""
+    if isinstance(padding, str):
+        return padding, []
+    (top, bottom), (left, right) = padding
+    return "explicit", [top, bottom, left, right]
+
+
+def _cfg(kind, bias, strides, padding, pads, dilation_rate, data_format, activation, precision, depthwise_bias=None,
+         depthwise_activation="linear"):
+    if padding == "explicit":
+        padding = ((pads[0], pads[1]), (pads[2], pads[3]))
     return _common.make_config(kind, bias is not None, strides, padding, dilation_rate, data_format, activation,
-                               precision)
+                               precision, depthwise_bias is not None, depthwise_activation)
 
 
-def _forward(kind, x, weights, bias, strides, padding, dilation_rate, data_format, activation, precision):
-    cfg = _cfg(kind, bias, strides, padding, dilation_rate, data_format, activation, precision)
-    arrays = [_np(x)] + [_np(w) for w in weights] + ([_np(bias)] if bias is not None else [])
-    return _tensor(_common.forward(cfg, *arrays)).to(x.device)
+def _arrays(cfg, x, weights, bias, depthwise_bias):
+    """The op's inputs as NumPy arrays, in ``cfg.names`` order."""
+    tensors = [x, *weights] + ([bias] if bias is not None else []) + (
+        [depthwise_bias] if depthwise_bias is not None else [])
+    return [_np(t) for t in tensors]
 
 
-def _fake_forward(kind, x, weights, bias, strides, padding, dilation_rate, data_format, activation, precision):
-    cfg = _cfg(kind, bias, strides, padding, dilation_rate, data_format, activation, precision)
+def _forward(cfg, x, weights, bias, depthwise_bias=None):
+    return _tensor(_common.forward(cfg, *_arrays(cfg, x, weights, bias, depthwise_bias))).to(x.device)
+
+
+def _fake_forward(cfg, x, weights):
     filters = _common.filters_of(cfg, [w.shape for w in weights])
     return x.new_empty(_common.output_shape(cfg, x.shape, weights[0].shape, filters))
 
@@ -66,12 +85,9 @@ def _wrt_names(kind, mask):
     return tuple(n for n, m in zip(names, mask) if m)
 
 
-def _backward(kind, grad, y, x, weights, bias, strides, padding, dilation_rate, data_format, activation, precision,
-              mask):
-    cfg = _cfg(kind, bias, strides, padding, dilation_rate, data_format, activation, precision)
-    wrt = _wrt_names(kind, mask)
-    arrays = [_np(x)] + [_np(w) for w in weights] + ([_np(bias)] if bias is not None else [])
-    grads = _common.backward(cfg, tuple(wrt), _np(grad), _np(y), *arrays)
+def _backward(cfg, grad, y, x, weights, bias, mask):
+    wrt = _wrt_names(cfg.kind, mask)
+    grads = _common.backward(cfg, tuple(wrt), _np(grad), _np(y), *_arrays(cfg, x, weights, bias, None))
     return [_tensor(g).to(x.device) for g in grads]
 
 
@@ -86,29 +102,29 @@ def _fake_backward(kind, x, weights, bias, mask):
 
 @torch.library.custom_op("nbconv::depthwise_conv2d", mutates_args=())
 def depthwise_conv2d(x: torch.Tensor, kernel: torch.Tensor, bias: Optional[torch.Tensor], strides: List[int],
-                     padding: str, dilation_rate: List[int], data_format: str, activation: str,
+                     padding: str, pads: List[int], dilation_rate: List[int], data_format: str, activation: str,
                      precision: str) -> torch.Tensor:
-    return _forward("depthwise", x, [kernel], bias, strides, padding, dilation_rate, data_format, activation,
-                    precision)
+    cfg = _cfg("depthwise", bias, strides, padding, pads, dilation_rate, data_format, activation, precision)
+    return _forward(cfg, x, [kernel], bias)
 
 
 @depthwise_conv2d.register_fake
-def _(x, kernel, bias, strides, padding, dilation_rate, data_format, activation, precision):
-    return _fake_forward("depthwise", x, [kernel], bias, strides, padding, dilation_rate, data_format, activation,
-                         precision)
+def _(x, kernel, bias, strides, padding, pads, dilation_rate, data_format, activation, precision):
+    cfg = _cfg("depthwise", bias, strides, padding, pads, dilation_rate, data_format, activation, precision)
+    return _fake_forward(cfg, x, [kernel])
 
 
 @torch.library.custom_op("nbconv::depthwise_conv2d_backward", mutates_args=())
 def depthwise_conv2d_backward(grad: torch.Tensor, y: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor,
-                              bias: Optional[torch.Tensor], strides: List[int], padding: str,
+                              bias: Optional[torch.Tensor], strides: List[int], padding: str, pads: List[int],
                               dilation_rate: List[int], data_format: str, activation: str, precision: str,
                               wrt: List[bool]) -> List[torch.Tensor]:
-    return _backward("depthwise", grad, y, x, [kernel], bias, strides, padding, dilation_rate, data_format,
-                     activation, precision, wrt)
+    cfg = _cfg("depthwise", bias, strides, padding, pads, dilation_rate, data_format, activation, precision)
+    return _backward(cfg, grad, y, x, [kernel], bias, wrt)
 
 
 @depthwise_conv2d_backward.register_fake
-def _(grad, y, x, kernel, bias, strides, padding, dilation_rate, data_format, activation, precision, wrt):
+def _(grad, y, x, kernel, bias, strides, padding, pads, dilation_rate, data_format, activation, precision, wrt):
     return _fake_backward("depthwise", x, [kernel], bias, wrt)
 
 
@@ -133,47 +149,53 @@ depthwise_conv2d.register_autograd(_depthwise_grad, setup_context=_setup_depthwi
 
 @torch.library.custom_op("nbconv::separable_conv2d", mutates_args=())
 def separable_conv2d(x: torch.Tensor, depthwise_kernel: torch.Tensor, pointwise_kernel: torch.Tensor,
-                     bias: Optional[torch.Tensor], strides: List[int], padding: str, dilation_rate: List[int],
-                     data_format: str, activation: str, precision: str) -> torch.Tensor:
-    return _forward("separable", x, [depthwise_kernel, pointwise_kernel], bias, strides, padding, dilation_rate,
-                    data_format, activation, precision)
+                     bias: Optional[torch.Tensor], depthwise_bias: Optional[torch.Tensor], strides: List[int],
+                     padding: str, pads: List[int], dilation_rate: List[int], data_format: str, activation: str,
+                     precision: str, depthwise_activation: str) -> torch.Tensor:
+    cfg = _cfg("separable", bias, strides, padding, pads, dilation_rate, data_format, activation, precision,
+               depthwise_bias, depthwise_activation)
+    return _forward(cfg, x, [depthwise_kernel, pointwise_kernel], bias, depthwise_bias)
 
 
 @separable_conv2d.register_fake
-def _(x, depthwise_kernel, pointwise_kernel, bias, strides, padding, dilation_rate, data_format, activation,
-      precision):
-    return _fake_forward("separable", x, [depthwise_kernel, pointwise_kernel], bias, strides, padding,
-                         dilation_rate, data_format, activation, precision)
+def _(x, depthwise_kernel, pointwise_kernel, bias, depthwise_bias, strides, padding, pads, dilation_rate, data_format,
+      activation, precision, depthwise_activation):
+    cfg = _cfg("separable", bias, strides, padding, pads, dilation_rate, data_format, activation, precision,
+               depthwise_bias, depthwise_activation)
+    return _fake_forward(cfg, x, [depthwise_kernel, pointwise_kernel])
 
 
 @torch.library.custom_op("nbconv::separable_conv2d_backward", mutates_args=())
 def separable_conv2d_backward(grad: torch.Tensor, y: torch.Tensor, x: torch.Tensor, depthwise_kernel: torch.Tensor,
                               pointwise_kernel: torch.Tensor, bias: Optional[torch.Tensor], strides: List[int],
-                              padding: str, dilation_rate: List[int], data_format: str, activation: str,
-                              precision: str, wrt: List[bool]) -> List[torch.Tensor]:
-    return _backward("separable", grad, y, x, [depthwise_kernel, pointwise_kernel], bias, strides, padding,
-                     dilation_rate, data_format, activation, precision, wrt)
+                              padding: str, pads: List[int], dilation_rate: List[int], data_format: str,
+                              activation: str, precision: str, wrt: List[bool]) -> List[torch.Tensor]:
+    cfg = _cfg("separable", bias, strides, padding, pads, dilation_rate, data_format, activation, precision)
+    return _backward(cfg, grad, y, x, [depthwise_kernel, pointwise_kernel], bias, wrt)
 
 
 @separable_conv2d_backward.register_fake
-def _(grad, y, x, depthwise_kernel, pointwise_kernel, bias, strides, padding, dilation_rate, data_format,
+def _(grad, y, x, depthwise_kernel, pointwise_kernel, bias, strides, padding, pads, dilation_rate, data_format,
       activation, precision, wrt):
     return _fake_backward("separable", x, [depthwise_kernel, pointwise_kernel], bias, wrt)
 
 
 def _setup_separable(ctx, inputs, output):
-    x, dk, pk, bias, *static = inputs
+    x, dk, pk, bias, depthwise_bias, *static = inputs
     ctx.save_for_backward(x, dk, pk, bias, output)
-    ctx.static = static
+    ctx.cfg = _cfg("separable", bias, *static[:-1], depthwise_bias, static[-1])
+    ctx.static = static[:-1]  # the backward op has no depthwise activation
+    ctx.n_inputs = len(inputs)
 
 
 def _separable_grad(ctx, grad):
+    _common.check_differentiable(ctx.cfg)  # the fused inference block has no backward
     x, dk, pk, bias, y = ctx.saved_tensors
     names = _common.SEPARABLE_NAMES
     mask = [bool(m) for m in ctx.needs_input_grad[:4]]
     wrt = _wrt_names("separable", mask)
     grads = dict(zip(wrt, separable_conv2d_backward(grad, y, x, dk, pk, bias, *ctx.static, mask))) if wrt else {}
-    return tuple(grads.get(n) for n in names) + (None,) * len(ctx.static)
+    return tuple(grads.get(n) for n in names) + (None,) * (ctx.n_inputs - len(names))
 
 
 separable_conv2d.register_autograd(_separable_grad, setup_context=_setup_separable)
@@ -210,14 +232,22 @@ def _plain_eager(tensors):
 
 
 def apply(cfg, *tensors):
-    """Run the op described by ``cfg`` on ``tensors`` (x, kernel(s)[, bias]): float32, float64 or bfloat16
-    torch tensors."""
-    bias = tensors[-1] if cfg.has_bias else None
-    static = (list(cfg.strides), cfg.padding, list(cfg.dilation_rate), cfg.data_format, cfg.activation,
-              cfg.precision)
+    """Run the op described by ``cfg`` on ``tensors`` (the inputs named by ``cfg.names``): float32, float64 or
+    bfloat16 torch tensors."""
+    inputs = dict(zip(cfg.names, tensors))
+    bias, depthwise_bias = inputs.get("bias"), inputs.get("depthwise_bias")
+    weights = [inputs["kernel"]] if cfg.kind == "depthwise" else [inputs["depthwise_kernel"],
+                                                                   inputs["pointwise_kernel"]]
     if _plain_eager(tensors):
-        weights = list(tensors[1:len(tensors) - 1] if cfg.has_bias else tensors[1:])
-        return _forward(cfg.kind, tensors[0], weights, bias, *static)
+        return _forward(cfg, tensors[0], weights, bias, depthwise_bias)
+    padding, pads = _padding_args(cfg.padding)
+    static = (list(cfg.strides), padding, pads, list(cfg.dilation_rate), cfg.data_format, cfg.activation,
+              cfg.precision)
     if cfg.kind == "depthwise":
-        return depthwise_conv2d(tensors[0], tensors[1], bias, *static)
-    return separable_conv2d(tensors[0], tensors[1], tensors[2], bias, *static)
+        return depthwise_conv2d(tensors[0], weights[0], bias, *static)
+    return separable_conv2d(tensors[0], *weights, bias, depthwise_bias, *static, cfg.depthwise_activation)
+
+
+def needs_gradient(tensors):
+    """Whether autograd records an op on ``tensors`` (a training step, not Keras's no_grad predict)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors if t is not None)

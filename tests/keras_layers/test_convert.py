@@ -161,14 +161,27 @@ def test_functional_with_folding(functional, x15):
     assert [s.activation.__name__ for s in seps] == ["relu", "linear"] and all(s.use_bias for s in seps)
     # the tanh depthwise conv cannot absorb anything but is still ours
     assert sum(type(layer) is keras_layers.DepthwiseConv2D for layer in new) == 1
-    # the first Conv2D's BN stays (no 1x1 chain), the absorbed ones became placeholders
-    remaining_bn = [layer.name for layer in new if isinstance(layer, keras.layers.BatchNormalization)]
-    assert len(remaining_bn) == 1 and remaining_bn[0] == [n for n, ly in by_name.items()
-                                                            if isinstance(ly, keras.layers.BatchNormalization)][0]
-    assert sum(isinstance(layer, Absorbed) for layer in new) == 13  # 6 + 4 + 2 + 1
-    text = str(converted.nbconv_report)
+    # the first Conv2D (no 1x1 chain) stays Keras's own, with its BN and ReLU6 folded in; every batch norm and
+    # activation absorbed became a placeholder
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in new)
+    stem = [layer for layer in new if type(layer) is keras.layers.Conv2D]
+    first_conv = [n for n, ly in by_name.items() if type(ly) is keras.layers.Conv2D][0]
+    assert len(stem) == 1 and stem[0].name == first_conv and stem[0].use_bias
+    assert stem[0].activation is keras.activations.relu6
+    assert sum(isinstance(layer, Absorbed) for layer in new) == 15  # 6 + 4 + 2 + 1 + the stem's BN and ReLU6
+    report = converted.nbconv_report
+    assert [names for _, names, _ in report.own] == [[first_conv] + by_name_after(by_name, first_conv)]
+    text = str(report)
     assert "fused separable block" in text and "folded" in text
+    assert "Keras's own kernels: 1 layer(s), replacing 3" in text and "Conv2D + folded batch norm + activation" in text
     assert converted.count_params() < functional.count_params()
+
+
+def by_name_after(by_name, name):
+    """Names of the two layers that follow ``name`` in the model's layer order."""
+    names = list(by_name)
+    i = names.index(name)
+    return names[i + 1:i + 3]
 
 
 def test_channels_first(x15):
@@ -302,4 +315,6 @@ def test_keras_applications(name, cheap_initializers):
         assert len(strided) == 4 and all(layer.padding == "same" for layer in strided)
     if name == "Xception":  # every separable conv took its batch norm in
         assert sum(type(layer) is keras_layers.SeparableConv2D for layer in layers) == 34
-        assert sum(isinstance(layer, keras.layers.BatchNormalization) for layer in layers) == 6  # after the 6 Conv2Ds
+        # the 6 Conv2Ds (stem and shortcuts) stay Keras's own with their batch norms folded in
+        assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in layers)
+        assert sum(type(layer) is keras.layers.Conv2D for layer in layers) == 6
