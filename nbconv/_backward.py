@@ -2,8 +2,9 @@
 
 Work split
     Every parallel kernel splits the rows of the *output* (``N*OH`` of them,
-    all images one after the other) into ``nchunks`` contiguous chunks, one
-    ``prange`` iteration each.  A chunk walks its rows in tiles of ``tile_p``
+    all images one after the other) into ``nchunks`` contiguous chunks, which
+    the calling thread and the pool's helpers claim one at a time
+    (:mod:`nbconv._sync`; the kernels' ``sched, sig, lead`` arguments).  A chunk walks its rows in tiles of ``tile_p``
     pixels (a tile never crosses an image).
 
 Input gradient (row ownership + halo)
@@ -17,8 +18,8 @@ Input gradient (row ownership + halo)
     borders) get a zero gradient.  The taps of a chunk's last output rows can
     reach below its last owned row, into the next chunk's rows; those
     contributions go to the chunk's private ``halo`` buffer of
-    ``max(1, (KH-1)*dh - sh + 1)`` rows, added to ``dx`` after the parallel
-    loop in chunk order (:func:`add_halos`).  No two chunks ever write the
+    ``max(1, (KH-1)*dh - sh + 1)`` rows, added to ``dx`` after the chunks, in
+    chunk order (:func:`add_halos`).  No two chunks ever write the
     same element, and the result does not depend on thread scheduling.
 
 Weight and bias gradients
@@ -46,14 +47,14 @@ flags skip the work of gradients nobody asked for; arrays of a gradient not
 wanted may be 1-element dummies of the right rank.
 """
 import numpy as np
-from numba import prange
 
 from ._depthwise import _first_valid, dk3_packed_rows, dw_tile, pack_rows
 from ._elementwise import RELU6
-from ._jit import jit, pjit
+from ._jit import jit
 from ._gemm import KC, gemm_bf16, gemm_nn, transpose_tile
 from ._pointwise import gemm_rm
 from ._simd import VECTOR_BYTES
+from ._sync import PHASE2, claim, enter, leave
 
 
 @jit
@@ -401,10 +402,10 @@ def _rowsum_rows(g1, off, rows, cols, ld, acc):
         acc[r] += t
 
 
-@pjit
+@jit
 def dwsep_backward_nhwc(x, dk, wmat, wmat_t, g2, want_dx, dx, want_dk, dkp, want_pw, dpwp, want_b, dbp,
                         halo, halo_pos, sh, sw, dh, dw, pt, pl, oh_size, ow_size, tile_p, nchunks,
-                        dscr, ddscr, ibuf, consts, chars, wt, bt, xs_scr, wp):
+                        dscr, ddscr, ibuf, consts, chars, wt, bt, xs_scr, wp, sched, sig, lead):
     """Parallel backward of depthwise (``wmat`` empty) or fused separable convolution, NHWC.
 
     Parameters
@@ -452,7 +453,11 @@ def dwsep_backward_nhwc(x, dk, wmat, wmat_t, g2, want_dx, dx, want_dk, dkp, want
     dpw1 = dpwp.reshape(-1)
     # 3x3 kernel gradients of separable tiles (whole output rows) in the vector micro-kernel
     fast_dk = sep and want_dk and dk.shape[0] == 3 and dk.shape[1] == 3
-    for chunk in prange(nchunks):
+    enter(sched, sig, lead)
+    while True:
+        chunk = claim(sched, PHASE2, nchunks, lead)
+        if chunk < 0:
+            break
         r0, r1 = _chunk_rows(chunk, nchunks, rows)
         hal = halo[chunk]
         hn = -1
@@ -507,12 +512,13 @@ def dwsep_backward_nhwc(x, dk, wmat, wmat_t, g2, want_dx, dx, want_dk, dkp, want
                         dwb_nhwc_pixels(xn, dk, g2[grow:grow + npx], dm, p0, p1, ow_size, sh, sw, dh, dw, pt, pl,
                                         want_dk, dka, want_dx, dxn, own_end, hal)
                     p0 = p1
+    leave(sched, sig, lead)
 
 
-@pjit
+@jit
 def dwsep_backward_nchw(x, dk, wmat, g3, want_dx, dx, want_dk, dkp, want_pw, dpwp, want_b, dbp,
                         halo, halo_pos, sh, sw, dh, dw, pt, pl, oh_size, ow_size, tile_p, nchunks,
-                        dscr, ddscr, ibuf, consts, chars):
+                        dscr, ddscr, ibuf, consts, chars, sched, sig, lead):
     """Parallel backward of depthwise (``wmat`` empty) or fused separable convolution, NCHW.
 
     Parameters
@@ -547,7 +553,11 @@ def dwsep_backward_nchw(x, dk, wmat, g3, want_dx, dx, want_dk, dkp, want_pw, dpw
     g1 = g3.reshape(-1)
     w1 = wmat.reshape(-1)
     dpw1 = dpwp.reshape(-1)
-    for chunk in prange(nchunks):
+    enter(sched, sig, lead)
+    while True:
+        chunk = claim(sched, PHASE2, nchunks, lead)
+        if chunk < 0:
+            break
         r0, r1 = _chunk_rows(chunk, nchunks, rows)
         hal = halo[chunk]
         hn = -1
@@ -592,6 +602,7 @@ def dwsep_backward_nchw(x, dk, wmat, g3, want_dx, dx, want_dk, dkp, want_pw, dpw
                         dwb_nchw_tile(xn, dk, g1, goff, ohw, dm, p0, p1, ow_size, sh, sw, dh, dw, pt, pl,
                                       want_dk, dka, want_dx, dxn, own_end, hal)
                     p0 = p1
+    leave(sched, sig, lead)
 
 
 @jit
@@ -629,8 +640,8 @@ def add_halos_nchw(dx, halo, halo_pos):
                     dst[k] += src[k]
 
 
-@pjit
-def reduce_chunks(parts, out, block):
+@jit
+def reduce_chunks(parts, out, block, sched, sig, lead):
     """``out[i] = parts[0, i] + parts[1, i] + ...`` in chunk order (deterministic).
 
     Parameters
@@ -644,20 +655,26 @@ def reduce_chunks(parts, out, block):
     """
     nch, length = parts.shape
     nblocks = (length + block - 1) // block
-    for bi in prange(nblocks):
+    enter(sched, sig, lead)
+    while True:
+        bi = claim(sched, PHASE2, nblocks, lead)
+        if bi < 0:
+            break
         i0 = bi * block
         i1 = min(i0 + block, length)
-        for i in range(i0, i1):
-            out[i] = parts[0, i]
+        # zero-based loops over views: indices known non-negative, so the loops vectorise
+        ob = out[i0:i1]
+        ob[:] = parts[0, i0:i1]
         for k in range(1, nch):
-            pk = parts[k]
-            for i in range(i0, i1):
-                out[i] += pk[i]
+            pk = parts[k, i0:i1]
+            for i in range(i1 - i0):
+                ob[i] += pk[i]
+    leave(sched, sig, lead)
 
 
-@pjit
+@jit
 def pointwise_backward_nhwc(x2, wmat, wmat_t, g2, want_dx, dx2, want_w, dwp, want_b, dbp, tile_p, nchunks,
-                            ibuf, consts, chars):
+                            ibuf, consts, chars, sched, sig, lead):
     """Parallel backward of a pointwise convolution, NHWC: ``dx2 = g2 @ wmat.T``, ``dW = x2.T @ g2``, ``db = sum g2``.
 
     Parameters
@@ -685,7 +702,11 @@ def pointwise_backward_nhwc(x2, wmat, wmat_t, g2, want_dx, dx2, want_w, dwp, wan
     g1 = g2.reshape(-1)
     dx1 = dx2.reshape(-1)
     dw1 = dwp.reshape(-1)
-    for chunk in prange(nchunks):
+    enter(sched, sig, lead)
+    while True:
+        chunk = claim(sched, PHASE2, nchunks, lead)
+        if chunk < 0:
+            break
         t0, t1 = _chunk_rows(chunk, nchunks, ntiles)
         for t in range(t0, t1):
             p0 = t * tile_p
@@ -696,11 +717,12 @@ def pointwise_backward_nhwc(x2, wmat, wmat_t, g2, want_dx, dx2, want_w, dwp, wan
                 gemm_nn(k, f, npx, x1, p0 * k, 1, k, g1, p0 * f, f, dw1, chunk * k * f, f, True, nobias, 0, 0, 0)
             if want_b:
                 _colsum_rows(g1, p0 * f, npx, f, f, dbp[chunk])
+    leave(sched, sig, lead)
 
 
-@pjit
+@jit
 def pointwise_backward_nchw(x3, wmat, g3, want_dx, dx3, want_w, dwp, want_b, dbp, tile_p, nchunks,
-                            ibuf, consts, chars):
+                            ibuf, consts, chars, sched, sig, lead):
     """Parallel backward of a pointwise convolution, NCHW (per image ``dx = W @ G``, ``dW += x @ G.T``).
 
     Parameters
@@ -726,7 +748,11 @@ def pointwise_backward_nchw(x3, wmat, g3, want_dx, dx3, want_w, dwp, want_b, dbp
     g1 = g3.reshape(-1)
     dx1 = dx3.reshape(-1)
     dw1 = dwp.reshape(-1)
-    for chunk in prange(nchunks):
+    enter(sched, sig, lead)
+    while True:
+        chunk = claim(sched, PHASE2, nchunks, lead)
+        if chunk < 0:
+            break
         t0, t1 = _chunk_rows(chunk, nchunks, ntasks)
         ib = ibuf[chunk]
         for t in range(t0, t1):
@@ -741,10 +767,11 @@ def pointwise_backward_nchw(x3, wmat, g3, want_dx, dx3, want_w, dwp, want_b, dbp
                 gemm_rm(0, 1, k, f, npx, x1, xoff, hw, g1, goff, hw, True, dw1, chunk * k * f, f, ib, consts, chars)
             if want_b:
                 _rowsum_rows(g1, goff, f, npx, hw, dbp[chunk])
+    leave(sched, sig, lead)
 
 
-@pjit
-def weight_grad_nhwc(x2, g2, parts, mb, nb, dwp, want_b, dbp):
+@jit
+def weight_grad_nhwc(x2, g2, parts, mb, nb, dwp, want_b, dbp, sched, sig, lead):
     """Parallel ``dW = x2.T @ g2`` (and ``db = sum of g2's rows``) for NHWC pointwise products.
 
     Parameters
@@ -779,7 +806,11 @@ def weight_grad_nhwc(x2, g2, parts, mb, nb, dwp, want_b, dbp):
     g1 = g2.reshape(-1)
     dw1 = dwp.reshape(-1)
     nobias = g1[:0]
-    for t in prange(ntasks):
+    enter(sched, sig, lead)
+    while True:
+        t = claim(sched, PHASE2, ntasks, lead)
+        if t < 0:
+            break
         part = t // (kb * fbk)
         rest = t - part * kb * fbk
         k0 = (rest // fbk) * mb
@@ -808,10 +839,11 @@ def weight_grad_nhwc(x2, g2, parts, mb, nb, dwp, want_b, dbp):
             acc = dbp[part, f0:f0 + min(nb, f - f0)]
             acc[:] = 0
             _colsum_rows(g1, p0 * f + f0, p1 - p0, acc.shape[0], f, acc)
+    leave(sched, sig, lead)
 
 
-@pjit
-def transpose_into(a, out):
+@jit
+def transpose_into(a, out, sched, sig, lead):
     """``out[j, i] = a[i, j]``: the pointwise weights transposed for ``dD = G W^T`` (NHWC backward).
 
     Parameters
@@ -832,14 +864,20 @@ def transpose_into(a, out):
     o1 = out.reshape(-1)
     ntr = (r + tile - 1) // tile
     ntc = (c + tile - 1) // tile
-    for t in prange(ntr * ntc):
+    enter(sched, sig, lead)
+    ntiles = ntr * ntc
+    while True:
+        t = claim(sched, PHASE2, ntiles, lead)
+        if t < 0:
+            break
         i0 = (t // ntc) * tile
         j0 = (t - (t // ntc) * ntc) * tile
         transpose_tile(a1, i0 * c + j0, c, min(tile, r - i0), min(tile, c - j0), o1, j0 * r + i0, r)
+    leave(sched, sig, lead)
 
 
-@pjit
-def weight_grad_bf16(dt, g2b, g2, parts, mb, nb, qb, dwp, want_b, dbp, p_scr):
+@jit
+def weight_grad_bf16(dt, g2b, g2, parts, mb, nb, qb, dwp, want_b, dbp, p_scr, sched, sig, lead):
     """Parallel ``dW = D @ G`` with bfloat16 products (float32 sums), and ``db = sum of G's rows``.
 
     Parameters
@@ -868,7 +906,11 @@ def weight_grad_bf16(dt, g2b, g2, parts, mb, nb, qb, dwp, want_b, dbp, p_scr):
     g1 = g2.reshape(-1)
     dw1 = dwp.reshape(-1)
     nobias = g1[:0]
-    for t in prange(ntasks):
+    enter(sched, sig, lead)
+    while True:
+        t = claim(sched, PHASE2, ntasks, lead)
+        if t < 0:
+            break
         part = t // (kb * fbk)
         rest = t - part * kb * fbk
         k0 = (rest // fbk) * mb
@@ -888,10 +930,11 @@ def weight_grad_bf16(dt, g2b, g2, parts, mb, nb, qb, dwp, want_b, dbp, p_scr):
             acc = dbp[part, f0:f0 + nf]
             acc[:] = 0
             _colsum_rows(g1, p0 * f + f0, p1 - p0, nf, f, acc)
+    leave(sched, sig, lead)
 
 
-@pjit
-def dk3_nhwc(x, g2, dm, sh, sw, dh, dw, pt, pl, oh_n, ow_n, wp, th, nchunks, xs_scr, dkp):
+@jit
+def dk3_nhwc(x, g2, dm, sh, sw, dh, dw, pt, pl, oh_n, ow_n, wp, th, nchunks, xs_scr, dkp, sched, sig, lead):
     """Parallel kernel gradient of a 3x3 depthwise convolution, NHWC, from the gradient of its output.
 
     Parameters
@@ -917,7 +960,11 @@ def dk3_nhwc(x, g2, dm, sh, sw, dh, dw, pt, pl, oh_n, ow_n, wp, th, nchunks, xs_
     ntasks = n_img * rtiles
     g1 = g2.reshape(-1)
     lanes = VECTOR_BYTES // x.itemsize
-    for chunk in prange(nchunks):
+    enter(sched, sig, lead)
+    while True:
+        chunk = claim(sched, PHASE2, nchunks, lead)
+        if chunk < 0:
+            break
         t0, t1 = _chunk_rows(chunk, nchunks, ntasks)
         xs = xs_scr[chunk]
         dk1 = dkp[chunk]
@@ -928,14 +975,15 @@ def dk3_nhwc(x, g2, dm, sh, sw, dh, dw, pt, pl, oh_n, ow_n, wp, th, nchunks, xs_
             nin = (nr - 1) * sh + 2 * dh + 1
             pack_rows(x[n], dm, r0 * sh, nin, pt, pl, wp, lanes, xs)
             dk3_packed_rows(xs, nin, wp, g1, (n * oh_n + r0) * ow_n * cm, nr, ow_n, sh, sw, dh, dw, cm, dk1, 0)
+    leave(sched, sig, lead)
 
 
 #: elements per task of :func:`activation_grad` (64 KiB of float32 per operand)
 ACT_BLOCK = 16384
 
 
-@pjit
-def activation_grad(g, y, out, act):
+@jit
+def activation_grad(g, y, out, act, sched, sig, lead):
     """``out = g * act'(y)`` over flat arrays: the fused activation's derivative read off its output ``y``.
 
     ``act`` is a code of :mod:`nbconv._elementwise`: RELU passes ``g`` where
@@ -947,10 +995,16 @@ def activation_grad(g, y, out, act):
     zero = g.dtype.type(0)
     six = y.dtype.type(6)
     ytop = six if act == RELU6 else y.dtype.type(np.inf)
-    for b in prange((n + ACT_BLOCK - 1) // ACT_BLOCK):
+    enter(sched, sig, lead)
+    nblocks = (n + ACT_BLOCK - 1) // ACT_BLOCK
+    while True:
+        b = claim(sched, PHASE2, nblocks, lead)
+        if b < 0:
+            break
         i0 = b * ACT_BLOCK
         i1 = min(n, i0 + ACT_BLOCK)
         gs, ys, os = g[i0:i1], y[i0:i1], out[i0:i1]
         for i in range(i1 - i0):
             t = ys[i]
             os[i] = gs[i] if (t > 0 and t < ytop) else zero
+    leave(sched, sig, lead)

@@ -72,7 +72,7 @@ def info(out=sys.stdout):
     import numba
 
     import nbconv
-    from nbconv import _runtime
+    from nbconv import _runtime, _threads
 
     p = lambda *a: print(*a, file=out)  # noqa: E731
     p(f"nbconv {nbconv.__version__}  ({os.path.dirname(os.path.abspath(nbconv.__file__))})")
@@ -85,8 +85,8 @@ def info(out=sys.stdout):
             p(f"  {dist:<14} {_version(dist) or 'importable'}")
     p("threads:")
     layer = _runtime.THREADING_LAYER
-    p(f"  numba threading layer  {layer}" + ("" if layer == "tbb" else
-                                             "  (not tbb: concurrent launches are serialised by a lock)"))
+    p(f"  numba threading layer  {layer}  (nbconv's kernels run on its own helper threads; they spin "
+      f"{_threads.SPIN_MS:g} ms after a call, {_threads.SPIN_ENV})")
     p(f"  numba threads          {nbconv.get_num_threads()} of a pool of {numba.config.NUMBA_NUM_THREADS}"
       f"  (cpu count {os.cpu_count()})")
     cpu, feats = _simd_features()

@@ -90,22 +90,18 @@ def compile_mode(mode):
 
 #: name -> dispatcher of every kernel called from Python
 _REGISTRY = {}
-#: name -> name of its other build (parallel <-> serial twin): a call of another size may need it
-_TWINS = {}
 
 
 def _name(dispatcher):
     return f"{dispatcher.py_func.__module__}.{dispatcher.py_func.__qualname__}"
 
 
-def register(*dispatchers, twins=()):
-    """Route the misses of these dispatchers (called from Python) through this module; ``twins``: pairs."""
+def register(*dispatchers):
+    """Route the misses of these dispatchers (called from Python) through this module."""
     for d in dispatchers:
         name = _name(d)
         _REGISTRY[name] = d
         d._compile_for_args = functools.partial(_on_new_types, name, d)
-    for a, b in twins:
-        _TWINS[_name(a)], _TWINS[_name(b)] = _name(b), _name(a)
 
 
 def _signature(d, args):
@@ -281,7 +277,7 @@ class _Scheduler:
 
     def submit(self, keys):
         with self._lock:
-            for key in list(keys) + [(_TWINS[n], s) for n, s in keys if n in _TWINS]:
+            for key in keys:
                 if key[1] in _REGISTRY[key[0]].overloads:
                     continue
                 if key not in self._running and key not in self._queue and key not in self._finished:

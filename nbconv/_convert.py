@@ -1,15 +1,15 @@
 """Conversion between float32 and bfloat16 bits (``uint16``): the Python side's casts of whole arrays."""
-from numba import prange
 
-from ._jit import pjit
+from ._jit import jit
 from ._simd import VECTOR_BYTES, convert_vector
+from ._sync import PHASE2, claim, enter, leave
 
 #: elements per task (256 KiB of float32)
 BLOCK = 1 << 16
 
 
-@pjit
-def convert(src, dst):
+@jit
+def convert(src, dst, sched, sig, lead):
     """``dst[:] = src`` between float32 and bfloat16 bits, flat arrays of one length, in parallel over blocks.
 
     bfloat16 -> float32 is exact; float32 -> bfloat16 rounds to nearest,
@@ -17,6 +17,12 @@ def convert(src, dst):
     """
     n = src.shape[0]
     lanes = VECTOR_BYTES // 4
-    for blk in prange((n + BLOCK - 1) // BLOCK):
+    enter(sched, sig, lead)
+    nblocks = (n + BLOCK - 1) // BLOCK
+    while True:
+        blk = claim(sched, PHASE2, nblocks, lead)
+        if blk < 0:
+            break
         for i in range(blk * BLOCK, min(n, (blk + 1) * BLOCK), lanes):
             convert_vector(src, i, dst, i, min(lanes, n - i))
+    leave(sched, sig, lead)

@@ -535,7 +535,7 @@ def depthwise_packed(x, channels_last, wt, bt, act, out1, dm, sh, sw, dh, dw, pt
     rtiles = (oh_n + th - 1) // th
     ntasks = n_img * rtiles
     while True:
-        chunk = claim(sched, PHASE2, nchunks)
+        chunk = claim(sched, PHASE2, nchunks, lead)
         if chunk < 0:
             break
         t0 = chunk * ntasks // nchunks
@@ -548,4 +548,4 @@ def depthwise_packed(x, channels_last, wt, bt, act, out1, dm, sh, sw, dh, dw, pt
             doff = (n * oh_n + r0) * ow_n * cm if channels_last else n * cm * ohw + r0 * ow_n
             dw_tile(x, n, channels_last, not channels_last, wt, bt, act, dm, r0, nr, sh, sw, dh, dw, pt, pl, kh_n,
                     kw_n, ow_n, wp, xs, out1, doff, ohw)
-    leave(sched, lead)
+    leave(sched, sig, lead)

@@ -11,8 +11,8 @@ import ml_dtypes
 import numpy as np
 
 from . import _compile
-from ._convert import convert
-from ._jit import serial_twin
+from ._convert import BLOCK, convert
+from ._threads import launch, planning_threads
 
 __all__ = ["BFLOAT16", "BITS", "FLOAT32", "is_bf16", "bits", "as_bfloat16", "as_dtype", "to_float32",
            "from_bits", "operand"]
@@ -22,10 +22,7 @@ BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 #: how the kernels see bfloat16 arrays
 BITS = np.dtype(np.uint16)
 FLOAT32 = np.dtype(np.float32)
-#: arrays of at most this many elements convert on the calling thread
-SERIAL_MAX = 1 << 16
-_CONVERT_SERIAL = serial_twin(convert)
-_compile.register(convert, _CONVERT_SERIAL, twins=[(convert, _CONVERT_SERIAL)])
+_compile.register(convert)
 
 
 def is_bf16(dtype):
@@ -36,10 +33,10 @@ def _convert(src, dst_dtype):
     """``src`` (C-contiguous float32 or bits) converted into a new array of ``dst_dtype`` (float32 or bits)."""
     out = np.empty(src.shape, dst_dtype)
     if src.size:
-        # small arrays (a layer's depthwise weights, a bias) in the serial build: no thread to wake
-        fn = convert if src.size > SERIAL_MAX else _CONVERT_SERIAL
         try:
-            _compile.k(fn)(_compile.typed(src.reshape(-1)), out.reshape(-1))
+            # small arrays (a layer's depthwise weights, a bias) on the calling thread alone: one block
+            launch(convert, min(-(-src.size // BLOCK), planning_threads()), _compile.typed(src.reshape(-1)),
+                   out.reshape(-1))
         except _compile.NotCompiled as exc:  # background mode, a cold cache: NumPy's casts meanwhile
             _compile.submit([exc.key])
             if dst_dtype == BITS:

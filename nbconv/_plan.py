@@ -9,7 +9,7 @@ pool (:func:`nbconv._threads.planning_threads`), never for the current
 ``set_num_threads`` setting, so a result does not depend on it (each task sums
 in an order fixed by its shape; a smaller setting runs the same tasks on fewer
 threads).  Forward calls of fewer than ``tiny_macs`` multiply-adds are planned
-for one thread and run the kernels' serial builds.
+for one thread and run on the calling thread alone.
 
 Plans are named tuples, memoised on (arguments, tunables): a layer calls with
 the same shapes every time, and planning costs microseconds of a tiny call.

@@ -83,7 +83,7 @@ def pointwise_nhwc(x2, wmat, bias, act, out2, tile_p, fb, nchunks, stream, packe
     w1 = wmat.reshape(-1)
     o1 = out2.reshape(-1)
     while True:
-        chunk = claim(sched, PHASE2, nchunks)
+        chunk = claim(sched, PHASE2, nchunks, lead)
         if chunk < 0:
             break
         t0 = chunk * ntasks // nchunks
@@ -96,7 +96,7 @@ def pointwise_nhwc(x2, wmat, bias, act, out2, tile_p, fb, nchunks, stream, packe
             npx = min(tile_p, p_all - p0)
             product(npx, nf, k, x1, p0 * k, k, w1, f0, f, o1, p0 * f + f0, f, bias, f0,
                     1 if bias.shape[0] > 0 else 0, act, stream, packed_k, p_scr[chunk])
-    leave(sched, lead)
+    leave(sched, sig, lead)
 
 
 @jit
@@ -128,7 +128,7 @@ def pointwise_nchw(x3, wmat, bias, act, out3, tile_p, fb, nchunks, stream, sched
     w1 = wmat.reshape(-1)
     o1 = out3.reshape(-1)
     while True:
-        chunk = claim(sched, PHASE2, nchunks)
+        chunk = claim(sched, PHASE2, nchunks, lead)
         if chunk < 0:
             break
         t0 = chunk * ntasks // nchunks
@@ -145,4 +145,4 @@ def pointwise_nchw(x3, wmat, bias, act, out3, tile_p, fb, nchunks, stream, sched
             # out[f, p] = sum_k wmat[k, f] x[k, p]: wmat read transposed (row stride 1, k stride F)
             gemm_nn(nf, npx, k, w1, f0, 1, f, x1, n * k * hw + p0, hw, o1, coff, hw, False, bias, f0,
                     2 if bias.shape[0] > 0 else 0, act, stream)
-    leave(sched, lead)
+    leave(sched, sig, lead)

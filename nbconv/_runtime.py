@@ -1,15 +1,17 @@
 """Process-level set-up done once at import: the threading layer and the BLAS entry points.
 
 Threading layer
-    Numba's default ``omp`` layer (GNU OpenMP) kills a child made with
-    ``fork()`` after the parent ran a parallel kernel, and ``workqueue`` aborts
-    when two Python threads launch kernels at once.  TBB survives both, so we
-    select it.  PyPI's ``tbb`` wheel puts ``libtbb.so.12`` in ``<prefix>/lib``,
-    which Numba's loader does not search, so we preload it with ``ctypes``
-    before the first parallel launch.  A user's explicit
-    ``NUMBA_THREADING_LAYER`` always wins.  Without TBB we fall back to
-    ``workqueue`` and serialise our own launches with a lock
-    (:data:`LAUNCH_LOCK`), which keeps fork and threads safe at some cost.
+    nbconv's kernels run on its own threads (:mod:`nbconv._threads`), not on
+    Numba's parallel launches, but the thread count that
+    :func:`nbconv.set_num_threads` sets is Numba's, which starts Numba's
+    threading layer, and a user's own ``prange`` code in the process shares
+    it.  Numba's default ``omp`` layer (GNU OpenMP) kills a child made with
+    ``fork()`` after the parent ran a parallel function, and ``workqueue``
+    aborts when two Python threads launch at once.  TBB survives both, so we
+    select it.  PyPI's ``tbb`` wheel puts ``libtbb.so.12`` in
+    ``<prefix>/lib``, which Numba's loader does not search, so we preload it
+    with ``ctypes``.  A user's explicit ``NUMBA_THREADING_LAYER`` always wins;
+    without TBB we fall back to ``workqueue``.
 
 System calls
     ``sched_yield`` is bound to an LLVM symbol for the helper threads'
@@ -32,7 +34,7 @@ import numba
 from numba import types
 from numba.core.extending import get_cython_function_address
 
-__all__ = ["THREADING_LAYER", "LAUNCH_LOCK", "BLAS_THREADS", "GEMM_LAUNCH", "sgemm", "dgemm", "sched_yield"]
+__all__ = ["THREADING_LAYER", "BLAS_THREADS", "sgemm", "dgemm", "sched_yield"]
 
 
 def _preload_tbb():
@@ -74,17 +76,6 @@ def _choose_threading_layer():
 THREADING_LAYER = _choose_threading_layer()
 
 
-class _NoLock:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-#: held around every parallel launch when the layer is not safe for concurrent launches
-LAUNCH_LOCK = _NoLock() if THREADING_LAYER in ("tbb", "default", "safe", "threadsafe") else threading.RLock()
-
 # --- BLAS -----------------------------------------------------------------
 for _name in ("sgemm", "dgemm"):
     _llvm.add_symbol("nbconv_" + _name, get_cython_function_address("scipy.linalg.cython_blas", _name))
@@ -104,8 +95,8 @@ sched_yield = types.ExternalFunction("nbconv_sched_yield", types.int32())
 class _BlasThreads:
     """Keeps SciPy's BLAS single-threaded while any nbconv kernel runs (``with BLAS_THREADS:``).
 
-    The kernels call BLAS from inside ``prange`` workers; BLAS threads of its
-    own there would oversubscribe the cores and stall every call.  Nested and
+    The kernels call BLAS on nbconv's threads (:mod:`nbconv._threads`); BLAS
+    threads of its own there would oversubscribe the cores and stall every call.  Nested and
     concurrent users are counted so the last one out restores the user's
     setting.  The library's get/set entry points are looked up once (through
     threadpoolctl) and then called directly: a call costs well under a
@@ -162,26 +153,3 @@ class _BlasThreads:
 
 
 BLAS_THREADS = _BlasThreads()
-
-
-class _GemmLaunch:
-    """``with GEMM_LAUNCH:`` around a kernel that calls BLAS: the launch lock (if any) and single-threaded BLAS."""
-
-    def __enter__(self):
-        LAUNCH_LOCK.__enter__()
-        try:
-            BLAS_THREADS.__enter__()
-        except BaseException:
-            LAUNCH_LOCK.__exit__(None, None, None)
-            raise
-        return self
-
-    def __exit__(self, *exc):
-        try:
-            BLAS_THREADS.__exit__(*exc)
-        finally:
-            LAUNCH_LOCK.__exit__(*exc)
-        return False
-
-
-GEMM_LAUNCH = _GemmLaunch()

@@ -128,7 +128,7 @@ def separable(x, channels_last, wt, bt, dact, wmat, bias, act, out1, dm, sh, sw,
         ntasks1 = n_img * rtiles
         dall = d_scr[0]
         while True:
-            chunk = claim(sched, PHASE1, nchunks1)
+            chunk = claim(sched, PHASE1, nchunks1, lead)
             if chunk < 0:
                 break
             xs = xs_scr[chunk]
@@ -149,7 +149,7 @@ def separable(x, channels_last, wt, bt, dact, wmat, bias, act, out1, dm, sh, sw,
         ptiles = rtiles
         ntasks = n_img * ptiles * fblocks
     while True:
-        chunk = claim(sched, PHASE2, nchunks)
+        chunk = claim(sched, PHASE2, nchunks, lead)
         if chunk < 0:
             break
         t0 = chunk * ntasks // nchunks
@@ -178,4 +178,4 @@ def separable(x, channels_last, wt, bt, dact, wmat, bias, act, out1, dm, sh, sw,
                     have = tile
             _tile_product(channels_last, transposed, n, p0, npx, f0, nf, cm, f, ohw, d, doff, ldd, w1, bias, act,
                           out1, t_scr[chunk], stream, packed_k, p_scr[chunk])
-    leave(sched, lead)
+    leave(sched, sig, lead)

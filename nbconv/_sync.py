@@ -1,18 +1,30 @@
 """Atomics and spin-waits for the kernels that share their chunks with nbconv's helper threads.
 
-A forward kernel runs on the calling thread and on :mod:`nbconv._threads`'
+A parallel kernel runs on the calling thread and on :mod:`nbconv._threads`'
 helpers at once: each participant claims chunks of work from a per-call
-counter array (``sched``) until none is left, so a helper that joins late
-leaves its share to the others (:func:`claim`).  Kernels with two phases
+counter array (``sched``) until none is left (:func:`claim`).  Participant
+``p`` of ``P`` owns the ``p``-th contiguous ``1/P`` of the chunks (as a
+static split would give it: neighbouring chunks share input rows and
+prefetch streams) and, once through them, takes what is left of the others'
+shares, so a helper that joins late leaves its share to the others.  Kernels with two phases
 (the fused kernel's shared mode) wait for every chunk of the first before
 starting the second (:func:`wait_at_least`).  The calling thread leads:
 entering its kernel it bumps the pool's generation counter (``sig[0]``),
 which spinning helpers watch, and leaving it waits until every participant
 has left (:func:`leave`), so no helper still writes once the call returns.
+A helper leaving a kernel spins there, without the GIL, until the next
+call's generation or its spin deadline: back in Python at once, it would
+take the GIL just as the leader returns, and a thread blocked on the GIL
+wakes 10-40 us later.
 
-``sched`` slots: ``[PHASE1]`` next chunk of phase 1, ``[PHASE1_DONE]`` its
-chunks completed, ``[PHASE2]``/``[PHASE2_DONE]`` the same for phase 2 (or
-the only phase), ``[ACTIVE]`` participants inside the kernel.
+``sched`` slots: ``[ACTIVE]`` participants inside the kernel, ``[GEN]`` the
+call's generation, ``[PARTS]`` the participants ``P``, ``[PHASE1_DONE]``
+chunks of phase 1 completed, then per phase (``PHASE1``, ``PHASE2``: the
+only phase of a one-phase kernel) ``P`` counters, one per share.  ``sig``
+slots: ``[0]`` the generation of the last call, ``[SPIN]`` how long helpers
+spin, in cycle-counter ticks.  A kernel's ``lead`` argument is its
+participant's role (the low two bits: ``HELPER``, ``LEAD``, ``LEAD_BUMPED``,
+``SOLO``) and index (the bits above: 0 for the calling thread).
 """
 import numpy as np
 from llvmlite import ir
@@ -23,20 +35,30 @@ from ._jit import jit
 from ._runtime import sched_yield
 from ._simd import _X86
 
-__all__ = ["PHASE1", "PHASE1_DONE", "PHASE2", "PHASE2_DONE", "ACTIVE", "SCHED_SIZE", "HELPER", "LEAD", "LEAD_BUMPED",
-           "new_sched", "atomic_add", "atomic_load", "pause", "cycles", "now", "cycles_per_ms", "enter", "claim",
-           "done", "wait_at_least", "leave", "wait_change"]
+__all__ = ["ACTIVE", "GEN", "PARTS", "PHASE1_DONE", "PHASE1", "PHASE2", "SPIN", "HELPER", "LEAD", "LEAD_BUMPED",
+           "SOLO", "helper_lead", "new_sched", "atomic_add", "atomic_load", "pause", "cycles", "now", "cycles_per_ms",
+           "enter", "claim", "done", "wait_at_least", "leave", "wait_change"]
 
-PHASE1, PHASE1_DONE, PHASE2, PHASE2_DONE, ACTIVE = 0, 1, 2, 3, 4
-SCHED_SIZE = 8
-#: the ``lead`` argument of the kernels: a helper (0), the calling thread (``LEAD``: it wakes the spinning
-#: helpers as it enters), or the calling thread once the pool has woken them itself (``LEAD_BUMPED``)
-HELPER, LEAD, LEAD_BUMPED = 0, 1, 2
+ACTIVE, GEN, PARTS, PHASE1_DONE = 0, 1, 2, 3
+_COUNTERS = 4
+#: the phases of :func:`claim`
+PHASE1, PHASE2 = 0, 1
+SPIN = 1
+#: roles (``lead & 3``): a helper, the calling thread (``LEAD``: it wakes the spinning helpers as it enters),
+#: the calling thread once the pool has woken them itself (``LEAD_BUMPED``), or a call that runs alone (``SOLO``)
+HELPER, LEAD, LEAD_BUMPED, SOLO = 0, 1, 2, 3
 
 
-def new_sched():
-    """A fresh per-call ``sched`` array (int64 zeros)."""
-    return np.zeros(SCHED_SIZE, np.int64)
+def helper_lead(index):
+    """The ``lead`` argument of participant ``index`` (1, 2, ...: the helpers)."""
+    return HELPER | (index << 2)
+
+
+def new_sched(parts):
+    """A fresh per-call ``sched`` array for ``parts`` participants."""
+    sched = np.zeros(_COUNTERS + 2 * parts, np.int64)
+    sched[PARTS] = parts
+    return sched
 
 
 def _slot(context, builder, signature, args):
@@ -95,16 +117,24 @@ def cycles(typingctx):
 @jit
 def enter(sched, sig, lead):
     """A participant enters a kernel; the leader (``LEAD``) first wakes the spinning helpers (``sig[0] += 1``)."""
-    if lead == 1:
+    if (lead & 3) == LEAD:
         atomic_add(sig, 0, 1)
     atomic_add(sched, ACTIVE, 1)
 
 
 @jit
-def claim(sched, slot, n):
-    """The next unclaimed chunk of ``n`` counted in ``sched[slot]``, or -1 when all are taken."""
-    c = atomic_add(sched, slot, 1)
-    return c if c < n else -1
+def claim(sched, phase, n, lead):
+    """The next unclaimed chunk of the ``n`` of ``phase``: from this participant's own share first, then from
+    the others' (module notes); -1 when all are taken."""
+    parts = sched[PARTS]
+    base = _COUNTERS + phase * parts
+    for k in range(parts):
+        r = ((lead >> 2) + k) % parts
+        lo = r * n // parts
+        c = lo + atomic_add(sched, base + r, 1)
+        if c < (r + 1) * n // parts:
+            return c
+    return -1
 
 
 @jit
@@ -121,12 +151,16 @@ def wait_at_least(sched, slot, target):
 
 
 @jit
-def leave(sched, lead):
-    """A participant leaves; the leader waits until every other one has left (their results are written)."""
+def leave(sched, sig, lead):
+    """A participant leaves.  The leader waits until every other one has left (their results are written); a
+    helper spins for the next call (or its spin deadline) before it returns to Python (the module notes)."""
     atomic_add(sched, ACTIVE, -1)
-    if lead:
+    role = lead & 3
+    if role == LEAD or role == LEAD_BUMPED:
         while atomic_load(sched, ACTIVE) != 0:
             pause()
+    elif role == HELPER:
+        wait_change(sig, sched[GEN], cycles() + sig[SPIN])
 
 
 @jit

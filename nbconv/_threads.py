@@ -7,7 +7,10 @@ import threading
 import numba
 import numpy as np
 
-__all__ = ["get_num_threads", "set_num_threads", "num_threads", "planning_threads", "POOL", "SPIN_ENV"]
+from . import _compile
+from ._sync import GEN, LEAD, LEAD_BUMPED, SOLO, SPIN, cycles_per_ms, helper_lead, new_sched, now, wait_change
+
+__all__ = ["get_num_threads", "set_num_threads", "num_threads", "planning_threads", "POOL", "SPIN_ENV", "launch"]
 
 
 def get_num_threads():
@@ -62,7 +65,7 @@ def planning_threads():
     return numba.config.NUMBA_NUM_THREADS
 
 
-# --- the helper threads of the forward kernels --------------------------------------------------------------
+# --- the helper threads of the kernels --------------------------------------------------------------------
 
 #: environment variable: milliseconds a helper keeps spinning for the next call before it sleeps
 SPIN_ENV = "NBCONV_SPIN_MS"
@@ -90,7 +93,7 @@ SPIN_MS = _spin_ms()
 
 
 class _Pool:
-    """Threads that share the forward kernels' chunks with the calling thread, and keep spinning between calls.
+    """Threads that share the kernels' chunks with the calling thread, and keep spinning between calls.
 
     Numba's TBB layer makes a task arena per parallel launch, and after a
     few milliseconds without work its worker sleeps: it then joined a call
@@ -103,7 +106,8 @@ class _Pool:
     that is late or absent leaves its share to the others.  One call at a
     time uses the helpers: a concurrent call from another Python thread runs
     on its own thread alone.  Nothing survives ``fork()``: a child starts its
-    own helpers on its first call.
+    own helpers on its first call.  Measurements: docs/tuning.md, "Helper
+    threads".
     """
 
     def __init__(self):
@@ -129,13 +133,16 @@ class _Pool:
             self._threads.append(t)
 
     def _helper(self, index):
-        from ._sync import cycles_per_ms, now, wait_change
-
         pid = self._pid
-        seen = int(self.sig[0])
         spin = int(SPIN_MS * cycles_per_ms())  # measured here, not in the call that started the helpers
+        self.sig[SPIN] = spin
+        seen = int(self.sig[0])
+        spun = False  # the spin window after the last job has passed (inside its kernel)
         while pid == os.getpid():
-            gen = wait_change(self.sig, seen, now() + spin)
+            gen = int(self.sig[0])
+            if gen == seen and not spun:
+                gen = wait_change(self.sig, seen, now() + spin)
+            spun = False
             if gen == seen:
                 with self._cv:
                     self._sleepers += 1
@@ -151,9 +158,12 @@ class _Pool:
             if job is None or job[0] != gen or index >= job[1]:
                 continue
             try:
-                job[2](*job[3])
+                # returns once the next call is published or the spin window has passed (_sync.leave)
+                job[2](*job[3], helper_lead(index + 1))
             except Exception:  # noqa: BLE001  (the leader runs the same call and raises it)
                 pass
+            job = None
+            spun = True
 
     def wake(self):
         """Wake sleeping helpers as a call begins, so they spin by the time its kernel starts (a wake-up
@@ -165,18 +175,18 @@ class _Pool:
 
     def run(self, kernel, args, threads):
         """``kernel(*args, sched, sig, lead)`` on ``threads`` threads at most: the calling one and helpers."""
-        from ._sync import HELPER, LEAD, LEAD_BUMPED, new_sched
-
-        sched = new_sched()
-        threads = min(threads, get_num_threads())
+        if threads > 1:
+            threads = min(threads, get_num_threads())
         if threads <= 1 or not self._lock.acquire(blocking=False):
-            kernel(*args, sched, self.sig, HELPER)
+            kernel(*args, new_sched(1), self.sig, SOLO)
             return
         try:
             if self._pid != os.getpid() or len(self._threads) < planning_threads() - 1:
                 self._start(planning_threads() - 1)
             gen = int(self.sig[0]) + 1
-            self._job = (gen, threads - 1, kernel, args + (sched, self.sig, HELPER))
+            sched = new_sched(threads)
+            sched[GEN] = gen
+            self._job = (gen, threads - 1, kernel, args + (sched, self.sig))
             if self._sleepers:
                 with self._cv:
                     self.sig[0] = gen
@@ -192,3 +202,17 @@ class _Pool:
 POOL = _Pool()
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=POOL._reset)
+
+
+#: the counters of a call run in record mode (its kernel does not run)
+_NO_SCHED = new_sched(1)
+
+
+def launch(kernel, threads, *args):
+    """Run the pool kernel ``kernel(*args, sched, sig, lead)`` on at most ``threads`` threads (:data:`POOL`); while
+    :func:`nbconv._compile.record_calls` records, only note its signature."""
+    fn = _compile.k(kernel)
+    if fn is not kernel:
+        fn(*args, _NO_SCHED, POOL.sig, SOLO)
+    else:
+        POOL.run(kernel, args, threads)

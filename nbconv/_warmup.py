@@ -17,7 +17,7 @@ from . import _cache, _compile, _fallback
 
 __all__ = ["signatures", "warmup"]
 
-#: (N, H, W, C, F): one task (the serial build), many tasks (parallel), and few pixels with many channels
+#: (N, H, W, C, F): one task (one thread), many tasks (parallel), and few pixels with many channels
 #: (the backward's whole-intermediate path)
 _SHAPES = ((1, 6, 6, 8, 16), (2, 40, 40, 64, 128), (1, 7, 7, 512, 512))
 
@@ -95,15 +95,11 @@ def _calls():
 
 
 def signatures():
-    """Unique ``(kernel name, signature)`` pairs the grid of public calls reaches, with both builds of each."""
+    """Unique ``(kernel name, signature)`` pairs the grid of public calls reaches."""
     found = {}
     for fn, args, kwargs in _calls():
         for key in _compile.record_calls(fn, args, kwargs, strict=True):
             found.setdefault(key, None)
-    for name, sig in list(found):
-        twin = _compile._TWINS.get(name)
-        if twin is not None:
-            found.setdefault((twin, sig), None)
     return list(found)
 
 

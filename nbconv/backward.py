@@ -19,6 +19,7 @@ import numpy as np
 from . import _args, _compile, _dtypes, _fallback, _plan
 from . import forward as _forward
 from ._backward import (
+    ACT_BLOCK,
     add_halos_nchw,
     add_halos_nhwc,
     dk3_nhwc,
@@ -34,7 +35,8 @@ from ._backward import (
 )
 from ._gemm import panel_scratch
 from ._pointwise import GEMM_CHARS
-from ._runtime import GEMM_LAUNCH, LAUNCH_LOCK
+from ._runtime import BLAS_THREADS
+from ._threads import launch
 
 __all__ = [
     "DepthwiseConv2DGrads",
@@ -48,6 +50,18 @@ __all__ = [
 _compile.register(add_halos_nchw, add_halos_nhwc, dk3_nhwc, dwsep_backward_nchw, dwsep_backward_nhwc,
                   pointwise_backward_nchw, pointwise_backward_nhwc, reduce_chunks, activation_grad, transpose_into,
                   weight_grad_bf16, weight_grad_nhwc)
+
+
+def _threads(ntasks):
+    """Threads for a launch of ``ntasks`` tasks (chunks or blocks): the pool's, at most one per task."""
+    return max(1, min(ntasks, _plan.pool_threads()))
+
+
+def _stream_threads(elements):
+    """Threads for a memory-bound launch over ``elements`` elements: one per :data:`ACT_BLOCK` of them, so a
+    launch of a few microseconds runs on the calling thread alone (a helper would join as it ends)."""
+    return _threads(elements // ACT_BLOCK)
+
 
 class DepthwiseConv2DGrads(NamedTuple):
     """Gradients of :func:`nbconv.depthwise_conv2d` (None for those not requested)."""
@@ -125,7 +139,7 @@ def _masked(gc, act, output, compute):
         return gc
     yc = _dtypes.operand(output, compute)
     out = np.empty_like(gc)
-    _compile.k(activation_grad)(gc.reshape(-1), yc.reshape(-1), out.reshape(-1), act)
+    launch(activation_grad, _stream_threads(gc.size), gc.reshape(-1), yc.reshape(-1), out.reshape(-1), act)
     return out
 
 
@@ -141,8 +155,9 @@ def _reduce(parts, compute):
     """Sum ``parts`` of shape ``(nchunks, ...)`` over axis 0 in chunk order."""
     out = np.empty(parts.shape[1:], compute)
     if out.size:
-        with LAUNCH_LOCK:
-            _compile.k(reduce_chunks)(parts.reshape(parts.shape[0], -1), out.reshape(-1), _plan.tunables().reduce_block)
+        block = _plan.tunables().reduce_block
+        launch(reduce_chunks, _stream_threads(parts.size), parts.reshape(parts.shape[0], -1), out.reshape(-1),
+               block)
     return out
 
 
@@ -178,18 +193,18 @@ def _dwsep_backward(g, xc, dkc, wc, gc, want_dx, want_dk, want_pw, want_b, compu
         # packed-row scratch and operands of the forward's depthwise row tiles (recompute of D)
         xs = np.empty((nchunks, xs_size), compute)
         wt = _compile.operand(dkc.reshape(g.kh * g.kw, cm))
-        with GEMM_LAUNCH:
-            _compile.k(dwsep_backward_nhwc)(xc, dkc, wc, _transposed(wc), gc.reshape(-1, f), want_dx, dx, want_dk, dkp,
-                                            want_pw, dpwp, want_b, dbp, halo, halo_pos, g.sh, g.sw, g.dh, g.dw, g.pt,
-                                            g.pl, g.oh, g.ow, tile_p, nchunks, dscr, ddscr, ibuf, consts, GEMM_CHARS,
-                                            wt, np.zeros(cm, compute), xs, _plan.packed_width(g))
+        with BLAS_THREADS:
+            launch(dwsep_backward_nhwc, _threads(nchunks), xc, dkc, wc, _transposed(wc), gc.reshape(-1, f), want_dx,
+                   dx, want_dk, dkp, want_pw, dpwp, want_b, dbp, halo, halo_pos, g.sh, g.sw, g.dh, g.dw, g.pt, g.pl,
+                   g.oh, g.ow, tile_p, nchunks, dscr, ddscr, ibuf, consts, GEMM_CHARS, wt, np.zeros(cm, compute), xs,
+                   _plan.packed_width(g))
         if want_dx:
             _compile.k(add_halos_nhwc)(dx, halo, halo_pos)
     else:
-        with GEMM_LAUNCH:
-            _compile.k(dwsep_backward_nchw)(xc, dkc, wc, gc.reshape(g.n, f, -1), want_dx, dx, want_dk, dkp, want_pw,
-                                            dpwp, want_b, dbp, halo, halo_pos, g.sh, g.sw, g.dh, g.dw, g.pt, g.pl,
-                                            g.oh, g.ow, tile_p, nchunks, dscr, ddscr, ibuf, consts, GEMM_CHARS)
+        with BLAS_THREADS:
+            launch(dwsep_backward_nchw, _threads(nchunks), xc, dkc, wc, gc.reshape(g.n, f, -1), want_dx, dx, want_dk,
+                   dkp, want_pw, dpwp, want_b, dbp, halo, halo_pos, g.sh, g.sw, g.dh, g.dw, g.pt, g.pl, g.oh, g.ow,
+                   tile_p, nchunks, dscr, ddscr, ibuf, consts, GEMM_CHARS)
         if want_dx:
             _compile.k(add_halos_nchw)(dx, halo, halo_pos)
     return (
@@ -224,9 +239,13 @@ def _transposed(w):
     """``w.T`` as a new C-contiguous array (``w`` C-contiguous, 2-D)."""
     out = np.empty(w.shape[::-1], w.dtype)
     if w.size:
-        with LAUNCH_LOCK:
-            _compile.k(transpose_into)(w, out)
+        _transpose_into(w, out)
     return out
+
+
+def _transpose_into(a, out):
+    """``out[...] = a.T`` (2-D, C-contiguous) by :func:`nbconv._backward.transpose_into`, in parallel tiles."""
+    launch(transpose_into, _stream_threads(a.size), a, out)
 
 
 def _weight_grad(x2, g2, want_b, compute):
@@ -235,8 +254,8 @@ def _weight_grad(x2, g2, want_b, compute):
     mb, nb, parts = _plan.weight_grad_parts(k, f)
     dwp = np.empty((parts, k, f), compute)
     dbp = np.empty((parts, f) if want_b else (parts, 1), compute)
-    with GEMM_LAUNCH:
-        _compile.k(weight_grad_nhwc)(x2, g2, parts, mb, nb, dwp, want_b, dbp)
+    with BLAS_THREADS:
+        launch(weight_grad_nhwc, _threads(parts * -(-k // mb) * -(-f // nb)), x2, g2, parts, mb, nb, dwp, want_b, dbp)
     if parts == 1:
         return dwp[0], (dbp[0] if want_b else None)
     return _reduce(dwp, compute), (_reduce(dbp, compute) if want_b else None)
@@ -248,16 +267,14 @@ def _weight_grad_bf16(d2, g2, g2b, want_b, compute):
     p, k = d2.shape
     f = g2.shape[1]
     dt = np.empty((k, p), _dtypes.BITS)
-    with LAUNCH_LOCK:
-        _compile.k(transpose_into)(d2, dt)
+    _transpose_into(d2, dt)
     mb, nb, parts = _plan.weight_grad_parts(k, f)
     qb = _plan.tunables().weight_grad_pixels
     tasks = parts * -(-k // mb) * -(-f // nb)
     dwp = np.empty((parts, k, f), compute)
     dbp = np.empty((parts, f) if want_b else (parts, 1), compute)
     p_scr = np.empty((tasks, panel_scratch(qb)), _dtypes.BITS)
-    with LAUNCH_LOCK:
-        _compile.k(weight_grad_bf16)(dt, _dtypes.bits(g2b), g2, parts, mb, nb, qb, dwp, want_b, dbp, p_scr)
+    launch(weight_grad_bf16, _threads(tasks), dt, _dtypes.bits(g2b), g2, parts, mb, nb, qb, dwp, want_b, dbp, p_scr)
     if parts == 1:
         return dwp[0], (dbp[0] if want_b else None)
     return _reduce(dwp, compute), (_reduce(dbp, compute) if want_b else None)
@@ -324,9 +341,8 @@ def _dw_grads_nhwc(g, xc, dk, gd, want_dx, want_dk, compute):
         th, nchunks, xs_shape = _plan.dk3(g, compute.itemsize)
         xs = np.empty(xs_shape, compute)
         dkp = np.zeros((nchunks, 9 * cm), compute)
-        with LAUNCH_LOCK:
-            _compile.k(dk3_nhwc)(xc, gd.reshape(-1, cm), g.dm, g.sh, g.sw, g.dh, g.dw, g.pt, g.pl, g.oh, g.ow,
-                                 _plan.packed_width(g), th, nchunks, xs, dkp)
+        launch(dk3_nhwc, _threads(nchunks), xc, gd.reshape(-1, cm), g.dm, g.sh, g.sw, g.dh, g.dw, g.pt, g.pl, g.oh,
+               g.ow, _plan.packed_width(g), th, nchunks, xs, dkp)
         ddk = _reduce(dkp, compute).reshape(3, 3, cm)
     if fast_dx:
         dx = _forward.depthwise_conv2d(gd, np.ascontiguousarray(dk[::-1, ::-1]), padding=flip_pad,
@@ -486,15 +502,15 @@ def pointwise_conv2d_backward(grad_output, x, kernel, *, data_format="channels_l
     dbp = np.zeros((nchunks, f) if want_b else (nchunks, 1), compute)
     ibuf, consts = _gemm_buffers(nchunks, compute)
     if channels_last:
-        with GEMM_LAUNCH:
-            _compile.k(pointwise_backward_nhwc)(xc.reshape(-1, k), wc, _transposed(wc), gc.reshape(-1, f), want_dx,
-                                                dx.reshape(-1, k) if want_dx else dx.reshape(1, 1), want_w, dwp,
-                                                want_b, dbp, tile_p, nchunks, ibuf, consts, GEMM_CHARS)
+        with BLAS_THREADS:
+            launch(pointwise_backward_nhwc, _threads(nchunks), xc.reshape(-1, k), wc, _transposed(wc),
+                   gc.reshape(-1, f), want_dx, dx.reshape(-1, k) if want_dx else dx.reshape(1, 1), want_w, dwp, want_b,
+                   dbp, tile_p, nchunks, ibuf, consts, GEMM_CHARS)
     else:
-        with GEMM_LAUNCH:
-            _compile.k(pointwise_backward_nchw)(xc.reshape(n, k, -1), wc, gc.reshape(n, f, -1), want_dx,
-                                                dx.reshape(n, k, -1) if want_dx else dx.reshape(1, 1, 1), want_w,
-                                                dwp, want_b, dbp, tile_p, nchunks, ibuf, consts, GEMM_CHARS)
+        with BLAS_THREADS:
+            launch(pointwise_backward_nchw, _threads(nchunks), xc.reshape(n, k, -1), wc, gc.reshape(n, f, -1),
+                   want_dx, dx.reshape(n, k, -1) if want_dx else dx.reshape(1, 1, 1), want_w, dwp, want_b, dbp, tile_p,
+                   nchunks, ibuf, consts, GEMM_CHARS)
     return PointwiseConv2DGrads(
         _finish(dx, result) if want_dx else None,
         _finish(_reduce(dwp, compute).reshape(kernel.shape), result) if want_w else None,

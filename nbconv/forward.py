@@ -14,27 +14,14 @@ from ._depthwise import depthwise_packed
 from ._gemm import panel_scratch
 from ._pointwise import pointwise_nchw, pointwise_nhwc
 from ._separable import separable
-from ._threads import POOL
+from ._threads import POOL, launch
 
 __all__ = ["depthwise_conv2d", "pointwise_conv2d", "separable_conv2d"]
 
 _WORKSPACE = threading.local()
-#: the counters of a call run in record mode (its kernel does not run)
-_NO_SCHED = np.zeros(8, np.int64)
-
 #: the forward kernels: serial functions that the calling thread and the pool's helpers run at once
 KERNELS = (depthwise_packed, pointwise_nhwc, pointwise_nchw, separable)
 _compile.register(*KERNELS)
-
-
-def _launch(kernel, threads, *args):
-    """Run ``kernel(*args)`` on ``threads`` threads at most (:data:`nbconv._threads.POOL`); in record mode
-    (:func:`nbconv._compile.record_calls`) only its signature is noted."""
-    fn = _compile.k(kernel)
-    if fn is not kernel:
-        fn(*args, _NO_SCHED, POOL.sig, 0)
-    else:
-        POOL.run(kernel, args, threads)
 
 
 def _workspace(*specs):
@@ -199,8 +186,8 @@ def depthwise_conv2d(x, kernel, bias=None, *, strides=_args.DEFAULT, padding="va
     plan = _plan.depthwise(g, dt.act.itemsize)
     wt, bt = _dw_operands(g, kernel, bias, dt)
     (xs,) = _workspace((plan.xs_shape, dt.act))
-    _launch(depthwise_packed, plan.threads, xc, channels_last, wt, bt, act, res.reshape(-1), g.dm, g.sh, g.sw, g.dh,
-            g.dw, g.pt, g.pl, g.kh, g.kw, g.oh, g.ow, _plan.packed_width(g), plan.th, plan.nchunks, xs)
+    launch(depthwise_packed, plan.threads, xc, channels_last, wt, bt, act, res.reshape(-1), g.dm, g.sh, g.sw, g.dh,
+           g.dw, g.pt, g.pl, g.kh, g.kw, g.oh, g.ow, _plan.packed_width(g), plan.th, plan.nchunks, xs)
     return _finish(res, dt, out)
 
 
@@ -262,15 +249,15 @@ def pointwise_conv2d(x, kernel, bias=None, *, data_format="channels_last", activ
         wc, packed_k = _pointwise_operand(given, wmat, dt, True)
         plan = _plan.pointwise(n, h * w, k, f, False, packing.packed_align(given, dt))
         (p_scr,) = _workspace(((plan.nchunks, _panel_scratch(dt, packed_k, k)), _dtypes.BITS))
-        _launch(pointwise_nhwc, plan.threads, x2, wc, bc, act, res2, plan.tile_p, plan.fb, plan.nchunks, stream,
-                packed_k, p_scr)
+        launch(pointwise_nhwc, plan.threads, x2, wc, bc, act, res2, plan.tile_p, plan.fb, plan.nchunks, stream,
+               packed_k, p_scr)
         if not channels_last:
             res[...] = np.moveaxis(res2.reshape(n, h, w, f), 3, 1)
     else:
         wc = _dtypes.operand(wmat, dt.act)
         plan = _plan.pointwise(n, h * w, k, f, True, 16)
-        _launch(pointwise_nchw, plan.threads, xc.reshape(n, k, -1), wc, bc, act, res.reshape(n, f, -1), plan.tile_p,
-                plan.fb, plan.nchunks, stream)
+        launch(pointwise_nchw, plan.threads, xc.reshape(n, k, -1), wc, bc, act, res.reshape(n, f, -1), plan.tile_p,
+               plan.fb, plan.nchunks, stream)
     return _finish(res, dt, out)
 
 
@@ -345,7 +332,7 @@ def separable_conv2d(x, depthwise_kernel, pointwise_kernel, bias=None, *, stride
     xs, d, tt, p_scr = _workspace((plan.xs_shape, dt.act), (plan.d_shape, _dtypes.BITS if dt.bf16 else dt.act),
                                   (plan.t_shape, dt.act),
                                   ((plan.nchunks, _panel_scratch(dt, packed_k, cm)), _dtypes.BITS))
-    _launch(separable, plan.threads, xc, channels_last, wt, bt, dact, wc, bc, act, res.reshape(-1), g.dm, g.sh, g.sw,
-            g.dh, g.dw, g.pt, g.pl, g.kh, g.kw, g.oh, g.ow, _plan.packed_width(g), plan.th, plan.shared, plan.gn,
-            plan.tile_p, plan.fb, plan.nchunks1, plan.nchunks, xs, d, tt, _plan.stream(res.nbytes), packed_k, p_scr)
+    launch(separable, plan.threads, xc, channels_last, wt, bt, dact, wc, bc, act, res.reshape(-1), g.dm, g.sh, g.sw,
+           g.dh, g.dw, g.pt, g.pl, g.kh, g.kw, g.oh, g.ow, _plan.packed_width(g), plan.th, plan.shared, plan.gn,
+           plan.tile_p, plan.fb, plan.nchunks1, plan.nchunks, xs, d, tt, _plan.stream(res.nbytes), packed_k, p_scr)
     return _finish(res, dt, out)

@@ -698,14 +698,12 @@ def test_backward_adjoint_property(n, h, w, c, dm, kh, kw, sh, sw, dh, dw, f, pa
 def test_transposed_weights(rng, dtype, shape):
     """The pointwise weights transposed for ``dD = G W^T``: equal to NumPy's transpose, nothing written outside
     (the destination lies inside a NaN-filled buffer)."""
-    from nbconv._backward import transpose_into
-
     w = random_array(rng, shape, dtype)
     t = nbb._transposed(w)
     assert t.flags.c_contiguous and t.dtype == dtype
     np.testing.assert_array_equal(t, w.T)
     guard = 64
     buf = np.full(w.size + 2 * guard, np.nan, dtype)
-    transpose_into(w, buf[guard:guard + w.size].reshape(shape[::-1]))
+    nbb._transpose_into(w, buf[guard:guard + w.size].reshape(shape[::-1]))
     assert np.isnan(buf[:guard]).all() and np.isnan(buf[guard + w.size:]).all()
     np.testing.assert_array_equal(buf[guard:guard + w.size].reshape(shape[::-1]), w.T)

@@ -54,7 +54,7 @@ def _tbb_installed():
 def test_threading_layer_is_tbb_when_tbb_installed():
     proc = run_script("""
         import numba, numpy as np, nbconv, nbconv._runtime as rt
-        # large enough to run in parallel (tiny calls run the kernels' serial builds)
+        # nbconv's kernels run on its own threads; the thread count it sets and reads is Numba's pool's
         nbconv.separable_conv2d(np.ones((1, 96, 96, 8), np.float32), np.ones((3, 3, 8, 1), np.float32),
                                 np.ones((1, 1, 8, 16), np.float32))
         print("LAYER", rt.THREADING_LAYER, numba.threading_layer())
@@ -147,7 +147,8 @@ def test_concurrent_calls_from_python_threads():
 
 
 def test_concurrent_calls_under_workqueue_layer():
-    """With the user's choice of the workqueue layer (unsafe for concurrent launches) nbconv must serialise."""
+    """With the user's choice of the workqueue layer (unsafe for concurrent Numba launches): nbconv's kernels do not
+    launch on it, so concurrent calls stay safe."""
     check(run_script(CONCURRENT, env_extra={"NUMBA_THREADING_LAYER": "workqueue"}))
 
 

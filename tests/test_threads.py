@@ -187,6 +187,7 @@ def test_concurrent_callers_each_get_their_result(rng):
 
 
 @needs_two
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # jax, imported by other tests, warns; unused here
 def test_forked_child_calls_with_its_own_helpers(rng):
     """A child forked after the helpers started (they do not survive fork) computes right, without hanging."""
     import os
