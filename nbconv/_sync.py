@@ -22,7 +22,8 @@ call's generation, ``[PARTS]`` the participants ``P``, ``[PHASE1_DONE]``
 chunks of phase 1 completed, then per phase (``PHASE1``, ``PHASE2``: the
 only phase of a one-phase kernel) ``P`` counters, one per share.  ``sig``
 slots: ``[0]`` the generation of the last call, ``[SPIN]`` how long helpers
-spin, in cycle-counter ticks.  A kernel's ``lead`` argument is its
+spin, in cycle-counter ticks, ``[JOINING]`` the participants of the last
+call (a helper of a higher index keeps spinning without the GIL).  A kernel's ``lead`` argument is its
 participant's role (the low two bits: ``HELPER``, ``LEAD``, ``LEAD_BUMPED``,
 ``SOLO``) and index (the bits above: 0 for the calling thread).
 """
@@ -37,13 +38,13 @@ from ._simd import _X86
 
 __all__ = ["ACTIVE", "GEN", "PARTS", "PHASE1_DONE", "PHASE1", "PHASE2", "SPIN", "HELPER", "LEAD", "LEAD_BUMPED",
            "SOLO", "helper_lead", "new_sched", "atomic_add", "atomic_load", "pause", "cycles", "now", "cycles_per_ms",
-           "enter", "claim", "done", "wait_at_least", "leave", "wait_change"]
+           "enter", "claim", "done", "wait_at_least", "leave", "wait_change", "JOINING"]
 
 ACTIVE, GEN, PARTS, PHASE1_DONE = 0, 1, 2, 3
 _COUNTERS = 4
 #: the phases of :func:`claim`
 PHASE1, PHASE2 = 0, 1
-SPIN = 1
+SPIN, JOINING = 1, 2
 #: roles (``lead & 3``): a helper, the calling thread (``LEAD``: it wakes the spinning helpers as it enters),
 #: the calling thread once the pool has woken them itself (``LEAD_BUMPED``), or a call that runs alone (``SOLO``)
 HELPER, LEAD, LEAD_BUMPED, SOLO = 0, 1, 2, 3
@@ -160,12 +161,13 @@ def leave(sched, sig, lead):
         while atomic_load(sched, ACTIVE) != 0:
             pause()
     elif role == HELPER:
-        wait_change(sig, sched[GEN], cycles() + sig[SPIN])
+        wait_change(sig, sched[GEN], cycles() + sig[SPIN], lead >> 2)
 
 
 @jit
-def wait_change(sig, seen, deadline):
-    """Spin until ``sig[0] != seen`` or the cycle counter passes ``deadline``; returns ``sig[0]``.
+def wait_change(sig, seen, deadline, index):
+    """Spin until a call other than ``seen`` that participant ``index`` joins is published (``sig[0] != seen``
+    and ``index < sig[JOINING]``), or the cycle counter passes ``deadline``; returns ``sig[0]``.
 
     The spin yields the core every few microseconds (``sched_yield``), so a
     thread of the framework around nbconv that wants it gets it at once.
@@ -173,7 +175,7 @@ def wait_change(sig, seen, deadline):
     k = 0
     while True:
         v = atomic_load(sig, 0)
-        if v != seen:
+        if v != seen and index < atomic_load(sig, JOINING):
             return v
         pause()
         k += 1

@@ -8,7 +8,8 @@ import numba
 import numpy as np
 
 from . import _compile
-from ._sync import GEN, LEAD, LEAD_BUMPED, SOLO, SPIN, cycles_per_ms, helper_lead, new_sched, now, wait_change
+from ._sync import (GEN, JOINING, LEAD, LEAD_BUMPED, SOLO, SPIN, cycles_per_ms, helper_lead, new_sched, now,
+                    wait_change)
 
 __all__ = ["get_num_threads", "set_num_threads", "num_threads", "planning_threads", "POOL", "SPIN_ENV", "launch"]
 
@@ -141,13 +142,14 @@ class _Pool:
         while pid == os.getpid():
             gen = int(self.sig[0])
             if gen == seen and not spun:
-                gen = wait_change(self.sig, seen, now() + spin)
+                gen = wait_change(self.sig, seen, now() + spin, index + 1)
             spun = False
             if gen == seen:
                 with self._cv:
                     self._sleepers += 1
                     wakes = self._wakes
-                    while int(self.sig[0]) == seen and self._wakes == wakes:
+                    while self._wakes == wakes and not (int(self.sig[0]) != seen
+                                                        and index + 1 < int(self.sig[JOINING])):
                         self._cv.wait()
                     self._sleepers -= 1
                 gen = int(self.sig[0])
@@ -187,6 +189,7 @@ class _Pool:
             sched = new_sched(threads)
             sched[GEN] = gen
             self._job = (gen, threads - 1, kernel, args + (sched, self.sig))
+            self.sig[JOINING] = threads  # before the generation: a spinning helper reads it after
             if self._sleepers:
                 with self._cv:
                     self.sig[0] = gen

@@ -36,7 +36,7 @@ from ._backward import (
 from ._gemm import panel_scratch
 from ._pointwise import GEMM_CHARS
 from ._runtime import BLAS_THREADS
-from ._threads import launch
+from ._threads import POOL, launch
 
 __all__ = [
     "DepthwiseConv2DGrads",
@@ -407,6 +407,7 @@ def depthwise_conv2d_backward(grad_output, x, kernel, *, strides=_args.DEFAULT, 
     sums ``4 * threads * (kh*kw + 1) * C*dm`` and ``4 * threads`` halo rows
     of ``dx`` (at most ``(kh-1)*dilation`` rows each).
     """
+    POOL.wake()
     strides, dilation_rate = _args.resolve_aliases("depthwise_conv2d_backward", strides, dilation_rate, aliases)
     channels_last = _args.normalize_data_format(data_format)
     names = _normalize_wrt(wrt, DepthwiseConv2DGrads._fields)
@@ -469,6 +470,7 @@ def pointwise_conv2d_backward(grad_output, x, kernel, *, data_format="channels_l
     ``dW = x^T G`` as per-chunk partial sums (at most about 16 MiB in all,
     fewer chunks when ``K*F`` is large) reduced in a fixed order.
     """
+    POOL.wake()
     channels_last = _args.normalize_data_format(data_format)
     names = _normalize_wrt(wrt, PointwiseConv2DGrads._fields)
     x = _args.as_float_array(x, "x")
@@ -567,6 +569,7 @@ def separable_conv2d_backward(grad_output, x, depthwise_kernel, pointwise_kernel
     and partial sums per tile of a few hundred pixels cost more than the
     products there.
     """
+    POOL.wake()
     strides, dilation_rate = _args.resolve_aliases("separable_conv2d_backward", strides, dilation_rate, aliases)
     channels_last = _args.normalize_data_format(data_format)
     names = _normalize_wrt(wrt, SeparableConv2DGrads._fields)
