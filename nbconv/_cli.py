@@ -150,10 +150,15 @@ STANDALONE_BUDGET_S = {True: 0.2, False: 1.0}
 
 
 def _checkout():
-    """The root of the checkout this nbconv runs from when it holds the benchmark suite (``benchmarks/``), else
-    None (an installed wheel ships ``nbconv`` and ``keras_layers`` only)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return root if os.path.isfile(os.path.join(root, "benchmarks", "cli.py")) else None
+    """The root of the nbconv checkout that holds the benchmark suite (``benchmarks/``), else None: the one this
+    nbconv runs from, or else the working directory (nbconv installed from a clone, as tox does, and run in it).
+    An installed wheel ships ``nbconv`` and ``keras_layers`` only."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for root in (here, os.getcwd()):
+        if all(os.path.isfile(os.path.join(root, *path)) for path in (("benchmarks", "cli.py"),
+                                                                      ("nbconv", "__init__.py"))):
+            return root
+    return None
 
 
 def _harness(root):

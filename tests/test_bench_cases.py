@@ -3,18 +3,12 @@ project's one float64 reference), with the padding the contender says it used.
 
 The NumPy baseline contender (plain float32 NumPy, no nbconv code) stands in for a contender here.
 """
-import os
-import sys
 
 import numpy as np
 import pytest
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-import reference  # noqa: E402
-from benchmarks import cases, contenders  # noqa: E402
+import reference
+from benchmarks import cases, contenders
 
 CASES = [
     cases.Case("t", "s2", 1, 9, 9, 8, 16, stride=2),

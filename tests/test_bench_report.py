@@ -6,15 +6,10 @@ the expected bounds are computed here by hand from the cases' MAC counts.
 import json
 import math
 import os
-import sys
 
 import pytest
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from benchmarks import cases, report  # noqa: E402
+from benchmarks import cases, report
 
 PEAK_GFLOPS = 100.0
 
@@ -370,7 +365,8 @@ def test_report_main_writes_the_page(tmp_path, capsys):
 
 
 def test_the_default_page_is_docs_benchmarks_md():
-    assert report.MARKDOWN_PAGE == os.path.join(_ROOT, "docs", "benchmarks.md")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert report.MARKDOWN_PAGE == os.path.join(root, "docs", "benchmarks.md")
 
 
 def test_models_speedups_prefer_the_paired_timing(tmp_path):

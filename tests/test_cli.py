@@ -132,6 +132,22 @@ def test_bench_without_the_benchmark_suite_times_nbconv_alone(monkeypatch):
     assert "tox -e bench" in lines[-1]
 
 
-def test_checkout_is_found():
+def test_checkout_is_found(monkeypatch):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.chdir(root)
     assert _cli._checkout() == root
+
+
+def test_checkout_is_found_from_an_installed_nbconv_run_in_a_clone(monkeypatch, tmp_path):
+    """tox installs nbconv into site-packages and runs in the clone: the working directory is the checkout."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    site = tmp_path / "site-packages" / "nbconv"
+    site.mkdir(parents=True)
+    monkeypatch.setattr(_cli, "__file__", str(site / "_cli.py"))
+    monkeypatch.chdir(root)
+    assert _cli._checkout() == root
+    monkeypatch.chdir(tmp_path)  # anywhere else: no benchmark suite
+    assert _cli._checkout() is None
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "cli.py").write_text("")
+    assert _cli._checkout() is None  # somebody else's benchmarks/, not nbconv's checkout

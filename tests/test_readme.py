@@ -5,13 +5,10 @@ Illustrative snippets that need outside resources (a Dask scheduler, remote stor
 import ast
 import pathlib
 import re
-import sys
 
 import pytest
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
-if str(README.parent) not in sys.path:  # the benchmarks package of the checkout
-    sys.path.insert(0, str(README.parent))
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
