@@ -771,6 +771,21 @@ def pointwise_backward_nchw(x3, wmat, g3, want_dx, dx3, want_w, dwp, want_b, dbp
 
 
 @jit
+def _weight_grad_task(t, parts, mb, nb, p_all, k, f):
+    """Task ``t`` of a weight-gradient launch: its ``part`` (pixels ``p0 .. p1``), the ``mk x nf`` block of
+    ``dW`` at ``(k0, f0)``, and the block's offset ``coff`` in the parts' partial sums."""
+    kb = (k + mb - 1) // mb
+    fbk = (f + nb - 1) // nb
+    part = t // (kb * fbk)
+    rest = t - part * kb * fbk
+    k0 = (rest // fbk) * mb
+    f0 = (rest - (rest // fbk) * fbk) * nb
+    p0 = part * p_all // parts
+    p1 = (part + 1) * p_all // parts
+    return part, p0, p1, k0, f0, min(mb, k - k0), min(nb, f - f0), part * k * f + k0 * f + f0
+
+
+@jit
 def weight_grad_nhwc(x2, g2, parts, mb, nb, dwp, want_b, dbp, sched, sig, lead):
     """Parallel ``dW = x2.T @ g2`` (and ``db = sum of g2's rows``) for NHWC pointwise products.
 
@@ -811,15 +826,7 @@ def weight_grad_nhwc(x2, g2, parts, mb, nb, dwp, want_b, dbp, sched, sig, lead):
         t = claim(sched, PHASE2, ntasks, lead)
         if t < 0:
             break
-        part = t // (kb * fbk)
-        rest = t - part * kb * fbk
-        k0 = (rest // fbk) * mb
-        f0 = (rest - (rest // fbk) * fbk) * nb
-        p0 = part * p_all // parts
-        p1 = (part + 1) * p_all // parts
-        mk = min(mb, k - k0)
-        nf = min(nb, f - f0)
-        coff = part * k * f + k0 * f + f0
+        part, p0, p1, k0, f0, mk, nf, coff = _weight_grad_task(t, parts, mb, nb, p_all, k, f)
         if p1 <= p0:
             gemm_nn(mk, nf, 0, x1, 0, 1, k, g1, 0, f, dw1, coff, f, False, nobias, 0, 0, 0)
         # x's columns k0.. of KC pixels at a time, copied to rows of ldp (not a power of two): read in place,
@@ -911,15 +918,7 @@ def weight_grad_bf16(dt, g2b, g2, parts, mb, nb, qb, dwp, want_b, dbp, p_scr, sc
         t = claim(sched, PHASE2, ntasks, lead)
         if t < 0:
             break
-        part = t // (kb * fbk)
-        rest = t - part * kb * fbk
-        k0 = (rest // fbk) * mb
-        f0 = (rest - (rest // fbk) * fbk) * nb
-        p0 = part * p_all // parts
-        p1 = (part + 1) * p_all // parts
-        mk = min(mb, k - k0)
-        nf = min(nb, f - f0)
-        coff = part * k * f + k0 * f + f0
+        part, p0, p1, k0, f0, mk, nf, coff = _weight_grad_task(t, parts, mb, nb, p_all, k, f)
         if p1 <= p0:
             gemm_nn(mk, nf, 0, g1, 0, 1, k, g1, 0, f, dw1, coff, f, False, nobias, 0, 0, 0)
         for q0 in range(p0, p1, qb):
