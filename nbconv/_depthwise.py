@@ -34,6 +34,8 @@ from ._sync import PHASE2, claim, enter, leave
 
 #: output pixels of one NHWC depthwise micro-kernel call (each tap: one weight vector, DW_PIXELS input vectors)
 DW_PIXELS = 8
+#: pixel strides (bytes) of a power of two from this one are stored one output row per micro-kernel call
+ALIASING_STRIDE = 2048
 
 
 def _dw_microkernel(masked, steps, channel_major=False):
@@ -432,13 +434,23 @@ def dw_packed_rows(xs, nin, wp, wt, bt, act, nrows, ow_n, sh, sw, dh, dw, kh_n, 
             kind = 2
         elif dw == 2 * sw:
             kind = 3
+    xrs = sh * wp * lanes
+    pstride = cm * dst.itemsize
+    if not channel_major and pstride >= ALIASING_STRIDE and (pstride & (pstride - 1)) == 0:
+        # a pixel stride of a power of two from 2 KiB puts every pixel a call stores on one or two L1 sets: one
+        # call per output row stores a handful there before the next vector of channels moves to the next set
+        for r in range(nrows):
+            for c0 in range(0, cm, lanes):
+                _dw_call(kind, cm - c0 < lanes, xs, c0 * nin * wp + r * xrs, xrs, rs, cs, ps, wt, c0, cm, kh_n, kw_n,
+                         bt, c0, dst, r * ow_n * cm + c0, ow_n * cm, cm, 1, ow_n, min(lanes, cm - c0), act)
+        return
     for c0 in range(0, cm, lanes):
         nch = min(lanes, cm - c0)
         if channel_major:
-            _dw_call(kind + 4, nch < lanes, xs, c0 * nin * wp, sh * wp * lanes, rs, cs, ps, wt, c0, cm, kh_n, kw_n, bt,
+            _dw_call(kind + 4, nch < lanes, xs, c0 * nin * wp, xrs, rs, cs, ps, wt, c0, cm, kh_n, kw_n, bt,
                      c0, dst, c0 * ldd, ow_n, ldd, nrows, ow_n, nch, act)
         else:
-            _dw_call(kind, nch < lanes, xs, c0 * nin * wp, sh * wp * lanes, rs, cs, ps, wt, c0, cm, kh_n, kw_n, bt, c0,
+            _dw_call(kind, nch < lanes, xs, c0 * nin * wp, xrs, rs, cs, ps, wt, c0, cm, kh_n, kw_n, bt, c0,
                      dst, c0, ow_n * cm, cm, nrows, ow_n, nch, act)
 
 

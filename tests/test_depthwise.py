@@ -5,7 +5,8 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 import nbconv
-from reference import assert_close, depthwise_ref, output_size, pair, random_array, resolve_padding, tolerance_for
+from reference import (assert_close, depthwise_ref, output_size, pair, random_array, resolve_padding,
+                       separable_ref, tolerance_for)
 
 FORMATS = ["channels_last", "channels_first"]
 
@@ -58,6 +59,25 @@ def test_depthwise_3x3_all_widths(rng, data_format, strides, padding):
             bias = random_array(rng, (c * dm,))
             y = nbconv.depthwise_conv2d(x, kernel, bias, activation="relu", **kwargs)
             assert_close(y, depthwise_ref(x, kernel, bias, activation="relu", **kwargs))
+
+
+@pytest.mark.parametrize("geom", [
+    (2, 7, 7, 512, 1, 3, 1, 1, "same"),         # 2 KiB between output pixels
+    (1, 9, 10, 1024, 1, 3, 2, 1, "same"),       # 4 KiB, stride 2
+    (1, 6, 5, 512, 2, 3, 1, 2, "valid"),        # depth multiplier (C*dm = 1024), dilation 2
+    (1, 5, 6, 2048, 1, 5, 1, 1, 2),             # 8 KiB, the general (5x5) micro-kernel
+    (1, 9, 9, 768, 1, 3, 1, 1, "same"),         # 3 KiB: not a power of two, all rows per call
+], ids=str)
+def test_depthwise_power_of_two_pixel_strides(rng, geom):
+    """NHWC outputs whose pixels lie a power of two of 2 KiB or more apart are stored one row per micro-kernel
+    call (the per-row path of ``dw_packed_rows``), with bias and activation, alone and inside the fused kernel."""
+    x, kernel, kwargs = _inputs(rng, geom, "channels_last")
+    bias = random_array(rng, (kernel.shape[2] * kernel.shape[3],))
+    y = nbconv.depthwise_conv2d(x, kernel, bias, activation="relu6", **kwargs)
+    assert_close(y, depthwise_ref(x, kernel, bias, activation="relu6", **kwargs))
+    pointwise = random_array(rng, (1, 1, bias.shape[0], 24))
+    z = nbconv.separable_conv2d(x, kernel, pointwise, **kwargs)
+    assert_close(z, separable_ref(x, kernel, pointwise, **kwargs))
 
 
 def _inputs(rng, geom, data_format, dtype=np.float32):
