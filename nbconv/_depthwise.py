@@ -419,7 +419,8 @@ def dw_packed_rows(xs, nin, wp, wt, bt, act, nrows, ow_n, sh, sw, dh, dw, kh_n, 
 
     Notes
     -----
-    One micro-kernel call per vector of channels (the last one masked) covers all the rows.
+    One micro-kernel call per vector of channels (the last one masked) covers all the rows, or one row
+    where the pixel stride is a power of two of :data:`ALIASING_STRIDE` bytes or more.
     ``dst`` may hold bfloat16 bits (``uint16``): the float32 sums are rounded as they are stored.
     """
     lanes = VECTOR_BYTES // xs.itemsize
@@ -436,22 +437,19 @@ def dw_packed_rows(xs, nin, wp, wt, bt, act, nrows, ow_n, sh, sw, dh, dw, kh_n, 
             kind = 3
     xrs = sh * wp * lanes
     pstride = cm * dst.itemsize
-    if not channel_major and pstride >= ALIASING_STRIDE and (pstride & (pstride - 1)) == 0:
-        # a pixel stride of a power of two from 2 KiB puts every pixel a call stores on one or two L1 sets: one
-        # call per output row stores a handful there before the next vector of channels moves to the next set
-        for r in range(nrows):
-            for c0 in range(0, cm, lanes):
-                _dw_call(kind, cm - c0 < lanes, xs, c0 * nin * wp + r * xrs, xrs, rs, cs, ps, wt, c0, cm, kh_n, kw_n,
-                         bt, c0, dst, r * ow_n * cm + c0, ow_n * cm, cm, 1, ow_n, min(lanes, cm - c0), act)
-        return
-    for c0 in range(0, cm, lanes):
-        nch = min(lanes, cm - c0)
-        if channel_major:
-            _dw_call(kind + 4, nch < lanes, xs, c0 * nin * wp, xrs, rs, cs, ps, wt, c0, cm, kh_n, kw_n, bt,
-                     c0, dst, c0 * ldd, ow_n, ldd, nrows, ow_n, nch, act)
-        else:
-            _dw_call(kind, nch < lanes, xs, c0 * nin * wp, xrs, rs, cs, ps, wt, c0, cm, kh_n, kw_n, bt, c0,
-                     dst, c0, ow_n * cm, cm, nrows, ow_n, nch, act)
+    # a pixel stride of a power of two from 2 KiB puts every pixel a call stores on one or two L1 sets: one call
+    # per output row stores a handful there before the next vector of channels moves to the next set
+    per_row = not channel_major and pstride >= ALIASING_STRIDE and (pstride & (pstride - 1)) == 0
+    rows = 1 if per_row else max(1, nrows)
+    for r0 in range(0, nrows, rows):
+        for c0 in range(0, cm, lanes):
+            nch = min(lanes, cm - c0)
+            if channel_major:
+                _dw_call(kind + 4, nch < lanes, xs, c0 * nin * wp, xrs, rs, cs, ps, wt, c0, cm, kh_n, kw_n, bt,
+                         c0, dst, c0 * ldd, ow_n, ldd, nrows, ow_n, nch, act)
+            else:
+                _dw_call(kind, nch < lanes, xs, c0 * nin * wp + r0 * xrs, xrs, rs, cs, ps, wt, c0, cm, kh_n, kw_n,
+                         bt, c0, dst, r0 * ow_n * cm + c0, ow_n * cm, cm, rows, ow_n, nch, act)
 
 
 @jit
