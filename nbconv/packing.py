@@ -119,6 +119,16 @@ def pack_pointwise_kernel(kernel, precision=None):
     """
     if isinstance(kernel, PackedPointwiseKernel):
         return kernel
+    return pack_view(kernel, precision, snapshot=True)
+
+
+def pack_view(kernel, precision=None, snapshot=False):
+    """:func:`pack_pointwise_kernel`, keeping ``kernel`` itself (no copy) unless ``snapshot``.
+
+    For a cache that knows when the array changes (a framework's version
+    counter) and packs again before the next call after a change: the
+    panels then cost no second copy of the plain weights.
+    """
     kernel = _args.as_float_array(kernel, "kernel")
     if kernel.ndim not in (2, 4):
         raise ValueError(f"Expected `kernel` of shape (1, 1, K, filters) or (K, filters). "
@@ -130,8 +140,9 @@ def pack_pointwise_kernel(kernel, precision=None):
         panels = pack_pairs(_dtypes.bits(matrix).reshape(matrix.shape))
     else:
         panels = pack_b(_dtypes.operand(matrix, compute), compute).reshape(matrix.shape)
-    kernel = np.array(kernel, copy=True)
-    kernel.flags.writeable = False
+    if snapshot:
+        kernel = np.array(kernel, copy=True)
+        kernel.flags.writeable = False
     return PackedPointwiseKernel(kernel, panels, compute)
 
 

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 import nbconv
-from reference import assert_close, pointwise_ref, random_array, separable_ref, tolerance_for
+from reference import (assert_close, assert_within, bf16_round, bf16_separable_bound, pointwise_ref, random_array,
+                       separable_ref, tolerance_for)
 
 FORMATS = ["channels_last", "channels_first"]
 # (N, H, W, C, F): filters below one panel, whole panels, a partial last panel, several blocks of filters
@@ -72,6 +73,25 @@ def test_packed_is_a_read_only_snapshot(rng):
     assert_close(nbconv.pointwise_conv2d(x, packed), pointwise_ref(x, original), tol=tolerance_for(np.float32))
     assert nbconv.pack_pointwise_kernel(packed) is packed
     assert "PackedPointwiseKernel" in repr(packed)
+
+
+@pytest.mark.parametrize("precision", [None, "bfloat16"])
+def test_pack_view_keeps_the_kernel_itself(rng, precision):
+    from nbconv import packing
+
+    pk = random_array(rng, (1, 1, 40, 130), np.float32)
+    packed = packing.pack_view(pk, precision)
+    assert np.asarray(packed) is pk
+    assert packed.compute_dtype == nbconv.pack_pointwise_kernel(pk, precision).compute_dtype
+    x = random_array(rng, (1, 6, 5, 40), np.float32)
+    dk = random_array(rng, (3, 3, 40, 1), np.float32)
+    got = nbconv.separable_conv2d(x, dk, packed, padding="same", precision=precision)
+    if precision is None:
+        assert_close(got, separable_ref(x, dk, pk, padding="same"), tol=tolerance_for(np.float32))
+    else:
+        xr, pkr = bf16_round(x), bf16_round(pk)
+        bound, _ = bf16_separable_bound(xr, dk, pkr, padding="same")
+        assert_within(got, separable_ref(xr, dk, pkr, padding="same"), bound)
 
 
 def test_backward_accepts_a_packed_kernel(rng):

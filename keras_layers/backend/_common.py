@@ -185,7 +185,8 @@ def forward(cfg, *arrays, out=None):
     ``out``, if given, is a C-contiguous array of the result's shape and dtype
     that receives the result (a framework's output buffer: no copy).
     """
-    arrays = [np.asarray(a) for a in arrays]
+    # a bridge's cached PackedPointwiseKernel goes through as it is (np.asarray would unpack it)
+    arrays = [a if isinstance(a, nbconv.PackedPointwiseKernel) else np.asarray(a) for a in arrays]
     if out is not None and out.dtype != arrays[0].dtype:
         out[...] = forward(cfg, *arrays)
         return out

@@ -5,11 +5,13 @@ the op (autograd, torch.compile, fake and meta tensors, dispatch modes,
 functorch transforms, the profiler) must still get it.  Results are compared
 with the float64 reference.
 """
+import gc
+
 import numpy as np
 import pytest
 
 from helpers import BACKEND
-from reference import assert_close, separable_ref
+from reference import U_BF16, assert_close, assert_within, bf16_round, bf16_separable_bound, separable_ref
 
 pytestmark = pytest.mark.skipif(BACKEND != "torch", reason="the torch bridge runs on the torch backend only")
 
@@ -121,3 +123,78 @@ def test_compile_without_grad_has_no_graph_break():
     with torch.no_grad():
         y = compiled(*tensors)
     assert_close(y.numpy(), _expected(arrays))
+
+
+# --- pointwise weights packed once for bfloat16 inference ----------------------------------------------------
+
+@pytest.fixture
+def packs(monkeypatch):
+    """The pointwise kernels the bridge packed (one entry per packing)."""
+    calls = []
+    real = bridge.packing.pack_view
+
+    def counting(kernel, *args, **kwargs):
+        calls.append(np.array(kernel, np.float64))
+        return real(kernel, *args, **kwargs)
+    monkeypatch.setattr(bridge.packing, "pack_view", counting)
+    return calls
+
+
+def _apply_bf16(tensors):
+    cfg = _common.make_config(CFG["kind"], CFG["has_bias"], CFG["strides"], CFG["padding"], CFG["dilation_rate"],
+                              CFG["data_format"], CFG["activation"], precision="bfloat16")
+    return bridge.apply(cfg, tensors[0].to(torch.bfloat16), *tensors[1:])
+
+
+def _assert_bf16_result(y, tensors):
+    """``y`` within the bfloat16 bound of the float64 reference of the tensors' current values."""
+    x, dk, pk, b = [t.detach().double().numpy() for t in tensors]
+    xr, pkr = bf16_round(x), bf16_round(pk)
+    conv = dict(strides=CFG["strides"], padding="same")
+    bound, _ = bf16_separable_bound(xr, dk, pkr, b, **conv)
+    assert_within(y.float().numpy(), separable_ref(xr, dk, pkr, b, activation="relu", **conv), bound, U_BF16)
+
+
+def test_bfloat16_inference_packs_the_pointwise_weights_once(packs):
+    _, tensors = _operands(np.random.default_rng(7), requires_grad=True)
+    with torch.no_grad():
+        ys = [_apply_bf16(tensors) for _ in range(3)]
+    assert len(packs) == 1
+    for y in ys:
+        _assert_bf16_result(y, tensors)
+
+
+def test_packed_weights_follow_every_change_of_the_tensor(packs):
+    rng = np.random.default_rng(8)
+    _, tensors = _operands(rng, requires_grad=True)
+    pk = tensors[2]
+    with torch.no_grad():
+        _apply_bf16(tensors)
+        pk.copy_(torch.tensor(rng.standard_normal(tuple(pk.shape)).astype(np.float32)))  # Keras's assign
+        _assert_bf16_result(_apply_bf16(tensors), tensors)
+        pk.mul_(-0.5)  # an optimizer's in-place step
+        _assert_bf16_result(_apply_bf16(tensors), tensors)
+        pk[0, 0, 3, 1] = 7.0  # a write through a view
+        _assert_bf16_result(_apply_bf16(tensors), tensors)
+    assert len(packs) == 4
+
+
+def test_packed_weights_go_with_their_tensor(packs):
+    _, tensors = _operands(np.random.default_rng(9))
+    with torch.no_grad():
+        _apply_bf16(tensors)
+    key = id(tensors[2])
+    assert key in bridge._PACKED
+    del tensors
+    gc.collect()
+    assert key not in bridge._PACKED
+
+
+def test_float32_and_recorded_calls_use_the_weights_as_they_are(packs):
+    arrays, tensors = _operands(np.random.default_rng(10), requires_grad=True)
+    with torch.no_grad():
+        assert_close(_apply(tensors).numpy(), _expected(arrays))
+    y = _apply_bf16(tensors)  # autograd records it: the custom op, weights read on every call
+    assert y.requires_grad
+    _assert_bf16_result(y.detach(), tensors)
+    assert not packs

@@ -108,6 +108,26 @@ def test_training_updates_float32_variables(policy, rng):
         assert not np.array_equal(to_numpy(w), b), w.path
 
 
+@pytest.mark.skipif(BACKEND == "numpy", reason="Keras's numpy backend cannot train")
+@pytest.mark.parametrize("policy", POLICIES, indirect=True)
+def test_predict_after_a_training_step_sees_the_new_weights(policy, rng):
+    # the torch bridge packs the pointwise weights once for inference: an update must make it pack them again
+    layer = keras_layers.SeparableConv2D(5, 3, padding="same", activation="relu")
+    model = keras.Sequential([keras.Input((6, 6, 8)), layer])
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
+    x = rng.standard_normal((2, 6, 6, 8)).astype("float32")
+    for step in range(2):
+        y = to_numpy(model.predict_on_batch(x)).astype(np.float64)
+        dk, pk, b = [np.asarray(to_numpy(w), np.float64) for w in layer.weights]
+        xr, pkr = bf16_round(x), bf16_round(pk)
+        bound, _ = bf16_separable_bound(xr, dk, pkr, b, padding="same")
+        assert_within(y, separable_ref(xr, dk, pkr, b, padding="same", activation="relu"), bound, U_BF16)
+        if step == 0:
+            before = to_numpy(layer.pointwise_kernel).copy()
+            model.train_on_batch(x, 4 * rng.standard_normal((2, 6, 6, 5)).astype("float32"))
+            assert not np.array_equal(to_numpy(layer.pointwise_kernel), before)
+
+
 @pytest.mark.parametrize("policy", ["mixed_bfloat16"], indirect=True)
 def test_convert_keeps_the_policy(policy, rng):
     inp = keras.Input((10, 10, 8))
