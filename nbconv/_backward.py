@@ -47,13 +47,15 @@ flags skip the work of gradients nobody asked for; arrays of a gradient not
 wanted may be 1-element dummies of the right rank.
 """
 import numpy as np
+from numba import types
+from numba.extending import overload
 
 from ._depthwise import _first_valid, dk3_packed_rows, dw_tile, pack_rows
 from ._elementwise import RELU6
 from ._jit import jit
 from ._gemm import KC, gemm_bf16, gemm_nn, transpose_tile
 from ._pointwise import gemm_rm
-from ._simd import VECTOR_BYTES
+from ._simd import VECTOR_BYTES, convert_vector
 from ._sync import PHASE2, claim, enter, leave
 
 
@@ -381,6 +383,27 @@ def dwb_nchw_tile(xn, w, src1, soff, ld, dm, p0, p1, ow_size, sh, sw, dh, dw, pt
                 p += ow1 - ow0
 
 
+def g_rows(g1, off, count, gs):
+    """``count`` elements of the flat output gradient ``g1`` from ``off``, as float: ``(g1, off)`` for a float
+    ``g1``; bfloat16 bits are widened into ``gs`` (exact), giving ``(gs, 0)`` (chosen at compile time)."""
+    raise NotImplementedError("compiled callers only")
+
+
+@overload(g_rows)
+def _g_rows(g1, off, count, gs):
+    if g1.dtype == types.uint16:
+        def widened(g1, off, count, gs):
+            lanes = VECTOR_BYTES // 4
+            for i in range(0, count, lanes):
+                convert_vector(g1, off + i, gs, i, min(lanes, count - i))
+            return gs, 0
+        return widened
+
+    def as_is(g1, off, count, gs):
+        return g1, off
+    return as_is
+
+
 @jit
 def _colsum_rows(g1, off, rows, cols, ld, acc):
     """``acc[:cols] += sum of rows`` of a ``rows x cols`` block of flat ``g1`` (row stride ``ld``)."""
@@ -405,7 +428,7 @@ def _rowsum_rows(g1, off, rows, cols, ld, acc):
 @jit
 def dwsep_backward_nhwc(x, dk, wmat, wmat_t, g2, want_dx, dx, want_dk, dkp, want_pw, dpwp, want_b, dbp,
                         halo, halo_pos, sh, sw, dh, dw, pt, pl, oh_size, ow_size, tile_p, nchunks,
-                        dscr, ddscr, ibuf, consts, chars, wt, bt, xs_scr, wp, sched, sig, lead):
+                        dscr, ddscr, ibuf, consts, chars, wt, bt, xs_scr, wp, gscr, sched, sig, lead):
     """Parallel backward of depthwise (``wmat`` empty) or fused separable convolution, NHWC.
 
     Parameters
@@ -432,6 +455,10 @@ def dwsep_backward_nhwc(x, dk, wmat, wmat_t, g2, want_dx, dx, want_dk, dkp, want
     wt, bt, xs_scr, wp : operands of :func:`nbconv._depthwise.dw_tile` for the recompute of ``D``
         (``(KH*KW, C*dm)`` weights, zero bias, per-chunk packed-row scratch, packed row width);
         ``tile_p`` is then a multiple of ``OW``.
+    gscr : ndarray of shape (nchunks, tile_p * G)
+        Where a tile of ``g2`` given as bfloat16 bits (``uint16``) is widened (:func:`g_rows`); ``x`` may be
+        bits too, read only through the packed rows: the separable kernel-gradient then needs a 3x3 kernel
+        (its vector path), and the plain depthwise backward takes float ``x``.
 
     Notes
     -----
@@ -485,23 +512,24 @@ def dwsep_backward_nhwc(x, dk, wmat, wmat_t, g2, want_dx, dx, want_dk, dkp, want
                     p1 = min(p0 + tile_p, b * ow_size)
                     npx = p1 - p0
                     grow = n * ohw + p0
+                    gsrc, goff = g_rows(g1, grow * gw, npx * gw, gscr[chunk])
                     if want_b:
-                        _colsum_rows(g1, grow * gw, npx, gw, gw, dba)
+                        _colsum_rows(gsrc, goff, npx, gw, gw, dba)
                     if sep:
                         if want_pw:
                             dw_tile(x, n, True, False, wt, bt, 0, dm, p0 // ow_size, npx // ow_size, sh, sw, dh, dw,
                                     pt, pl, dk.shape[0], dk.shape[1], ow_size, wp, xs_scr[chunk], d1, 0, npx)
-                            gemm_nn(cm, f, npx, d1, 0, 1, cm, g1, grow * f, f, dpw1, chunk * cm * f, f, True,
+                            gemm_nn(cm, f, npx, d1, 0, 1, cm, gsrc, goff, f, dpw1, chunk * cm * f, f, True,
                                     nobias, 0, 0, 0)
                         if want_dx or want_dk:
-                            gemm_nn(npx, cm, f, g1, grow * f, f, 1, wt1, 0, cm, dd1, 0, cm, False, nobias, 0, 0, 0)
+                            gemm_nn(npx, cm, f, gsrc, goff, f, 1, wt1, 0, cm, dd1, 0, cm, False, nobias, 0, 0, 0)
                             if fast_dk:
                                 # the tile's packed input rows: already there from the recompute of D
                                 r0t = p0 // ow_size
                                 nrt = npx // ow_size
                                 nin = (nrt - 1) * sh + 2 * dh + 1
                                 if not want_pw:
-                                    pack_rows(xn, dm, r0t * sh, nin, pt, pl, wp, VECTOR_BYTES // x.itemsize,
+                                    pack_rows(xn, dm, r0t * sh, nin, pt, pl, wp, VECTOR_BYTES // xs_scr.itemsize,
                                               xs_scr[chunk])
                                 dk3_packed_rows(xs_scr[chunk], nin, wp, dd1, 0, nrt, ow_size, sh, sw, dh, dw, cm,
                                                 dka.reshape(-1), 0)
@@ -509,8 +537,8 @@ def dwsep_backward_nhwc(x, dk, wmat, wmat_t, g2, want_dx, dx, want_dk, dkp, want
                                 dwb_nhwc_pixels(xn, dk, dd, dm, p0, p1, ow_size, sh, sw, dh, dw, pt, pl,
                                                 want_dk and not fast_dk, dka, want_dx, dxn, own_end, hal)
                     elif want_dx or want_dk:
-                        dwb_nhwc_pixels(xn, dk, g2[grow:grow + npx], dm, p0, p1, ow_size, sh, sw, dh, dw, pt, pl,
-                                        want_dk, dka, want_dx, dxn, own_end, hal)
+                        dwb_nhwc_pixels(xn, dk, gsrc[goff:goff + npx * gw].reshape((npx, gw)), dm, p0, p1, ow_size,
+                                        sh, sw, dh, dw, pt, pl, want_dk, dka, want_dx, dxn, own_end, hal)
                     p0 = p1
     leave(sched, sig, lead)
 

@@ -193,11 +193,13 @@ def _dwsep_backward(g, xc, dkc, wc, gc, want_dx, want_dk, want_pw, want_b, compu
         # packed-row scratch and operands of the forward's depthwise row tiles (recompute of D)
         xs = np.empty((nchunks, xs_size), compute)
         wt = _compile.operand(dkc.reshape(g.kh * g.kw, cm))
+        # a tile of bfloat16 grad_output (bits) is widened here; float32 is read where it lies
+        gscr = np.empty((nchunks, tile_p * f if gc.dtype == _dtypes.BITS else 1), compute)
         with BLAS_THREADS:
             launch(dwsep_backward_nhwc, _threads(nchunks), xc, dkc, wc, _transposed(wc), gc.reshape(-1, f), want_dx,
                    dx, want_dk, dkp, want_pw, dpwp, want_b, dbp, halo, halo_pos, g.sh, g.sw, g.dh, g.dw, g.pt, g.pl,
                    g.oh, g.ow, tile_p, nchunks, dscr, ddscr, ibuf, consts, GEMM_CHARS, wt, np.zeros(cm, compute), xs,
-                   _plan.packed_width(g))
+                   _plan.packed_width(g), gscr)
         if want_dx:
             _compile.k(add_halos_nhwc)(dx, halo, halo_pos)
     else:
@@ -593,10 +595,15 @@ def separable_conv2d_backward(grad_output, x, depthwise_kernel, pointwise_kernel
             np.zeros(pk.shape, result) if want_pw else None,
             np.zeros(f, result) if want_b else None,
         )
-    xc = _dtypes.operand(x, compute)
-    gc = _masked(_dtypes.operand(grad_output, compute), act, output, compute)
+    whole = _plan.whole_intermediate(g, f, compute.itemsize, bf16)
+    # bfloat16 x and grad_output go to the tiled NHWC kernel as they are (widened tile by tile, not copied whole in
+    # float32), where it reads x only through its packed rows: a kernel gradient then needs the 3x3 vector path
+    bits = (not whole and g.channels_last and act == 0 and x.dtype == _dtypes.BFLOAT16
+            and grad_output.dtype == _dtypes.BFLOAT16 and (not want_dk or (g.kh, g.kw) == (3, 3)))
+    xc = _dtypes.bits(x) if bits else _dtypes.operand(x, compute)
+    gc = _dtypes.bits(grad_output) if bits else _masked(_dtypes.operand(grad_output, compute), act, output, compute)
     wc = _dtypes.operand(wmat, compute)
-    if _plan.whole_intermediate(g, f, compute.itemsize, bf16):
+    if whole:
         dx, ddk, dpw, db = _sep_backward_whole(g, xc, _dtypes.operand(dk, compute), wc, gc, want_dx, want_dk,
                                                want_pw, want_b, compute, bf16)
     else:
