@@ -961,7 +961,7 @@ def weight_grad_bf16(dt, g2b, g2, parts, mb, nb, qb, dwp, want_b, dbp, p_scr, sc
 
 
 @jit
-def dk3_nhwc(x, g2, dm, sh, sw, dh, dw, pt, pl, oh_n, ow_n, wp, th, nchunks, xs_scr, dkp, sched, sig, lead):
+def dk3_nhwc(x, g2, dm, sh, sw, dh, dw, pt, pl, oh_n, ow_n, wp, th, nchunks, xs_scr, dkp, gscr, sched, sig, lead):
     """Parallel kernel gradient of a 3x3 depthwise convolution, NHWC, from the gradient of its output.
 
     Parameters
@@ -973,6 +973,9 @@ def dk3_nhwc(x, g2, dm, sh, sw, dh, dw, pt, pl, oh_n, ow_n, wp, th, nchunks, xs_
     xs_scr : ndarray of shape (nchunks, packed rows * wp * C*dm)
     dkp : ndarray of shape (nchunks, 9 * C*dm), zeros
         Per-chunk partial sums, tap-major (``(3, 3, C*dm)``), added to.
+    gscr : ndarray of shape (nchunks, th * OW * C*dm)
+        Where a task's rows of ``g2`` given as bfloat16 bits are widened (:func:`g_rows`); ``x`` may be bits too
+        (read through the packed rows only).
 
     Notes
     -----
@@ -986,7 +989,7 @@ def dk3_nhwc(x, g2, dm, sh, sw, dh, dw, pt, pl, oh_n, ow_n, wp, th, nchunks, xs_
     rtiles = (oh_n + th - 1) // th
     ntasks = n_img * rtiles
     g1 = g2.reshape(-1)
-    lanes = VECTOR_BYTES // x.itemsize
+    lanes = VECTOR_BYTES // xs_scr.itemsize
     enter(sched, sig, lead)
     while True:
         chunk = claim(sched, PHASE2, nchunks, lead)
@@ -1001,7 +1004,43 @@ def dk3_nhwc(x, g2, dm, sh, sw, dh, dw, pt, pl, oh_n, ow_n, wp, th, nchunks, xs_
             nr = min(th, oh_n - r0)
             nin = (nr - 1) * sh + 2 * dh + 1
             pack_rows(x[n], dm, r0 * sh, nin, pt, pl, wp, lanes, xs)
-            dk3_packed_rows(xs, nin, wp, g1, (n * oh_n + r0) * ow_n * cm, nr, ow_n, sh, sw, dh, dw, cm, dk1, 0)
+            gsrc, goff = g_rows(g1, (n * oh_n + r0) * ow_n * cm, nr * ow_n * cm, gscr[chunk])
+            dk3_packed_rows(xs, nin, wp, gsrc, goff, nr, ow_n, sh, sw, dh, dw, cm, dk1, 0)
+    leave(sched, sig, lead)
+
+
+#: rows per block of :func:`col_sums`: each block's sums are one partial, added in block order
+COLSUM_ROWS = 1024
+#: elements of bfloat16 bits :func:`col_sums` widens at a time (whole rows, at least one)
+COLSUM_WIDEN = 4096
+
+
+@jit
+def col_sums(g2, parts, gscr, sched, sig, lead):
+    """Parallel per-block column sums of ``g2`` (the bias gradient): ``parts[b] = sum of rows b*COLSUM_ROWS ..
+    (b+1)*COLSUM_ROWS - 1``, for :func:`reduce_chunks` to add in block order.
+
+    ``g2`` of shape (P, G) is float, or bfloat16 bits widened a few rows at a time into ``gscr[participant]``
+    (``gscr`` of shape (participants, max(G, COLSUM_WIDEN)); any shape for float ``g2``).
+    """
+    rows, cols = g2.shape
+    nblocks = parts.shape[0]
+    g1 = g2.reshape(-1)
+    step = max(1, COLSUM_WIDEN // cols)
+    enter(sched, sig, lead)
+    gs = gscr[min(lead >> 2, gscr.shape[0] - 1)]
+    while True:
+        b = claim(sched, PHASE2, nblocks, lead)
+        if b < 0:
+            break
+        acc = parts[b]
+        for j in range(cols):
+            acc[j] = 0
+        end = min(rows, (b + 1) * COLSUM_ROWS)
+        for r in range(b * COLSUM_ROWS, end, step):
+            nr = min(step, end - r)
+            src, off = g_rows(g1, r * cols, nr * cols, gs)
+            _colsum_rows(src, off, nr, cols, cols, acc)
     leave(sched, sig, lead)
 
 

@@ -20,6 +20,8 @@ from . import _args, _compile, _dtypes, _fallback, _plan
 from . import forward as _forward
 from ._backward import (
     ACT_BLOCK,
+    COLSUM_ROWS,
+    COLSUM_WIDEN,
     add_halos_nchw,
     add_halos_nhwc,
     dk3_nhwc,
@@ -29,6 +31,7 @@ from ._backward import (
     pointwise_backward_nhwc,
     reduce_chunks,
     activation_grad,
+    col_sums,
     transpose_into,
     weight_grad_bf16,
     weight_grad_nhwc,
@@ -47,7 +50,7 @@ __all__ = [
     "separable_conv2d_backward",
 ]
 
-_compile.register(add_halos_nchw, add_halos_nhwc, dk3_nhwc, dwsep_backward_nchw, dwsep_backward_nhwc,
+_compile.register(add_halos_nchw, add_halos_nhwc, col_sums, dk3_nhwc, dwsep_backward_nchw, dwsep_backward_nhwc,
                   pointwise_backward_nchw, pointwise_backward_nhwc, reduce_chunks, activation_grad, transpose_into,
                   weight_grad_bf16, weight_grad_nhwc)
 
@@ -159,6 +162,17 @@ def _reduce(parts, compute):
         launch(reduce_chunks, _stream_threads(parts.size), parts.reshape(parts.shape[0], -1), out.reshape(-1),
                block)
     return out
+
+
+def _bias_grad(g2, compute):
+    """Column sums of ``g2`` (P, G), float or bfloat16 bits: per-block partials in parallel, added in block order
+    (NumPy's ``sum(axis=0)`` runs on one thread and adds the rows one by one)."""
+    rows, cols = g2.shape
+    parts = np.empty((-(-rows // COLSUM_ROWS), cols), compute)
+    threads = _threads(parts.shape[0])
+    gscr = np.empty((threads, max(cols, COLSUM_WIDEN)) if g2.dtype == _dtypes.BITS else (1, 1), compute)
+    launch(col_sums, threads, g2, parts, gscr)
+    return _reduce(parts, compute)
 
 
 def _dwsep_backward(g, xc, dkc, wc, gc, want_dx, want_dk, want_pw, want_b, compute):
@@ -312,7 +326,7 @@ def _sep_backward_whole(g, xc, dk, wc, gc, want_dx, want_dk, want_pw, want_b, co
         elif want_pw:
             dpw, db = _weight_grad(buf.reshape(-1, cm), g2, want_b, compute)
         else:
-            db = g2.sum(axis=0, dtype=compute)
+            db = _bias_grad(g2, compute)
     if want_dx or want_dk:
         if bf16:
             _forward.pointwise_conv2d(gb, _transposed(wc), out=buf, precision="bfloat16", output_dtype=compute)
@@ -331,8 +345,11 @@ def _dw_grads_nhwc(g, xc, dk, gd, want_dx, want_dk, compute):
     input gradient is a forward depthwise convolution of ``gd`` with the
     kernel flipped and the complementary padding, so it runs in the
     forward's micro-kernels.  Other cases take the scalar scatter kernel.
+    ``xc`` and ``gd`` may be bfloat16 bits when the kernel gradient, if
+    wanted, is 3x3 (the scatter kernel reads ``x`` as it lies).
     """
     gd = _compile.typed(gd)
+    bits = gd.dtype == _dtypes.BITS
     cm = g.c * g.dm
     flip_pad = (((g.kh - 1) * g.dh - g.pt, (g.kh - 1) * g.dh - g.pb),
                 ((g.kw - 1) * g.dw - g.pl, (g.kw - 1) * g.dw - g.pr))
@@ -343,12 +360,19 @@ def _dw_grads_nhwc(g, xc, dk, gd, want_dx, want_dk, compute):
         th, nchunks, xs_shape = _plan.dk3(g, compute.itemsize)
         xs = np.empty(xs_shape, compute)
         dkp = np.zeros((nchunks, 9 * cm), compute)
+        gscr = np.empty((nchunks, th * g.ow * cm if bits else 1), compute)
         launch(dk3_nhwc, _threads(nchunks), xc, gd.reshape(-1, cm), g.dm, g.sh, g.sw, g.dh, g.dw, g.pt, g.pl, g.oh,
-               g.ow, _plan.packed_width(g), th, nchunks, xs, dkp)
+               g.ow, _plan.packed_width(g), th, nchunks, xs, dkp, gscr)
         ddk = _reduce(dkp, compute).reshape(3, 3, cm)
     if fast_dx:
-        dx = _forward.depthwise_conv2d(gd, np.ascontiguousarray(dk[::-1, ::-1]), padding=flip_pad,
-                                       dilation_rate=(g.dh, g.dw))
+        flipped = np.ascontiguousarray(dk[::-1, ::-1])
+        if bits:
+            # the forward widens bfloat16 gd as it loads it (its depthwise part sums in float32 with the weights as
+            # given): the values of the float32 path, without a float32 copy of gd
+            dx = _forward.depthwise_conv2d(_dtypes.from_bits(gd), flipped, padding=flip_pad,
+                                           dilation_rate=(g.dh, g.dw), precision="bfloat16", output_dtype=compute)
+        else:
+            dx = _forward.depthwise_conv2d(gd, flipped, padding=flip_pad, dilation_rate=(g.dh, g.dw))
     slow_dx, slow_dk = want_dx and not fast_dx, want_dk and not fast_dk
     if slow_dx or slow_dk:
         no_pw = np.empty((0, 0), compute)
@@ -430,11 +454,15 @@ def depthwise_conv2d_backward(grad_output, x, kernel, *, strides=_args.DEFAULT, 
             np.zeros(kernel.shape, result) if want_dk else None,
             np.zeros(cm, result) if want_b else None,
         )
-    xc = _dtypes.operand(x, compute)
-    gc = _masked(_dtypes.operand(grad_output, compute), act, output, compute)
+    # bfloat16 x and grad_output go to the NHWC kernels as they are (widened as they are read, not copied whole in
+    # float32 first), except where the scatter kernel would read x for a kernel gradient other than 3x3
+    bits = (channels_last and act == 0 and x.dtype == _dtypes.BFLOAT16 and grad_output.dtype == _dtypes.BFLOAT16
+            and (not want_dk or (g.kh, g.kw) == (3, 3)))
+    xc = _dtypes.bits(x) if bits else _dtypes.operand(x, compute)
+    gc = _dtypes.bits(grad_output) if bits else _masked(_dtypes.operand(grad_output, compute), act, output, compute)
     if channels_last:
         dx, dk = _dw_grads_nhwc(g, xc, _dtypes.operand(kernel, compute), gc, want_dx, want_dk, compute)
-        db = gc.reshape(-1, cm).sum(axis=0, dtype=compute) if want_b else None
+        db = _bias_grad(gc.reshape(-1, cm), compute) if want_b else None
     else:
         no_pw = np.empty((0, 0), compute)
         dx, dk, _, db = _dwsep_backward(g, xc, _internal_dk(kernel, g, compute), no_pw, gc,

@@ -521,6 +521,32 @@ def test_small_tiles_and_many_chunks(rng, plan_override, data_format, threads):
         assert_close(actual, expected, tol=1e-9)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, "bfloat16"])
+@pytest.mark.parametrize("op", ["depthwise", "separable_whole"])
+def test_bias_gradient_over_many_row_blocks(rng, op, dtype):
+    """The NHWC bias gradient in parallel blocks of rows (``nbconv._backward.COLSUM_ROWS``; bfloat16 widened a few
+    rows at a time): more rows than one block and a partial last one, against the float64 sum."""
+    from nbconv._backward import COLSUM_ROWS
+
+    dt = nbconv.as_bfloat16(np.zeros(1, np.float32)).dtype if dtype == "bfloat16" else np.dtype(dtype)
+    c, f = (7, None) if op == "depthwise" else (256, 300)  # 300 KiB of float32 weights: the whole-intermediate path
+    x = random_array(rng, (3, 30, 29, c), np.float32).astype(dt)
+    dk = random_array(rng, (3, 3, c, 1), np.float32).astype(dt)
+    g = random_array(rng, (3, 30, 29, f or c), np.float32).astype(dt)
+    assert 3 * 30 * 29 > 2 * COLSUM_ROWS
+    if op == "depthwise":
+        db = nbconv.depthwise_conv2d_backward(g, x, dk, padding="same", wrt=("bias",)).bias
+    else:
+        pk = random_array(rng, (1, 1, c, f), np.float32).astype(dt)
+        db = nbconv.separable_conv2d_backward(g, x, dk, pk, padding="same", wrt=("bias",)).bias
+    want = np.asarray(g, np.float64).reshape(-1, f or c).sum(axis=0)
+    scale = np.abs(np.asarray(g, np.float64)).reshape(-1, f or c).sum(axis=0)
+    rounding = 2.0 ** -8 if dtype == "bfloat16" else 0.0
+    assert db.dtype == dt
+    assert np.all(np.abs(np.asarray(db, np.float64) - want) <= 2 * COLSUM_ROWS * 2.0 ** -24 * scale
+                  + rounding * np.abs(want))
+
+
 @pytest.mark.parametrize("data_format", FORMATS)
 def test_deterministic_for_a_thread_count(rng, data_format):
     kwargs = dict(strides=1, padding="same", data_format=data_format)

@@ -287,43 +287,61 @@ def test_separable_backward_within_the_bfloat16_bound(rng, shape):
         assert_within(actual, want, 3 * U_BF16 * b, U_BF16)
 
 
-@pytest.mark.parametrize("wrt", [("x", "depthwise_kernel", "pointwise_kernel", "bias"), ("x",), ("depthwise_kernel",),
+@pytest.mark.parametrize("wrt", [("x", "kernel", "pointwise_kernel", "bias"), ("x",), ("kernel",),
                                  ("pointwise_kernel", "bias")], ids="+".join)
-@pytest.mark.parametrize("case", ["3x3", "5x5", "relu"])
-def test_tiled_separable_backward_of_bfloat16_inputs(rng, monkeypatch, wrt, case):
-    """NHWC with small weights (the tiled kernel, float32 arithmetic): bfloat16 ``x`` and ``grad_output`` go in as
-    they are and are widened tile by tile (3x3, linear), or are widened whole first (a 5x5 kernel gradient reads
-    ``x`` outside the packed rows; relu masks the gradient first).  Small tiles, several per chunk and several
-    chunks.  Against float64 jax gradients, within 2^-8 of the result plus float32 sums."""
+@pytest.mark.parametrize("case", ["3x3", "3x3-stride1", "5x5", "relu"])
+@pytest.mark.parametrize("kind", ["separable", "depthwise"])
+def test_backward_of_bfloat16_inputs_read_as_bits(rng, monkeypatch, kind, wrt, case):
+    """NHWC backward in float32 arithmetic (the separable one with small weights: the tiled kernel): bfloat16
+    ``x`` and ``grad_output`` go in as they are and are widened as they are read (3x3, linear), or are widened
+    whole first (a 5x5 kernel gradient reads ``x`` outside the packed rows; relu masks the gradient first).
+    Small tiles, several per chunk and several chunks; stride 1 takes the depthwise input gradient through the
+    forward kernel.  Against float64 jax gradients, within 2^-8 of the result plus float32 sums."""
     import keras
 
     from nbconv import _plan
     from nbconv import backward as backward_module
 
+    names = {"separable": ("x", "depthwise_kernel", "pointwise_kernel", "bias"), "depthwise": ("x", "kernel", "bias")}
+    wrt = tuple(n.replace("kernel", "depthwise_kernel") if kind == "separable" and n == "kernel" else n for n in wrt)
+    wrt = tuple(n for n in wrt if n in names[kind])
+    if not wrt:
+        pytest.skip("no gradient of this op among those asked")
     k = 5 if case == "5x5" else 3
     act = "relu" if case == "relu" else None
-    kw = dict(strides=(2, 1), padding="same", dilation_rate=1)
-    x, dk, pk, b = _bf16(random_array(rng, (2, 11, 9, 6)), random_array(rng, (k, k, 6, 2)),
-                         random_array(rng, (1, 1, 12, 7)), random_array(rng, (7,)))
-    y = nbconv.separable_conv2d(x, dk, pk, b, activation=act, **kw)
+    kw = dict(strides=1 if case == "3x3-stride1" else (2, 1), padding="same", dilation_rate=1)
+    dm, f = 2, 7
+    x, dk, pk = _bf16(random_array(rng, (2, 11, 9, 6)), random_array(rng, (k, k, 6, dm)),
+                      random_array(rng, (1, 1, 6 * dm, f)))
+    b = _bf16(random_array(rng, (f if kind == "separable" else 6 * dm,)))[0]
+    if kind == "separable":
+        y = nbconv.separable_conv2d(x, dk, pk, b, activation=act, **kw)
+    else:
+        y = nbconv.depthwise_conv2d(x, dk, b, activation=act, **kw)
     g = _bf16(random_array(rng, y.shape))[0]
     widened = []
     real = backward_module._masked
     monkeypatch.setattr(backward_module, "_masked", lambda *a: widened.append(1) or real(*a))
+    opts = dict(activation=act, output=y if act else None, wrt=wrt, **kw)
     with _plan.override(backward_tile_bytes=12 * 4 * 16):
-        got = nbconv.separable_conv2d_backward(g, x, dk, pk, activation=act, output=y if act else None, wrt=wrt,
-                                               **kw)
-    assert bool(widened) == (case != "3x3" and (case == "relu" or "depthwise_kernel" in wrt))
+        if kind == "separable":
+            got = nbconv.separable_conv2d_backward(g, x, dk, pk, **opts)
+        else:
+            got = nbconv.depthwise_conv2d_backward(g, x, dk, **opts)
+    dk_name = "depthwise_kernel" if kind == "separable" else "kernel"
+    assert bool(widened) == (case == "relu" or (case == "5x5" and dk_name in wrt))
 
-    def fn(a, c, p, bias):
-        return keras.ops.separable_conv(a, c, p, **kw) + bias
+    def fn(a, c, *rest):
+        if kind == "separable":
+            return keras.ops.separable_conv(a, c, rest[0], **kw) + rest[1]
+        return keras.ops.depthwise_conv(a, c, **kw) + rest[0]
     # relu's derivative read off the op's own output (which the bfloat16 rounding may put on the other side of 0
     # than the exact pre-activation), as every backend does
     cot = _f64(g) * (_f64(y) > 0) if act else _f64(g)
-    args = [_f64(x), _f64(dk), _f64(pk), _f64(b)]
+    args = [_f64(x), _f64(dk)] + ([_f64(pk)] if kind == "separable" else []) + [_f64(b)]
     ref = _jax_grads(fn, args, cot)
     bound = _jax_grads(fn, [np.abs(a) for a in args], np.abs(cot))
-    for name, want, bnd in zip(("x", "depthwise_kernel", "pointwise_kernel", "bias"), ref, bound):
+    for name, want, bnd in zip(names[kind], ref, bound):
         actual = getattr(got, name)
         if name not in wrt:
             assert actual is None
