@@ -51,7 +51,6 @@ from numba import types
 from numba.extending import overload
 
 from ._depthwise import _first_valid, dk3_packed_rows, dw_tile, pack_rows
-from ._elementwise import RELU6
 from ._jit import jit
 from ._gemm import KC, gemm_bf16, gemm_nn, transpose_tile
 from ._pointwise import gemm_rm
@@ -1049,18 +1048,20 @@ ACT_BLOCK = 16384
 
 
 @jit
-def activation_grad(g, y, out, act, sched, sig, lead):
+def activation_grad(g, y, out, ytop, sched, sig, lead):
     """``out = g * act'(y)`` over flat arrays: the fused activation's derivative read off its output ``y``.
 
-    ``act`` is a code of :mod:`nbconv._elementwise`: RELU passes ``g`` where
-    ``y > 0``, RELU6 where ``0 < y < 6`` (the derivative Keras's backends
-    use; NaN in ``y`` gives 0).  Parallel over blocks of :data:`ACT_BLOCK`
-    elements; ``out`` must not overlap ``g`` or ``y`` unless it is ``g``.
+    ``g`` passes where ``0 < y < ytop``: ``ytop`` is 6 for relu6 and
+    infinity for relu (the derivative Keras's backends use; NaN in ``y``
+    gives 0).  bfloat16 operands come as their bits viewed as ``int16``,
+    with ``ytop`` the bits of 6 or of infinity: on those the order of the
+    integers is that of the positive values, negative values and -0 are
+    negative integers, and NaNs lie above infinity.  Parallel over blocks
+    of :data:`ACT_BLOCK` elements; ``out`` must not overlap ``g`` or ``y``
+    unless it is ``g``.
     """
     n = g.shape[0]
     zero = g.dtype.type(0)
-    six = y.dtype.type(6)
-    ytop = six if act == RELU6 else y.dtype.type(np.inf)
     enter(sched, sig, lead)
     nblocks = (n + ACT_BLOCK - 1) // ACT_BLOCK
     while True:

@@ -36,6 +36,7 @@ from ._backward import (
     weight_grad_bf16,
     weight_grad_nhwc,
 )
+from ._elementwise import RELU6
 from ._gemm import panel_scratch
 from ._pointwise import GEMM_CHARS
 from ._runtime import BLAS_THREADS
@@ -136,14 +137,40 @@ def _activation_mask(activation, output, grad_output):
     return act, output
 
 
+#: bits of bfloat16 6 and infinity, as int16: the bounds of :func:`nbconv._backward.activation_grad` on bits
+_BF16_SIX, _BF16_INF = 0x40C0, 0x7F80
+
+
 def _masked(gc, act, output, compute):
     """``gc`` times the activation's derivative, in a new array (``gc`` may be the caller's)."""
     if act == 0:
         return gc
     yc = _dtypes.operand(output, compute)
     out = np.empty_like(gc)
-    launch(activation_grad, _stream_threads(gc.size), gc.reshape(-1), yc.reshape(-1), out.reshape(-1), act)
+    launch(activation_grad, _stream_threads(gc.size), gc.reshape(-1), yc.reshape(-1), out.reshape(-1),
+           6.0 if act == RELU6 else np.inf)
     return out
+
+
+def _masked_bits(grad_output, act, output):
+    """The bits (``uint16``) of bfloat16 ``grad_output`` times the derivative of the activation ``act`` (not 0)
+    read off bfloat16 ``output``: a new array, compared on the bits (no float32 copies)."""
+    g = _dtypes.bits(grad_output)
+    out = np.empty_like(g)
+    launch(activation_grad, _stream_threads(g.size), g.reshape(-1).view(np.int16),
+           _dtypes.bits(output).reshape(-1).view(np.int16), out.reshape(-1).view(np.int16),
+           _BF16_SIX if act == RELU6 else _BF16_INF)
+    return out
+
+
+def _grad_bits(grad_output, act, output):
+    """bfloat16 ``grad_output`` as bits with the activation's derivative applied, or None where that cannot be
+    done on the bits (a float ``output``)."""
+    if act == 0:
+        return _dtypes.bits(grad_output)
+    if output.dtype != _dtypes.BFLOAT16:
+        return None
+    return _masked_bits(grad_output, act, output)
 
 
 def _finish(arr, result_dtype):
@@ -454,12 +481,16 @@ def depthwise_conv2d_backward(grad_output, x, kernel, *, strides=_args.DEFAULT, 
             np.zeros(kernel.shape, result) if want_dk else None,
             np.zeros(cm, result) if want_b else None,
         )
-    # bfloat16 x and grad_output go to the NHWC kernels as they are (widened as they are read, not copied whole in
-    # float32 first), except where the scatter kernel would read x for a kernel gradient other than 3x3
-    bits = (channels_last and act == 0 and x.dtype == _dtypes.BFLOAT16 and grad_output.dtype == _dtypes.BFLOAT16
-            and (not want_dk or (g.kh, g.kw) == (3, 3)))
-    xc = _dtypes.bits(x) if bits else _dtypes.operand(x, compute)
-    gc = _dtypes.bits(grad_output) if bits else _masked(_dtypes.operand(grad_output, compute), act, output, compute)
+    # bfloat16 x and grad_output (masked on the bits) go to the NHWC kernels as they are (widened as they are read,
+    # not copied whole in float32 first), except where the scatter kernel would read x for a kernel gradient other
+    # than 3x3
+    gc = None
+    if (channels_last and x.dtype == _dtypes.BFLOAT16 and grad_output.dtype == _dtypes.BFLOAT16
+            and (not want_dk or (g.kh, g.kw) == (3, 3))):
+        gc = _grad_bits(grad_output, act, output)
+    xc = _dtypes.bits(x) if gc is not None else _dtypes.operand(x, compute)
+    if gc is None:
+        gc = _masked(_dtypes.operand(grad_output, compute), act, output, compute)
     if channels_last:
         dx, dk = _dw_grads_nhwc(g, xc, _dtypes.operand(kernel, compute), gc, want_dx, want_dk, compute)
         db = _bias_grad(gc.reshape(-1, cm), compute) if want_b else None
@@ -624,12 +655,16 @@ def separable_conv2d_backward(grad_output, x, depthwise_kernel, pointwise_kernel
             np.zeros(f, result) if want_b else None,
         )
     whole = _plan.whole_intermediate(g, f, compute.itemsize, bf16)
-    # bfloat16 x and grad_output go to the tiled NHWC kernel as they are (widened tile by tile, not copied whole in
-    # float32), where it reads x only through its packed rows: a kernel gradient then needs the 3x3 vector path
-    bits = (not whole and g.channels_last and act == 0 and x.dtype == _dtypes.BFLOAT16
-            and grad_output.dtype == _dtypes.BFLOAT16 and (not want_dk or (g.kh, g.kw) == (3, 3)))
-    xc = _dtypes.bits(x) if bits else _dtypes.operand(x, compute)
-    gc = _dtypes.bits(grad_output) if bits else _masked(_dtypes.operand(grad_output, compute), act, output, compute)
+    # bfloat16 x and grad_output (masked on the bits) go to the tiled NHWC kernel as they are (widened tile by tile,
+    # not copied whole in float32), where it reads x only through its packed rows: a kernel gradient then needs the
+    # 3x3 vector path
+    gc = None
+    if (not whole and g.channels_last and x.dtype == _dtypes.BFLOAT16 and grad_output.dtype == _dtypes.BFLOAT16
+            and (not want_dk or (g.kh, g.kw) == (3, 3))):
+        gc = _grad_bits(grad_output, act, output)
+    xc = _dtypes.bits(x) if gc is not None else _dtypes.operand(x, compute)
+    if gc is None:
+        gc = _masked(_dtypes.operand(grad_output, compute), act, output, compute)
     wc = _dtypes.operand(wmat, compute)
     if whole:
         dx, ddk, dpw, db = _sep_backward_whole(g, xc, _dtypes.operand(dk, compute), wc, gc, want_dx, want_dk,

@@ -289,12 +289,12 @@ def test_separable_backward_within_the_bfloat16_bound(rng, shape):
 
 @pytest.mark.parametrize("wrt", [("x", "kernel", "pointwise_kernel", "bias"), ("x",), ("kernel",),
                                  ("pointwise_kernel", "bias")], ids="+".join)
-@pytest.mark.parametrize("case", ["3x3", "3x3-stride1", "5x5", "relu"])
+@pytest.mark.parametrize("case", ["3x3", "3x3-stride1", "5x5", "relu", "relu6"])
 @pytest.mark.parametrize("kind", ["separable", "depthwise"])
 def test_backward_of_bfloat16_inputs_read_as_bits(rng, monkeypatch, kind, wrt, case):
     """NHWC backward in float32 arithmetic (the separable one with small weights: the tiled kernel): bfloat16
-    ``x`` and ``grad_output`` go in as they are and are widened as they are read (3x3, linear), or are widened
-    whole first (a 5x5 kernel gradient reads ``x`` outside the packed rows; relu masks the gradient first).
+    ``x`` and ``grad_output`` (relu's derivative applied on the bits) go in as they are and are widened as they
+    are read, or are widened whole first (a 5x5 kernel gradient reads ``x`` outside the packed rows).
     Small tiles, several per chunk and several chunks; stride 1 takes the depthwise input gradient through the
     forward kernel.  Against float64 jax gradients, within 2^-8 of the result plus float32 sums."""
     import keras
@@ -308,10 +308,11 @@ def test_backward_of_bfloat16_inputs_read_as_bits(rng, monkeypatch, kind, wrt, c
     if not wrt:
         pytest.skip("no gradient of this op among those asked")
     k = 5 if case == "5x5" else 3
-    act = "relu" if case == "relu" else None
+    act = case if case.startswith("relu") else None
     kw = dict(strides=1 if case == "3x3-stride1" else (2, 1), padding="same", dilation_rate=1)
     dm, f = 2, 7
-    x, dk, pk = _bf16(random_array(rng, (2, 11, 9, 6)), random_array(rng, (k, k, 6, dm)),
+    # relu6: outputs on both sides of 6 too
+    x, dk, pk = _bf16(random_array(rng, (2, 11, 9, 6), low=-8, high=8), random_array(rng, (k, k, 6, dm)),
                       random_array(rng, (1, 1, 6 * dm, f)))
     b = _bf16(random_array(rng, (f if kind == "separable" else 6 * dm,)))[0]
     if kind == "separable":
@@ -319,9 +320,10 @@ def test_backward_of_bfloat16_inputs_read_as_bits(rng, monkeypatch, kind, wrt, c
     else:
         y = nbconv.depthwise_conv2d(x, dk, b, activation=act, **kw)
     g = _bf16(random_array(rng, y.shape))[0]
-    widened = []
-    real = backward_module._masked
-    monkeypatch.setattr(backward_module, "_masked", lambda *a: widened.append(1) or real(*a))
+    widened = []  # grad_output converted whole to float32 first
+    real = backward_module._dtypes.operand
+    monkeypatch.setattr(backward_module._dtypes, "operand",
+                        lambda a, *r: (widened.append(1) if a is g else None) or real(a, *r))
     opts = dict(activation=act, output=y if act else None, wrt=wrt, **kw)
     with _plan.override(backward_tile_bytes=12 * 4 * 16):
         if kind == "separable":
@@ -329,7 +331,7 @@ def test_backward_of_bfloat16_inputs_read_as_bits(rng, monkeypatch, kind, wrt, c
         else:
             got = nbconv.depthwise_conv2d_backward(g, x, dk, **opts)
     dk_name = "depthwise_kernel" if kind == "separable" else "kernel"
-    assert bool(widened) == (case == "relu" or (case == "5x5" and dk_name in wrt))
+    assert bool(widened) == (case == "5x5" and dk_name in wrt)
 
     def fn(a, c, *rest):
         if kind == "separable":
@@ -337,7 +339,10 @@ def test_backward_of_bfloat16_inputs_read_as_bits(rng, monkeypatch, kind, wrt, c
         return keras.ops.depthwise_conv(a, c, **kw) + rest[0]
     # relu's derivative read off the op's own output (which the bfloat16 rounding may put on the other side of 0
     # than the exact pre-activation), as every backend does
-    cot = _f64(g) * (_f64(y) > 0) if act else _f64(g)
+    top = 6.0 if act == "relu6" else np.inf
+    cot = _f64(g) * ((_f64(y) > 0) & (_f64(y) < top)) if act else _f64(g)
+    if act == "relu6":
+        assert np.any(_f64(y) == 6) and np.any((_f64(y) > 0) & (_f64(y) < 6))  # saturated and not
     args = [_f64(x), _f64(dk)] + ([_f64(pk)] if kind == "separable" else []) + [_f64(b)]
     ref = _jax_grads(fn, args, cot)
     bound = _jax_grads(fn, [np.abs(a) for a in args], np.abs(cot))
@@ -348,6 +353,23 @@ def test_backward_of_bfloat16_inputs_read_as_bits(rng, monkeypatch, kind, wrt, c
             continue
         assert actual.dtype == BF16, name
         assert_within(actual, want, 64 * U_F32 * bnd, U_BF16)
+
+
+@pytest.mark.parametrize("activation", ["relu", "relu6"])
+def test_activation_derivative_on_bfloat16_bits(activation):
+    """The mask compared on bfloat16 bits: zeros, denormals, the bound itself, infinities and NaNs."""
+    from nbconv import backward as backward_module
+    from nbconv._elementwise import RELU, RELU6
+
+    tiny = np.float32(2.0 ** -130)  # a bfloat16 denormal
+    y = np.array([-np.inf, -1.0, -0.0, 0.0, tiny, -tiny, 1.0, 5.96875, 6.0, 6.5, np.inf, np.nan, -np.nan,
+                  3.0e38], np.float32)
+    g = np.arange(1, y.size + 1, dtype=np.float32)
+    top = 6.0 if activation == "relu6" else np.inf
+    want = np.where((y > 0) & (y < top), g, 0)
+    got = backward_module._masked_bits(g.astype(BF16), RELU6 if activation == "relu6" else RELU, y.astype(BF16))
+    assert got.dtype == np.uint16
+    np.testing.assert_array_equal(got.view(BF16).astype(np.float32), want)
 
 
 @pytest.mark.parametrize("op", ["separable_nchw", "depthwise", "pointwise"])
