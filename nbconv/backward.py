@@ -163,14 +163,21 @@ def _masked_bits(grad_output, act, output):
     return out
 
 
-def _grad_bits(grad_output, act, output):
-    """bfloat16 ``grad_output`` as bits with the activation's derivative applied, or None where that cannot be
-    done on the bits (a float ``output``)."""
-    if act == 0:
-        return _dtypes.bits(grad_output)
-    if output.dtype != _dtypes.BFLOAT16:
-        return None
-    return _masked_bits(grad_output, act, output)
+def _x_and_grad(g, x, grad_output, act, output, want_dk, compute, nhwc_kernels):
+    """``(x, grad_output)`` as the backward kernels read them, the activation's derivative applied.
+
+    bfloat16 ``x`` and ``grad_output`` stay bfloat16 bits (masked on the bits) when ``nhwc_kernels``, the NHWC
+    kernels that widen them as they read them, take the call: they read ``x`` only through packed rows, so a
+    kernel gradient must be 3x3 (the scatter kernel reads ``x`` as it lies), and a relu mask needs a bfloat16
+    ``output``.  Otherwise both are widened whole to ``compute`` first.
+    """
+    if (nhwc_kernels and x.dtype == _dtypes.BFLOAT16 and grad_output.dtype == _dtypes.BFLOAT16
+            and (not want_dk or (g.kh, g.kw) == (3, 3))):
+        if act == 0:
+            return _dtypes.bits(x), _dtypes.bits(grad_output)
+        if output.dtype == _dtypes.BFLOAT16:
+            return _dtypes.bits(x), _masked_bits(grad_output, act, output)
+    return _dtypes.operand(x, compute), _masked(_dtypes.operand(grad_output, compute), act, output, compute)
 
 
 def _finish(arr, result_dtype):
@@ -481,16 +488,7 @@ def depthwise_conv2d_backward(grad_output, x, kernel, *, strides=_args.DEFAULT, 
             np.zeros(kernel.shape, result) if want_dk else None,
             np.zeros(cm, result) if want_b else None,
         )
-    # bfloat16 x and grad_output (masked on the bits) go to the NHWC kernels as they are (widened as they are read,
-    # not copied whole in float32 first), except where the scatter kernel would read x for a kernel gradient other
-    # than 3x3
-    gc = None
-    if (channels_last and x.dtype == _dtypes.BFLOAT16 and grad_output.dtype == _dtypes.BFLOAT16
-            and (not want_dk or (g.kh, g.kw) == (3, 3))):
-        gc = _grad_bits(grad_output, act, output)
-    xc = _dtypes.bits(x) if gc is not None else _dtypes.operand(x, compute)
-    if gc is None:
-        gc = _masked(_dtypes.operand(grad_output, compute), act, output, compute)
+    xc, gc = _x_and_grad(g, x, grad_output, act, output, want_dk, compute, channels_last)
     if channels_last:
         dx, dk = _dw_grads_nhwc(g, xc, _dtypes.operand(kernel, compute), gc, want_dx, want_dk, compute)
         db = _bias_grad(gc.reshape(-1, cm), compute) if want_b else None
@@ -655,16 +653,8 @@ def separable_conv2d_backward(grad_output, x, depthwise_kernel, pointwise_kernel
             np.zeros(f, result) if want_b else None,
         )
     whole = _plan.whole_intermediate(g, f, compute.itemsize, bf16)
-    # bfloat16 x and grad_output (masked on the bits) go to the tiled NHWC kernel as they are (widened tile by tile,
-    # not copied whole in float32), where it reads x only through its packed rows: a kernel gradient then needs the
-    # 3x3 vector path
-    gc = None
-    if (not whole and g.channels_last and x.dtype == _dtypes.BFLOAT16 and grad_output.dtype == _dtypes.BFLOAT16
-            and (not want_dk or (g.kh, g.kw) == (3, 3))):
-        gc = _grad_bits(grad_output, act, output)
-    xc = _dtypes.bits(x) if gc is not None else _dtypes.operand(x, compute)
-    if gc is None:
-        gc = _masked(_dtypes.operand(grad_output, compute), act, output, compute)
+    # the whole-intermediate path takes them widened (its two products round them to bfloat16 pairs again)
+    xc, gc = _x_and_grad(g, x, grad_output, act, output, want_dk, compute, g.channels_last and not whole)
     wc = _dtypes.operand(wmat, compute)
     if whole:
         dx, ddk, dpw, db = _sep_backward_whole(g, xc, _dtypes.operand(dk, compute), wc, gc, want_dx, want_dk,
