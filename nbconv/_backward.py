@@ -456,8 +456,8 @@ def dwsep_backward_nhwc(x, dk, wmat, wmat_t, g2, want_dx, dx, want_dk, dkp, want
         ``tile_p`` is then a multiple of ``OW``.
     gscr : ndarray of shape (nchunks, tile_p * G)
         Where a tile of ``g2`` given as bfloat16 bits (``uint16``) is widened (:func:`g_rows`); ``x`` may be
-        bits too, read only through the packed rows: the separable kernel-gradient then needs a 3x3 kernel
-        (its vector path), and the plain depthwise backward takes float ``x``.
+        bits too where only the packed rows read it: a separable kernel gradient then needs a 3x3 kernel (its
+        vector path), and the scatter kernel of the plain depthwise backward may compute ``dx`` only.
 
     Notes
     -----
