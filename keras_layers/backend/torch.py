@@ -86,11 +86,11 @@ def _packed_pointwise(cfg, tensor):
     (:func:`nbconv.pack_pointwise_kernel`) and reused while its version counter and storage stay the same; None
     for other ops.
 
-    Unpacked weights are rounded and paired on every call, which took 7-15 % of a folded MobileNet's or
-    Xception's predict under mixed_bfloat16; float32 products gain nothing from packed weights inside these
-    models, so they are not given a second copy.  Every in-place change through torch (an optimizer step,
-    Keras's ``assign``, ``load_weights``) bumps the version, so the next call packs again; writes through
-    ``tensor.data`` bypass the counter, as they do for autograd.  Only channels_last ops read packed weights.
+    Unpacked weights are rounded and paired on every call; float32 products gain nothing from packed weights
+    inside models, so they are not given a second copy (figures: docs/keras.md).  Every in-place change through
+    torch (an optimizer step, Keras's ``assign``, ``load_weights``) bumps the version, so the next call packs
+    again; writes through ``tensor.data`` bypass the counter, as they do for autograd.  Only channels_last ops
+    read packed weights.
     """
     if (cfg.precision != "bfloat16" or cfg.data_format != "channels_last" or type(tensor) not in _PLAIN_TYPES
             or tensor.device.type != "cpu"):
