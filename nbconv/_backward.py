@@ -50,7 +50,7 @@ import numpy as np
 from numba import types
 from numba.extending import overload
 
-from ._depthwise import _first_valid, dk3_packed_rows, dw_tile, pack_rows
+from ._depthwise import _first_valid, dk3_packed_rows, dw_rows_packed, dw_tile, pack_rows
 from ._jit import jit
 from ._gemm import KC, gemm_bf16, gemm_nn, transpose_tile
 from ._pointwise import gemm_rm
@@ -516,8 +516,14 @@ def dwsep_backward_nhwc(x, dk, wmat, wmat_t, g2, want_dx, dx, want_dk, dkp, want
                         _colsum_rows(gsrc, goff, npx, gw, gw, dba)
                     if sep:
                         if want_pw:
-                            dw_tile(x, n, True, False, wt, bt, 0, dm, p0 // ow_size, npx // ow_size, sh, sw, dh, dw,
-                                    pt, pl, dk.shape[0], dk.shape[1], ow_size, wp, xs_scr[chunk], d1, 0, npx)
+                            if fast_dk and (want_dx or want_dk):
+                                # through packed rows, which the kernel gradient below reads again
+                                dw_rows_packed(x, n, True, False, wt, bt, 0, dm, p0 // ow_size, npx // ow_size, sh,
+                                               sw, dh, dw, pt, pl, dk.shape[0], dk.shape[1], ow_size, wp,
+                                               xs_scr[chunk], d1, 0, npx)
+                            else:
+                                dw_tile(x, n, True, False, wt, bt, 0, dm, p0 // ow_size, npx // ow_size, sh, sw, dh,
+                                        dw, pt, pl, dk.shape[0], dk.shape[1], ow_size, wp, xs_scr[chunk], d1, 0, npx)
                             gemm_nn(cm, f, npx, d1, 0, 1, cm, gsrc, goff, f, dpw1, chunk * cm * f, f, True,
                                     nobias, 0, 0, 0)
                         if want_dx or want_dk:

@@ -21,6 +21,9 @@ micro-kernels emitted as LLVM IR (:func:`_dw_microkernel`, see
 :mod:`nbconv._simd`): accumulators for 8 pixels in registers, the nine 3x3
 weight vectors held for a whole strip, and the columns neighbouring pixels
 share loaded once (2.6x a flat loop over the NHWC rows: docs/tuning.md).
+Wide NHWC rows of bfloat16 input skip the copy where the taps stay inside
+the input: the same micro-kernels read the input in place
+(:func:`dw_tile`).
 """
 import numpy as np
 from llvmlite import ir
@@ -36,6 +39,8 @@ from ._sync import PHASE2, claim, enter, leave
 DW_PIXELS = 8
 #: pixel strides (bytes) of a power of two from this one are stored one output row per micro-kernel call
 ALIASING_STRIDE = 2048
+#: output pixels per row from which NHWC bfloat16 tiles read the input in place (narrower rows: packed)
+DIRECT_MIN_WIDTH = 32
 
 
 def _dw_microkernel(masked, steps, channel_major=False):
@@ -345,7 +350,7 @@ def pack_rows(xn, dm, pr0, nrows, pt, pl, wp, lanes, xs):
     pr0 : int
         First row in padded coordinates (input row ``pr0 - pt``).
     wp : int
-        Columns to write, in padded coordinates (input column ``col - pl``).
+        Columns to write, in padded coordinates (input column ``col - pl``; ``pl`` may be negative).
     lanes : int
         Channels per block (one vector register).
     xs : ndarray of shape (>= ceil(C*dm / lanes) * nrows * wp * lanes,), flat
@@ -363,8 +368,9 @@ def pack_rows(xn, dm, pr0, nrows, pt, pl, wp, lanes, xs):
     cm = c * dm
     nb = (cm + lanes - 1) // lanes
     zero = xs.dtype.type(0)
-    col0 = min(pl, wp)
-    col1 = min(pl + w, wp)
+    # pl < 0: the packed columns start inside the input (a strip at the right edge, :func:`_dw_strip`)
+    col0 = min(max(pl, 0), wp)
+    col1 = max(col0, min(pl + w, wp))
     # packed channel -> input channel, for one gather per vector: a scalar loop per element (with its division)
     # cost 8x the whole dm=1 call
     src_of = np.arange(cm if dm > 1 else 0) // dm
@@ -423,24 +429,15 @@ def dw_packed_rows(xs, nin, wp, wt, bt, act, nrows, ow_n, sh, sw, dh, dw, kh_n, 
     where the pixel stride is a power of two of :data:`ALIASING_STRIDE` bytes or more.
     ``dst`` may hold bfloat16 bits (``uint16``): the float32 sums are rounded as they are stored.
     """
-    lanes = VECTOR_BYTES // xs.itemsize
+    lanes = VECTOR_BYTES // max(xs.itemsize, 4)
     rs = dh * wp * lanes
     cs = dw * lanes
     ps = sw * lanes
-    kind = 0
-    if kh_n == 3 and kw_n == 3:
-        if sw == dw:
-            kind = 1
-        elif sw == 2 * dw:
-            kind = 2
-        elif dw == 2 * sw:
-            kind = 3
+    kind = _kind(kh_n, kw_n, sw, dw)
     xrs = sh * wp * lanes
-    pstride = cm * dst.itemsize
     # a pixel stride of a power of two from 2 KiB puts every pixel a call stores on one or two L1 sets: one call
     # per output row stores a handful there before the next vector of channels moves to the next set
-    per_row = not channel_major and pstride >= ALIASING_STRIDE and (pstride & (pstride - 1)) == 0
-    rows = 1 if per_row else max(1, nrows)
+    rows = max(1, nrows) if channel_major else _rows_per_call(cm, dst.itemsize, nrows)
     for r0 in range(0, nrows, rows):
         for c0 in range(0, cm, lanes):
             nch = min(lanes, cm - c0)
@@ -497,22 +494,120 @@ def pack_rows_nchw(xn, dm, pr0, nrows, pt, pl, wp, lanes, xs):
 
 
 @jit
+def _kind(kh_n, kw_n, sw, dw):
+    """The micro-kernel for a kernel size and column steps: 1, 2, 3 for the 3x3 sliding windows, 0 general."""
+    if kh_n == 3 and kw_n == 3:
+        if sw == dw:
+            return 1
+        if sw == 2 * dw:
+            return 2
+        if dw == 2 * sw:
+            return 3
+    return 0
+
+
+@jit
+def _rows_per_call(cm, itemsize, nrows):
+    """Output rows per micro-kernel call: one where the pixel stride is a power of two from
+    :data:`ALIASING_STRIDE` bytes (see :func:`dw_packed_rows`), else all."""
+    pstride = cm * itemsize
+    return 1 if pstride >= ALIASING_STRIDE and (pstride & (pstride - 1)) == 0 else max(1, nrows)
+
+
+@jit
+def _dw_strip(xn, wt, bt, act, r0, nr, sh, sw, dh, dw, pt, pl, kh_n, kw_n, ow_n, o0, o1, xs, dst, doff):
+    """Output columns ``o0 .. o1-1`` of rows ``r0 .. r0+nr-1`` of one NHWC image (``dm == 1``), from a strip of
+    packed columns: the edges of :func:`_dw_rows_direct`, whose taps reach into the padding.  ``dst`` as there."""
+    if o1 <= o0:
+        return
+    c = xn.shape[2]
+    lanes = VECTOR_BYTES // max(xs.itemsize, 4)
+    start = o0 * sw
+    wq = (o1 - 1 - o0) * sw + (kw_n - 1) * dw + 1
+    nin = (nr - 1) * sh + (kh_n - 1) * dh + 1
+    pack_rows(xn, 1, r0 * sh, nin, pt, pl - start, wq, lanes, xs)
+    kind = _kind(kh_n, kw_n, sw, dw)
+    for c0 in range(0, c, lanes):
+        nch = min(lanes, c - c0)
+        _dw_call(kind, nch < lanes, xs, c0 * nin * wq, sh * wq * lanes, dh * wq * lanes, dw * lanes, sw * lanes, wt,
+                 c0, c, kh_n, kw_n, bt, c0, dst, doff + o0 * c + c0, ow_n * c, c, nr, o1 - o0, nch, act)
+
+
+@jit
+def _dw_rows_direct(xn, wt, bt, act, r0, nr, sh, sw, dh, dw, pt, pl, kh_n, kw_n, ow_n, ca, cb, xs, dst, doff):
+    """Output rows ``r0 .. r0+nr-1`` of one NHWC image (``dm == 1``) whose taps all fall inside the input rows.
+
+    Columns ``ca .. cb-1`` (taps inside the input columns too) read ``xn``
+    in place, one vector of channels at a time; the columns either side
+    go through :func:`_dw_strip`.  Pixel ``q`` of row ``r`` is stored at
+    ``dst[doff + ((r - r0)*ow_n + q)*C + j]``.
+    """
+    h, w, c = xn.shape
+    lanes = VECTOR_BYTES // max(xn.itemsize, 4)
+    kind = _kind(kh_n, kw_n, sw, dw)
+    x1 = xn.reshape(-1)
+    rows = _rows_per_call(c, dst.itemsize, nr)
+    for q0 in range(0, nr, rows):
+        nq = min(rows, nr - q0)
+        base = ((r0 + q0) * sh - pt) * w * c + (ca * sw - pl) * c
+        for c0 in range(0, c, lanes):
+            nch = min(lanes, c - c0)
+            _dw_call(kind, nch < lanes, x1, base + c0, sh * w * c, dh * w * c, dw * c, sw * c, wt, c0, c, kh_n, kw_n,
+                     bt, c0, dst, doff + (q0 * ow_n + ca) * c + c0, ow_n * c, c, nq, cb - ca, nch, act)
+    _dw_strip(xn, wt, bt, act, r0, nr, sh, sw, dh, dw, pt, pl, kh_n, kw_n, ow_n, 0, ca, xs, dst, doff)
+    _dw_strip(xn, wt, bt, act, r0, nr, sh, sw, dh, dw, pt, pl, kh_n, kw_n, ow_n, cb, ow_n, xs, dst, doff)
+
+
+@jit
+def dw_rows_packed(x, n, channels_last, channel_major, wt, bt, act, dm, r0, nr, sh, sw, dh, dw, pt, pl, kh_n, kw_n,
+                    ow_n, wp, xs, dst, doff, ldd):
+    """:func:`dw_tile` through packed rows: every input row the tile reads copied channel-blocked into ``xs``
+    (which then holds them for a caller that reads them again, as the separable backward does)."""
+    nin = (nr - 1) * sh + (kh_n - 1) * dh + 1
+    if channels_last:
+        pack_rows(x[n], dm, r0 * sh, nin, pt, pl, wp, VECTOR_BYTES // max(xs.itemsize, 4), xs)
+    else:
+        pack_rows_nchw(x[n], dm, r0 * sh, nin, pt, pl, wp, VECTOR_BYTES // max(xs.itemsize, 4), xs)
+    dw_packed_rows(xs, nin, wp, wt, bt, act, nr, ow_n, sh, sw, dh, dw, kh_n, kw_n, wt.shape[1], dst[doff:],
+                   channel_major, ldd)
+
+
+@jit
 def dw_tile(x, n, channels_last, channel_major, wt, bt, act, dm, r0, nr, sh, sw, dh, dw, pt, pl, kh_n, kw_n, ow_n, wp,
             xs, dst, doff, ldd):
-    """Depthwise output rows ``r0 .. r0+nr-1`` of image ``n``, all channels, via packed rows in ``xs``.
+    """Depthwise output rows ``r0 .. r0+nr-1`` of image ``n``, all channels.
 
     ``x`` is NHWC if ``channels_last``, else NCHW.  The tile is stored
     pixel-major, ``dst[doff + q*C*dm + j]``, or if ``channel_major``
     ``dst[doff + j*ldd + q]``, for pixel ``q`` of the tile (row-major) and
     output channel ``j``.
+
+    NHWC bfloat16 input (bits) with ``dm == 1`` and rows of
+    :data:`DIRECT_MIN_WIDTH`+ output pixels is read in place where the taps
+    stay inside the input (:func:`_dw_rows_direct`); rows that reach into
+    the top or bottom padding, and every other tile, go through packed rows
+    in ``xs``.  In place, each input vector is loaded from L2 once per output
+    row that reads it, where packed rows serve them from L1 after one copy:
+    cheaper for 2-byte elements (half a line per pixel and channel vector,
+    and the copy would widen them), dearer for float32 (docs/tuning.md).
     """
-    nin = (nr - 1) * sh + (kh_n - 1) * dh + 1
-    if channels_last:
-        pack_rows(x[n], dm, r0 * sh, nin, pt, pl, wp, VECTOR_BYTES // xs.itemsize, xs)
-    else:
-        pack_rows_nchw(x[n], dm, r0 * sh, nin, pt, pl, wp, VECTOR_BYTES // xs.itemsize, xs)
-    dw_packed_rows(xs, nin, wp, wt, bt, act, nr, ow_n, sh, sw, dh, dw, kh_n, kw_n, wt.shape[1], dst[doff:],
-                   channel_major, ldd)
+    if channels_last and not channel_major and dm == 1 and x.itemsize == 2 and ow_n >= DIRECT_MIN_WIDTH:
+        xn = x[n]
+        a, b = _first_valid(-pt, sh, xn.shape[0] - (kh_n - 1) * dh, r0, r0 + nr)
+        ca, cb = _first_valid(-pl, sw, xn.shape[1] - (kw_n - 1) * dw, 0, ow_n)
+        if b > a and 2 * (cb - ca) >= ow_n:
+            row = ow_n * xn.shape[2]
+            if a > r0:
+                dw_rows_packed(x, n, True, False, wt, bt, act, 1, r0, a - r0, sh, sw, dh, dw, pt, pl, kh_n, kw_n,
+                                ow_n, wp, xs, dst, doff, ldd)
+            _dw_rows_direct(xn, wt, bt, act, a, b - a, sh, sw, dh, dw, pt, pl, kh_n, kw_n, ow_n, ca, cb, xs, dst,
+                            doff + (a - r0) * row)
+            if r0 + nr > b:
+                dw_rows_packed(x, n, True, False, wt, bt, act, 1, b, r0 + nr - b, sh, sw, dh, dw, pt, pl, kh_n,
+                                kw_n, ow_n, wp, xs, dst, doff + (b - r0) * row, ldd)
+            return
+    dw_rows_packed(x, n, channels_last, channel_major, wt, bt, act, dm, r0, nr, sh, sw, dh, dw, pt, pl, kh_n, kw_n,
+                    ow_n, wp, xs, dst, doff, ldd)
 
 
 @jit

@@ -321,13 +321,17 @@ def store_fence(typingctx):
 
 @intrinsic
 def copy_vector(typingctx, src, soff, dst, doff, n):
-    """``dst[doff : doff+lanes] = src[soff : soff+n]`` then zeros (``n <= lanes``; masked, reads only ``n``)."""
+    """``dst[doff : doff+lanes] = src[soff : soff+n]`` then zeros (``n <= lanes``; masked, reads only ``n``);
+    bfloat16 bits (``uint16``) to bits are copied as they are, to or from float32 widened or rounded."""
     sig = types.void(src, soff, dst, doff, n)
 
     def codegen(context, builder, signature, args):
         vb = VectorBuilder(context, builder, signature, args, signature.args[0].dtype)
-        value = vb.load(vb.at(vb.data(0), vb.int64(1)), vb.mask(vb.int64(4)))
-        vb.store(value, vb.at(vb.data(2), vb.int64(3)))
+        sp, dp, mask = vb.at(vb.data(0), vb.int64(1)), vb.at(vb.data(2), vb.int64(3)), vb.mask(vb.int64(4))
+        if vb.is_bf16(sp) and vb.is_bf16(dp):
+            vb._store_bits(vb.load_bits(sp, mask), dp)
+        else:
+            vb.store(vb.load(sp, mask), dp)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -383,7 +387,11 @@ def gather_vector(typingctx, src, soff, idx, ioff, dst, doff, n):
             builder.module, ir.FunctionType(vty, [pty, I32, mask.type, vty]), f"llvm.masked.gather.{suffix}.v{lanes}p0")
         value = builder.call(gather, [ptrs, ir.Constant(I32, signature.args[0].dtype.bitwidth // 8), mask,
                                       ir.Constant(vty, [0] * lanes) if ety == I16 else vb.zero])
-        vb.store(vb.widen(value) if ety == I16 else value, vb.at(vb.data(4), vb.int64(5)))
+        dp = vb.at(vb.data(4), vb.int64(5))
+        if ety == I16 and vb.is_bf16(dp):
+            vb._store_bits(value, dp)
+        else:
+            vb.store(vb.widen(value) if ety == I16 else value, dp)
         return context.get_dummy_value()
 
     return sig, codegen

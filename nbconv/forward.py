@@ -73,6 +73,12 @@ def _x_operand(x, dt):
     return _dtypes.operand(x, _dtypes.BITS if dt.bf16 else dt.act)
 
 
+def _packed_dtype(xc, dt):
+    """The packed-row scratch's dtype: bfloat16 bits for a bfloat16 input (half the bytes a tile packs and reads
+    back; the micro-kernels widen as they load), else ``dt.act``."""
+    return _dtypes.BITS if xc.dtype == _dtypes.BITS else dt.act
+
+
 def _dw_operands(g, kernel, bias, dt):
     """Depthwise operands ``(wt, bt)``: weights per tap ``(KH*KW, C*dm)`` and the bias (zeros for none), for
     :func:`nbconv._depthwise.dw_packed_rows`, in ``dt.act`` (float32 for bfloat16 products; the weights as
@@ -185,7 +191,7 @@ def depthwise_conv2d(x, kernel, bias=None, *, strides=_args.DEFAULT, padding="va
     xc = _x_operand(x, dt)
     plan = _plan.depthwise(g, dt.act.itemsize)
     wt, bt = _dw_operands(g, kernel, bias, dt)
-    (xs,) = _workspace((plan.xs_shape, dt.act))
+    (xs,) = _workspace((plan.xs_shape, _packed_dtype(xc, dt)))
     launch(depthwise_packed, plan.threads, xc, channels_last, wt, bt, act, res.reshape(-1), g.dm, g.sh, g.sw, g.dh,
            g.dw, g.pt, g.pl, g.kh, g.kw, g.oh, g.ow, _plan.packed_width(g), plan.th, plan.nchunks, xs)
     return _finish(res, dt, out)
@@ -329,8 +335,8 @@ def separable_conv2d(x, depthwise_kernel, pointwise_kernel, bias=None, *, stride
     plan = _plan.separable(g, f, dt.act.itemsize, packing.packed_align(pointwise_kernel, dt), dt.bf16)
     # fused mode with NCHW input reads the float weights as the GEMM's A operand, unpacked
     wc, packed_k = _pointwise_operand(pointwise_kernel, wmat, dt, channels_last or plan.shared or dt.bf16)
-    xs, d, tt, p_scr = _workspace((plan.xs_shape, dt.act), (plan.d_shape, _dtypes.BITS if dt.bf16 else dt.act),
-                                  (plan.t_shape, dt.act),
+    xs, d, tt, p_scr = _workspace((plan.xs_shape, _packed_dtype(xc, dt)),
+                                  (plan.d_shape, _dtypes.BITS if dt.bf16 else dt.act), (plan.t_shape, dt.act),
                                   ((plan.nchunks, _panel_scratch(dt, packed_k, cm)), _dtypes.BITS))
     launch(separable, plan.threads, xc, channels_last, wt, bt, dact, wc, bc, act, res.reshape(-1), g.dm, g.sh, g.sw,
            g.dh, g.dw, g.pt, g.pl, g.kh, g.kw, g.oh, g.ow, _plan.packed_width(g), plan.th, plan.shared, plan.gn,

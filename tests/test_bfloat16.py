@@ -58,7 +58,8 @@ def test_separable_grid(rng, geom, data_format):
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("output_dtype", [None, np.float32])
 @pytest.mark.parametrize("geom", [(2, 7, 6, 5, 2, 33, 3, (2, 1), 1, "same"), (1, 9, 9, 17, 1, 70, 3, 1, 2, 1),
-                                  (3, 12, 11, 64, 1, 128, 3, 1, 1, "valid"), (1, 7, 7, 300, 1, 100, 3, 1, 1, "same")],
+                                  (3, 12, 11, 64, 1, 128, 3, 1, 1, "valid"), (1, 7, 7, 300, 1, 100, 3, 1, 1, "same"),
+                                  (2, 9, 34, 48, 1, 64, 3, 1, 1, "same"), (1, 12, 70, 16, 1, 40, 3, 2, 1, "same")],
                          ids=str)
 def test_separable_packed_and_output_dtype(rng, geom, data_format, packed, output_dtype):
     x, dk, pk, kwargs = _geometry_inputs(rng, geom, data_format)
@@ -83,9 +84,54 @@ def test_separable_bias_and_activations(rng, data_format, activation, depthwise_
     _check_separable(y, x, dk, pk, bias, dbias, **kwargs)
 
 
+# rows of 32+ output pixels, NHWC, dm = 1: the bits read in place where the taps stay inside the input
+# (N, H, W, C, dm, k, strides, dilation, padding)
+IN_PLACE = [
+    (2, 9, 36, 16, 1, 3, 1, 1, "same"),                 # 3x3 stride 1, one edge column each side
+    (1, 8, 67, 17, 1, 3, 2, 1, "same"),                 # stride 2, a masked vector of channels
+    (1, 10, 40, 5, 1, 3, 1, 2, "same"),                 # dilation 2: two edge columns each side
+    (1, 9, 37, 40, 1, 5, (2, 1), (1, 2), ((2, 1), (3, 0))),  # the general micro-kernel, uneven padding
+    (1, 7, 40, 24, 1, (1, 3), 1, 1, "same"),            # no vertical taps
+    (1, 12, 33, 8, 1, (3, 1), 1, 1, 1),                 # no horizontal taps, edge columns all padding
+    (2, 6, 36, 32, 1, 3, 1, 1, "valid"),                # no edges at all
+    (1, 5, 64, 64, 1, 2, 1, 1, "same"),                 # even kernel: padding after only
+    (1, 9, 33, 1024, 1, 3, 1, 1, "same"),               # 2 KiB between output pixels: one row per call
+    (1, 6, 34, 16, 1, 3, 1, 1, ((0, 3), (5, 0))),       # 5 padding columns: a wide left edge
+    (1, 4, 40, 3, 1, 7, 1, 1, "same"),                  # every row reaches into the padding
+    (1, 7, 33, 16, 1, 3, (1, 2), 1, ((1, 1), (20, 20))),  # interior narrower than half the row: packed
+]
+
+
+@pytest.mark.parametrize("tile_bytes", [1, 3000, None], ids=["row-tiles", "few-row-tiles", "default-tiles"])
+@pytest.mark.parametrize("geom", IN_PLACE, ids=str)
+def test_reads_input_in_place(rng, geom, tile_bytes, plan_override):
+    """NHWC bfloat16 tiles read the input in place between packed edge strips, and pack the rows that reach into
+    the top or bottom padding: tiles of one row, of a few rows (padded and inside rows in one tile) and the
+    default, alone and inside the fused kernel (fused and shared modes), against the float64 reference."""
+    if tile_bytes is not None:
+        plan_override(fused_tile_bytes=tile_bytes)
+    n, h, w, c, dm, k, strides, dilation, padding = geom
+    kh, kw = pair(k)
+    x, dk, pk = _bf16(random_array(rng, (n, h, w, c)), random_array(rng, (kh, kw, c, dm)),
+                      random_array(rng, (1, 1, c * dm, 20)))
+    bias = random_array(rng, (c * dm,))
+    kwargs = dict(strides=strides, padding=padding, dilation_rate=dilation)
+    y = nbconv.depthwise_conv2d(x, dk, bias, activation="relu6", output_dtype=np.float32, **kwargs)
+    ref = depthwise_ref(_f64(x), _f64(dk), bias, activation="relu6", **kwargs)
+    bound = (kh * kw + 1) * U_F32 * depthwise_ref(np.abs(_f64(x)), np.abs(_f64(dk)), np.abs(bias), **kwargs)
+    assert_within(y, ref, bound)
+    for mode in ({"shared_bytes": 0}, {"shared_bytes": 1 << 30, "shared_min_channels": 0, "fused_weight_bytes": 0}):
+        plan_override(**mode)
+        z = nbconv.separable_conv2d(x, dk, pk, depthwise_bias=bias, **kwargs)
+        _check_separable(z, x, dk, pk, dbias=bias, **kwargs)
+
+
 @pytest.mark.parametrize("data_format", FORMATS)
 @pytest.mark.parametrize("geom", [(2, 7, 6, 5, 1, 0, 3, 1, 1, "same"), (1, 9, 8, 17, 3, 0, 5, (2, 1), (1, 2), 1),
-                                  (2, 14, 14, 64, 1, 0, 3, 2, 1, "same"), (1, 3, 3, 300, 2, 0, 3, 1, 1, "valid")],
+                                  (2, 14, 14, 64, 1, 0, 3, 2, 1, "same"), (1, 3, 3, 300, 2, 0, 3, 1, 1, "valid"),
+                                  # NHWC rows of 32+ pixels: the bits read in place between packed edges
+                                  (1, 9, 33, 17, 1, 0, 3, 1, 1, "same"), (2, 6, 34, 512, 1, 0, 3, 1, 1, "same"),
+                                  (1, 8, 40, 40, 1, 0, 5, (2, 1), (1, 2), ((2, 1), (3, 0)))],
                          ids=str)
 @pytest.mark.parametrize("output_dtype", [None, np.float32])
 def test_depthwise(rng, geom, data_format, output_dtype):
@@ -259,8 +305,11 @@ def _jax_grads(fn, args, cot):
                                                             argnums=tuple(range(len(args))))(*args)]
 
 
-# the last three hold the intermediate whole and multiply bfloat16 pairs (nbconv._plan.whole_intermediate)
-@pytest.mark.parametrize("shape", [(2, 8, 7, 6, 2, 9, (2, 1)), (1, 7, 7, 300, 1, 130, 1), (2, 9, 9, 256, 1, 161, 1),
+# the last three hold the intermediate whole and multiply bfloat16 pairs (nbconv._plan.whole_intermediate); the
+# first three recompute it per tile (rows of 32+ pixels read x in place, and the kernel gradient reads the packed
+# rows of the recompute)
+@pytest.mark.parametrize("shape", [(2, 8, 7, 6, 2, 9, (2, 1)), (2, 6, 36, 24, 1, 40, 1), (1, 5, 66, 17, 1, 30, 2),
+                                   (1, 7, 7, 300, 1, 130, 1), (2, 9, 9, 256, 1, 161, 1),
                                    (2, 8, 7, 130, 2, 150, (2, 1))], ids=str)
 def test_separable_backward_within_the_bfloat16_bound(rng, shape):
     """bfloat16 inputs, NHWC: with weights of 128+ KiB in float32 both pointwise products of the backward
