@@ -15,7 +15,8 @@ Threading layer
 
 System calls
     ``sched_yield`` is bound to an LLVM symbol for the helper threads'
-    spin-waits (:mod:`nbconv._sync`).
+    spin-waits, and on Linux ``syscall`` for their futex sleeps
+    (:mod:`nbconv._sync`).
 
 BLAS
     The channels_first backward's weight-gradient products (``x @ G.T`` per
@@ -26,6 +27,7 @@ BLAS
 """
 import ctypes
 import os
+import platform
 import sys
 import threading
 
@@ -34,7 +36,7 @@ import numba
 from numba import types
 from numba.core.extending import get_cython_function_address
 
-__all__ = ["THREADING_LAYER", "BLAS_THREADS", "sgemm", "dgemm", "sched_yield"]
+__all__ = ["THREADING_LAYER", "BLAS_THREADS", "sgemm", "dgemm", "sched_yield", "syscall", "SYS_FUTEX"]
 
 
 def _preload_tbb():
@@ -90,6 +92,15 @@ dgemm = types.ExternalFunction("nbconv_dgemm", _gemm_sig)
 _llvm.add_symbol("nbconv_sched_yield", ctypes.cast(ctypes.CDLL(None).sched_yield, ctypes.c_void_p).value
                  if sys.platform != "win32" else 0)
 sched_yield = types.ExternalFunction("nbconv_sched_yield", types.int32())
+
+#: Linux's futex system call number on this machine, or 0 where the helpers sleep on a Python condition instead
+SYS_FUTEX = {"x86_64": 202, "amd64": 202, "aarch64": 98, "arm64": 98}.get(platform.machine().lower(), 0) \
+    if sys.platform.startswith("linux") else 0
+# libc's syscall(), bound like sched_yield; called as syscall(nr, a1, a2, a3, a4) with integer arguments only
+# (the variadic prototype passes them in the same registers)
+_llvm.add_symbol("nbconv_syscall", ctypes.cast(ctypes.CDLL(None).syscall, ctypes.c_void_p).value if SYS_FUTEX else 0)
+syscall = types.ExternalFunction("nbconv_syscall", types.int64(types.int64, types.int64, types.int64, types.int64,
+                                                               types.int64))
 
 
 class _BlasThreads:

@@ -17,13 +17,26 @@ call's generation or its spin deadline: back in Python at once, it would
 take the GIL just as the leader returns, and a thread blocked on the GIL
 wakes 10-40 us later.
 
+Past its spin window a helper sleeps, on Linux in a futex on ``sig[BELL]``
+(:func:`helper_wait`, :func:`ring`): a leader that finds sleepers rings it
+as it enters its kernel, with no Python involved, so a call from a thread
+that does not hold the GIL (an XLA custom call, :mod:`nbconv._native`) wakes
+them as well.  Such a call publishes a *native job*: the address of a
+compiled ``void run(int64 *mailbox, int64 lead)`` and its arguments in the
+pool's mailbox (``sig[MBOX]``), marked by ``sig[NATIVE]`` holding the call's
+generation; the helpers run it without returning to Python.
+
 ``sched`` slots: ``[ACTIVE]`` participants inside the kernel, ``[GEN]`` the
 call's generation, ``[PARTS]`` the participants ``P``, ``[PHASE1_DONE]``
 chunks of phase 1 completed, then per phase (``PHASE1``, ``PHASE2``: the
 only phase of a one-phase kernel) ``P`` counters, one per share.  ``sig``
 slots: ``[0]`` the generation of the last call, ``[SPIN]`` how long helpers
 spin, in cycle-counter ticks, ``[JOINING]`` the participants of the last
-call (a helper of a higher index keeps spinning without the GIL).  A kernel's ``lead`` argument is its
+call (a helper of a higher index keeps spinning without the GIL),
+``[SLEEPERS]`` helpers in the futex, ``[BELL]`` the futex word,
+``[BUSY]`` 1 while a call uses the helpers, ``[NATIVE]`` the generation of
+the last native job, ``[MBOX]`` the mailbox's address, ``[JOBFN]`` the
+native job's function.  A kernel's ``lead`` argument is its
 participant's role (the low two bits: ``HELPER``, ``LEAD``, ``LEAD_BUMPED``,
 ``SOLO``) and index (the bits above: 0 for the calling thread).
 """
@@ -33,18 +46,25 @@ from numba import types
 from numba.extending import intrinsic
 
 from ._jit import jit
-from ._runtime import sched_yield
+from ._runtime import SYS_FUTEX, sched_yield, syscall
 from ._simd import _X86
 
 __all__ = ["ACTIVE", "GEN", "PARTS", "PHASE1_DONE", "PHASE1", "PHASE2", "SPIN", "HELPER", "LEAD", "LEAD_BUMPED",
            "SOLO", "helper_lead", "new_sched", "atomic_add", "atomic_load", "pause", "cycles", "now", "cycles_per_ms",
-           "enter", "claim", "done", "wait_at_least", "leave", "wait_change", "JOINING"]
+           "enter", "claim", "done", "wait_at_least", "leave", "wait_change", "JOINING", "SLEEPERS", "BELL", "BUSY",
+           "NATIVE", "MBOX", "JOBFN", "SIG_SLOTS", "NATIVE_SLEEP", "atomic_cas", "call_job", "ring", "try_lock",
+           "unlock", "helper_wait"]
 
 ACTIVE, GEN, PARTS, PHASE1_DONE = 0, 1, 2, 3
 _COUNTERS = 4
 #: the phases of :func:`claim`
 PHASE1, PHASE2 = 0, 1
-SPIN, JOINING = 1, 2
+SPIN, JOINING, SLEEPERS, BELL, BUSY, NATIVE, MBOX, JOBFN = 1, 2, 3, 4, 5, 6, 7, 8
+#: the length of the pool's ``sig`` array
+SIG_SLOTS = 16
+#: whether helpers sleep in a futex (Linux), woken by any leader; elsewhere on a Python condition
+NATIVE_SLEEP = SYS_FUTEX != 0
+_FUTEX_WAIT_PRIVATE, _FUTEX_WAKE_PRIVATE = 128, 129
 #: roles (``lead & 3``): a helper, the calling thread (``LEAD``: it wakes the spinning helpers as it enters),
 #: the calling thread once the pool has woken them itself (``LEAD_BUMPED``), or a call that runs alone (``SOLO``)
 HELPER, LEAD, LEAD_BUMPED, SOLO = 0, 1, 2, 3
@@ -90,6 +110,33 @@ def atomic_load(typingctx, arr, idx):
 
 
 @intrinsic
+def atomic_cas(typingctx, arr, idx, expected, new):
+    """``arr[idx] = new`` if it holds ``expected`` (atomically, sequentially consistent); returns the old value."""
+    sig = types.int64(arr, idx, expected, new)
+
+    def codegen(context, builder, signature, args):
+        pair = builder.cmpxchg(_slot(context, builder, signature, args), args[2], args[3], "seq_cst", "seq_cst")
+        return builder.extract_value(pair, 0)
+
+    return sig, codegen
+
+
+@intrinsic
+def call_job(typingctx, fn, mailbox, lead):
+    """Call the native job ``void fn(int64 *mailbox, int64 lead)`` (addresses as int64)."""
+    sig = types.void(types.int64, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        fnty = ir.FunctionType(ir.VoidType(), [i64.as_pointer(), i64])
+        builder.call(builder.inttoptr(args[0], fnty.as_pointer()), [builder.inttoptr(args[1], i64.as_pointer()),
+                                                                     args[2]])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
 def pause(typingctx):
     """A spin-wait hint (x86 ``pause``; nothing elsewhere): the core idles a few cycles, its sibling runs."""
     sig = types.void()
@@ -116,10 +163,37 @@ def cycles(typingctx):
 
 
 @jit
+def _futex(sig, slot, op, val):
+    if NATIVE_SLEEP:
+        syscall(SYS_FUTEX, np.int64(sig.ctypes.data) + 8 * slot, op, val, 0)
+
+
+@jit
+def ring(sig):
+    """Wake the helpers asleep in the futex (they spin for the call on its way)."""
+    atomic_add(sig, BELL, 1)
+    _futex(sig, BELL, _FUTEX_WAKE_PRIVATE, 0x7FFFFFFF)
+
+
+@jit
+def try_lock(sig):
+    """Take the helpers for one call (``sig[BUSY]``); False if another call has them."""
+    return atomic_cas(sig, BUSY, 0, 1) == 0
+
+
+@jit
+def unlock(sig):
+    atomic_cas(sig, BUSY, 1, 0)
+
+
+@jit
 def enter(sched, sig, lead):
-    """A participant enters a kernel; the leader (``LEAD``) first wakes the spinning helpers (``sig[0] += 1``)."""
+    """A participant enters a kernel; the leader (``LEAD``) first wakes the spinning helpers (``sig[0] += 1``)
+    and rings for the sleeping ones."""
     if (lead & 3) == LEAD:
         atomic_add(sig, 0, 1)
+        if atomic_load(sig, SLEEPERS) > 0:
+            ring(sig)
     atomic_add(sched, ACTIVE, 1)
 
 
@@ -183,6 +257,40 @@ def wait_change(sig, seen, deadline, index):
             if cycles() > deadline:
                 return v
             sched_yield()
+
+
+@jit
+def helper_wait(sig, seen, spun, index):
+    """Helper ``index``'s wait for its next Python call after the call ``seen``: spins for the spin window (not
+    again if ``spun``: the last kernel's :func:`leave` did), sleeps in the futex, runs native jobs on the way.
+
+    Returns the generation of a call for this helper that is not a native
+    job (its kernel and arguments are in Python), or -1 where helpers sleep
+    on a Python condition (no futex) and the spin window has passed.
+    """
+    while True:
+        if spun:
+            gen = atomic_load(sig, 0)
+        else:
+            gen = wait_change(sig, seen, cycles() + sig[SPIN], index)
+        spun = False
+        if gen != seen and index < atomic_load(sig, JOINING):
+            seen = gen
+            if atomic_load(sig, NATIVE) != gen:
+                return gen
+            # the mailbox and function were written before the generation was published
+            call_job(atomic_load(sig, JOBFN), atomic_load(sig, MBOX), HELPER | (index << 2))
+            spun = True
+            continue
+        if not NATIVE_SLEEP:
+            return -1
+        bell = atomic_load(sig, BELL)
+        atomic_add(sig, SLEEPERS, 1)
+        # a leader publishes its call and then counts sleepers; this helper counted itself before looking
+        gen = atomic_load(sig, 0)
+        if not (gen != seen and index < atomic_load(sig, JOINING)):
+            _futex(sig, BELL, _FUTEX_WAIT_PRIVATE, bell & 0xFFFFFFFF)
+        atomic_add(sig, SLEEPERS, -1)
 
 
 @jit

@@ -8,8 +8,8 @@ import numba
 import numpy as np
 
 from . import _compile
-from ._sync import (GEN, JOINING, LEAD, LEAD_BUMPED, SOLO, SPIN, cycles_per_ms, helper_lead, new_sched, now,
-                    wait_change)
+from ._sync import (BUSY, GEN, JOINING, LEAD, LEAD_BUMPED, MBOX, NATIVE_SLEEP, SIG_SLOTS, SLEEPERS, SOLO, SPIN,
+                    cycles_per_ms, helper_lead, helper_wait, new_sched, ring, try_lock, unlock)
 
 __all__ = ["get_num_threads", "set_num_threads", "num_threads", "planning_threads", "POOL", "SPIN_ENV", "launch"]
 
@@ -101,7 +101,9 @@ class _Pool:
     50-300 us late, or not at all (two threads ran like one after 5 ms or
     more idle).  These helpers instead spin for :data:`SPIN_ENV` ms after
     each call (yielding the core to any other thread that wants it), then
-    sleep until a call wakes them.  A call publishes its kernel and arguments
+    sleep until a call wakes them (:func:`nbconv._sync.helper_wait`: on Linux
+    in a futex that any leader rings, also one that calls from outside
+    Python, :mod:`nbconv._native`).  A call publishes its kernel and arguments
     and runs them itself as the leader; every participant claims chunks of
     the work from the call's own counters (:mod:`nbconv._sync`), so a helper
     that is late or absent leaves its share to the others.  One call at a
@@ -111,14 +113,20 @@ class _Pool:
     threads".
     """
 
+    #: int64 slots of the mailbox where a native job's arguments go (:mod:`nbconv._native`)
+    MAILBOX_SLOTS = 1024
+
     def __init__(self):
+        # one sig and mailbox for the process's lifetime: compiled native calls hold their addresses
+        self.sig = np.zeros(SIG_SLOTS, np.int64)  # [0]: the generation of the last published call
+        self.mailbox = np.zeros(self.MAILBOX_SLOTS, np.int64)
         self._reset()
 
     def _reset(self):
         # also the child's state after fork(): the helpers did not survive it, and a lock may have been held
-        self._lock = threading.Lock()
         self._cv = threading.Condition()
-        self.sig = np.zeros(8, np.int64)  # [0]: the generation of the last published call
+        self.sig[:] = 0
+        self.sig[MBOX] = self.mailbox.ctypes.data
         self._job = None
         self._threads = []
         self._sleepers = 0
@@ -140,11 +148,9 @@ class _Pool:
         seen = int(self.sig[0])
         spun = False  # the spin window after the last job has passed (inside its kernel)
         while pid == os.getpid():
-            gen = int(self.sig[0])
-            if gen == seen and not spun:
-                gen = wait_change(self.sig, seen, now() + spin, index + 1)
+            gen = helper_wait(self.sig, seen, spun, index + 1)
             spun = False
-            if gen == seen:
+            if gen < 0:  # no futex here: sleep on the condition
                 with self._cv:
                     self._sleepers += 1
                     wakes = self._wakes
@@ -152,9 +158,7 @@ class _Pool:
                                                         and index + 1 < int(self.sig[JOINING])):
                         self._cv.wait()
                     self._sleepers -= 1
-                gen = int(self.sig[0])
-                if gen == seen:  # woken early (:meth:`wake`): spin for the call on its way
-                    continue
+                continue  # spin for the call on its way (or run the one that woke it)
             seen = gen
             job = self._job
             if job is None or job[0] != gen or index >= job[1]:
@@ -170,27 +174,34 @@ class _Pool:
     def wake(self):
         """Wake sleeping helpers as a call begins, so they spin by the time its kernel starts (a wake-up
         takes 10-40 us, about what the call's argument checks take)."""
-        if self._sleepers and not self._lock.locked():
+        if NATIVE_SLEEP:
+            if self.sig[SLEEPERS] and not self.sig[BUSY]:
+                ring(self.sig)
+        elif self._sleepers and not self.sig[BUSY]:
             with self._cv:
                 self._wakes += 1
                 self._cv.notify_all()
+
+    def ensure_started(self):
+        """Start the helpers now if they are not running in this process (a native caller cannot start them)."""
+        if self._pid != os.getpid() or len(self._threads) < planning_threads() - 1:
+            self._start(planning_threads() - 1)
 
     def run(self, kernel, args, threads):
         """``kernel(*args, sched, sig, lead)`` on ``threads`` threads at most: the calling one and helpers."""
         if threads > 1:
             threads = min(threads, get_num_threads())
-        if threads <= 1 or not self._lock.acquire(blocking=False):
+        if threads <= 1 or not try_lock(self.sig):
             kernel(*args, new_sched(1), self.sig, SOLO)
             return
         try:
-            if self._pid != os.getpid() or len(self._threads) < planning_threads() - 1:
-                self._start(planning_threads() - 1)
+            self.ensure_started()
             gen = int(self.sig[0]) + 1
             sched = new_sched(threads)
             sched[GEN] = gen
             self._job = (gen, threads - 1, kernel, args + (sched, self.sig))
             self.sig[JOINING] = threads  # before the generation: a spinning helper reads it after
-            if self._sleepers:
+            if not NATIVE_SLEEP and self._sleepers:
                 with self._cv:
                     self.sig[0] = gen
                     self._cv.notify_all()
@@ -199,7 +210,7 @@ class _Pool:
                 kernel(*args, sched, self.sig, LEAD)
         finally:
             self._job = None  # a helper that wakes late finds nothing to do (and keeps no array alive)
-            self._lock.release()
+            unlock(self.sig)
 
 
 POOL = _Pool()
