@@ -35,8 +35,12 @@ spin, in cycle-counter ticks, ``[JOINING]`` the participants of the last
 call (a helper of a higher index keeps spinning without the GIL),
 ``[SLEEPERS]`` helpers in the futex, ``[BELL]`` the futex word,
 ``[BUSY]`` 1 while a call uses the helpers, ``[NATIVE]`` the generation of
-the last native job, ``[MBOX]`` the mailbox's address, ``[JOBFN]`` the
-native job's function.  A kernel's ``lead`` argument is its
+the last native job (-1 while a leader rewrites the mailbox), ``[MBOX]`` the
+mailbox's address, ``[JOBFN]`` the native job's function, ``[INJOB]``
+helpers inside (or about to enter) a native job: the mailbox, and the
+``sched`` inside it, are rewritten only once none is.  A helper runs a
+native job as ``SOLO`` (with its index), so it neither waits for the others
+nor spins inside it.  A kernel's ``lead`` argument is its
 participant's role (the low two bits: ``HELPER``, ``LEAD``, ``LEAD_BUMPED``,
 ``SOLO``) and index (the bits above: 0 for the calling thread).
 """
@@ -52,14 +56,15 @@ from ._simd import _X86
 __all__ = ["ACTIVE", "GEN", "PARTS", "PHASE1_DONE", "PHASE1", "PHASE2", "SPIN", "HELPER", "LEAD", "LEAD_BUMPED",
            "SOLO", "helper_lead", "new_sched", "atomic_add", "atomic_load", "pause", "cycles", "now", "cycles_per_ms",
            "enter", "claim", "done", "wait_at_least", "leave", "wait_change", "JOINING", "SLEEPERS", "BELL", "BUSY",
-           "NATIVE", "MBOX", "JOBFN", "SIG_SLOTS", "NATIVE_SLEEP", "atomic_cas", "call_job", "ring", "try_lock",
+           "NATIVE", "MBOX", "JOBFN", "INJOB", "SIG_SLOTS", "atomic_store", "NATIVE_SLEEP", "atomic_cas", "call_job",
+           "ring", "try_lock",
            "unlock", "helper_wait"]
 
 ACTIVE, GEN, PARTS, PHASE1_DONE = 0, 1, 2, 3
 _COUNTERS = 4
 #: the phases of :func:`claim`
 PHASE1, PHASE2 = 0, 1
-SPIN, JOINING, SLEEPERS, BELL, BUSY, NATIVE, MBOX, JOBFN = 1, 2, 3, 4, 5, 6, 7, 8
+SPIN, JOINING, SLEEPERS, BELL, BUSY, NATIVE, MBOX, JOBFN, INJOB = 1, 2, 3, 4, 5, 6, 7, 8, 9
 #: the length of the pool's ``sig`` array
 SIG_SLOTS = 16
 #: whether helpers sleep in a futex (Linux), woken by any leader; elsewhere on a Python condition
@@ -160,6 +165,15 @@ def cycles(typingctx):
         return builder.call(fn, [])
 
     return sig, codegen
+
+
+@jit
+def atomic_store(arr, idx, val):
+    """``arr[idx] = val``, sequentially consistent (the stores before it are seen first)."""
+    while True:
+        old = atomic_load(arr, idx)
+        if atomic_cas(arr, idx, old, val) == old:
+            return
 
 
 @jit
@@ -278,9 +292,12 @@ def helper_wait(sig, seen, spun, index):
             seen = gen
             if atomic_load(sig, NATIVE) != gen:
                 return gen
-            # the mailbox and function were written before the generation was published
-            call_job(atomic_load(sig, JOBFN), atomic_load(sig, MBOX), HELPER | (index << 2))
-            spun = True
+            # counted first, then checked again: a leader that marks the mailbox stale (NATIVE = -1) before
+            # waiting for INJOB == 0 either sees this helper or is seen by it
+            atomic_add(sig, INJOB, 1)
+            if atomic_load(sig, NATIVE) == gen and atomic_load(sig, 0) == gen:
+                call_job(atomic_load(sig, JOBFN), atomic_load(sig, MBOX), SOLO | (index << 2))
+            atomic_add(sig, INJOB, -1)
             continue
         if not NATIVE_SLEEP:
             return -1

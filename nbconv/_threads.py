@@ -125,8 +125,10 @@ class _Pool:
     def _reset(self):
         # also the child's state after fork(): the helpers did not survive it, and a lock may have been held
         self._cv = threading.Condition()
+        nonce = int(self.sig[SIG_SLOTS - 1])  # the process's templates (nbconv._native) stay valid after fork()
         self.sig[:] = 0
         self.sig[MBOX] = self.mailbox.ctypes.data
+        self.sig[SIG_SLOTS - 1] = nonce
         self._job = None
         self._threads = []
         self._sleepers = 0
@@ -218,13 +220,23 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=POOL._reset)
 
 
+class _Capture(threading.local):
+    calls = None  # a list while this thread's call is captured (nbconv._native.capture)
+
+
+CAPTURE = _Capture()
+
 #: the counters of a call run in record mode (its kernel does not run)
 _NO_SCHED = new_sched(1)
 
 
 def launch(kernel, threads, *args):
     """Run the pool kernel ``kernel(*args, sched, sig, lead)`` on at most ``threads`` threads (:data:`POOL`); while
-    :func:`nbconv._compile.record_calls` records, only note its signature."""
+    :func:`nbconv._compile.record_calls` records, only note its signature; while :func:`nbconv._native.capture`
+    captures, only note the launch."""
+    if CAPTURE.calls is not None:
+        CAPTURE.calls.append((kernel, threads, args + (_NO_SCHED, POOL.sig, SOLO)))
+        return
     fn = _compile.k(kernel)
     if fn is not kernel:
         fn(*args, _NO_SCHED, POOL.sig, SOLO)

@@ -132,6 +132,10 @@ def warmup(jobs=None, out=sys.stdout):
     status = 0
     for proc in procs:
         status |= proc.wait()
+    from . import _native
+
+    if _native.available():
+        _native.ffi_handler()  # jax's native forward (XLA's FFI handler): 2 s to compile, once
     print(f"nbconv warmup: done in {time.perf_counter() - t0:.0f} s" + (" (some failed: see above)" if status else ""),
           file=out, flush=True)
     return 1 if status else 0
