@@ -15,6 +15,7 @@ same activation, which masks ``grad_output`` with the op's own output
 uses) in parallel before the backward kernels.
 """
 import ctypes
+import functools
 import os
 import sys
 from typing import NamedTuple
@@ -203,6 +204,25 @@ def forward(cfg, *arrays, out=None):
         res = nbconv.separable_conv2d(inputs["x"], inputs["depthwise_kernel"], inputs["pointwise_kernel"],
                                       inputs.get("bias"), **kwargs)
     return _dtypes.as_dtype(np.asarray(res), arrays[0].dtype)
+
+
+def _dummy(shape, dtype, seed):
+    return np.asarray(np.random.default_rng(seed).standard_normal(shape), np.float32).astype(dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def native_call(cfg, shapes, dtypes, threads):
+    """The :class:`nbconv._native.NativeCall` of :func:`forward` on inputs of ``shapes``/``dtypes`` (tuples), for
+    a framework that calls compiled code for an op (XLA's FFI, TensorFlow's kernel API), or None where the call
+    cannot run natively.  ``threads`` (the thread setting when the op is traced) is part of the key."""
+    from nbconv import _native
+
+    arrays = [_dummy(sh, dt, 1 + i) for i, (sh, dt) in enumerate(zip(shapes, dtypes))]
+    out = np.empty(output_shape(cfg, shapes[0], shapes[1], filters_of(cfg, shapes[1:])), dtypes[0])
+    try:
+        return _native.capture(functools.partial(forward, cfg), arrays, out)
+    except _native.Unsupported:
+        return None
 
 
 def backward(cfg, wrt, grad_output, y, *arrays):

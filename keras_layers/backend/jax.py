@@ -1,4 +1,15 @@
-"""JAX bridge: ``jax.custom_vjp`` around ``jax.pure_callback`` calls into nbconv.
+"""JAX bridge: ``jax.custom_vjp`` around calls into nbconv: XLA's FFI for the forward, host callbacks else.
+
+The forward runs as an XLA custom call (``jax.ffi.ffi_call``) whose handler
+is nbconv's compiled :func:`nbconv._native.ffi_handler`: XLA calls the
+kernel directly, without the interpreter, the GIL or a copy.  The op is
+captured for its shapes and dtypes when it is traced
+(:func:`nbconv._native.capture`: the kernel's arguments as a template that
+travels as the call's attribute; its scratch is a second result that XLA
+allocates).  Where that is not possible (no ``jax.ffi``, not Linux, a
+kernel still compiling in the background, a call that works on its inputs
+in Python, ``NBCONV_JAX_FFI=0``) the forward, like every backward, is a host
+callback (``buffer_callback``, else ``pure_callback``).
 
 Works under ``jax.jit``, ``jax.grad`` (reverse mode only: forward-mode ``jax.jvp``
 is not defined for a custom_vjp function) and ``jax.vmap`` (the callback runs
@@ -11,6 +22,8 @@ computes a gradient for the input data.  The set is carried to the backward
 rule as static pytree metadata of the residuals.
 """
 import functools
+import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +38,35 @@ except ImportError:  # jax < 0.7
 
 #: XLA's per-call buffers otherwise page-fault in on every call (see keep_freed_memory)
 MALLOC_TUNED = _common.keep_freed_memory()
+
+#: environment variable: "0" keeps the forward on the host callback
+FFI_ENV = "NBCONV_JAX_FFI"
+#: the custom call target of the native forward
+FFI_TARGET = "nbconv_forward"
+
+
+@functools.lru_cache(maxsize=None)
+def ffi_ready():
+    """Whether the forward can be an XLA FFI call here (the handler registered once per process)."""
+    from nbconv import _native
+
+    if os.environ.get(FFI_ENV, "1") == "0" or not _native.available():
+        return False
+    ffi = getattr(jax, "ffi", None)
+    if ffi is None or not hasattr(ffi, "ffi_call"):
+        return False
+    try:
+        ffi.register_ffi_target(FFI_TARGET, ffi.pycapsule(_native.ffi_handler().address), platform="cpu")
+    except Exception as exc:  # noqa: BLE001  (an XLA that refuses the handler: the callback still works)
+        warnings.warn(f"nbconv: XLA refused the native forward ({exc!r}); using the host callback", RuntimeWarning,
+                      stacklevel=2)
+        return False
+    return True
+
+
+def native_forward():
+    """Whether the forward runs as compiled code called by XLA (:func:`ffi_ready`)."""
+    return ffi_ready()
 
 
 @jax.tree_util.register_pytree_node_class
@@ -75,6 +117,16 @@ def _host_call(fn, result, *args, writes_out=False):
 def _forward(cfg, args):
     out_shape = _common.output_shape(cfg, args[0].shape, args[1].shape,
                                      _common.filters_of(cfg, [a.shape for a in args[1:]]))
+    if ffi_ready():
+        from nbconv import get_num_threads
+
+        call = _common.native_call(cfg, tuple(tuple(a.shape) for a in args),
+                                   tuple(np.dtype(a.dtype) for a in args), get_num_threads())
+        if call is not None:
+            out, _ = jax.ffi.ffi_call(FFI_TARGET, (jax.ShapeDtypeStruct(out_shape, args[0].dtype),
+                                                   jax.ShapeDtypeStruct((call.scratch_bytes,), np.uint8)),
+                                      vmap_method="sequential")(*args, nbconv=call.template)
+            return out
     return _host_call(functools.partial(_common.forward, cfg), jax.ShapeDtypeStruct(out_shape, args[0].dtype), *args,
                       writes_out=True)
 

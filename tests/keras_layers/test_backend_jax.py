@@ -1,0 +1,142 @@
+"""The jax bridge (``keras_layers/backend/jax.py``): the forward as an XLA FFI call into nbconv's compiled
+handler, and the host callback where that cannot be.  Results against the float64 reference."""
+import threading
+
+import numpy as np
+import pytest
+
+from helpers import BACKEND
+from reference import assert_close, random_array, separable_ref
+
+pytestmark = pytest.mark.skipif(BACKEND != "jax", reason="the jax bridge runs on the jax backend only")
+
+if BACKEND == "jax":
+    import jax
+    import jax.numpy as jnp
+
+    from keras_layers.backend import _common
+    from keras_layers.backend import jax as bridge
+
+    from nbconv import _native
+
+
+def _cfg(**kw):
+    base = dict(kind="separable", has_bias=True, strides=(1, 1), padding="same", dilation_rate=(1, 1),
+                data_format="channels_last", activation="relu")
+    base.update(kw)
+    return _common.make_config(**base)
+
+
+def _operands(rng, shape=(2, 19, 21, 24), f=40):
+    c = shape[-1]
+    return [random_array(rng, shape), random_array(rng, (3, 3, c, 1)), random_array(rng, (1, 1, c, f)),
+            random_array(rng, (f,))]
+
+
+def _hlo(fn, *args):
+    return jax.jit(fn).lower(*args).as_text()
+
+
+@pytest.fixture
+def native():
+    if not bridge.ffi_ready():
+        pytest.skip("no XLA FFI here (not Linux, or jax without jax.ffi)")
+
+
+def test_forward_is_an_ffi_call(rng, native):
+    """Traced under jit, the forward is one custom call to nbconv's FFI target (no host callback), and right."""
+    cfg = _cfg()
+    arrays = _operands(rng)
+    op = bridge._op(cfg)
+    text = _hlo(op, *arrays)
+    assert bridge.FFI_TARGET in text
+    assert "callback" not in text
+    got = np.asarray(jax.jit(op)(*arrays))
+    assert_close(got, separable_ref(*[a.astype(np.float64) for a in arrays], padding="same", activation="relu"))
+
+
+def test_new_values_and_eager_calls(rng, native):
+    """The template holds no values: later calls with other inputs, eager and jitted, are right."""
+    cfg = _cfg(strides=(2, 2), padding="valid", activation="linear")
+    op = bridge._op(cfg)
+    jitted = jax.jit(op)
+    for _ in range(3):
+        arrays = _operands(rng, (1, 33, 31, 16), 24)
+        ref = separable_ref(*[a.astype(np.float64) for a in arrays], strides=2, padding="valid")
+        assert_close(np.asarray(jitted(*arrays)), ref)
+        assert_close(np.asarray(op(*[jnp.asarray(a) for a in arrays])), ref)
+
+
+def test_vmap_and_grad_around_the_ffi_call(rng, native):
+    """vmap runs the call per mapped element; the gradient (a host callback) still sees the forward."""
+    cfg = _cfg(activation="linear")
+    arrays = _operands(rng, (1, 12, 14, 8), 16)
+    op = bridge._op(cfg)
+    xs = np.stack([arrays[0], 2 * arrays[0]])
+    got = np.asarray(jax.jit(jax.vmap(op, in_axes=(0, None, None, None)))(xs, *arrays[1:]))
+    for i, x in enumerate(xs):
+        ref = separable_ref(x.astype(np.float64), *[a.astype(np.float64) for a in arrays[1:]], padding="same")
+        assert_close(got[i], ref)
+
+    def loss(x, dk, pk, b):
+        return jnp.sum(op(x, dk, pk, b) ** 2)
+
+    gx = np.asarray(jax.jit(jax.grad(loss))(*arrays))
+    # central differences of the float64 reference at a few entries
+    f64 = [a.astype(np.float64) for a in arrays]
+    for idx in [(0, 0, 0, 0), (0, 5, 7, 3), (0, 11, 13, 7)]:
+        h = 1e-3
+        plus, minus = f64[0].copy(), f64[0].copy()
+        plus[idx] += h
+        minus[idx] -= h
+        fd = (np.sum(separable_ref(plus, *f64[1:], padding="same") ** 2)
+              - np.sum(separable_ref(minus, *f64[1:], padding="same") ** 2)) / (2 * h)
+        assert abs(gx[idx] - fd) <= 2e-3 * max(1.0, abs(fd)), (idx, gx[idx], fd)
+
+
+def test_concurrent_jitted_calls(rng, native):
+    """Four Python threads calling jitted ops at once: the native calls share the helpers or run alone."""
+    cases = [(_cfg(), _operands(rng)), (_cfg(strides=(2, 2)), _operands(rng, (1, 30, 30, 16), 32)),
+             (_cfg(activation="relu6"), _operands(rng, (2, 14, 14, 64), 64)),
+             (_cfg(activation="linear"), _operands(rng, (1, 9, 9, 520), 512))]
+    fns = [jax.jit(bridge._op(cfg)) for cfg, _ in cases]
+    refs = []
+    for cfg, arrays in cases:
+        f64 = [a.astype(np.float64) for a in arrays]
+        refs.append(separable_ref(*f64, strides=cfg.strides, padding="same",
+                                  activation=None if cfg.activation == "linear" else cfg.activation))
+    for fn, (_, arrays) in zip(fns, cases):
+        fn(*arrays).block_until_ready()
+    failures = []
+
+    def caller(i):
+        for _ in range(10):
+            try:
+                assert_close(np.asarray(fns[i](*cases[i][1])), refs[i])
+            except AssertionError as e:  # pragma: no cover  (reported below)
+                failures.append((i, str(e)))
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+
+
+def test_falls_back_to_the_callback(rng, monkeypatch, native):
+    """An op that cannot be captured (here: refused) is traced as a host callback, with the same result."""
+    def refuse(*args, **kwargs):
+        raise _native.Unsupported("refused for the test")
+
+    monkeypatch.setattr(_native, "capture", refuse)
+    _common.native_call.cache_clear()
+    cfg = _cfg(activation="relu6")
+    arrays = _operands(rng, (1, 10, 11, 8), 8)
+    op = bridge._op(cfg)
+    text = _hlo(op, *arrays)
+    assert bridge.FFI_TARGET not in text and "callback" in text
+    ref = separable_ref(*[a.astype(np.float64) for a in arrays], padding="same", activation="relu6")
+    assert_close(np.asarray(jax.jit(op)(*arrays)), ref)
+    monkeypatch.undo()
+    _common.native_call.cache_clear()
