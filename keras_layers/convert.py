@@ -503,7 +503,7 @@ class ConversionReport:
 
 
 def _kernel_notes(entries):
-    """Where the new layers run the backend's own kernel (:data:`keras_layers.layers.OWN_KERNEL`)."""
+    """Where the new layers run the backend's own kernel (:func:`keras_layers.layers.own_kernel_modes`)."""
     notes = []
     for cls, kind in ((SeparableConv2D, "separable"), (DepthwiseConv2D, "depthwise")):
         modes = own_kernel_modes(kind)
@@ -516,7 +516,8 @@ def _kernel_notes(entries):
                           for (k, m), n in up_to.items() if k == kind and m in modes)
             notes.append(f"{count} {cls.__name__} layer(s) run {keras.backend.backend()}'s own kernel in {when}{but}: "
                          "measured faster inside a model than nbconv's behind the host call (docs/keras.md; "
-                         "keras_layers.layers.OWN_KERNEL and NBCONV_UP_TO set the choice)")
+                         "keras_layers.layers.OWN_KERNEL, OWN_KERNEL_WITHOUT_NATIVE and NBCONV_UP_TO set the "
+                         "choice)")
     return notes
 
 

@@ -11,12 +11,13 @@ activation fused, casts the result to the layer's compute dtype and applies
 any other activation through ``keras.ops``.  A model saved with these layers
 needs ``import keras_layers`` before ``keras.saving.load_model``.
 
-Where the backend's own kernel is measured faster inside a model (tensorflow:
-oneDNN's kernels run as fast as nbconv's on most layers, and the host call
-costs more than they differ), the layer runs Keras's own ``call`` instead:
-:data:`OWN_KERNEL` and :data:`NBCONV_UP_TO` hold the choice per backend, layer
-kind and mode (inference, or a gradient recorded), and ``convert(...,
-verbose=True)`` reports it.
+Where the backend's own kernel is measured faster inside a model (tensorflow,
+in a training step: oneDNN's kernels run about as fast as nbconv's, and the
+backward's host call costs more than they differ; in inference too where the
+bridge has no native forward), the layer runs Keras's own ``call`` instead:
+:data:`OWN_KERNEL`, :data:`OWN_KERNEL_WITHOUT_NATIVE` and :data:`NBCONV_UP_TO`
+hold the choice per backend, layer kind and mode (inference, or a gradient
+recorded), and ``convert(..., verbose=True)`` reports it.
 
 Backends: jax (jit, grad, vmap), torch (eager and ``torch.compile``),
 tensorflow (``tf.function``; ``supports_jit`` is False there, since XLA cannot
@@ -96,7 +97,12 @@ def _run(layer, kind, inputs, variables, depthwise_bias=False, depthwise_activat
 #: the modes ("predict": no gradient recorded, "train": a gradient may be asked) in which the layer runs Keras's
 #: own ``call``.  Edit it to change the choice (``{}``: nbconv everywhere); FusedSeparableConv2D always runs nbconv.
 OWN_KERNEL = {
-    "tensorflow": {"depthwise": ("predict", "train"), "separable": ("predict", "train")},
+    "tensorflow": {"depthwise": ("train",), "separable": ("train",)},
+}
+#: modes added to OWN_KERNEL where the bridge has no native forward (``bridge().native_forward()`` False: the
+#: forward is a host call, which costs more than oneDNN's kernels differ from nbconv's)
+OWN_KERNEL_WITHOUT_NATIVE = {
+    "tensorflow": {"depthwise": ("predict",), "separable": ("predict",)},
 }
 #: exceptions to OWN_KERNEL: backend -> (kind, mode) -> the output size (N*OH*OW pixels; OH*OW when the batch is
 #: unknown) up to which nbconv runs all the same, its kernel saving more than the host call costs.  TF's separable
@@ -106,9 +112,22 @@ NBCONV_UP_TO = {
 }
 
 
+def _native_forward(backend):
+    if backend == keras.backend.backend():
+        return getattr(_backend.bridge(), "native_forward", lambda: False)()
+    from nbconv import _native
+
+    return _native.available()  # another backend's bridge is not loaded: what this platform allows
+
+
 def own_kernel_modes(kind, backend=None):
     """The modes in which a layer of ``kind`` ("depthwise", "separable") runs the backend's own kernel."""
-    return tuple(OWN_KERNEL.get(backend or keras.backend.backend(), {}).get(kind, ()))
+    backend = backend or keras.backend.backend()
+    modes = tuple(OWN_KERNEL.get(backend, {}).get(kind, ()))
+    extra = tuple(m for m in OWN_KERNEL_WITHOUT_NATIVE.get(backend, {}).get(kind, ()) if m not in modes)
+    if extra and not _native_forward(backend):
+        modes += extra
+    return modes
 
 
 def _own_kernel(layer, kind, inputs, variables):

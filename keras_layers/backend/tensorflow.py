@@ -1,4 +1,15 @@
-"""TensorFlow bridge: ``tf.custom_gradient`` around ``tf.numpy_function`` calls into nbconv.
+"""TensorFlow bridge: ``tf.custom_gradient`` around calls into nbconv: a C kernel for the forward,
+``tf.numpy_function`` else.
+
+The forward is an op of nbconv's own, ``NbconvForward``, registered at run
+time through TensorFlow's C kernel API (op definition and CPU kernel) with
+:func:`nbconv._native.tf_compute` as its compute function: TensorFlow's
+executor calls the kernel directly, without the interpreter or the GIL, and
+allocates the result.  The op is captured for its shapes and dtypes when the
+graph is built (:func:`nbconv._native.capture`; its template is the op's last
+input, a constant).  Where that is not possible (shapes not fully known,
+not Linux, a kernel still compiling in the background, ``NBCONV_TF_NATIVE=0``)
+the forward, like every backward, is a ``numpy_function``.
 
 Runs eagerly and inside ``tf.function`` (Keras's default ``fit``/``predict``).
 XLA cannot compile a Python call, so the layers set ``supports_jit = False`` on
@@ -28,9 +39,12 @@ again only when the pool holds the last reference.  The pool keeps at most
 :data:`POOL_SHAPES` pairs used last; :func:`clear_buffers` drops them.
 """
 import collections
+import ctypes
 import functools
+import os
 import sys
 import threading
+import warnings
 
 import numpy as np
 import tensorflow as tf
@@ -94,6 +108,95 @@ def _result_shape(cfg, x_shape, kernel_shapes):
     return _common.output_shape(cfg, x_shape, kernel_shapes[0], _common.filters_of(cfg, kernel_shapes))
 
 
+#: environment variable: "0" keeps the forward on ``numpy_function``
+NATIVE_ENV = "NBCONV_TF_NATIVE"
+#: the op registered for the native forward
+OP_NAME = "NbconvForward"
+
+
+def _register_op(lib, compute):
+    """Register :data:`OP_NAME` (inputs of any dtypes, then the template; the result and scratch bytes out) and its
+    CPU kernel with TensorFlow's C API; raises RuntimeError with TensorFlow's message on failure."""
+    vp, cp = ctypes.c_void_p, ctypes.c_char_p
+    for name, res, args in (("TF_NewStatus", vp, []), ("TF_DeleteStatus", None, [vp]),
+                            ("TF_GetCode", ctypes.c_int, [vp]), ("TF_Message", cp, [vp]),
+                            ("TF_NewOpDefinitionBuilder", vp, [cp]),
+                            ("TF_OpDefinitionBuilderAddAttr", None, [vp, cp]),
+                            ("TF_OpDefinitionBuilderAddInput", None, [vp, cp]),
+                            ("TF_OpDefinitionBuilderAddOutput", None, [vp, cp]),
+                            ("TF_RegisterOpDefinition", None, [vp, vp]),
+                            ("TF_NewKernelBuilder", vp, [cp, cp, vp, vp, vp]),
+                            ("TF_RegisterKernelBuilder", None, [cp, vp, vp])):
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = res, args
+    status = lib.TF_NewStatus()
+    try:
+        b = lib.TF_NewOpDefinitionBuilder(OP_NAME.encode())
+        for attr in (b"Tin: list(type)", b"Tout: type"):
+            lib.TF_OpDefinitionBuilderAddAttr(b, attr)
+        lib.TF_OpDefinitionBuilderAddInput(b, b"inputs: Tin")
+        lib.TF_OpDefinitionBuilderAddInput(b, b"template: int64")
+        lib.TF_OpDefinitionBuilderAddOutput(b, b"output: Tout")
+        lib.TF_OpDefinitionBuilderAddOutput(b, b"scratch: uint8")
+        lib.TF_RegisterOpDefinition(b, status)
+        if lib.TF_GetCode(status) != 0:
+            raise RuntimeError(lib.TF_Message(status).decode())
+        kb = lib.TF_NewKernelBuilder(OP_NAME.encode(), b"CPU", None, compute, None)
+        lib.TF_RegisterKernelBuilder(OP_NAME.encode(), kb, status)
+        if lib.TF_GetCode(status) != 0:
+            raise RuntimeError(lib.TF_Message(status).decode())
+    finally:
+        lib.TF_DeleteStatus(status)
+
+
+@functools.lru_cache(maxsize=None)
+def native_ready():
+    """Whether the forward can run as the native op here (registered once per process)."""
+    from nbconv import _native
+
+    if os.environ.get(NATIVE_ENV, "1") == "0" or not _native.available():
+        return False
+    try:
+        lib = ctypes.CDLL(os.path.join(tf.sysconfig.get_lib(), "libtensorflow_framework.so.2"))
+        _register_op(lib, _native.tf_compute(lib).address)
+    except Exception as exc:  # noqa: BLE001  (another TensorFlow: numpy_function still works)
+        warnings.warn(f"nbconv: cannot register the native TensorFlow op ({exc!r}); using numpy_function",
+                      RuntimeWarning, stacklevel=2)
+        return False
+    return True
+
+
+def native_forward():
+    """Whether the forward runs as compiled code called by TensorFlow (:func:`native_ready`)."""
+    return native_ready()
+
+
+def _native_forward(cfg, args):
+    """The forward as :data:`OP_NAME`, or None where it cannot be (then ``numpy_function`` runs it)."""
+    shapes = [tuple(a.shape) for a in args]
+    if any(d is None for sh in shapes for d in sh) or not native_ready():
+        return None
+    from nbconv import get_num_threads
+
+    call = _common.native_call(cfg, tuple(shapes), tuple(np.dtype(a.dtype.as_numpy_dtype) for a in args),
+                               get_num_threads())
+    if call is None:
+        return None
+    template = tf.constant(call.template)
+    tout = args[0].dtype
+    if tf.executing_eagerly():
+        from tensorflow.python.eager import context, execute
+
+        attrs = ("Tin", [a.dtype.as_datatype_enum for a in args], "Tout", tout.as_datatype_enum)
+        out, _ = execute.execute(OP_NAME.encode(), 2, inputs=list(args) + [template], attrs=attrs,
+                                 ctx=context.context())
+        return out
+    from tensorflow.python.framework import op_def_library
+
+    _, _, op, _ = op_def_library._apply_op_helper(OP_NAME, inputs=list(args), template=template, Tout=tout)
+    return op.outputs[0]
+
+
 def _forward(cfg, *arrays):
     arrays = [np.asarray(a) for a in arrays]
     out = _result_buffer(_result_shape(cfg, arrays[0].shape, tuple(a.shape for a in arrays[1:])), arrays[0].dtype)
@@ -141,7 +244,9 @@ def _op(cfg, watched):
     @tf.custom_gradient
     def op(*args):
         x = args[0]
-        y = tf.numpy_function(functools.partial(_forward, cfg), list(args), Tout=x.dtype, stateful=False)
+        y = _native_forward(cfg, args)
+        if y is None:
+            y = tf.numpy_function(functools.partial(_forward, cfg), list(args), Tout=x.dtype, stateful=False)
         filters = _common.filters_of(cfg, [a.shape for a in args[1:]])
         y.set_shape(_common.output_shape(cfg, x.shape, args[1].shape, filters))
 

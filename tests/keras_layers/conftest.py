@@ -21,3 +21,4 @@ def nbconv_kernels_everywhere(request, monkeypatch):
         import keras_layers.layers
 
         monkeypatch.setattr(keras_layers.layers, "OWN_KERNEL", {})
+        monkeypatch.setattr(keras_layers.layers, "OWN_KERNEL_WITHOUT_NATIVE", {})

@@ -38,11 +38,26 @@ def inference(layer, x):
 
 
 def test_shipped_table():
-    assert layers_module.OWN_KERNEL == {
-        "tensorflow": {"depthwise": ("predict", "train"), "separable": ("predict", "train")}}
+    from nbconv import _native
+
+    assert layers_module.OWN_KERNEL == {"tensorflow": {"depthwise": ("train",), "separable": ("train",)}}
+    assert layers_module.OWN_KERNEL_WITHOUT_NATIVE == {
+        "tensorflow": {"depthwise": ("predict",), "separable": ("predict",)}}
     assert layers_module.NBCONV_UP_TO == {"tensorflow": {("separable", "predict"): 128}}
-    assert layers_module.own_kernel_modes("separable", "tensorflow") == ("predict", "train")
+    native = _native.available() if BACKEND != "tensorflow" else layers_module._backend.bridge().native_forward()
+    assert layers_module.own_kernel_modes("separable", "tensorflow") == (("train",) if native else
+                                                                         ("train", "predict"))
     assert layers_module.own_kernel_modes("depthwise", "jax") == ()
+
+
+def test_without_a_native_forward_the_backend_kernel_infers(monkeypatch):
+    """A bridge whose forward is a host call (no native op) adds OWN_KERNEL_WITHOUT_NATIVE's modes."""
+    monkeypatch.setattr(layers_module, "OWN_KERNEL", {BACKEND: {"depthwise": ("train",)}})
+    monkeypatch.setattr(layers_module, "OWN_KERNEL_WITHOUT_NATIVE", {BACKEND: {"depthwise": ("predict",)}})
+    monkeypatch.setattr(layers_module._backend.bridge(), "native_forward", lambda: False, raising=False)
+    assert layers_module.own_kernel_modes("depthwise") == ("train", "predict")
+    monkeypatch.setattr(layers_module._backend.bridge(), "native_forward", lambda: True, raising=False)
+    assert layers_module.own_kernel_modes("depthwise") == ("train",)
 
 
 @pytest.mark.parametrize("kind", ["separable", "depthwise"])

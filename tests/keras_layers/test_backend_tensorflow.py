@@ -1,0 +1,144 @@
+"""The TensorFlow bridge (``keras_layers/backend/tensorflow.py``): the forward as nbconv's own op, registered
+through TensorFlow's C kernel API, and ``numpy_function`` where that cannot be.  Results against the float64
+reference."""
+import threading
+
+import numpy as np
+import pytest
+
+from helpers import BACKEND
+from reference import assert_close, random_array, separable_ref
+
+pytestmark = pytest.mark.skipif(BACKEND != "tensorflow", reason="the TensorFlow bridge runs on tensorflow only")
+
+if BACKEND == "tensorflow":
+    import tensorflow as tf
+
+    from keras_layers.backend import _common
+    from keras_layers.backend import tensorflow as bridge
+
+
+def _cfg(**kw):
+    base = dict(kind="separable", has_bias=True, strides=(1, 1), padding="same", dilation_rate=(1, 1),
+                data_format="channels_last", activation="relu")
+    base.update(kw)
+    return _common.make_config(**base)
+
+
+def _operands(rng, shape=(2, 19, 21, 24), f=40):
+    c = shape[-1]
+    return [random_array(rng, shape), random_array(rng, (3, 3, c, 1)), random_array(rng, (1, 1, c, f)),
+            random_array(rng, (f,))]
+
+
+def _ref(arrays, **kw):
+    return separable_ref(*[a.astype(np.float64) for a in arrays], **kw)
+
+
+@pytest.fixture
+def native():
+    if not bridge.native_ready():
+        pytest.skip("no native TensorFlow op here (not Linux)")
+
+
+def _ops(fn, *args):
+    return [n.op for n in fn.get_concrete_function(*args).graph.as_graph_def().node]
+
+
+def test_forward_is_the_native_op(rng, native):
+    """In a tf.function the forward is one NbconvForward op (no py_func), eagerly too, with the right result;
+    later calls with other values are right as well."""
+    cfg = _cfg()
+    fn = tf.function(lambda *a: bridge._op(cfg, None)(*a))
+    arrays = _operands(rng)
+    ops = _ops(fn, *[tf.constant(a) for a in arrays])
+    assert bridge.OP_NAME in ops and not any("PyFunc" in op for op in ops)
+    for _ in range(2):
+        arrays = _operands(rng)
+        ref = _ref(arrays, padding="same", activation="relu")
+        assert_close(fn(*[tf.constant(a) for a in arrays]).numpy(), ref)
+        assert_close(bridge._op(cfg, None)(*[tf.constant(a) for a in arrays]).numpy(), ref)
+
+
+def test_unknown_shapes_use_numpy_function(rng, native):
+    """A graph traced for an unknown batch cannot be captured: numpy_function runs it, with the same result."""
+    cfg = _cfg(strides=(2, 2), activation="linear")
+    arrays = _operands(rng, (3, 16, 18, 8), 16)
+    spec = [tf.TensorSpec((None,) + arrays[0].shape[1:], tf.float32)] + [
+        tf.TensorSpec(a.shape, tf.float32) for a in arrays[1:]]
+    fn = tf.function(lambda *a: bridge._op(cfg, None)(*a), input_signature=spec)
+    ops = _ops(fn)
+    assert bridge.OP_NAME not in ops and any("PyFunc" in op for op in ops)
+    assert_close(fn(*[tf.constant(a) for a in arrays]).numpy(), _ref(arrays, strides=2, padding="same"))
+
+
+def test_gradient_around_the_native_op(rng, native):
+    """The backward (numpy_function) sees the native forward's inputs and output: relu mask from ``y``; checked
+    against central differences of the float64 reference."""
+    cfg = _cfg(activation="relu")
+    arrays = _operands(rng, (1, 10, 12, 8), 8)
+    ts = [tf.constant(a) for a in arrays]
+
+    @tf.function
+    def grad(*args):
+        with tf.GradientTape() as tape:
+            tape.watch(args[0])
+            y = bridge._op(cfg, (True, False, False, False))(*args)
+            loss = tf.reduce_sum(y * y)
+        return tape.gradient(loss, args[0])
+
+    gx = grad(*ts).numpy()
+    f64 = [a.astype(np.float64) for a in arrays]
+    for idx in [(0, 0, 0, 0), (0, 4, 6, 3), (0, 9, 11, 7)]:
+        h = 1e-3
+        plus, minus = f64[0].copy(), f64[0].copy()
+        plus[idx] += h
+        minus[idx] -= h
+        fd = (np.sum(separable_ref(plus, *f64[1:], padding="same", activation="relu") ** 2)
+              - np.sum(separable_ref(minus, *f64[1:], padding="same", activation="relu") ** 2)) / (2 * h)
+        assert abs(gx[idx] - fd) <= 2e-3 * max(1.0, abs(fd)), (idx, gx[idx], fd)
+
+
+def test_concurrent_graph_calls(rng, native):
+    """Four Python threads running native ops at once (TensorFlow's executor calls them without the GIL)."""
+    cases = [(_cfg(), _operands(rng)), (_cfg(strides=(2, 2)), _operands(rng, (1, 30, 30, 16), 32)),
+             (_cfg(activation="relu6"), _operands(rng, (2, 14, 14, 64), 64)),
+             (_cfg(activation="linear"), _operands(rng, (1, 9, 9, 520), 512))]
+    fns, refs = [], []
+    for cfg, arrays in cases:
+        fns.append(tf.function(lambda *a, cfg=cfg: bridge._op(cfg, None)(*a)))
+        refs.append(_ref(arrays, strides=cfg.strides, padding="same",
+                         activation=None if cfg.activation == "linear" else cfg.activation))
+    inputs = [[tf.constant(a) for a in arrays] for _, arrays in cases]
+    for fn, args in zip(fns, inputs):
+        fn(*args)
+    failures = []
+
+    def caller(i):
+        for _ in range(10):
+            try:
+                assert_close(fns[i](*inputs[i]).numpy(), refs[i])
+            except AssertionError as e:  # pragma: no cover  (reported below)
+                failures.append((i, str(e)))
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+
+
+def test_mismatched_inputs_raise(rng, native):
+    """The op run on inputs of another shape than its template's: TensorFlow raises nbconv's message."""
+    from tensorflow.python.eager import context, execute
+
+    cfg = _cfg()
+    arrays = _operands(rng)
+    call = _common.native_call(cfg, tuple(a.shape for a in arrays), tuple(a.dtype for a in arrays),
+                               __import__("nbconv").get_num_threads())
+    other = [tf.constant(a) for a in _operands(rng, (2, 19, 20, 24))]
+    attrs = ("Tin", [tf.float32.as_datatype_enum] * 4, "Tout", tf.float32.as_datatype_enum)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="nbconv: .*shape"):
+        execute.execute(bridge.OP_NAME.encode(), 2, inputs=other + [tf.constant(call.template)], attrs=attrs,
+                        ctx=context.context())
