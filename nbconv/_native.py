@@ -1,8 +1,9 @@
-"""Forward calls replayed without Python: a compiled job, a template of its arguments, and an XLA FFI handler.
+"""Forward calls replayed without Python: a compiled job, a template of its arguments, and the entry points that
+XLA's FFI and TensorFlow's C kernel API call.
 
-A framework that calls a C function for an op (XLA's typed FFI) can run
-nbconv's kernel without the interpreter: no GIL, no argument checks, no
-allocation.  :func:`capture` runs a forward function once in Python (on
+A framework that calls a C function for an op (XLA's typed FFI, TensorFlow's
+kernel API) can run nbconv's kernel without the interpreter: no GIL, no
+argument checks, no allocation.  :func:`capture` runs a forward function once in Python (on
 arrays of the shapes and dtypes the op will see) with :func:`nbconv._threads.launch`
 diverted, and records the one kernel launch it makes: which argument is a
 view of which input, of the output or of the scratch workspace, and at what
@@ -28,8 +29,10 @@ from the mailbox, :func:`nbconv._sync.helper_wait`), or alone when another
 call has the pool.  :func:`ffi_handler` wraps it in XLA's typed FFI calling
 convention (``XLA_FFI_Error *handler(XLA_FFI_CallFrame *)``, the layouts
 below, checked against jaxlib's header by the tests), with the template as
-the call's one ``int64`` array attribute.  Scratch is the call's last
-result (a byte buffer that XLA allocates), aligned here to 64 bytes.
+the call's one ``int64`` array attribute; :func:`tf_compute` in TensorFlow's
+``void compute(void *kernel, TF_OpKernelContext *ctx)``, with the template as
+the op's last input.  Scratch is the call's last result (a byte buffer that
+the framework allocates), aligned here to 64 bytes.
 """
 import functools
 import hashlib
@@ -63,7 +66,6 @@ M_FN, M_SIG, M_SCHED, M_SCHED_LEN = 0, 1, 2, 3
 M_SCHED_AT = 8
 _MAX_PARTS = 64
 M_ARGS_AT = M_SCHED_AT + 4 + 2 * _MAX_PARTS
-#: where a patched pointer comes from: a buffer index (arguments, then results; the last result is scratch)
 #: error codes of :func:`run_template`
 OK, E_NONCE, E_BUFFERS, E_DTYPE, E_SHAPE = 0, 1, 2, 3, 4
 
@@ -256,7 +258,7 @@ def capture(fn, arrays, out, other=None):
         elif isinstance(a, (int, np.integer)):
             if int(a) != int(b):
                 raise Unsupported("a size differs between captures")
-            specs.append(("int",))
+            specs.append(("int", str(kernel.typeof_pyval(a))))  # the job passes it as the kernel was compiled
             payload[slot] = int(a)
             slot += 1
         else:
@@ -330,7 +332,7 @@ def _job_source(kernel, specs):
             args.append(f"m[{slot}] != 0")
             slot += 1
         else:
-            args.append(f"m[{slot}]")
+            args.append(f"m[{slot}]" if spec[1] == "int64" else f"np.{spec[1]}(m[{slot}])")
             slot += 1
     args.append(f"carray(as_ptr(m[{M_SCHED}]), (m[{M_SCHED_LEN}],), np.int64)")
     args.append(f"carray(as_ptr(m[{M_SIG}]), ({SIG_SLOTS},), np.int64)")

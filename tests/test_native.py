@@ -144,6 +144,18 @@ def test_refuses_calls_without_one_launch(rng):
         _native.capture(lambda x, dk, pk, out: out, [x, dk, pk], out)
 
 
+def test_template_of_another_process_is_refused(rng):
+    """A template whose nonce is not this process's (jax's persistent compilation cache) never runs."""
+    case = CASES[0]
+    _, call, out = _capture(case[0], _operands(rng, case), case[5])
+    call.template = call.template.copy()
+    call.template[_native.T_NONCE] ^= 1
+    got = np.full_like(out, 3.0)
+    with pytest.raises(RuntimeError, match="native call failed with code 1"):
+        call(*_operands(rng, case), out=got)
+    assert (got == 3.0).all()
+
+
 def test_concurrent_native_callers(rng):
     """Native calls from four threads at once (one leads the helpers, the others run alone) and Python calls
     between them: every result right."""

@@ -43,6 +43,7 @@ MALLOC_TUNED = _common.keep_freed_memory()
 FFI_ENV = "NBCONV_JAX_FFI"
 #: the custom call target of the native forward
 FFI_TARGET = "nbconv_forward"
+_REGISTERED = []
 
 
 @functools.lru_cache(maxsize=None)
@@ -55,12 +56,14 @@ def ffi_ready():
     ffi = getattr(jax, "ffi", None)
     if ffi is None or not hasattr(ffi, "ffi_call"):
         return False
-    try:
-        ffi.register_ffi_target(FFI_TARGET, ffi.pycapsule(_native.ffi_handler().address), platform="cpu")
-    except Exception as exc:  # noqa: BLE001  (an XLA that refuses the handler: the callback still works)
-        warnings.warn(f"nbconv: XLA refused the native forward ({exc!r}); using the host callback", RuntimeWarning,
-                      stacklevel=2)
-        return False
+    if not _REGISTERED:  # once per process: XLA keeps the target
+        try:
+            ffi.register_ffi_target(FFI_TARGET, ffi.pycapsule(_native.ffi_handler().address), platform="cpu")
+        except Exception as exc:  # noqa: BLE001  (an XLA that refuses the handler: the callback still works)
+            warnings.warn(f"nbconv: XLA refused the native forward ({exc!r}); using the host callback",
+                          RuntimeWarning, stacklevel=2)
+            return False
+        _REGISTERED.append(FFI_TARGET)
     return True
 
 

@@ -112,6 +112,7 @@ def _result_shape(cfg, x_shape, kernel_shapes):
 NATIVE_ENV = "NBCONV_TF_NATIVE"
 #: the op registered for the native forward
 OP_NAME = "NbconvForward"
+_REGISTERED = []
 
 
 def _register_op(lib, compute):
@@ -156,13 +157,15 @@ def native_ready():
 
     if os.environ.get(NATIVE_ENV, "1") == "0" or not _native.available():
         return False
-    try:
-        lib = ctypes.CDLL(os.path.join(tf.sysconfig.get_lib(), "libtensorflow_framework.so.2"))
-        _register_op(lib, _native.tf_compute(lib).address)
-    except Exception as exc:  # noqa: BLE001  (another TensorFlow: numpy_function still works)
-        warnings.warn(f"nbconv: cannot register the native TensorFlow op ({exc!r}); using numpy_function",
-                      RuntimeWarning, stacklevel=2)
-        return False
+    if not _REGISTERED:  # once per process: TensorFlow keeps the op and its kernel
+        try:
+            lib = ctypes.CDLL(os.path.join(tf.sysconfig.get_lib(), "libtensorflow_framework.so.2"))
+            _register_op(lib, _native.tf_compute(lib).address)
+        except Exception as exc:  # noqa: BLE001  (another TensorFlow: numpy_function still works)
+            warnings.warn(f"nbconv: cannot register the native TensorFlow op ({exc!r}); using numpy_function",
+                          RuntimeWarning, stacklevel=2)
+            return False
+        _REGISTERED.append(OP_NAME)
     return True
 
 

@@ -140,3 +140,19 @@ def test_falls_back_to_the_callback(rng, monkeypatch, native):
     assert_close(np.asarray(jax.jit(op)(*arrays)), ref)
     monkeypatch.undo()
     _common.native_call.cache_clear()
+
+
+def test_a_refused_handler_warns_and_keeps_the_callback(monkeypatch):
+    """An XLA that refuses the handler at registration: a RuntimeWarning naming the error, and the callback."""
+    def refuse(*args, **kwargs):
+        raise RuntimeError("handler rejected for the test")
+
+    monkeypatch.setattr(jax.ffi, "register_ffi_target", refuse)
+    monkeypatch.setattr(bridge, "_REGISTERED", [])
+    bridge.ffi_ready.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="XLA refused the native forward.*rejected for the test"):
+            assert bridge.ffi_ready() is False
+    finally:
+        monkeypatch.undo()
+        bridge.ffi_ready.cache_clear()

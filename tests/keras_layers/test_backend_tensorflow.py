@@ -142,3 +142,20 @@ def test_mismatched_inputs_raise(rng, native):
     with pytest.raises(tf.errors.InvalidArgumentError, match="nbconv: .*shape"):
         execute.execute(bridge.OP_NAME.encode(), 2, inputs=other + [tf.constant(call.template)], attrs=attrs,
                         ctx=context.context())
+
+
+def test_a_refused_registration_warns_and_keeps_numpy_function(monkeypatch):
+    """TensorFlow refusing the op (another version's C API): a RuntimeWarning with its message, and
+    numpy_function for the forward."""
+    def refuse(lib, compute):
+        raise RuntimeError("op rejected for the test")
+
+    monkeypatch.setattr(bridge, "_register_op", refuse)
+    monkeypatch.setattr(bridge, "_REGISTERED", [])
+    bridge.native_ready.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="cannot register the native TensorFlow op.*rejected for the test"):
+            assert bridge.native_ready() is False
+    finally:
+        monkeypatch.undo()
+        bridge.native_ready.cache_clear()
