@@ -42,6 +42,34 @@ def make_pair(kind, input_shape, rng, **kwargs):
     return ours, ref
 
 
+def separable_config(**kw):
+    """A separable op's bridge config (keras_layers.backend._common.Config): 3x3 "same", relu, unless ``kw``."""
+    from keras_layers.backend import _common
+
+    base = dict(kind="separable", has_bias=True, strides=(1, 1), padding="same", dilation_rate=(1, 1),
+                data_format="channels_last", activation="relu")
+    base.update(kw)
+    return _common.make_config(**base)
+
+
+def separable_operands(rng, shape=(2, 19, 21, 24), f=40):
+    """float32 ``[x, depthwise_kernel (3x3, dm 1), pointwise_kernel, bias]`` for a bridge's op, uniform in [-1, 1)."""
+    from reference import random_array
+
+    c = shape[-1]
+    return [random_array(rng, shape), random_array(rng, (3, 3, c, 1)), random_array(rng, (1, 1, c, f)),
+            random_array(rng, (f,))]
+
+
+def concurrent_separable_cases(rng):
+    """Four (config, operands) pairs of different shapes, strides and activations for calls from several threads:
+    small fused tiles, stride 2, relu6 at 64 channels, and 520 channels (shared mode)."""
+    return [(separable_config(), separable_operands(rng)),
+            (separable_config(strides=(2, 2)), separable_operands(rng, (1, 30, 30, 16), 32)),
+            (separable_config(activation="relu6"), separable_operands(rng, (2, 14, 14, 64), 64)),
+            (separable_config(activation="linear"), separable_operands(rng, (1, 9, 9, 520), 512))]
+
+
 def weights_of(layer):
     """The layer's weights as a dict for the reference functions."""
     if isinstance(layer, keras.layers.SeparableConv2D):

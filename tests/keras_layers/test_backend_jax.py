@@ -5,8 +5,8 @@ import threading
 import numpy as np
 import pytest
 
-from helpers import BACKEND
-from reference import assert_close, random_array, separable_ref
+from helpers import BACKEND, concurrent_separable_cases, separable_config, separable_operands
+from reference import assert_close, separable_ref
 
 pytestmark = pytest.mark.skipif(BACKEND != "jax", reason="the jax bridge runs on the jax backend only")
 
@@ -20,17 +20,6 @@ if BACKEND == "jax":
     from nbconv import _native
 
 
-def _cfg(**kw):
-    base = dict(kind="separable", has_bias=True, strides=(1, 1), padding="same", dilation_rate=(1, 1),
-                data_format="channels_last", activation="relu")
-    base.update(kw)
-    return _common.make_config(**base)
-
-
-def _operands(rng, shape=(2, 19, 21, 24), f=40):
-    c = shape[-1]
-    return [random_array(rng, shape), random_array(rng, (3, 3, c, 1)), random_array(rng, (1, 1, c, f)),
-            random_array(rng, (f,))]
 
 
 def _hlo(fn, *args):
@@ -45,8 +34,8 @@ def native():
 
 def test_forward_is_an_ffi_call(rng, native):
     """Traced under jit, the forward is one custom call to nbconv's FFI target (no host callback), and right."""
-    cfg = _cfg()
-    arrays = _operands(rng)
+    cfg = separable_config()
+    arrays = separable_operands(rng)
     op = bridge._op(cfg)
     text = _hlo(op, *arrays)
     assert bridge.FFI_TARGET in text
@@ -57,11 +46,11 @@ def test_forward_is_an_ffi_call(rng, native):
 
 def test_new_values_and_eager_calls(rng, native):
     """The template holds no values: later calls with other inputs, eager and jitted, are right."""
-    cfg = _cfg(strides=(2, 2), padding="valid", activation="linear")
+    cfg = separable_config(strides=(2, 2), padding="valid", activation="linear")
     op = bridge._op(cfg)
     jitted = jax.jit(op)
     for _ in range(3):
-        arrays = _operands(rng, (1, 33, 31, 16), 24)
+        arrays = separable_operands(rng, (1, 33, 31, 16), 24)
         ref = separable_ref(*[a.astype(np.float64) for a in arrays], strides=2, padding="valid")
         assert_close(np.asarray(jitted(*arrays)), ref)
         assert_close(np.asarray(op(*[jnp.asarray(a) for a in arrays])), ref)
@@ -69,8 +58,8 @@ def test_new_values_and_eager_calls(rng, native):
 
 def test_vmap_and_grad_around_the_ffi_call(rng, native):
     """vmap runs the call per mapped element; the gradient (a host callback) still sees the forward."""
-    cfg = _cfg(activation="linear")
-    arrays = _operands(rng, (1, 12, 14, 8), 16)
+    cfg = separable_config(activation="linear")
+    arrays = separable_operands(rng, (1, 12, 14, 8), 16)
     op = bridge._op(cfg)
     xs = np.stack([arrays[0], 2 * arrays[0]])
     got = np.asarray(jax.jit(jax.vmap(op, in_axes=(0, None, None, None)))(xs, *arrays[1:]))
@@ -96,9 +85,7 @@ def test_vmap_and_grad_around_the_ffi_call(rng, native):
 
 def test_concurrent_jitted_calls(rng, native):
     """Four Python threads calling jitted ops at once: the native calls share the helpers or run alone."""
-    cases = [(_cfg(), _operands(rng)), (_cfg(strides=(2, 2)), _operands(rng, (1, 30, 30, 16), 32)),
-             (_cfg(activation="relu6"), _operands(rng, (2, 14, 14, 64), 64)),
-             (_cfg(activation="linear"), _operands(rng, (1, 9, 9, 520), 512))]
+    cases = concurrent_separable_cases(rng)
     fns = [jax.jit(bridge._op(cfg)) for cfg, _ in cases]
     refs = []
     for cfg, arrays in cases:
@@ -131,8 +118,8 @@ def test_falls_back_to_the_callback(rng, monkeypatch, native):
 
     monkeypatch.setattr(_native, "capture", refuse)
     _common.native_call.cache_clear()
-    cfg = _cfg(activation="relu6")
-    arrays = _operands(rng, (1, 10, 11, 8), 8)
+    cfg = separable_config(activation="relu6")
+    arrays = separable_operands(rng, (1, 10, 11, 8), 8)
     op = bridge._op(cfg)
     text = _hlo(op, *arrays)
     assert bridge.FFI_TARGET not in text and "callback" in text

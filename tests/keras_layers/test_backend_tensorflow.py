@@ -6,8 +6,8 @@ import threading
 import numpy as np
 import pytest
 
-from helpers import BACKEND
-from reference import assert_close, random_array, separable_ref
+from helpers import BACKEND, concurrent_separable_cases, separable_config, separable_operands
+from reference import assert_close, separable_ref
 
 pytestmark = pytest.mark.skipif(BACKEND != "tensorflow", reason="the TensorFlow bridge runs on tensorflow only")
 
@@ -18,17 +18,6 @@ if BACKEND == "tensorflow":
     from keras_layers.backend import tensorflow as bridge
 
 
-def _cfg(**kw):
-    base = dict(kind="separable", has_bias=True, strides=(1, 1), padding="same", dilation_rate=(1, 1),
-                data_format="channels_last", activation="relu")
-    base.update(kw)
-    return _common.make_config(**base)
-
-
-def _operands(rng, shape=(2, 19, 21, 24), f=40):
-    c = shape[-1]
-    return [random_array(rng, shape), random_array(rng, (3, 3, c, 1)), random_array(rng, (1, 1, c, f)),
-            random_array(rng, (f,))]
 
 
 def _ref(arrays, **kw):
@@ -48,13 +37,13 @@ def _ops(fn, *args):
 def test_forward_is_the_native_op(rng, native):
     """In a tf.function the forward is one NbconvForward op (no py_func), eagerly too, with the right result;
     later calls with other values are right as well."""
-    cfg = _cfg()
+    cfg = separable_config()
     fn = tf.function(lambda *a: bridge._op(cfg, None)(*a))
-    arrays = _operands(rng)
+    arrays = separable_operands(rng)
     ops = _ops(fn, *[tf.constant(a) for a in arrays])
     assert bridge.OP_NAME in ops and not any("PyFunc" in op for op in ops)
     for _ in range(2):
-        arrays = _operands(rng)
+        arrays = separable_operands(rng)
         ref = _ref(arrays, padding="same", activation="relu")
         assert_close(fn(*[tf.constant(a) for a in arrays]).numpy(), ref)
         assert_close(bridge._op(cfg, None)(*[tf.constant(a) for a in arrays]).numpy(), ref)
@@ -62,8 +51,8 @@ def test_forward_is_the_native_op(rng, native):
 
 def test_unknown_shapes_use_numpy_function(rng, native):
     """A graph traced for an unknown batch cannot be captured: numpy_function runs it, with the same result."""
-    cfg = _cfg(strides=(2, 2), activation="linear")
-    arrays = _operands(rng, (3, 16, 18, 8), 16)
+    cfg = separable_config(strides=(2, 2), activation="linear")
+    arrays = separable_operands(rng, (3, 16, 18, 8), 16)
     spec = [tf.TensorSpec((None,) + arrays[0].shape[1:], tf.float32)] + [
         tf.TensorSpec(a.shape, tf.float32) for a in arrays[1:]]
     fn = tf.function(lambda *a: bridge._op(cfg, None)(*a), input_signature=spec)
@@ -75,8 +64,8 @@ def test_unknown_shapes_use_numpy_function(rng, native):
 def test_gradient_around_the_native_op(rng, native):
     """The backward (numpy_function) sees the native forward's inputs and output: relu mask from ``y``; checked
     against central differences of the float64 reference."""
-    cfg = _cfg(activation="relu")
-    arrays = _operands(rng, (1, 10, 12, 8), 8)
+    cfg = separable_config(activation="relu")
+    arrays = separable_operands(rng, (1, 10, 12, 8), 8)
     ts = [tf.constant(a) for a in arrays]
 
     @tf.function
@@ -101,9 +90,7 @@ def test_gradient_around_the_native_op(rng, native):
 
 def test_concurrent_graph_calls(rng, native):
     """Four Python threads running native ops at once (TensorFlow's executor calls them without the GIL)."""
-    cases = [(_cfg(), _operands(rng)), (_cfg(strides=(2, 2)), _operands(rng, (1, 30, 30, 16), 32)),
-             (_cfg(activation="relu6"), _operands(rng, (2, 14, 14, 64), 64)),
-             (_cfg(activation="linear"), _operands(rng, (1, 9, 9, 520), 512))]
+    cases = concurrent_separable_cases(rng)
     fns, refs = [], []
     for cfg, arrays in cases:
         fns.append(tf.function(lambda *a, cfg=cfg: bridge._op(cfg, None)(*a)))
@@ -133,11 +120,11 @@ def test_mismatched_inputs_raise(rng, native):
     """The op run on inputs of another shape than its template's: TensorFlow raises nbconv's message."""
     from tensorflow.python.eager import context, execute
 
-    cfg = _cfg()
-    arrays = _operands(rng)
+    cfg = separable_config()
+    arrays = separable_operands(rng)
     call = _common.native_call(cfg, tuple(a.shape for a in arrays), tuple(a.dtype for a in arrays),
                                __import__("nbconv").get_num_threads())
-    other = [tf.constant(a) for a in _operands(rng, (2, 19, 20, 24))]
+    other = [tf.constant(a) for a in separable_operands(rng, (2, 19, 20, 24))]
     attrs = ("Tin", [tf.float32.as_datatype_enum] * 4, "Tout", tf.float32.as_datatype_enum)
     with pytest.raises(tf.errors.InvalidArgumentError, match="nbconv: .*shape"):
         execute.execute(bridge.OP_NAME.encode(), 2, inputs=other + [tf.constant(call.template)], attrs=attrs,
