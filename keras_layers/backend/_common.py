@@ -210,11 +210,14 @@ def _dummy(shape, dtype, seed):
     return np.asarray(np.random.default_rng(seed).standard_normal(shape), np.float32).astype(dtype)
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=None)
 def native_call(cfg, shapes, dtypes, threads):
     """The :class:`nbconv._native.NativeCall` of :func:`forward` on inputs of ``shapes``/``dtypes`` (tuples), for
     a framework that calls compiled code for an op (XLA's FFI, TensorFlow's kernel API), or None where the call
-    cannot run natively.  ``threads`` (the thread setting when the op is traced) is part of the key."""
+    cannot run natively.  ``threads`` (the thread setting when the op is traced) is part of the key.
+
+    Never evicted: a compiled graph holds the template's addresses (its constants, its job) for as long as the
+    process may run it."""
     from nbconv import _native
 
     arrays = [_dummy(sh, dt, 1 + i) for i, (sh, dt) in enumerate(zip(shapes, dtypes))]
