@@ -334,8 +334,9 @@ def _log_path():
     return os.path.join(_cache.cache_dir(), "compile.log")
 
 
-def _spawn(argv, **popen):
-    """Start a compiling child (:func:`child_main`) on this very package, in its own session."""
+def _spawn(argv, code=None, **popen):
+    """Start a compiling child (:func:`child_main`, or the Python ``code``) on this very package, in its own
+    session."""
     parent = os.path.dirname(_cache.PACKAGE_DIR)
     env = dict(os.environ, **{_ENV: "sync"})
     env["PYTHONPATH"] = os.pathsep.join([parent] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
@@ -343,7 +344,7 @@ def _spawn(argv, **popen):
     try:
         opts = dict(stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True)
         opts.update(popen)
-        return subprocess.Popen([sys.executable, "-c", _CHILD, *argv], **opts)
+        return subprocess.Popen([sys.executable, "-c", code or _CHILD, *argv], **opts)
     finally:
         log.close()
 

@@ -52,7 +52,8 @@ from ._threads import CAPTURE, POOL, get_num_threads
 from ._sync import (GEN, INJOB, JOBFN, JOINING, LEAD, MBOX, NATIVE, NATIVE_SLEEP, PARTS, SIG_SLOTS, SOLO,
                     atomic_load, atomic_store, call_job, pause, try_lock, unlock)
 
-__all__ = ["Unsupported", "NativeCall", "capture", "run_template", "ffi_handler", "tf_compute", "available", "NONCE"]
+__all__ = ["Unsupported", "NativeCall", "capture", "run_template", "ffi_handler", "tf_compute", "tf_library",
+           "available", "entry_built", "build_in_background", "NONCE"]
 
 #: a random value in ``sig`` and in every template: a template made by another process is refused
 NONCE = int.from_bytes(os.urandom(7), "little")
@@ -341,9 +342,12 @@ def _job_source(kernel, specs):
     return "\n".join(lines) + "\n"
 
 
-@functools.lru_cache(maxsize=None)
 def _job(kernel, specs):
-    """The compiled job for ``kernel`` with arguments ``specs`` (loaded from Numba's cache when it is there)."""
+    """The compiled job for ``kernel`` with arguments ``specs`` (loaded from Numba's cache when it is there).
+
+    In the background compile mode a job that no process has built yet (a
+    second or two) is built by a child meanwhile: :class:`Unsupported`.
+    """
     source = _job_source(kernel, specs)
     digest = hashlib.sha256(source.encode()).hexdigest()[:16]
     folder = os.path.join(_cache.cache_dir(), "native")
@@ -355,14 +359,31 @@ def _job(kernel, specs):
             with open(tmp, "w", encoding="utf-8") as fh:
                 fh.write(source)
             os.replace(tmp, path)
-        name = f"nbconv_native_job_{digest}"
-        module = sys.modules.get(name)
-        if module is None:
-            spec = importlib.util.spec_from_file_location(name, path)
+    name = f"job_{digest}"
+    if name not in _JOBS and _compile.get_mode() == "background" and not entry_built(name):
+        _build_in_background(name, f"from nbconv import _native; _native.load_job({path!r})")
+        raise Unsupported("the native job is compiling in the background")
+    return load_job(path)
+
+
+_JOBS = {}
+
+
+def load_job(path):
+    """Import the generated job module at ``path`` (compiling its cfunc, or loading it from Numba's cache) and
+    return its ``run``."""
+    name = os.path.splitext(os.path.basename(path))[0]
+    with _JOB_LOCK:
+        run = _JOBS.get(name)
+        if run is None:
+            module_name = f"nbconv_native_{name}"
+            spec = importlib.util.spec_from_file_location(module_name, path)
             module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module  # Numba's cache finds the job's globals by module name
+            sys.modules[module_name] = module  # Numba's cache finds the job's globals by module name
             spec.loader.exec_module(module)
-    return module.run
+            run = _JOBS[name] = module.run
+            _mark_built(name)
+    return run
 
 
 # --- XLA's typed FFI ---------------------------------------------------------------------------------------
@@ -505,7 +526,9 @@ def _ffi_call(frame):
 @functools.lru_cache(maxsize=None)
 def ffi_handler():
     """The compiled ``XLA_FFI_Error *handler(XLA_FFI_CallFrame *)`` (a Numba cfunc; ``.address``)."""
-    return _handler_cfunc()
+    handler = _handler_cfunc()
+    _mark_built("ffi")
+    return handler
 
 
 def available():
@@ -636,4 +659,56 @@ def tf_compute(library):
     def tf_kernel_compute(kernel, ctx):
         _tf_call(ctx)
 
+    _mark_built("tf")
     return tf_kernel_compute
+
+
+def tf_library():
+    """TensorFlow's framework library (``ctypes.CDLL``), whose C API registers ops and kernels."""
+    import ctypes
+
+    import tensorflow as tf
+
+    return ctypes.CDLL(os.path.join(tf.sysconfig.get_lib(), "libtensorflow_framework.so.2"))
+
+
+# --- building the entry points ahead of use --------------------------------------------------------------------
+# The handler and the TF compute function take 2-3 s to compile the first time (then 0.1 s from the disk cache).
+# In the background compile mode a framework's first trace must not wait for them: it keeps its host call while a
+# child builds them into the cache, and the next trace finds them.
+
+def _marker(name):
+    return os.path.join(_cache.cache_dir(), "native", f"{name}.built")
+
+
+def _mark_built(name):
+    try:
+        os.makedirs(os.path.dirname(_marker(name)), exist_ok=True)
+        open(_marker(name), "a").close()
+    except OSError:
+        pass
+
+
+def entry_built(name):
+    """Whether entry point ``name`` ("ffi": :func:`ffi_handler`, "tf": :func:`tf_compute`, or a job) is in the
+    disk cache."""
+    return os.path.exists(_marker(name))
+
+
+_BUILDING = set()
+
+
+def build_in_background(name):
+    """Build entry point ``name`` ("ffi" or "tf") into the disk cache in a child process (once per process)."""
+    _build_in_background(name, "from nbconv import _native; _native.ffi_handler()" if name == "ffi"
+                         else "from nbconv import _native; _native.tf_compute(_native.tf_library())")
+
+
+def _build_in_background(name, code):
+    if name in _BUILDING:
+        return
+    _BUILDING.add(name)
+    try:
+        _compile._spawn([], code=code)
+    except Exception:  # noqa: BLE001  (no child possible: the caller keeps its host call)
+        pass

@@ -43,27 +43,38 @@ MALLOC_TUNED = _common.keep_freed_memory()
 FFI_ENV = "NBCONV_JAX_FFI"
 #: the custom call target of the native forward
 FFI_TARGET = "nbconv_forward"
-_REGISTERED = []
+_REGISTERED, _OFF = [], []
 
 
-@functools.lru_cache(maxsize=None)
 def ffi_ready():
-    """Whether the forward can be an XLA FFI call here (the handler registered once per process)."""
-    from nbconv import _native
+    """Whether the forward can be an XLA FFI call here (the handler registered once per process).
 
-    if os.environ.get(FFI_ENV, "1") == "0" or not _native.available():
+    In the background compile mode a handler not yet in the disk cache is
+    built by a child process meanwhile: the ops traced until then keep the
+    host callback.
+    """
+    if _REGISTERED:
+        return True
+    if _OFF:
         return False
+    from nbconv import _compile, _native
+
     ffi = getattr(jax, "ffi", None)
-    if ffi is None or not hasattr(ffi, "ffi_call"):
+    if (os.environ.get(FFI_ENV, "1") == "0" or not _native.available() or ffi is None
+            or not hasattr(ffi, "ffi_call")):
+        _OFF.append(True)
         return False
-    if not _REGISTERED:  # once per process: XLA keeps the target
-        try:
-            ffi.register_ffi_target(FFI_TARGET, ffi.pycapsule(_native.ffi_handler().address), platform="cpu")
-        except Exception as exc:  # noqa: BLE001  (an XLA that refuses the handler: the callback still works)
-            warnings.warn(f"nbconv: XLA refused the native forward ({exc!r}); using the host callback",
-                          RuntimeWarning, stacklevel=2)
-            return False
-        _REGISTERED.append(FFI_TARGET)
+    if _compile.get_mode() == "background" and not _native.entry_built("ffi"):
+        _native.build_in_background("ffi")
+        return False
+    try:
+        ffi.register_ffi_target(FFI_TARGET, ffi.pycapsule(_native.ffi_handler().address), platform="cpu")
+    except Exception as exc:  # noqa: BLE001  (an XLA that refuses the handler: the callback still works)
+        warnings.warn(f"nbconv: XLA refused the native forward ({exc!r}); using the host callback",
+                      RuntimeWarning, stacklevel=2)
+        _OFF.append(True)
+        return False
+    _REGISTERED.append(FFI_TARGET)  # once per process: XLA keeps the target
     return True
 
 

@@ -112,7 +112,7 @@ def _result_shape(cfg, x_shape, kernel_shapes):
 NATIVE_ENV = "NBCONV_TF_NATIVE"
 #: the op registered for the native forward
 OP_NAME = "NbconvForward"
-_REGISTERED = []
+_REGISTERED, _OFF = [], []
 
 
 def _register_op(lib, compute):
@@ -150,22 +150,34 @@ def _register_op(lib, compute):
         lib.TF_DeleteStatus(status)
 
 
-@functools.lru_cache(maxsize=None)
 def native_ready():
-    """Whether the forward can run as the native op here (registered once per process)."""
-    from nbconv import _native
+    """Whether the forward can run as the native op here (registered once per process).
+
+    In the background compile mode a compute function not yet in the disk
+    cache is built by a child process meanwhile: graphs built until then keep
+    ``numpy_function``.
+    """
+    if _REGISTERED:
+        return True
+    if _OFF:
+        return False
+    from nbconv import _compile, _native
 
     if os.environ.get(NATIVE_ENV, "1") == "0" or not _native.available():
+        _OFF.append(True)
         return False
-    if not _REGISTERED:  # once per process: TensorFlow keeps the op and its kernel
-        try:
-            lib = ctypes.CDLL(os.path.join(tf.sysconfig.get_lib(), "libtensorflow_framework.so.2"))
-            _register_op(lib, _native.tf_compute(lib).address)
-        except Exception as exc:  # noqa: BLE001  (another TensorFlow: numpy_function still works)
-            warnings.warn(f"nbconv: cannot register the native TensorFlow op ({exc!r}); using numpy_function",
-                          RuntimeWarning, stacklevel=2)
-            return False
-        _REGISTERED.append(OP_NAME)
+    if _compile.get_mode() == "background" and not _native.entry_built("tf"):
+        _native.build_in_background("tf")
+        return False
+    try:
+        lib = _native.tf_library()
+        _register_op(lib, _native.tf_compute(lib).address)
+    except Exception as exc:  # noqa: BLE001  (another TensorFlow: numpy_function still works)
+        warnings.warn(f"nbconv: cannot register the native TensorFlow op ({exc!r}); using numpy_function",
+                      RuntimeWarning, stacklevel=2)
+        _OFF.append(True)
+        return False
+    _REGISTERED.append(OP_NAME)  # once per process: TensorFlow keeps the op and its kernel
     return True
 
 

@@ -139,10 +139,24 @@ def test_a_refused_registration_warns_and_keeps_numpy_function(monkeypatch):
 
     monkeypatch.setattr(bridge, "_register_op", refuse)
     monkeypatch.setattr(bridge, "_REGISTERED", [])
-    bridge.native_ready.cache_clear()
-    try:
-        with pytest.warns(RuntimeWarning, match="cannot register the native TensorFlow op.*rejected for the test"):
-            assert bridge.native_ready() is False
-    finally:
-        monkeypatch.undo()
-        bridge.native_ready.cache_clear()
+    monkeypatch.setattr(bridge, "_OFF", [])
+    with pytest.warns(RuntimeWarning, match="cannot register the native TensorFlow op.*rejected for the test"):
+        assert bridge.native_ready() is False
+    assert bridge.native_ready() is False  # decided once
+
+
+def test_background_mode_builds_the_kernel_in_a_child(monkeypatch):
+    """In the background compile mode a compute function not in the disk cache is handed to a child, and graphs
+    keep numpy_function until it is there."""
+    from nbconv import _compile, _native
+
+    built = []
+    monkeypatch.setattr(bridge, "_REGISTERED", [])
+    monkeypatch.setattr(bridge, "_OFF", [])
+    monkeypatch.setattr(bridge, "_register_op", lambda lib, compute: None)
+    monkeypatch.setattr(_compile, "get_mode", lambda: "background")
+    monkeypatch.setattr(_native, "entry_built", lambda name: False)
+    monkeypatch.setattr(_native, "build_in_background", built.append)
+    assert bridge.native_ready() is False and built == ["tf"]
+    monkeypatch.setattr(_native, "entry_built", lambda name: True)
+    assert bridge.native_ready() is True
