@@ -162,8 +162,8 @@ def _locate(a, regions):
 
 
 def _capture_once(fn, arrays, out):
-    from . import forward
-
+    # looked up, not imported: an import would make the public functions' module a kernel source (nbconv._cache)
+    forward = sys.modules[f"{__package__}.forward"]
     CAPTURE.calls = calls = []
     try:
         fn(*arrays, out=out)
