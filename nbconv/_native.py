@@ -49,15 +49,14 @@ from numba.extending import intrinsic
 from . import _cache, _compile, _dtypes
 from ._jit import jit
 from ._threads import CAPTURE, POOL, get_num_threads
-from ._sync import (GEN, INJOB, JOBFN, JOINING, LEAD, MBOX, NATIVE, NATIVE_SLEEP, PARTS, SIG_SLOTS, SOLO,
-                    atomic_load, atomic_store, call_job, pause, try_lock, unlock)
+from ._sync import (GEN, INJOB, JOBFN, JOINING, LEAD, MBOX, NATIVE, NATIVE_SLEEP, NONCE_SLOT, PARTS, SIG_SLOTS,
+                    SOLO, atomic_load, atomic_store, call_job, pause, try_lock, unlock)
 
 __all__ = ["Unsupported", "NativeCall", "capture", "run_template", "ffi_handler", "tf_compute", "tf_library",
            "available", "entry_built", "build_in_background", "NONCE"]
 
 #: a random value in ``sig`` and in every template: a template made by another process is refused
 NONCE = int.from_bytes(os.urandom(7), "little")
-_NONCE_SLOT = SIG_SLOTS - 1
 
 # --- the template (int64) ----------------------------------------------------------------------------------
 T_NONCE, T_SIG, T_FN, T_THREADS, T_NBUF, T_NARGS, T_PAYLOAD, T_PAYLOAD_LEN, T_PATCH, T_NPATCH, T_CHECK = range(11)
@@ -100,7 +99,7 @@ def run_template(t, ptrs):
     """Run the captured job of template ``t`` on the buffers whose data addresses are ``ptrs`` (arguments, then
     results, scratch last); returns :data:`OK` or an error code.  Types and shapes were checked by the caller."""
     sig = _words(t[T_SIG], SIG_SLOTS)
-    if sig[_NONCE_SLOT] != t[T_NONCE]:
+    if sig[NONCE_SLOT] != t[T_NONCE]:
         return E_NONCE
     threads = t[T_THREADS]
     n = t[T_PAYLOAD_LEN]
@@ -280,7 +279,7 @@ def capture(fn, arrays, out, other=None):
                          [(b.dtype, b.shape) for b in (*arrays, out)] + [(np.dtype(np.uint8), (scratch_bytes,))])
     call = NativeCall(template, scratch_bytes, job, constants, [(b.dtype, b.shape) for b in (*arrays, out)])
     POOL.ensure_started()
-    POOL.sig[_NONCE_SLOT] = NONCE
+    POOL.sig[NONCE_SLOT] = NONCE
     _self_check(fn, call, arrays, out)
     return call
 

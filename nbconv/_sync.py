@@ -38,7 +38,8 @@ call (a helper of a higher index keeps spinning without the GIL),
 the last native job (-1 while a leader rewrites the mailbox), ``[MBOX]`` the
 mailbox's address, ``[JOBFN]`` the native job's function, ``[INJOB]``
 helpers inside (or about to enter) a native job: the mailbox, and the
-``sched`` inside it, are rewritten only once none is.  A helper runs a
+``sched`` inside it, are rewritten only once none is; ``[NONCE_SLOT]`` the
+process's nonce.  A helper runs a
 native job as ``SOLO`` (with its index), so it neither waits for the others
 nor spins inside it.  A kernel's ``lead`` argument is its
 participant's role (the low two bits: ``HELPER``, ``LEAD``, ``LEAD_BUMPED``,
@@ -56,9 +57,8 @@ from ._simd import _X86
 __all__ = ["ACTIVE", "GEN", "PARTS", "PHASE1_DONE", "PHASE1", "PHASE2", "SPIN", "HELPER", "LEAD", "LEAD_BUMPED",
            "SOLO", "helper_lead", "new_sched", "atomic_add", "atomic_load", "pause", "cycles", "now", "cycles_per_ms",
            "enter", "claim", "done", "wait_at_least", "leave", "wait_change", "JOINING", "SLEEPERS", "BELL", "BUSY",
-           "NATIVE", "MBOX", "JOBFN", "INJOB", "SIG_SLOTS", "atomic_store", "NATIVE_SLEEP", "atomic_cas", "call_job",
-           "ring", "try_lock",
-           "unlock", "helper_wait"]
+           "NATIVE", "MBOX", "JOBFN", "INJOB", "SIG_SLOTS", "NONCE_SLOT", "atomic_store", "NATIVE_SLEEP", "atomic_cas",
+           "call_job", "ring", "try_lock", "unlock", "helper_wait"]
 
 ACTIVE, GEN, PARTS, PHASE1_DONE = 0, 1, 2, 3
 _COUNTERS = 4
@@ -67,6 +67,8 @@ PHASE1, PHASE2 = 0, 1
 SPIN, JOINING, SLEEPERS, BELL, BUSY, NATIVE, MBOX, JOBFN, INJOB = 1, 2, 3, 4, 5, 6, 7, 8, 9
 #: the length of the pool's ``sig`` array
 SIG_SLOTS = 16
+#: the process's nonce (nbconv._native: templates of another process are refused)
+NONCE_SLOT = SIG_SLOTS - 1
 #: whether helpers sleep in a futex (Linux), woken by any leader; elsewhere on a Python condition
 NATIVE_SLEEP = SYS_FUTEX != 0
 _FUTEX_WAIT_PRIVATE, _FUTEX_WAKE_PRIVATE = 128, 129

@@ -8,8 +8,8 @@ import numba
 import numpy as np
 
 from . import _compile
-from ._sync import (BUSY, GEN, JOINING, LEAD, LEAD_BUMPED, MBOX, NATIVE_SLEEP, SIG_SLOTS, SLEEPERS, SOLO, SPIN,
-                    cycles_per_ms, helper_lead, helper_wait, new_sched, ring, try_lock, unlock)
+from ._sync import (BUSY, GEN, JOINING, LEAD, LEAD_BUMPED, MBOX, NATIVE_SLEEP, NONCE_SLOT, SIG_SLOTS, SLEEPERS,
+                    SOLO, SPIN, cycles_per_ms, helper_lead, helper_wait, new_sched, ring, try_lock, unlock)
 
 __all__ = ["get_num_threads", "set_num_threads", "num_threads", "planning_threads", "POOL", "SPIN_ENV", "launch"]
 
@@ -125,10 +125,10 @@ class _Pool:
     def _reset(self):
         # also the child's state after fork(): the helpers did not survive it, and a lock may have been held
         self._cv = threading.Condition()
-        nonce = int(self.sig[SIG_SLOTS - 1])  # the process's templates (nbconv._native) stay valid after fork()
+        nonce = int(self.sig[NONCE_SLOT])  # the process's templates (nbconv._native) stay valid after fork()
         self.sig[:] = 0
         self.sig[MBOX] = self.mailbox.ctypes.data
-        self.sig[SIG_SLOTS - 1] = nonce
+        self.sig[NONCE_SLOT] = nonce
         self._job = None
         self._threads = []
         self._sleepers = 0
