@@ -41,7 +41,7 @@ from numba.core.compiler_lock import global_compiler_lock
 from . import _cache
 
 __all__ = ["NotCompiled", "MODES", "get_mode", "set_mode", "compile_mode", "register", "k", "entry", "typed", "operand",
-           "submit", "pending", "wait", "record_calls", "compile_all",
+           "companions", "companions_ready", "submit", "pending", "wait", "record_calls", "compile_all",
            "write_todo", "child_main"]
 
 MODES = ("background", "sync")
@@ -106,6 +106,41 @@ def register(*dispatchers):
 
 def _signature(d, args):
     return tuple(d.typeof_pyval(a) for a in args)
+
+
+#: (name, signature) of the helpers that Python calls around the kernels (the pool's lock and wait); every
+#: background child compiles those this process has not loaded, so that no call compiles them here
+_COMPANIONS = []
+
+
+def companions(*calls):
+    """Declare ``(dispatcher, example_args)`` pairs as companions (see :data:`_COMPANIONS`)."""
+    for d, args in calls:
+        name = _name(d)
+        _REGISTRY.setdefault(name, d)
+        _COMPANIONS.append((name, _signature(d, args)))
+
+
+def _missing_companions():
+    return [(name, sig) for name, sig in _COMPANIONS
+            if sig not in _REGISTRY[name].overloads and _load_cached(_REGISTRY[name], sig) is None]
+
+
+def companions_ready(submit):
+    """Whether the companions have machine code in this process (loading them from the disk cache).
+
+    In ``sync`` mode always (a call compiles them).  Otherwise, if ``submit``,
+    the missing ones go to the background compiler (where the kernels were in
+    the cache but these were not).
+    """
+    if _MODE[0] == "sync":
+        return True
+    missing = _missing_companions()
+    if not missing or any(_SCHEDULER.gave_up_on(key) for key in missing):
+        return True  # (a child failed on them: they compile on their first call, as in sync mode)
+    if submit:
+        _SCHEDULER.submit(missing)
+    return False
 
 
 def _in_index(d, sig):
@@ -303,6 +338,9 @@ class _Scheduler:
 
     def _start(self):
         items, self._queue = self._queue, []
+        # the companions first (a second's work); the child loads those already in the disk cache
+        items = [(n, sig) for n, sig in _COMPANIONS
+                 if sig not in _REGISTRY[n].overloads and (n, sig) not in items] + items
         try:
             self._proc = _spawn([write_todo(items)])
             self._running = set(items)

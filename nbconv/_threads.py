@@ -9,7 +9,7 @@ import numpy as np
 
 from . import _compile
 from ._sync import (BUSY, GEN, JOINING, LEAD, LEAD_BUMPED, MBOX, NATIVE_SLEEP, NONCE_SLOT, SIG_SLOTS, SLEEPERS,
-                    SOLO, SPIN, cycles_per_ms, helper_lead, helper_wait, new_sched, ring, try_lock, unlock)
+                    SOLO, SPIN, cycles_per_ms, helper_lead, helper_wait, new_sched, now, ring, try_lock, unlock)
 
 __all__ = ["get_num_threads", "set_num_threads", "num_threads", "planning_threads", "POOL", "SPIN_ENV", "launch"]
 
@@ -131,6 +131,7 @@ class _Pool:
         self.sig[NONCE_SLOT] = nonce
         self._job = None
         self._threads = []
+        self._ready = False  # the pool's own compiled functions are loaded (nbconv._compile.companions_ready)
         self._sleepers = 0
         self._wakes = 0
         self._pid = None
@@ -193,8 +194,13 @@ class _Pool:
         """``kernel(*args, sched, sig, lead)`` on ``threads`` threads at most: the calling one and helpers."""
         if threads > 1:
             threads = min(threads, get_num_threads())
-        if threads <= 1 or not try_lock(self.sig):
+            if not self._ready:
+                self._ready = _compile.companions_ready(submit=False)
+        if threads <= 1 or not self._ready or not try_lock(self.sig):
             kernel(*args, new_sched(1), self.sig, SOLO)
+            if threads > 1 and not self._ready:
+                # (after the kernel: had it missed, its background compile took the pool's functions along)
+                self._ready = _compile.companions_ready(submit=True)
             return
         try:
             self.ensure_started()
@@ -216,6 +222,9 @@ class _Pool:
 
 
 POOL = _Pool()
+# what Python calls of nbconv._sync: compiled by the background child, never in a caller's first calls
+_compile.companions((try_lock, (POOL.sig,)), (unlock, (POOL.sig,)), (ring, (POOL.sig,)), (now, ()),
+                    (helper_wait, (POOL.sig, 0, False, 1)))
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=POOL._reset)
 

@@ -95,8 +95,8 @@ def _calls():
 
 
 def signatures():
-    """Unique ``(kernel name, signature)`` pairs the grid of public calls reaches."""
-    found = {}
+    """Unique ``(kernel name, signature)`` pairs the grid of public calls reaches, and the pool's companions."""
+    found = dict.fromkeys(_compile._COMPANIONS)
     for fn, args, kwargs in _calls():
         for key in _compile.record_calls(fn, args, kwargs, strict=True):
             found.setdefault(key, None)

@@ -64,26 +64,40 @@ def test_cold_call_answers_from_numpy_and_submits_its_kernels(tmp_path):
 
 
 def test_background_compile_then_the_kernel_runs_and_the_next_process_loads_it(tmp_path):
+    """The child compiles the kernel and the pool's own functions (called from Python around the kernels): the
+    calls after it, on two threads, load both and compile nothing in this process."""
     code = """
         import json, time
         import numpy as np
         import nbconv
+        from nbconv import _compile, _threads
         from nbconv.forward import pointwise_nhwc
         from reference import assert_close, pointwise_ref, random_array
+        nbconv.set_num_threads(2)
         rng = np.random.default_rng(0)
         x = random_array(rng, (1, 5, 5, 8)); w = random_array(rng, (8, 16))
+        big = random_array(rng, (2, 48, 48, 8))
         y = nbconv.pointwise_conv2d(x, w, activation="relu6")
-        pending = nbconv._compile.pending()
-        assert nbconv._compile.wait(timeout=500)
+        pending = _compile.pending()
+        assert _compile.wait(timeout=500)
         z = nbconv.pointwise_conv2d(x, w, activation="relu6")
         for r in (y, z):
             assert_close(r, pointwise_ref(x, w, activation="relu6"), np.float32)
-        print(json.dumps({"pending": pending, "loaded": len(pointwise_nhwc.signatures)}))
+        for _ in range(3):
+            assert_close(nbconv.pointwise_conv2d(big, w), pointwise_ref(big, w), np.float32)
+        pool = [_compile._REGISTRY[name] for name, _ in _compile._COMPANIONS]
+        print(json.dumps({"pending": pending, "companions": len(pool), "loaded": len(pointwise_nhwc.signatures),
+                          "pool_ready": _threads.POOL._ready,
+                          "pool_loaded": all(len(d.overloads) == 1 for d in pool),
+                          "compiled_here": sum(sum(d.stats.cache_misses.values()) for d in pool)}))
     """
     first = _run(code, tmp_path)
-    assert first["pending"] == 1 and first["loaded"] == 1  # compiled in the child, then loaded
+    # compiled in the child, then loaded
+    assert first["pending"] == 1 + first["companions"] and first["loaded"] == 1
+    assert first["pool_ready"] and first["pool_loaded"] and first["compiled_here"] == 0
     second = _run(code, tmp_path)
     assert second["pending"] == 0 and second["loaded"] == 1
+    assert second["pool_ready"] and second["pool_loaded"] and second["compiled_here"] == 0
     assert len([f for f in os.listdir(_cache_dir_of(tmp_path)) if f.startswith("_pointwise.pointwise_nhwc")]) >= 2
 
 
@@ -102,9 +116,10 @@ def test_sync_mode_and_bad_mode(tmp_path):
 
 
 def test_warmup_covers_every_kernel_called_from_python():
-    names = {name for name, _ in _warmup.signatures()}
-    assert names == set(_compile._REGISTRY)
-    dtypes = {_warmup._dtype_of(sig) for _, sig in _warmup.signatures()}
+    found = _warmup.signatures()
+    assert {name for name, _ in found} == set(_compile._REGISTRY)
+    assert set(_compile._COMPANIONS) <= set(found)  # the pool's own functions, called from Python
+    dtypes = {_warmup._dtype_of(sig) for key in found if key not in _compile._COMPANIONS for sig in [key[1]]}
     assert dtypes == {"float32", "float64", "bfloat16"}
 
 
