@@ -67,6 +67,18 @@ def _cache_info():
     return where, len(glob.glob(os.path.join(where, "*.nbi"))), len(glob.glob(os.path.join(where, "*.nbc")))
 
 
+def _native_status():
+    """``(available, {"ffi": built, "tf": built}, number of built jobs)`` of :mod:`nbconv._native`."""
+    from . import _cache, _native
+
+    try:
+        jobs = sum(1 for f in os.listdir(os.path.join(_cache.cache_dir(), "native"))
+                   if f.startswith("job_") and f.endswith(".built"))
+    except OSError:
+        jobs = 0
+    return _native.available(), {name: _native.entry_built(name) for name in ("ffi", "tf")}, jobs
+
+
 def info(out=sys.stdout):
     """Print the installation report."""
     import numba
@@ -133,6 +145,16 @@ def info(out=sys.stdout):
                                  "low-priority child process compiles them)" if mode == "background" else
                                  "  (a call whose kernels are not cached yet waits for them to compile)")
       + "; set by NBCONV_COMPILE={background,sync}")
+    ok, entries, jobs = _native_status()
+    p("native calls (the Keras layers' forward called by XLA (jax) or TensorFlow without Python):")
+    if not ok:
+        p("  unavailable on this platform (the helpers' futex is Linux-only): the layers use host callbacks")
+        return 0
+    for name, label, env in (("ffi", "jax FFI handler   ", "NBCONV_JAX_FFI"),
+                             ("tf", "tensorflow kernel ", "NBCONV_TF_NATIVE")):
+        state = "built (in the cache)" if entries[name] else "not built yet (the first traced call builds it)"
+        p(f"  {label}{state}; {env}=0 turns it off")
+    p(f"  jobs              {jobs} built (one per layer configuration and shape)")
     return 0
 
 

@@ -33,6 +33,12 @@ def test_info():
     assert "BLAS (threadpoolctl" in out
     assert "micro-kernels" in out
     assert "kernel cache" in out
+    native = out[out.index("native calls"):].splitlines()
+    if sys.platform.startswith("linux"):  # the helpers' futex: native calls are possible
+        assert native[1].split()[:3] == ["jax", "FFI", "handler"] and "NBCONV_JAX_FFI=0" in native[1]
+        assert native[2].split()[:2] == ["tensorflow", "kernel"] and "NBCONV_TF_NATIVE=0" in native[2]
+    else:
+        assert "unavailable" in native[1]
     from threadpoolctl import threadpool_info
 
     for lib in threadpool_info():
@@ -49,6 +55,8 @@ def test_info_names_the_cache(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert f"directory  {tmp_path}{os.sep}kernels-" in proc.stdout
     assert "compile    sync" in proc.stdout
+    if sys.platform.startswith("linux"):  # an empty cache holds no native entry points
+        assert proc.stdout.count("not built yet") == 2 and "jobs              0 built" in proc.stdout
 
 
 def test_info_reports_openblas_environment():
