@@ -6,7 +6,8 @@
 Importing this package registers the layers (package "nbconv") so that
 ``keras.saving.load_model`` finds them.
 """
-from .layers import DepthwiseConv2D, SeparableConv2D
+from .layers import Activation, BatchNormalization, DepthwiseConv2D, ReLU, SeparableConv2D
 from .convert import FusedSeparableConv2D, convert
 
-__all__ = ["SeparableConv2D", "DepthwiseConv2D", "FusedSeparableConv2D", "convert"]
+__all__ = ["SeparableConv2D", "DepthwiseConv2D", "FusedSeparableConv2D", "convert", "BatchNormalization", "ReLU",
+           "Activation"]

@@ -47,13 +47,13 @@ import collections
 
 import keras
 import numpy as np
-from keras import activations
 
 from nbconv._args import conv_output_hw, normalize_data_format, normalize_pair, normalize_padding, same_padding
 
 from .backend._common import activation_name
 from . import layers as _layers
-from .layers import DepthwiseConv2D, SeparableConv2D, _jit_ok, _run, own_kernel_modes
+from .layers import (DepthwiseConv2D, SeparableConv2D, _activation_of, _channels_axis_ok, _fused_activation, _jit_ok,
+                     _run, own_kernel_modes)
 
 __all__ = ["convert", "FusedSeparableConv2D", "Absorbed", "ConversionReport"]
 
@@ -172,26 +172,6 @@ class Absorbed(keras.layers.Layer):
 
 # --- graph inspection --------------------------------------------------------------------------------------
 
-def _fused_activation(layer):
-    """'relu' / 'relu6' / 'linear' if ``layer`` is a plain activation layer the kernels can fuse, else None."""
-    if isinstance(layer, keras.layers.ReLU):
-        if float(layer.negative_slope) != 0.0 or float(layer.threshold) != 0.0:
-            return None
-        if layer.max_value is None:
-            return "relu"
-        return "relu6" if float(layer.max_value) == 6.0 else None
-    if isinstance(layer, keras.layers.Activation):
-        return _activation_of(layer.activation)
-    return None
-
-
-def _activation_of(fn):
-    """Name of a layer's ``activation`` attribute if fusable, else None."""
-    if fn is None:
-        return "linear"
-    return {activations.linear: "linear", activations.relu: "relu", activations.relu6: "relu6"}.get(fn)
-
-
 class _Graph:
     """Who feeds whom in a built model (nested models included), for finding fusable chains."""
 
@@ -235,14 +215,6 @@ class _Graph:
         if id(producer) not in self.ids or self.sole_consumer(producer) is not layer:
             return None
         return producer
-
-
-def _channels_axis_ok(bn, data_format):
-    axis = bn.axis if isinstance(bn.axis, int) else (bn.axis[0] if len(bn.axis) == 1 else None)
-    if axis is None:
-        return False
-    axis = axis % 4
-    return axis == (3 if data_format == "channels_last" else 1)
 
 
 def _np(v):
@@ -295,6 +267,7 @@ class _Plan:
         self.identity = set()  # ids of absorbed layers
         self.entries = []  # (description, [original layer names], new class name)
         self.own = []  # the same, for layers that stay Keras's own (folded weights or the backend's faster kernel)
+        self.epilogues = []  # names of the batch norms and activations that may fold into our ops (not folding)
 
 
 def _copy_config(layer, drop=()):
@@ -450,12 +423,31 @@ def _make_plan(model, fold_batchnorm):
             if _plan_folded_conv(graph, plan, layer, SeparableConv2D if is_sep else DepthwiseConv2D):
                 continue
         ours = SeparableConv2D if is_sep else DepthwiseConv2D
+        _plan_epilogue(graph, plan, layer)
         if type(layer) is ours:
             continue  # already ours: cloned and copied like any other layer
         config = _copy_config(layer)
         plan.replace[id(layer)] = (lambda c=config, cls=ours: cls.from_config(c), None)
         plan.entries.append((type(layer).__name__, [layer.name], f"{ours.__name__} {layer.name!r}"))
     return graph, plan
+
+
+#: Keras layers after ours that fold into our op at inference in a TensorFlow graph (layers._Epilogue)
+_EPILOGUE_CLASSES = {keras.layers.BatchNormalization: _layers.BatchNormalization, keras.layers.ReLU: _layers.ReLU,
+                     keras.layers.Activation: _layers.Activation}
+
+
+def _plan_epilogue(graph, plan, layer):
+    """The ``[→ BatchNormalization] [→ ReLU/ReLU6]`` that ``layer``'s output alone feeds: the same layers, as
+    the subclasses that fold into its op where that pays (same config and weights; training unchanged)."""
+    _, _, tail = _tail(graph, layer, layer.data_format, _activation_of(layer.activation))
+    for follower in tail:
+        cls = _EPILOGUE_CLASSES.get(type(follower))
+        if cls is None or id(follower) in plan.replace:
+            continue
+        config = _copy_config(follower)
+        plan.replace[id(follower)] = (lambda c=config, cls=cls: cls.from_config(c), None)
+        plan.epilogues.append(follower.name)
 
 
 # --- the report ---------------------------------------------------------------------------------------------
@@ -521,6 +513,14 @@ def _kernel_notes(entries):
     return notes
 
 
+def _epilogue_notes(names):
+    if not names:
+        return []
+    return [f"{len(names)} batch norm / activation layer(s) that nbconv layers feed are keras_layers' "
+            "BatchNormalization / ReLU / Activation (same config and weights): at inference in a TensorFlow graph "
+            "they fold into the nbconv op (one op instead of two or three passes over the result)"]
+
+
 # --- convert -------------------------------------------------------------------------------------------------
 
 def convert(model, *, fold_batchnorm=False, verbose=False):
@@ -582,7 +582,7 @@ def convert(model, *, fold_batchnorm=False, verbose=False):
         if weights:
             new.set_weights(weights)
     report = ConversionReport(model.name, bool(fold_batchnorm), plan.entries, kept, plan.own,
-                              _kernel_notes(plan.entries))
+                              _kernel_notes(plan.entries) + _epilogue_notes(plan.epilogues))
     object.__setattr__(new_model, "nbconv_report", report)
     if verbose:
         print(report)

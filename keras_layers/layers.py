@@ -38,7 +38,7 @@ try:  # reading a variable without the mixed policy's cast (Keras's own layers u
 except ImportError:  # pragma: no cover  (another Keras: the weights arrive cast to bfloat16)
     _AutocastScope = None
 
-__all__ = ["SeparableConv2D", "DepthwiseConv2D"]
+__all__ = ["SeparableConv2D", "DepthwiseConv2D", "BatchNormalization", "ReLU", "Activation"]
 
 #: Keras activation functions the kernels fuse, by name
 _FUSABLE = {activations.linear: "linear", activations.relu: "relu", activations.relu6: "relu6"}
@@ -67,10 +67,13 @@ def _own_value(variable):
         return variable.value
 
 
-def _run(layer, kind, inputs, variables, depthwise_bias=False, depthwise_activation=None):
+def _run(layer, kind, inputs, variables, depthwise_bias=False, depthwise_activation=None, use_bias=None,
+         activation=None):
     """The layer's op on ``inputs`` through the backend's bridge: ``variables`` are the op's inputs after ``x``
-    (``keras_layers.backend.Config.names``), with a ``depthwise_bias`` last for the fused block."""
-    fused, after = _split_activation(layer.activation)
+    (``keras_layers.backend.Config.names``), with a ``depthwise_bias`` last for the fused block; ``use_bias`` and
+    ``activation`` replace the layer's own (:class:`_Epilogue`)."""
+    fused, after = _split_activation(layer.activation if activation is None else activation)
+    use_bias = layer.use_bias if use_bias is None else use_bias
     compute_dtype = keras.backend.standardize_dtype(layer.compute_dtype)
     precision = ""
     if compute_dtype == "bfloat16":
@@ -82,7 +85,7 @@ def _run(layer, kind, inputs, variables, depthwise_bias=False, depthwise_activat
         # float16 is computed in float32
         work = "float64" if compute_dtype == "float64" else "float32"
         tensors = [ops.cast(t, work) for t in [inputs] + list(variables)]
-    cfg = _backend.make_config(kind, layer.use_bias, layer.strides, layer.padding, layer.dilation_rate,
+    cfg = _backend.make_config(kind, use_bias, layer.strides, layer.padding, layer.dilation_rate,
                                layer.data_format, fused, precision, depthwise_bias, depthwise_activation)
     out = _backend.bridge().apply(cfg, *tensors)
     if keras.backend.standardize_dtype(out.dtype) != compute_dtype:
@@ -90,6 +93,167 @@ def _run(layer, kind, inputs, variables, depthwise_bias=False, depthwise_activat
     if after is not None:
         out = after(out)
     return out
+
+
+def _fused_activation(layer):
+    """'relu' / 'relu6' / 'linear' if ``layer`` is a plain activation layer the kernels can fuse, else None."""
+    if isinstance(layer, keras.layers.ReLU):
+        if float(layer.negative_slope) != 0.0 or float(layer.threshold) != 0.0:
+            return None
+        if layer.max_value is None:
+            return "relu"
+        return "relu6" if float(layer.max_value) == 6.0 else None
+    if isinstance(layer, keras.layers.Activation):
+        return _activation_of(layer.activation)
+    return None
+
+
+def _activation_of(fn):
+    """Name of a layer's ``activation`` attribute if fusable, else None."""
+    if fn is None:
+        return "linear"
+    return {activations.linear: "linear", activations.relu: "relu", activations.relu6: "relu6"}.get(fn)
+
+
+def _channels_axis_ok(bn, data_format):
+    axis = bn.axis if isinstance(bn.axis, int) else (bn.axis[0] if len(bn.axis) == 1 else None)
+    if axis is None:
+        return False
+    axis = axis % 4
+    return axis == (3 if data_format == "channels_last" else 1)
+
+
+
+class _Epilogue:
+    """How to compute a layer's output again with an inference-mode batch norm and an activation folded in.
+
+    nbconv's layers attach one to their output (``_nbconv_epilogue``) where
+    the bridge builds a graph that drops unused stateless ops (TensorFlow's
+    ``tf.function``: :func:`keras_layers.backend.tensorflow.prunes_unused`).
+    The :class:`BatchNormalization`, :class:`ReLU` and :class:`Activation`
+    that :func:`keras_layers.convert` puts after them then return the fused
+    op's output instead of computing on the input: their own pass over the
+    result is gone (Grappler fuses it into TensorFlow's own convolutions, not
+    into ours), and the layer's first op, no longer used, is pruned.  The
+    input's identity is the check: any other input, or the same tensor used
+    elsewhere, is computed as written.
+    """
+
+    def __init__(self, layer, kind, inputs, variables, bn=None, activation="linear"):
+        self.layer, self.kind, self.inputs, self.variables = layer, kind, inputs, variables
+        self.bn, self.activation = bn, activation
+
+    @classmethod
+    def attach(cls, layer, kind, inputs, variables, out):
+        bridge = _backend.bridge()
+        if (_float32(layer) and _split_activation(layer.activation) == ("linear", None)
+                and getattr(bridge, "prunes_unused", lambda: False)()
+                and not bridge.needs_gradient([inputs] + [v.value for v in variables])):
+            _tag(out, cls(layer, kind, inputs, variables))
+        return out
+
+    def folds(self, bn):
+        """Whether ``bn`` (inference mode) folds into this op at a profit."""
+        layer = self.layer
+        if (self.bn is not None or self.activation != "linear" or not _channels_axis_ok(bn, layer.data_format)
+                or not _float32(bn)):
+            return False
+        if self.kind == "depthwise":
+            return True  # a few weights per channel against a pass over the result
+        # the pointwise weights (C*F) scaled per call against a pass over the result (N*OH*OW*F)
+        shape = self.layer.compute_output_shape(tuple(self.inputs.shape))
+        hw = shape[1:3] if layer.data_format == "channels_last" else shape[2:4]
+        pixels = (shape[0] or 1) * hw[0] * hw[1] if None not in hw else 0
+        return int(self.variables[1].shape[-2]) <= pixels
+
+    def with_batchnorm(self, bn):
+        return self._output(bn, "linear")
+
+    def with_activation(self, name):
+        return self._output(self.bn, name)
+
+    def _output(self, bn, activation):
+        layer = self.layer
+        weights = [_own_value(v) if isinstance(v, keras.Variable) else v for v in self.variables]
+        kernel = weights[-2] if layer.use_bias else weights[-1]
+        bias = weights[-1] if layer.use_bias else None
+        if bn is not None:
+            mean, var = bn.moving_mean.value, bn.moving_variance.value
+            scale = ops.rsqrt(ops.add(var, bn.epsilon))
+            if bn.scale:
+                scale = ops.multiply(scale, bn.gamma.value)
+            shift = ops.negative(ops.multiply(mean, scale))
+            if bn.center:
+                shift = ops.add(shift, bn.beta.value)
+            if self.kind == "depthwise":  # output channel c * depth_multiplier + m
+                kernel = ops.multiply(kernel, ops.reshape(scale, tuple(kernel.shape[2:])))
+            else:
+                kernel = ops.multiply(kernel, scale)
+            bias = shift if bias is None else ops.add(ops.multiply(bias, scale), shift)
+        tensors = weights[:-2 if layer.use_bias else -1] + [kernel] + ([] if bias is None else [bias])
+        out = _run(layer, self.kind, self.inputs, tensors, use_bias=bias is not None, activation=activation)
+        if activation == "linear":
+            _tag(out, _Epilogue(layer, self.kind, self.inputs, self.variables, bn, activation))
+        return out
+
+
+def _float32(layer):
+    return keras.backend.standardize_dtype(layer.compute_dtype) == "float32"
+
+
+def _tag(tensor, epilogue):
+    try:
+        tensor._nbconv_epilogue = epilogue
+    except AttributeError:  # a tensor type that takes no attributes: nothing folds into its op
+        pass
+    return tensor
+
+
+def _epilogue_of(inputs):
+    return getattr(inputs, "_nbconv_epilogue", None)
+
+
+def _folding_activation(layer, inputs):
+    """``(epilogue, "relu" or "relu6")`` where activation ``layer`` folds into the op that made ``inputs``."""
+    epilogue, name = _epilogue_of(inputs), _fused_activation(layer)
+    if epilogue is None or name not in ("relu", "relu6") or not _float32(layer):
+        return None, None
+    return epilogue, name
+
+
+@keras.saving.register_keras_serializable(package="nbconv")
+class BatchNormalization(keras.layers.BatchNormalization):
+    """``keras.layers.BatchNormalization``; at inference inside a TensorFlow graph, folded into the nbconv layer
+    that feeds it (:class:`_Epilogue`).  :func:`keras_layers.convert` puts it after nbconv's layers."""
+
+    def call(self, inputs, training=None, mask=None):
+        epilogue = _epilogue_of(inputs)
+        if epilogue is not None and not (training and self.trainable) and epilogue.folds(self):
+            return epilogue.with_batchnorm(self)
+        return super().call(inputs, training=training, mask=mask)
+
+
+@keras.saving.register_keras_serializable(package="nbconv")
+class ReLU(keras.layers.ReLU):
+    """``keras.layers.ReLU``; a relu or relu6 after an nbconv layer (and its batch norm) in a TensorFlow graph is
+    fused into that layer's op (:class:`_Epilogue`)."""
+
+    def call(self, inputs):
+        epilogue, name = _folding_activation(self, inputs)
+        if epilogue is not None:
+            return epilogue.with_activation(name)
+        return super().call(inputs)
+
+
+@keras.saving.register_keras_serializable(package="nbconv")
+class Activation(keras.layers.Activation):
+    """``keras.layers.Activation``; fused like :class:`ReLU` where its function is relu or relu6."""
+
+    def call(self, inputs):
+        epilogue, name = _folding_activation(self, inputs)
+        if epilogue is not None:
+            return epilogue.with_activation(name)
+        return super().call(inputs)
 
 
 #: where the backend's own kernel is faster inside a model than nbconv's behind the bridge, measured on
@@ -171,7 +335,7 @@ class SeparableConv2D(keras.layers.SeparableConv2D):
         variables = [self.depthwise_kernel, self.pointwise_kernel] + ([self.bias] if self.use_bias else [])
         if _own_kernel(self, "separable", inputs, variables):
             return super().call(inputs)
-        return _run(self, "separable", inputs, variables)
+        return _Epilogue.attach(self, "separable", inputs, variables, _run(self, "separable", inputs, variables))
 
 
 @keras.saving.register_keras_serializable(package="nbconv")
@@ -191,4 +355,4 @@ class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
         variables = [self.kernel] + ([self.bias] if self.use_bias else [])
         if _own_kernel(self, "depthwise", inputs, variables):
             return super().call(inputs)
-        return _run(self, "depthwise", inputs, variables)
+        return _Epilogue.attach(self, "depthwise", inputs, variables, _run(self, "depthwise", inputs, variables))

@@ -291,6 +291,12 @@ def apply(cfg, *tensors):
     return _op(cfg, _watched(tensors))(*tensors)
 
 
+def prunes_unused():
+    """Whether ops built now whose results nothing uses are dropped before they run (a ``tf.function``'s graph:
+    TensorFlow prunes unused stateless ops), so a layer may offer an alternative op (``keras_layers.layers``)."""
+    return not tf.executing_eagerly()
+
+
 def needs_gradient(tensors):
     """Whether a ``GradientTape`` records any of ``tensors`` (a training step's trace), as the layers ask it."""
     return _watched([tf.convert_to_tensor(t) for t in tensors]) is not None
