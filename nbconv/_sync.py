@@ -33,6 +33,7 @@ only phase of a one-phase kernel) ``P`` counters, one per share.  ``sig``
 slots: ``[0]`` the generation of the last call, ``[SPIN]`` how long helpers
 spin, in cycle-counter ticks, ``[JOINING]`` the participants of the last
 call (a helper of a higher index keeps spinning without the GIL),
+``[SPIN_NATIVE]`` the (shorter) spin window after a native job,
 ``[SLEEPERS]`` helpers in the futex, ``[BELL]`` the futex word,
 ``[BUSY]`` 1 while a call uses the helpers, ``[NATIVE]`` the generation of
 the last native job (-1 while a leader rewrites the mailbox), ``[MBOX]`` the
@@ -57,14 +58,14 @@ from ._simd import _X86
 __all__ = ["ACTIVE", "GEN", "PARTS", "PHASE1_DONE", "PHASE1", "PHASE2", "SPIN", "HELPER", "LEAD", "LEAD_BUMPED",
            "SOLO", "helper_lead", "new_sched", "atomic_add", "atomic_load", "pause", "cycles", "now", "cycles_per_ms",
            "enter", "claim", "done", "wait_at_least", "leave", "wait_change", "JOINING", "SLEEPERS", "BELL", "BUSY",
-           "NATIVE", "MBOX", "JOBFN", "INJOB", "SIG_SLOTS", "NONCE_SLOT", "atomic_store", "NATIVE_SLEEP", "atomic_cas",
-           "call_job", "ring", "try_lock", "unlock", "helper_wait"]
+           "NATIVE", "MBOX", "JOBFN", "INJOB", "SPIN_NATIVE", "SIG_SLOTS", "NONCE_SLOT", "atomic_store", "NATIVE_SLEEP",
+           "atomic_cas", "call_job", "ring", "try_lock", "unlock", "helper_wait"]
 
 ACTIVE, GEN, PARTS, PHASE1_DONE = 0, 1, 2, 3
 _COUNTERS = 4
 #: the phases of :func:`claim`
 PHASE1, PHASE2 = 0, 1
-SPIN, JOINING, SLEEPERS, BELL, BUSY, NATIVE, MBOX, JOBFN, INJOB = 1, 2, 3, 4, 5, 6, 7, 8, 9
+SPIN, JOINING, SLEEPERS, BELL, BUSY, NATIVE, MBOX, JOBFN, INJOB, SPIN_NATIVE = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
 #: the length of the pool's ``sig`` array
 SIG_SLOTS = 16
 #: the process's nonce (nbconv._native: templates of another process are refused)
@@ -280,16 +281,24 @@ def helper_wait(sig, seen, spun, index):
     """Helper ``index``'s wait for its next Python call after the call ``seen``: spins for the spin window (not
     again if ``spun``: the last kernel's :func:`leave` did), sleeps in the futex, runs native jobs on the way.
 
+    After a native job it spins only ``sig[SPIN_NATIVE]`` cycles (for the
+    framework's next call of ours in a row): the framework that called it
+    (XLA, TensorFlow) runs its own ops next, on its own threads, and a helper
+    spinning beside them for the whole window slowed converted models by
+    5-20 %.
+
     Returns the generation of a call for this helper that is not a native
     job (its kernel and arguments are in Python), or -1 where helpers sleep
     on a Python condition (no futex) and the spin window has passed.
     """
+    window = sig[SPIN]
     while True:
         if spun:
             gen = atomic_load(sig, 0)
         else:
-            gen = wait_change(sig, seen, cycles() + sig[SPIN], index)
+            gen = wait_change(sig, seen, cycles() + window, index)
         spun = False
+        window = sig[SPIN]
         if gen != seen and index < atomic_load(sig, JOINING):
             seen = gen
             if atomic_load(sig, NATIVE) != gen:
@@ -300,6 +309,7 @@ def helper_wait(sig, seen, spun, index):
             if atomic_load(sig, NATIVE) == gen and atomic_load(sig, 0) == gen:
                 call_job(atomic_load(sig, JOBFN), atomic_load(sig, MBOX), SOLO | (index << 2))
             atomic_add(sig, INJOB, -1)
+            window = sig[SPIN_NATIVE]
             continue
         if not NATIVE_SLEEP:
             return -1

@@ -9,7 +9,8 @@ import numpy as np
 
 from . import _compile
 from ._sync import (BUSY, GEN, JOINING, LEAD, LEAD_BUMPED, MBOX, NATIVE_SLEEP, NONCE_SLOT, SIG_SLOTS, SLEEPERS,
-                    SOLO, SPIN, cycles_per_ms, helper_lead, helper_wait, new_sched, now, ring, try_lock, unlock)
+                    SOLO, SPIN, SPIN_NATIVE, cycles_per_ms, helper_lead, helper_wait, new_sched, now, ring, try_lock,
+                    unlock)
 
 __all__ = ["get_num_threads", "set_num_threads", "num_threads", "planning_threads", "POOL", "SPIN_ENV", "launch"]
 
@@ -91,6 +92,10 @@ def _spin_ms():
 
 #: :data:`SPIN_ENV`, read (and checked) at import
 SPIN_MS = _spin_ms()
+#: the spin window after a native job (nbconv._native: called by XLA or TensorFlow, whose own ops, on their own
+#: threads, come next; a helper spinning beside them for SPIN_MS slowed converted models by 5-20 %): long enough
+#: for the framework's next call of ours in a row
+NATIVE_SPIN_MS = 0.05
 
 
 class _Pool:
@@ -146,8 +151,10 @@ class _Pool:
 
     def _helper(self, index):
         pid = self._pid
-        spin = int(SPIN_MS * cycles_per_ms())  # measured here, not in the call that started the helpers
+        per_ms = cycles_per_ms()  # measured here, not in the call that started the helpers
+        spin = int(SPIN_MS * per_ms)
         self.sig[SPIN] = spin
+        self.sig[SPIN_NATIVE] = min(spin, int(NATIVE_SPIN_MS * per_ms))
         seen = int(self.sig[0])
         spun = False  # the spin window after the last job has passed (inside its kernel)
         while pid == os.getpid():
