@@ -110,9 +110,7 @@ def _fused_activation(layer):
 
 def _activation_of(fn):
     """Name of a layer's ``activation`` attribute if fusable, else None."""
-    if fn is None:
-        return "linear"
-    return {activations.linear: "linear", activations.relu: "relu", activations.relu6: "relu6"}.get(fn)
+    return "linear" if fn is None else _FUSABLE.get(fn)
 
 
 def _channels_axis_ok(bn, data_format):
@@ -121,7 +119,6 @@ def _channels_axis_ok(bn, data_format):
         return False
     axis = axis % 4
     return axis == (3 if data_format == "channels_last" else 1)
-
 
 
 class _Epilogue:
@@ -161,7 +158,7 @@ class _Epilogue:
         if self.kind == "depthwise":
             return True  # a few weights per channel against a pass over the result
         # the pointwise weights (C*F) scaled per call against a pass over the result (N*OH*OW*F)
-        shape = self.layer.compute_output_shape(tuple(self.inputs.shape))
+        shape = layer.compute_output_shape(tuple(self.inputs.shape))
         hw = shape[1:3] if layer.data_format == "channels_last" else shape[2:4]
         pixels = (shape[0] or 1) * hw[0] * hw[1] if None not in hw else 0
         return int(self.variables[1].shape[-2]) <= pixels
@@ -174,7 +171,7 @@ class _Epilogue:
 
     def _output(self, bn, activation):
         layer = self.layer
-        weights = [_own_value(v) if isinstance(v, keras.Variable) else v for v in self.variables]
+        weights = [_own_value(v) for v in self.variables]
         kernel = weights[-2] if layer.use_bias else weights[-1]
         bias = weights[-1] if layer.use_bias else None
         if bn is not None:
