@@ -142,9 +142,11 @@ class _Epilogue:
 
     @classmethod
     def attach(cls, layer, kind, inputs, variables, out):
+        # the bridge first: on the eager backends (every torch call) nothing else is asked
         bridge = _backend.bridge()
-        if (_float32(layer) and _split_activation(layer.activation) == ("linear", None)
-                and getattr(bridge, "prunes_unused", lambda: False)()
+        prunes = getattr(bridge, "prunes_unused", None)
+        if (prunes is not None and prunes() and _float32(layer)
+                and _split_activation(layer.activation) == ("linear", None)
                 and not bridge.needs_gradient([inputs] + [v.value for v in variables])):
             _tag(out, cls(layer, kind, inputs, variables))
         return out
