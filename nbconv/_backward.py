@@ -50,7 +50,7 @@ import numpy as np
 from numba import types
 from numba.extending import overload
 
-from ._depthwise import _first_valid, dk3_packed_rows, dw_rows_packed, dw_tile, pack_rows
+from ._depthwise import _first_valid, dk3_packed_rows, dw_packed_rows, dw_rows_packed, dw_tile, pack_rows
 from ._jit import jit
 from ._gemm import KC, gemm_bf16, gemm_nn, transpose_tile
 from ._pointwise import gemm_rm
@@ -74,8 +74,9 @@ def _chunk_rows(chunk, nchunks, rows):
 
 
 @jit
-def _zero_owned_nhwc(dx, r0, r1, oh_size, sh, pt):
-    """Zero the ``dx`` rows owned by output rows ``[r0, r1)``.
+def _zero_owned_nhwc(dx, r0, r1, oh_size, sh, pt, zero_rows):
+    """Zero the ``dx`` rows owned by output rows ``[r0, r1)`` (if ``zero_rows``: a caller that stores every owned
+    row need not).
 
     Returns ``(n, first row not owned)`` of the image whose rows the chunk's
     last taps can spill past, or ``(-1, 0)`` when the chunk ends an image.
@@ -88,7 +89,7 @@ def _zero_owned_nhwc(dx, r0, r1, oh_size, sh, pt):
         ia = row_start(a, oh_size, h, sh, pt)
         ib = row_start(b, oh_size, h, sh, pt)
         dxn = dx[n]
-        for ih in range(ia, ib):
+        for ih in range(ia, ib if zero_rows else ia):
             r = dxn[ih].reshape(-1)
             for i in range(r.shape[0]):
                 r[i] = zero
@@ -237,6 +238,47 @@ def _dx_rows_nhwc(w, src, o0, o1, ow_size, sh, sw, dh, dw, pt, pl, dxn, own_end,
                     gseg = g1[g0:g0 + cm]
                     for j in range(cm):
                         dseg[j] += gseg[j] * wv[j]
+
+
+@jit
+def dx_gather_rows(dd1, r0t, nrt, ow_size, wf, bt, dh, dw, pt, pl2, kh_n, kw_n, wp2, xs2, ovl, dxn, own_end, hal,
+                   fresh):
+    """Input gradient (unit strides, ``dm == 1``) reached from the ``dD`` tile of output rows ``r0t .. r0t+nrt-1``
+    of one NHWC image: the tile's full convolution with the flipped kernel ``wf`` (per tap, ``(KH*KW, C)``).
+
+    A gather: the forward's micro-kernels sum each ``dx`` vector in registers and store it once, where the
+    scatter (:func:`_dx_rows_nhwc`) reads and writes it once per tap.  Input rows ``r0t - pt`` on are
+    reached; rows from ``fresh`` up to ``own_end`` are stored (no earlier tile reached them, so the chunk's
+    owned rows need no zeroing), the rows before ``fresh`` (shared with the previous tile) and from
+    ``own_end`` on (``hal``) are added to.  ``pl2 = (KW-1)*dw - pl``; ``xs2`` takes ``nrt + 2*(KH-1)*dh``
+    packed rows of ``wp2`` columns, ``ovl`` ``(KH-1)*dh`` rows of ``dx``.  Returns the first row not reached.
+    """
+    h, wd, c = dxn.shape
+    p = (kh_n - 1) * dh
+    nin = nrt + 2 * p
+    nout = nrt + p
+    lanes = VECTOR_BYTES // max(xs2.itemsize, 4)
+    pack_rows(dd1[:nrt * ow_size * c].reshape((nrt, ow_size, c)), 1, 0, nin, p, pl2, wp2, lanes, xs2)
+    top = r0t - pt  # input row of output row 0 of the full convolution
+    lo = max(0, -top)
+    hi = min(nout, h - top)
+    s0 = max(lo, min(fresh - top, hi))
+    s1 = max(s0, min(own_end - top, hi))
+    row = wd * c
+    if s1 > s0:
+        dw_packed_rows(xs2[s0 * wp2 * lanes:], nin, wp2, wf, bt, 0, s1 - s0, wd, 1, 1, dh, dw, kh_n, kw_n, c,
+                       dxn.reshape(-1)[(top + s0) * row:], False, 0)
+    for u0, u1 in ((lo, s0), (s1, hi)):
+        if u1 > u0:
+            dw_packed_rows(xs2[u0 * wp2 * lanes:], nin, wp2, wf, bt, 0, u1 - u0, wd, 1, 1, dh, dw, kh_n, kw_n, c,
+                           ovl, False, 0)
+            for o in range(u0, u1):
+                ih = top + o
+                dst = dxn[ih].reshape(-1) if ih < own_end else hal[ih - own_end].reshape(-1)
+                src = ovl[(o - u0) * row:(o - u0 + 1) * row]
+                for i in range(row):
+                    dst[i] += src[i]
+    return top + hi
 
 
 @jit
@@ -427,7 +469,8 @@ def _rowsum_rows(g1, off, rows, cols, ld, acc):
 @jit
 def dwsep_backward_nhwc(x, dk, wmat, wmat_t, g2, want_dx, dx, want_dk, dkp, want_pw, dpwp, want_b, dbp,
                         halo, halo_pos, sh, sw, dh, dw, pt, pl, oh_size, ow_size, tile_p, nchunks,
-                        dscr, ddscr, ibuf, consts, chars, wt, bt, xs_scr, wp, gscr, sched, sig, lead):
+                        dscr, ddscr, ibuf, consts, chars, wt, bt, xs_scr, wp, gscr, gather, wf, wp2, xs2, ovl,
+                        sched, sig, lead):
     """Parallel backward of depthwise (``wmat`` empty) or fused separable convolution, NHWC.
 
     Parameters
@@ -458,6 +501,9 @@ def dwsep_backward_nhwc(x, dk, wmat, wmat_t, g2, want_dx, dx, want_dk, dkp, want
         Where a tile of ``g2`` given as bfloat16 bits (``uint16``) is widened (:func:`g_rows`); ``x`` may be
         bits too where only the packed rows read it: a separable kernel gradient then needs a 3x3 kernel (its
         vector path), and the scatter kernel of the plain depthwise backward may compute ``dx`` only.
+    gather : bool
+        Separable, unit strides, ``dm == 1``: ``dx`` of each tile by :func:`dx_gather_rows`, with the flipped
+        weights ``wf`` ``(KH*KW, C)``, packed width ``wp2`` and per-chunk scratch ``xs2``, ``ovl``.
 
     Notes
     -----
@@ -489,7 +535,7 @@ def dwsep_backward_nhwc(x, dk, wmat, wmat_t, g2, want_dx, dx, want_dk, dkp, want
         hn = -1
         hrow = 0
         if want_dx and r1 > r0:
-            hn, hrow = _zero_owned_nhwc(dx, r0, r1, oh_size, sh, pt)
+            hn, hrow = _zero_owned_nhwc(dx, r0, r1, oh_size, sh, pt, not gather)
             _zero(hal)
         halo_pos[chunk, 0] = hn
         halo_pos[chunk, 1] = hrow
@@ -504,6 +550,7 @@ def dwsep_backward_nhwc(x, dk, wmat, wmat_t, g2, want_dx, dx, want_dk, dkp, want
                 a = max(r0, n * oh_size) - n * oh_size
                 b = min(r1, (n + 1) * oh_size) - n * oh_size
                 own_end = hrow if n == hn else h
+                fresh = -h  # the first row of dx the gather has not reached in this image
                 xn = x[n]
                 dxn = dx[n] if want_dx else dx[0]
                 p0 = a * ow_size
@@ -538,9 +585,14 @@ def dwsep_backward_nhwc(x, dk, wmat, wmat_t, g2, want_dx, dx, want_dk, dkp, want
                                               xs_scr[chunk])
                                 dk3_packed_rows(xs_scr[chunk], nin, wp, dd1, 0, nrt, ow_size, sh, sw, dh, dw, cm,
                                                 dka.reshape(-1), 0)
-                            if want_dx or not fast_dk:
+                            if gather:
+                                fresh = dx_gather_rows(dd1, p0 // ow_size, npx // ow_size, ow_size, wf, bt, dh, dw,
+                                                       pt, (dk.shape[1] - 1) * dw - pl, dk.shape[0], dk.shape[1],
+                                                       wp2, xs2[chunk], ovl[chunk], dxn, own_end, hal, fresh)
+                            if (want_dx and not gather) or (want_dk and not fast_dk):
                                 dwb_nhwc_pixels(xn, dk, dd, dm, p0, p1, ow_size, sh, sw, dh, dw, pt, pl,
-                                                want_dk and not fast_dk, dka, want_dx, dxn, own_end, hal)
+                                                want_dk and not fast_dk, dka, want_dx and not gather, dxn, own_end,
+                                                hal)
                     elif want_dx or want_dk:
                         dwb_nhwc_pixels(xn, dk, gsrc[goff:goff + npx * gw].reshape((npx, gw)), dm, p0, p1, ow_size,
                                         sh, sw, dh, dw, pt, pl, want_dk, dka, want_dx, dxn, own_end, hal)

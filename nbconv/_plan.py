@@ -26,7 +26,7 @@ from ._threads import planning_threads
 __all__ = ["Tunables", "tunables", "override", "pool_threads", "DepthwisePlan", "PointwisePlan", "SeparablePlan",
            "DwsepBackwardPlan", "PointwiseBackwardPlan", "depthwise", "pointwise", "separable", "stream",
            "packed_width", "packed_size", "row_tiles", "nchunks", "dwsep_backward", "pointwise_backward",
-           "weight_grad_parts", "whole_intermediate", "dk3"]
+           "weight_grad_parts", "whole_intermediate", "dk3", "dx_gather"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +137,15 @@ def packed_size(g, th, wp):
     """Elements of one chunk's packed-row scratch for tiles of ``th`` output rows: the packed rows, channels
     padded to whole vectors (16 lanes covers every vector width)."""
     return ((th - 1) * g.sh + (g.kh - 1) * g.dh + 1) * wp * _round_up(g.c * g.dm, 16)
+
+
+def dx_gather(g, th):
+    """``(wp2, xs2 elements, ovl elements)`` of :func:`nbconv._backward.dx_gather_rows` for tiles of ``th``
+    output rows: packed width of the full convolution, its packed rows, and the ``(KH-1)*dh`` rows of ``dx``
+    shared by two tiles."""
+    p = (g.kh - 1) * g.dh
+    wp2 = (g.w + (g.kw - 1) * g.dw) | 1
+    return wp2, (th + 2 * p) * wp2 * _round_up(g.c, 16), max(1, p) * g.w * g.c
 
 
 def _even_parts(n_img, size, most, threads, fewest, t):

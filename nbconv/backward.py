@@ -220,7 +220,7 @@ def _dwsep_backward(g, xc, dkc, wc, gc, want_dx, want_dk, want_pw, want_b, compu
     cm = g.c * g.dm
     sep = wc.shape[0] > 0
     f = wc.shape[1] if sep else cm
-    nchunks, tile_p, _, xs_size = _plan.dwsep_backward(g, f, sep, want_pw, want_dk, compute.itemsize)
+    nchunks, tile_p, th, xs_size = _plan.dwsep_backward(g, f, sep, want_pw, want_dk, compute.itemsize)
     hr = max(1, (g.kh - 1) * g.dh - g.sh + 1)
     one = (1,) * 3
     dx = np.empty(xc.shape, compute) if want_dx else np.empty((1,) * 4, compute)
@@ -243,11 +243,16 @@ def _dwsep_backward(g, xc, dkc, wc, gc, want_dx, want_dk, want_pw, want_b, compu
         wt = _compile.operand(dkc.reshape(g.kh * g.kw, cm))
         # a tile of bfloat16 grad_output (bits) is widened here; float32 is read where it lies
         gscr = np.empty((nchunks, tile_p * f if gc.dtype == _dtypes.BITS else 1), compute)
+        # dx by the forward's micro-kernels over each dD tile (a gather), where the strides and dm allow
+        gather = sep and want_dx and g.dm == 1 and g.sh == g.sw == 1
+        wp2, xs2_size, ovl_size = _plan.dx_gather(g, th) if gather else (1, 1, 1)
+        wf = _compile.operand(np.ascontiguousarray(dkc[::-1, ::-1]).reshape(g.kh * g.kw, cm)) if gather else wt
         with BLAS_THREADS:
             launch(dwsep_backward_nhwc, _threads(nchunks), xc, dkc, wc, _transposed(wc), gc.reshape(-1, f), want_dx,
                    dx, want_dk, dkp, want_pw, dpwp, want_b, dbp, halo, halo_pos, g.sh, g.sw, g.dh, g.dw, g.pt, g.pl,
                    g.oh, g.ow, tile_p, nchunks, dscr, ddscr, ibuf, consts, GEMM_CHARS, wt, np.zeros(cm, compute), xs,
-                   _plan.packed_width(g), gscr)
+                   _plan.packed_width(g), gscr, gather, wf, wp2, np.empty((nchunks, xs2_size), compute),
+                   np.empty((nchunks, ovl_size), compute))
         if want_dx:
             _compile.k(add_halos_nhwc)(dx, halo, halo_pos)
     else:
