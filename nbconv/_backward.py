@@ -445,6 +445,46 @@ def _g_rows(g1, off, count, gs):
     return as_is
 
 
+def dpw_tile(d1, cm, f, npx, g1, goff, dpw1, coff, dtb, pscr):
+    """``dPW += D^T G`` of one tile: ``D`` float ``(npx, cm)`` in ``d1``, ``G`` rows of flat ``g1`` from
+    ``goff``.  Float ``g1``: float products.  bfloat16 bits: ``D`` is rounded and transposed into ``dtb`` and
+    the products multiply bfloat16 pairs of pixels (:func:`nbconv._gemm.gemm_bf16`, panels of ``G`` packed in
+    ``pscr``).  Chosen at compile time."""
+    raise NotImplementedError("compiled callers only")
+
+
+@overload(dpw_tile)
+def _dpw_tile(d1, cm, f, npx, g1, goff, dpw1, coff, dtb, pscr):
+    if g1.dtype == types.uint16:
+        def pairs(d1, cm, f, npx, g1, goff, dpw1, coff, dtb, pscr):
+            transpose_tile(d1, 0, cm, npx, cm, dtb, 0, npx)
+            gemm_bf16(cm, f, npx, dtb, 0, npx, g1, goff, f, False, dpw1, coff, f, d1[:0], 0, 0, 0, False, pscr, True)
+        return pairs
+
+    def floats(d1, cm, f, npx, g1, goff, dpw1, coff, dtb, pscr):
+        gemm_nn(cm, f, npx, d1, 0, 1, cm, g1, goff, f, dpw1, coff, f, True, d1[:0], 0, 0, 0)
+    return floats
+
+
+def dd_tile(npx, cm, f, g1, goff, wt1, wpk, dd1):
+    """``dD = G PW^T`` of one tile into ``dd1`` (``npx x cm``): float products from ``wt1`` (``PW^T`` rows), or
+    for bfloat16 bits ``g1`` products of pairs with ``wpk``, ``PW^T`` packed by
+    :func:`nbconv._gemm.pack_pairs`.  Chosen at compile time."""
+    raise NotImplementedError("compiled callers only")
+
+
+@overload(dd_tile)
+def _dd_tile(npx, cm, f, g1, goff, wt1, wpk, dd1):
+    if g1.dtype == types.uint16:
+        def pairs(npx, cm, f, g1, goff, wt1, wpk, dd1):
+            gemm_bf16(npx, cm, f, g1, goff, f, wpk, 0, cm, True, dd1, 0, cm, dd1[:0], 0, 0, 0, False, wpk, False)
+        return pairs
+
+    def floats(npx, cm, f, g1, goff, wt1, wpk, dd1):
+        gemm_nn(npx, cm, f, g1, goff, f, 1, wt1, 0, cm, dd1, 0, cm, False, dd1[:0], 0, 0, 0)
+    return floats
+
+
 @jit
 def _colsum_rows(g1, off, rows, cols, ld, acc):
     """``acc[:cols] += sum of rows`` of a ``rows x cols`` block of flat ``g1`` (row stride ``ld``)."""
@@ -470,7 +510,7 @@ def _rowsum_rows(g1, off, rows, cols, ld, acc):
 def dwsep_backward_nhwc(x, dk, wmat, wmat_t, g2, want_dx, dx, want_dk, dkp, want_pw, dpwp, want_b, dbp,
                         halo, halo_pos, sh, sw, dh, dw, pt, pl, oh_size, ow_size, tile_p, nchunks,
                         dscr, ddscr, ibuf, consts, chars, wt, bt, xs_scr, wp, gscr, gather, wf, wp2, xs2, ovl,
-                        sched, sig, lead):
+                        wpk, dtb, pscr, sched, sig, lead):
     """Parallel backward of depthwise (``wmat`` empty) or fused separable convolution, NHWC.
 
     Parameters
@@ -504,6 +544,9 @@ def dwsep_backward_nhwc(x, dk, wmat, wmat_t, g2, want_dx, dx, want_dk, dkp, want
     gather : bool
         Separable, unit strides, ``dm == 1``: ``dx`` of each tile by :func:`dx_gather_rows`, with the flipped
         weights ``wf`` ``(KH*KW, C)``, packed width ``wp2`` and per-chunk scratch ``xs2``, ``ovl``.
+    wpk, dtb, pscr : ndarray of uint16
+        With ``g2`` in bfloat16 bits, the two products multiply bfloat16 pairs (:func:`dd_tile`,
+        :func:`dpw_tile`): ``wmat_t`` packed in pairs, per-chunk ``(C*dm * tile_p)`` and panel scratch.
 
     Notes
     -----
@@ -521,7 +564,6 @@ def dwsep_backward_nhwc(x, dk, wmat, wmat_t, g2, want_dx, dx, want_dk, dkp, want
     rows = n_img * oh_size
     g1 = g2.reshape(-1)
     wt1 = wmat_t.reshape(-1)
-    nobias = wt1[:0]
     dpw1 = dpwp.reshape(-1)
     # 3x3 kernel gradients of separable tiles (whole output rows) in the vector micro-kernel
     fast_dk = sep and want_dk and dk.shape[0] == 3 and dk.shape[1] == 3
@@ -558,8 +600,9 @@ def dwsep_backward_nhwc(x, dk, wmat, wmat_t, g2, want_dx, dx, want_dk, dkp, want
                     p1 = min(p0 + tile_p, b * ow_size)
                     npx = p1 - p0
                     grow = n * ohw + p0
-                    gsrc, goff = g_rows(g1, grow * gw, npx * gw, gscr[chunk])
                     if want_b:
+                        # bfloat16 bits are widened for the sum only: the products read them as they lie
+                        gsrc, goff = g_rows(g1, grow * gw, npx * gw, gscr[chunk])
                         _colsum_rows(gsrc, goff, npx, gw, gw, dba)
                     if sep:
                         if want_pw:
@@ -571,10 +614,9 @@ def dwsep_backward_nhwc(x, dk, wmat, wmat_t, g2, want_dx, dx, want_dk, dkp, want
                             else:
                                 dw_tile(x, n, True, False, wt, bt, 0, dm, p0 // ow_size, npx // ow_size, sh, sw, dh,
                                         dw, pt, pl, dk.shape[0], dk.shape[1], ow_size, wp, xs_scr[chunk], d1, 0, npx)
-                            gemm_nn(cm, f, npx, d1, 0, 1, cm, gsrc, goff, f, dpw1, chunk * cm * f, f, True,
-                                    nobias, 0, 0, 0)
+                            dpw_tile(d1, cm, f, npx, g1, grow * gw, dpw1, chunk * cm * f, dtb[chunk], pscr[chunk])
                         if want_dx or want_dk:
-                            gemm_nn(npx, cm, f, gsrc, goff, f, 1, wt1, 0, cm, dd1, 0, cm, False, nobias, 0, 0, 0)
+                            dd_tile(npx, cm, f, g1, grow * gw, wt1, wpk.reshape(-1), dd1)
                             if fast_dk:
                                 # the tile's packed input rows: already there from the recompute of D
                                 r0t = p0 // ow_size
@@ -594,6 +636,7 @@ def dwsep_backward_nhwc(x, dk, wmat, wmat_t, g2, want_dx, dx, want_dk, dkp, want
                                                 want_dk and not fast_dk, dka, want_dx and not gather, dxn, own_end,
                                                 hal)
                     elif want_dx or want_dk:
+                        gsrc, goff = g_rows(g1, grow * gw, npx * gw, gscr[chunk])
                         dwb_nhwc_pixels(xn, dk, gsrc[goff:goff + npx * gw].reshape((npx, gw)), dm, p0, p1, ow_size,
                                         sh, sw, dh, dw, pt, pl, want_dk, dka, want_dx, dxn, own_end, hal)
                     p0 = p1

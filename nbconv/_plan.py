@@ -69,10 +69,8 @@ class Tunables:
     reduce_block: int = 4096
     #: backward, NHWC separable: largest depthwise intermediate held whole (three products over all pixels) ...
     whole_bytes: int = 16 * 1024 * 1024
-    #: ... when the pointwise weights take more than this many bytes (float32 products) ...
+    #: ... when the pointwise weights take more than this many bytes (in the arithmetic's float type)
     whole_weight_bytes: int = 256 * 1024
-    #: ... or this many for bfloat16 inputs (only that path multiplies bfloat16 pairs)
-    whole_weight_bytes_bf16: int = 128 * 1024
     #: backward: (rows, columns) of a weight-gradient block per task
     weight_grad_block: tuple = (256, 512)
     #: backward, bfloat16 products: pixels per product of a weight-gradient block (even)
@@ -387,15 +385,14 @@ def weight_grad_parts(k, f):
     return mb, nb, parts
 
 
-def whole_intermediate(g, f, itemsize, bf16=False):
+def whole_intermediate(g, f, itemsize):
     """Whether the NHWC separable backward holds the depthwise intermediate whole (see
     :func:`nbconv.backward._sep_backward_whole`) rather than recomputing it per tile (``itemsize``: the
-    arithmetic's; ``bf16``: bfloat16 inputs, whose products only that path multiplies in pairs)."""
+    arithmetic's float type; bfloat16 inputs multiply bfloat16 pairs on both paths)."""
     t = _CURRENT[0]
     cm = g.c * g.dm
-    weights = t.whole_weight_bytes_bf16 if bf16 else t.whole_weight_bytes
     return (g.channels_last and g.n * g.oh * g.ow * cm * itemsize <= t.whole_bytes
-            and cm * f * itemsize > weights)
+            and cm * f * itemsize > t.whole_weight_bytes)
 
 
 def dk3(g, itemsize):

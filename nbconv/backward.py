@@ -37,7 +37,7 @@ from ._backward import (
     weight_grad_nhwc,
 )
 from ._elementwise import RELU6
-from ._gemm import panel_scratch
+from ._gemm import pack_pairs, panel_scratch
 from ._pointwise import GEMM_CHARS
 from ._runtime import BLAS_THREADS
 from ._threads import POOL, launch
@@ -241,8 +241,14 @@ def _dwsep_backward(g, xc, dkc, wc, gc, want_dx, want_dk, want_pw, want_b, compu
         # packed-row scratch and operands of the forward's depthwise row tiles (recompute of D)
         xs = np.empty((nchunks, xs_size), compute)
         wt = _compile.operand(dkc.reshape(g.kh * g.kw, cm))
-        # a tile of bfloat16 grad_output (bits) is widened here; float32 is read where it lies
-        gscr = np.empty((nchunks, tile_p * f if gc.dtype == _dtypes.BITS else 1), compute)
+        bits = gc.dtype == _dtypes.BITS
+        # a tile of bfloat16 grad_output (bits) is widened here for the bias sum and the depthwise backward; the
+        # separable products read the bits as they lie
+        gscr = np.empty((nchunks, tile_p * f if bits and (want_b or not sep) else 1), compute)
+        pairs_pw, pairs_dd = bits and sep and want_pw, bits and sep and (want_dx or want_dk)
+        dtb = np.empty((nchunks, cm * tile_p if pairs_pw else 1), _dtypes.BITS)
+        pscr = np.empty((nchunks, panel_scratch(tile_p) if pairs_pw else 1), _dtypes.BITS)
+        wpk = pack_pairs(_dtypes.bits(_transposed(wc))) if pairs_dd else np.empty((1, 1), _dtypes.BITS)
         # dx by the forward's micro-kernels over each dD tile (a gather), where the strides and dm allow
         gather = sep and want_dx and g.dm == 1 and g.sh == g.sw == 1
         wp2, xs2_size, ovl_size = _plan.dx_gather(g, th) if gather else (1, 1, 1)
@@ -252,7 +258,7 @@ def _dwsep_backward(g, xc, dkc, wc, gc, want_dx, want_dk, want_pw, want_b, compu
                    dx, want_dk, dkp, want_pw, dpwp, want_b, dbp, halo, halo_pos, g.sh, g.sw, g.dh, g.dw, g.pt, g.pl,
                    g.oh, g.ow, tile_p, nchunks, dscr, ddscr, ibuf, consts, GEMM_CHARS, wt, np.zeros(cm, compute), xs,
                    _plan.packed_width(g), gscr, gather, wf, wp2, np.empty((nchunks, xs2_size), compute),
-                   np.empty((nchunks, ovl_size), compute))
+                   np.empty((nchunks, ovl_size), compute), wpk, dtb, pscr)
         if want_dx:
             _compile.k(add_halos_nhwc)(dx, halo, halo_pos)
     else:
@@ -657,7 +663,7 @@ def separable_conv2d_backward(grad_output, x, depthwise_kernel, pointwise_kernel
             np.zeros(pk.shape, result) if want_pw else None,
             np.zeros(f, result) if want_b else None,
         )
-    whole = _plan.whole_intermediate(g, f, compute.itemsize, bf16)
+    whole = _plan.whole_intermediate(g, f, compute.itemsize)
     # the whole-intermediate path takes them widened (its two products round them to bfloat16 pairs again)
     xc, gc = _x_and_grad(g, x, grad_output, act, output, want_dk, compute, g.channels_last and not whole)
     wc = _dtypes.operand(wmat, compute)
