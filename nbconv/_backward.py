@@ -241,44 +241,28 @@ def _dx_rows_nhwc(w, src, o0, o1, ow_size, sh, sw, dh, dw, pt, pl, dxn, own_end,
 
 
 @jit
-def dx_gather_rows(dd1, r0t, nrt, ow_size, wf, bt, dh, dw, pt, pl2, kh_n, kw_n, wp2, xs2, ovl, dxn, own_end, hal,
-                   fresh):
-    """Input gradient (unit strides, ``dm == 1``) reached from the ``dD`` tile of output rows ``r0t .. r0t+nrt-1``
-    of one NHWC image: the tile's full convolution with the flipped kernel ``wf`` (per tap, ``(KH*KW, C)``).
+def dx_gather_rows(ddb, a, nrt, oh_size, ow_size, wf, bt, dh, dw, pt, pl2, kh_n, kw_n, wp2, xs2, dxn):
+    """Input gradient (unit strides, ``dm == 1``) of the rows of one NHWC image that output rows ``a ..
+    a+nrt-1`` own (``a - pt`` on, to the end of the image after its last output row), complete, stored once.
 
-    A gather: the forward's micro-kernels sum each ``dx`` vector in registers and store it once, where the
-    scatter (:func:`_dx_rows_nhwc`) reads and writes it once per tap.  Input rows ``r0t - pt`` on are
-    reached; rows from ``fresh`` up to ``own_end`` are stored (no earlier tile reached them, so the chunk's
-    owned rows need no zeroing), the rows before ``fresh`` (shared with the previous tile) and from
-    ``own_end`` on (``hal``) are added to.  ``pl2 = (KW-1)*dw - pl``; ``xs2`` takes ``nrt + 2*(KH-1)*dh``
-    packed rows of ``wp2`` columns, ``ovl`` ``(KH-1)*dh`` rows of ``dx``.  Returns the first row not reached.
+    ``ddb`` holds ``dD`` of output rows ``a - P .. a+nrt-1`` (``P = (KH-1)*dh``; rows before the image are
+    zeros), row-major: every tap of those ``dx`` rows.  Each row is the forward's depthwise convolution of
+    ``ddb`` with the flipped kernel ``wf`` (per tap, ``(KH*KW, C)``): a gather whose sums stay in registers
+    until the one store, in ``dxn``'s dtype (bfloat16 bits rounded once), where a scatter reads and writes
+    each ``dx`` vector once per tap.  ``pl2 = (KW-1)*dw - pl``; ``xs2`` takes ``nrt + 2P`` packed rows of
+    ``wp2`` columns.
     """
     h, wd, c = dxn.shape
     p = (kh_n - 1) * dh
-    nin = nrt + 2 * p
-    nout = nrt + p
+    o0 = max(0, pt - a)
+    o1 = min(nrt if a + nrt < oh_size else h, h - a + pt)
+    if o1 <= o0:
+        return
     lanes = VECTOR_BYTES // max(xs2.itemsize, 4)
-    pack_rows(dd1[:nrt * ow_size * c].reshape((nrt, ow_size, c)), 1, 0, nin, p, pl2, wp2, lanes, xs2)
-    top = r0t - pt  # input row of output row 0 of the full convolution
-    lo = max(0, -top)
-    hi = min(nout, h - top)
-    s0 = max(lo, min(fresh - top, hi))
-    s1 = max(s0, min(own_end - top, hi))
-    row = wd * c
-    if s1 > s0:
-        dw_packed_rows(xs2[s0 * wp2 * lanes:], nin, wp2, wf, bt, 0, s1 - s0, wd, 1, 1, dh, dw, kh_n, kw_n, c,
-                       dxn.reshape(-1)[(top + s0) * row:], False, 0)
-    for u0, u1 in ((lo, s0), (s1, hi)):
-        if u1 > u0:
-            dw_packed_rows(xs2[u0 * wp2 * lanes:], nin, wp2, wf, bt, 0, u1 - u0, wd, 1, 1, dh, dw, kh_n, kw_n, c,
-                           ovl, False, 0)
-            for o in range(u0, u1):
-                ih = top + o
-                dst = dxn[ih].reshape(-1) if ih < own_end else hal[ih - own_end].reshape(-1)
-                src = ovl[(o - u0) * row:(o - u0 + 1) * row]
-                for i in range(row):
-                    dst[i] += src[i]
-    return top + hi
+    pack_rows(ddb[:(nrt + p) * ow_size * c].reshape((nrt + p, ow_size, c)), 1, o0, o1 - o0 + p, 0, pl2, wp2,
+              lanes, xs2)
+    dw_packed_rows(xs2, o1 - o0 + p, wp2, wf, bt, 0, o1 - o0, wd, 1, 1, dh, dw, kh_n, kw_n, c,
+                   dxn.reshape(-1)[(a - pt + o0) * wd * c:], False, 0)
 
 
 @jit
@@ -466,22 +450,22 @@ def _dpw_tile(d1, cm, f, npx, g1, goff, dpw1, coff, dtb, pscr):
     return floats
 
 
-def dd_tile(npx, cm, f, g1, goff, wt1, wpk, dd1):
-    """``dD = G PW^T`` of one tile into ``dd1`` (``npx x cm``): float products from ``wt1`` (``PW^T`` rows), or
-    for bfloat16 bits ``g1`` products of pairs with ``wpk``, ``PW^T`` packed by
+def dd_tile(npx, cm, f, g1, goff, wt1, wpk, dd1, doff):
+    """``dD = G PW^T`` of one tile into ``dd1`` from ``doff`` (``npx x cm``): float products from ``wt1``
+    (``PW^T`` rows), or for bfloat16 bits ``g1`` products of pairs with ``wpk``, ``PW^T`` packed by
     :func:`nbconv._gemm.pack_pairs`.  Chosen at compile time."""
     raise NotImplementedError("compiled callers only")
 
 
 @overload(dd_tile)
-def _dd_tile(npx, cm, f, g1, goff, wt1, wpk, dd1):
+def _dd_tile(npx, cm, f, g1, goff, wt1, wpk, dd1, doff):
     if g1.dtype == types.uint16:
-        def pairs(npx, cm, f, g1, goff, wt1, wpk, dd1):
-            gemm_bf16(npx, cm, f, g1, goff, f, wpk, 0, cm, True, dd1, 0, cm, dd1[:0], 0, 0, 0, False, wpk, False)
+        def pairs(npx, cm, f, g1, goff, wt1, wpk, dd1, doff):
+            gemm_bf16(npx, cm, f, g1, goff, f, wpk, 0, cm, True, dd1, doff, cm, dd1[:0], 0, 0, 0, False, wpk, False)
         return pairs
 
-    def floats(npx, cm, f, g1, goff, wt1, wpk, dd1):
-        gemm_nn(npx, cm, f, g1, goff, f, 1, wt1, 0, cm, dd1, 0, cm, False, dd1[:0], 0, 0, 0)
+    def floats(npx, cm, f, g1, goff, wt1, wpk, dd1, doff):
+        gemm_nn(npx, cm, f, g1, goff, f, 1, wt1, 0, cm, dd1, doff, cm, False, dd1[:0], 0, 0, 0)
     return floats
 
 
@@ -509,8 +493,8 @@ def _rowsum_rows(g1, off, rows, cols, ld, acc):
 @jit
 def dwsep_backward_nhwc(x, dk, wmat, wmat_t, g2, want_dx, dx, want_dk, dkp, want_pw, dpwp, want_b, dbp,
                         halo, halo_pos, sh, sw, dh, dw, pt, pl, oh_size, ow_size, tile_p, nchunks,
-                        dscr, ddscr, ibuf, consts, chars, wt, bt, xs_scr, wp, gscr, gather, wf, wp2, xs2, ovl,
-                        wpk, dtb, pscr, sched, sig, lead):
+                        dscr, ddscr, ibuf, consts, chars, wt, bt, xs_scr, wp, gscr, gather, wf, wp2, xs2, wpk,
+                        dtb, pscr, sched, sig, lead):
     """Parallel backward of depthwise (``wmat`` empty) or fused separable convolution, NHWC.
 
     Parameters
@@ -542,8 +526,10 @@ def dwsep_backward_nhwc(x, dk, wmat, wmat_t, g2, want_dx, dx, want_dk, dkp, want
         bits too where only the packed rows read it: a separable kernel gradient then needs a 3x3 kernel (its
         vector path), and the scatter kernel of the plain depthwise backward may compute ``dx`` only.
     gather : bool
-        Separable, unit strides, ``dm == 1``: ``dx`` of each tile by :func:`dx_gather_rows`, with the flipped
-        weights ``wf`` ``(KH*KW, C)``, packed width ``wp2`` and per-chunk scratch ``xs2``, ``ovl``.
+        Separable, unit strides, ``dm == 1``: each tile's own ``dx`` rows by :func:`dx_gather_rows`, with the
+        flipped weights ``wf`` ``(KH*KW, C)``, packed width ``wp2`` and per-chunk scratch ``xs2``; ``ddscr``
+        then holds ``P = (KH-1)*dh`` rows of ``dD`` more, before the tile (those of the previous tile, or
+        recomputed at a chunk's first tile in an image), no halo is used and ``dx`` may be bfloat16 bits.
     wpk, dtb, pscr : ndarray of uint16
         With ``g2`` in bfloat16 bits, the two products multiply bfloat16 pairs (:func:`dd_tile`,
         :func:`dpw_tile`): ``wmat_t`` packed in pairs, per-chunk ``(C*dm * tile_p)`` and panel scratch.
@@ -567,6 +553,10 @@ def dwsep_backward_nhwc(x, dk, wmat, wmat_t, g2, want_dx, dx, want_dk, dkp, want
     dpw1 = dpwp.reshape(-1)
     # 3x3 kernel gradients of separable tiles (whole output rows) in the vector micro-kernel
     fast_dk = sep and want_dk and dk.shape[0] == 3 and dk.shape[1] == 3
+    pr = (dk.shape[0] - 1) * dh  # rows of dD before a tile that the gather of its dx rows reads
+    cp = pr * ow_size if gather else 0
+    wpk1 = wpk.reshape(-1)
+    last = 0
     enter(sched, sig, lead)
     while True:
         chunk = claim(sched, PHASE2, nchunks, lead)
@@ -582,9 +572,9 @@ def dwsep_backward_nhwc(x, dk, wmat, wmat_t, g2, want_dx, dx, want_dk, dkp, want
         halo_pos[chunk, 0] = hn
         halo_pos[chunk, 1] = hrow
         d = dscr[chunk]
-        dd = ddscr[chunk]
+        dd = ddscr[chunk][cp:]
         d1 = d.reshape(-1)
-        dd1 = dd.reshape(-1)
+        dd1 = ddscr[chunk].reshape(-1)
         dka = dkp[chunk]
         dba = dbp[chunk]
         if r1 > r0:
@@ -592,7 +582,6 @@ def dwsep_backward_nhwc(x, dk, wmat, wmat_t, g2, want_dx, dx, want_dk, dkp, want
                 a = max(r0, n * oh_size) - n * oh_size
                 b = min(r1, (n + 1) * oh_size) - n * oh_size
                 own_end = hrow if n == hn else h
-                fresh = -h  # the first row of dx the gather has not reached in this image
                 xn = x[n]
                 dxn = dx[n] if want_dx else dx[0]
                 p0 = a * ow_size
@@ -616,7 +605,18 @@ def dwsep_backward_nhwc(x, dk, wmat, wmat_t, g2, want_dx, dx, want_dk, dkp, want
                                         dw, pt, pl, dk.shape[0], dk.shape[1], ow_size, wp, xs_scr[chunk], d1, 0, npx)
                             dpw_tile(d1, cm, f, npx, g1, grow * gw, dpw1, chunk * cm * f, dtb[chunk], pscr[chunk])
                         if want_dx or want_dk:
-                            dd_tile(npx, cm, f, g1, grow * gw, wt1, wpk.reshape(-1), dd1)
+                            if gather and p0 == a * ow_size:
+                                # the chunk's first tile in this image: dD of the P rows before it (zeros above
+                                # the image), which another chunk computes too
+                                z = min(pr, max(0, pr - a))
+                                _zero(dd1[:z * ow_size * cm])
+                                dd_tile((pr - z) * ow_size, cm, f, g1, (grow - (pr - z) * ow_size) * gw, wt1, wpk1,
+                                        dd1, z * ow_size * cm)
+                            elif gather:
+                                # the previous tile's last P rows move to the front
+                                for i in range(cp * cm):
+                                    dd1[i] = dd1[last * cm + i]
+                            dd_tile(npx, cm, f, g1, grow * gw, wt1, wpk1, dd1, cp * cm)
                             if fast_dk:
                                 # the tile's packed input rows: already there from the recompute of D
                                 r0t = p0 // ow_size
@@ -625,12 +625,12 @@ def dwsep_backward_nhwc(x, dk, wmat, wmat_t, g2, want_dx, dx, want_dk, dkp, want
                                 if not want_pw:
                                     pack_rows(xn, dm, r0t * sh, nin, pt, pl, wp, VECTOR_BYTES // xs_scr.itemsize,
                                               xs_scr[chunk])
-                                dk3_packed_rows(xs_scr[chunk], nin, wp, dd1, 0, nrt, ow_size, sh, sw, dh, dw, cm,
+                                dk3_packed_rows(xs_scr[chunk], nin, wp, dd1, cp * cm, nrt, ow_size, sh, sw, dh, dw, cm,
                                                 dka.reshape(-1), 0)
                             if gather:
-                                fresh = dx_gather_rows(dd1, p0 // ow_size, npx // ow_size, ow_size, wf, bt, dh, dw,
-                                                       pt, (dk.shape[1] - 1) * dw - pl, dk.shape[0], dk.shape[1],
-                                                       wp2, xs2[chunk], ovl[chunk], dxn, own_end, hal, fresh)
+                                dx_gather_rows(dd1, p0 // ow_size, npx // ow_size, oh_size, ow_size, wf, bt, dh, dw,
+                                               pt, (dk.shape[1] - 1) * dw - pl, dk.shape[0], dk.shape[1], wp2,
+                                               xs2[chunk], dxn)
                             if (want_dx and not gather) or (want_dk and not fast_dk):
                                 dwb_nhwc_pixels(xn, dk, dd, dm, p0, p1, ow_size, sh, sw, dh, dw, pt, pl,
                                                 want_dk and not fast_dk, dka, want_dx and not gather, dxn, own_end,
@@ -639,6 +639,7 @@ def dwsep_backward_nhwc(x, dk, wmat, wmat_t, g2, want_dx, dx, want_dk, dkp, want
                         gsrc, goff = g_rows(g1, grow * gw, npx * gw, gscr[chunk])
                         dwb_nhwc_pixels(xn, dk, gsrc[goff:goff + npx * gw].reshape((npx, gw)), dm, p0, p1, ow_size,
                                         sh, sw, dh, dw, pt, pl, want_dk, dka, want_dx, dxn, own_end, hal)
+                    last = npx
                     p0 = p1
     leave(sched, sig, lead)
 

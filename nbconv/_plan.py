@@ -138,12 +138,11 @@ def packed_size(g, th, wp):
 
 
 def dx_gather(g, th):
-    """``(wp2, xs2 elements, ovl elements)`` of :func:`nbconv._backward.dx_gather_rows` for tiles of ``th``
-    output rows: packed width of the full convolution, its packed rows, and the ``(KH-1)*dh`` rows of ``dx``
-    shared by two tiles."""
+    """``(wp2, xs2 elements)`` of :func:`nbconv._backward.dx_gather_rows` for tiles of ``th`` output rows: the
+    packed width of the full convolution with the flipped kernel, and its packed rows."""
     p = (g.kh - 1) * g.dh
     wp2 = (g.w + (g.kw - 1) * g.dw) | 1
-    return wp2, (th + 2 * p) * wp2 * _round_up(g.c, 16), max(1, p) * g.w * g.c
+    return wp2, (th + 2 * p) * wp2 * _round_up(g.c, 16)
 
 
 def _even_parts(n_img, size, most, threads, fewest, t):

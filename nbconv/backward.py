@@ -209,23 +209,29 @@ def _bias_grad(g2, compute):
     return _reduce(parts, compute)
 
 
-def _dwsep_backward(g, xc, dkc, wc, gc, want_dx, want_dk, want_pw, want_b, compute):
+def _dwsep_backward(g, xc, dkc, wc, gc, want_dx, want_dk, want_pw, want_b, compute, result=None):
     """Run the depthwise / separable backward kernel; return ``(dx, dk, dpw, db)`` (None where not wanted).
 
     ``dkc`` is in the kernel layout of ``g.channels_last`` (``(KH, KW, C*dm)``
     or ``(C*dm, KH, KW)``), ``wc`` the ``(C*dm, F)`` pointwise matrix or an
     empty ``(0, 0)`` array for a plain depthwise backward; ``gc`` has the
-    output's layout.
+    output's layout.  ``dx`` comes in ``result`` (bfloat16) where the kernel stores its rows once, else in
+    ``compute``.
     """
     cm = g.c * g.dm
     sep = wc.shape[0] > 0
     f = wc.shape[1] if sep else cm
     nchunks, tile_p, th, xs_size = _plan.dwsep_backward(g, f, sep, want_pw, want_dk, compute.itemsize)
+    # NHWC separable at unit strides, dm 1: each tile's own dx rows, complete, by the forward's micro-kernels
+    gather = g.channels_last and sep and want_dx and g.dm == 1 and g.sh == g.sw == 1
+    carry = (g.kh - 1) * g.dh * g.ow if gather else 0
     hr = max(1, (g.kh - 1) * g.dh - g.sh + 1)
     one = (1,) * 3
-    dx = np.empty(xc.shape, compute) if want_dx else np.empty((1,) * 4, compute)
+    dx_dtype = _dtypes.BITS if gather and result == _dtypes.BFLOAT16 else compute
+    dx = np.empty(xc.shape, dx_dtype) if want_dx else np.empty((1,) * 4, compute)
     halo_shape = (nchunks, hr, g.w, g.c) if g.channels_last else (nchunks, g.c, hr, g.w)
-    halo = np.empty(halo_shape if want_dx else (nchunks,) + one, compute)
+    # (a dummy of dx's dtype where the gather stores dx: the kernel's scatter path compiles for it)
+    halo = np.empty(halo_shape if want_dx and not gather else (nchunks,) + one, dx.dtype)
     halo_pos = np.empty((nchunks, 2), np.int64)
     dkp = np.zeros((nchunks,) + dkc.shape if want_dk else (nchunks,) + one, compute)
     dpwp = np.zeros((nchunks, cm, f) if (sep and want_pw) else (nchunks, 1, 1), compute)
@@ -233,7 +239,8 @@ def _dwsep_backward(g, xc, dkc, wc, gc, want_dx, want_dk, want_pw, want_b, compu
     if sep:
         tshape = (nchunks, tile_p, cm) if g.channels_last else (nchunks, cm, tile_p)
         dscr = np.empty(tshape if want_pw else (nchunks, 1, 1), compute)
-        ddscr = np.empty(tshape if (want_dx or want_dk) else (nchunks, 1, 1), compute)
+        ddscr = np.empty((nchunks, tile_p + carry, cm) if gather else tshape if (want_dx or want_dk)
+                         else (nchunks, 1, 1), compute)
     else:
         dscr = ddscr = np.empty((nchunks, 1, 1), compute)
     ibuf, consts = _gemm_buffers(nchunks, compute)
@@ -249,17 +256,15 @@ def _dwsep_backward(g, xc, dkc, wc, gc, want_dx, want_dk, want_pw, want_b, compu
         dtb = np.empty((nchunks, cm * tile_p if pairs_pw else 1), _dtypes.BITS)
         pscr = np.empty((nchunks, panel_scratch(tile_p) if pairs_pw else 1), _dtypes.BITS)
         wpk = pack_pairs(_dtypes.bits(_transposed(wc))) if pairs_dd else np.empty((1, 1), _dtypes.BITS)
-        # dx by the forward's micro-kernels over each dD tile (a gather), where the strides and dm allow
-        gather = sep and want_dx and g.dm == 1 and g.sh == g.sw == 1
-        wp2, xs2_size, ovl_size = _plan.dx_gather(g, th) if gather else (1, 1, 1)
+        wp2, xs2_size = _plan.dx_gather(g, th) if gather else (1, 1)
         wf = _compile.operand(np.ascontiguousarray(dkc[::-1, ::-1]).reshape(g.kh * g.kw, cm)) if gather else wt
         with BLAS_THREADS:
             launch(dwsep_backward_nhwc, _threads(nchunks), xc, dkc, wc, _transposed(wc), gc.reshape(-1, f), want_dx,
                    dx, want_dk, dkp, want_pw, dpwp, want_b, dbp, halo, halo_pos, g.sh, g.sw, g.dh, g.dw, g.pt, g.pl,
                    g.oh, g.ow, tile_p, nchunks, dscr, ddscr, ibuf, consts, GEMM_CHARS, wt, np.zeros(cm, compute), xs,
-                   _plan.packed_width(g), gscr, gather, wf, wp2, np.empty((nchunks, xs2_size), compute),
-                   np.empty((nchunks, ovl_size), compute), wpk, dtb, pscr)
-        if want_dx:
+                   _plan.packed_width(g), gscr, gather, wf, wp2, np.empty((nchunks, xs2_size), compute), wpk, dtb,
+                   pscr)
+        if want_dx and not gather:
             _compile.k(add_halos_nhwc)(dx, halo, halo_pos)
     else:
         with BLAS_THREADS:
@@ -269,7 +274,7 @@ def _dwsep_backward(g, xc, dkc, wc, gc, want_dx, want_dk, want_pw, want_b, compu
         if want_dx:
             _compile.k(add_halos_nchw)(dx, halo, halo_pos)
     return (
-        dx if want_dx else None,
+        (_dtypes.from_bits(dx) if dx.dtype == _dtypes.BITS else dx) if want_dx else None,
         _reduce(dkp, compute) if want_dk else None,
         _reduce(dpwp, compute) if (sep and want_pw) else None,
         _reduce(dbp, compute) if want_b else None,
@@ -672,7 +677,7 @@ def separable_conv2d_backward(grad_output, x, depthwise_kernel, pointwise_kernel
                                                want_pw, want_b, compute, bf16)
     else:
         dx, ddk, dpw, db = _dwsep_backward(g, xc, _internal_dk(dk, g, compute), wc, gc, want_dx, want_dk, want_pw,
-                                           want_b, compute)
+                                           want_b, compute, result)
     return SeparableConv2DGrads(
         _finish(dx, result) if want_dx else None,
         _finish(_dk_to_keras(ddk, g), result) if want_dk else None,
