@@ -55,7 +55,8 @@ import numpy as np
 from numba import types
 from numba.extending import overload
 
-from ._depthwise import _first_valid, dk3_packed_rows, dw_packed_rows, dw_rows_packed, dw_tile, pack_rows
+from ._depthwise import (_first_valid, dk3_packed_rows, dw_packed_rows, dw_rows_packed, dw_tile, pack_rows,
+                         pack_rows_spread)
 from ._jit import jit
 from ._gemm import KC, gemm_bf16, gemm_nn, transpose_tile
 from ._pointwise import gemm_rm
@@ -246,28 +247,32 @@ def _dx_rows_nhwc(w, src, o0, o1, ow_size, sh, sw, dh, dw, pt, pl, dxn, own_end,
 
 
 @jit
-def dx_gather_rows(ddb, a, nrt, oh_size, ow_size, wf, bt, dh, dw, pt, pl2, kh_n, kw_n, wp2, xs2, dxn):
-    """Input gradient (unit strides, ``dm == 1``) of the rows of one NHWC image that output rows ``a ..
-    a+nrt-1`` own (``a - pt`` on, to the end of the image after its last output row), complete, stored once.
+def dx_gather_rows(ddb, a, nrt, cr, oh_size, ow_size, wf, bt, sh, sw, dh, dw, pt, pl2, kh_n, kw_n, wp2, xs2, dxn):
+    """Input gradient (``dm == 1``) of the rows of one NHWC image that output rows ``a .. a+nrt-1`` own
+    (``a*sh - pt`` on, to the end of the image after its last output row), complete, stored once.
 
-    ``ddb`` holds ``dD`` of output rows ``a - P .. a+nrt-1`` (``P = (KH-1)*dh``; rows before the image are
-    zeros), row-major: every tap of those ``dx`` rows.  Each row is the forward's depthwise convolution of
-    ``ddb`` with the flipped kernel ``wf`` (per tap, ``(KH*KW, C)``): a gather whose sums stay in registers
-    until the one store, in ``dxn``'s dtype (bfloat16 bits rounded once), where a scatter reads and writes
-    each ``dx`` vector once per tap.  ``pl2 = (KW-1)*dw - pl``; ``xs2`` takes ``nrt + 2P`` packed rows of
-    ``wp2`` columns.
+    ``ddb`` holds ``dD`` of output rows ``a - cr .. a+nrt-1`` (``cr = ceil((KH-1)*dh / sh)``; rows before
+    the image are zeros), row-major: every tap of those ``dx`` rows.  Each row is the forward's stride-1
+    depthwise convolution, with the flipped kernel ``wf`` (per tap, ``(KH*KW, C)``), of ``ddb`` spread out by
+    the strides (zeros between, :func:`nbconv._depthwise.pack_rows_spread`): a gather whose sums stay in
+    registers until the one store, in ``dxn``'s dtype (bfloat16 bits rounded once), where a scatter reads and
+    writes each ``dx`` vector once per tap.  ``pl2 = (KW-1)*dw - pl``; ``xs2`` takes
+    :func:`nbconv._plan.dx_gather` rows of ``wp2`` columns.
     """
     h, wd, c = dxn.shape
     p = (kh_n - 1) * dh
-    o0 = max(0, pt - a)
-    o1 = min(nrt if a + nrt < oh_size else h, h - a + pt)
+    o0 = max(0, pt - a * sh)
+    o1 = min(nrt * sh if a + nrt < oh_size else h, h - a * sh + pt)
     if o1 <= o0:
         return
     lanes = VECTOR_BYTES // max(xs2.itemsize, 4)
-    pack_rows(ddb[:(nrt + p) * ow_size * c].reshape((nrt + p, ow_size, c)), 1, o0, o1 - o0 + p, 0, pl2, wp2,
-              lanes, xs2)
+    t = ddb[:(cr + nrt) * ow_size * c].reshape((cr + nrt, ow_size, c))
+    if sh == 1 and sw == 1:
+        pack_rows(t, 1, cr - p + o0, o1 - o0 + p, 0, pl2, wp2, lanes, xs2)
+    else:
+        pack_rows_spread(t, sh, sw, cr * sh - p + o0, o1 - o0 + p, pl2, wp2, lanes, xs2)
     dw_packed_rows(xs2, o1 - o0 + p, wp2, wf, bt, 0, o1 - o0, wd, 1, 1, dh, dw, kh_n, kw_n, c,
-                   dxn.reshape(-1)[(a - pt + o0) * wd * c:], False, 0)
+                   dxn.reshape(-1)[(a * sh - pt + o0) * wd * c:], False, 0)
 
 
 @jit
@@ -531,10 +536,10 @@ def dwsep_backward_nhwc(x, dk, wmat, wmat_t, g2, want_dx, dx, want_dk, dkp, want
         bits too where only the packed rows read it: a separable kernel gradient then needs a 3x3 kernel (its
         vector path), and the scatter kernel of the plain depthwise backward may compute ``dx`` only.
     gather : bool
-        Separable, unit strides, ``dm == 1``: each tile's own ``dx`` rows by :func:`dx_gather_rows`, with the
-        flipped weights ``wf`` ``(KH*KW, C)``, packed width ``wp2`` and per-chunk scratch ``xs2``; ``ddscr``
-        then holds ``P = (KH-1)*dh`` rows of ``dD`` more, before the tile (those of the previous tile, or
-        recomputed at a chunk's first tile in an image), no halo is used and ``dx`` may be bfloat16 bits.
+        Separable, ``dm == 1``: each tile's own ``dx`` rows by :func:`dx_gather_rows`, with the flipped weights
+        ``wf`` ``(KH*KW, C)``, packed width ``wp2`` and per-chunk scratch ``xs2``; ``ddscr`` then holds
+        ``ceil((KH-1)*dh / sh)`` rows of ``dD`` more, before the tile (those of the previous tile, or recomputed
+        at a chunk's first tile in an image), no halo is used and ``dx`` may be bfloat16 bits.
     wpk, dtb, pscr : ndarray of uint16
         With ``g2`` in bfloat16 bits, the two products multiply bfloat16 pairs (:func:`dd_tile`,
         :func:`dpw_tile`): ``wmat_t`` packed in pairs, per-chunk ``(C*dm * tile_p)`` and panel scratch.
@@ -558,7 +563,7 @@ def dwsep_backward_nhwc(x, dk, wmat, wmat_t, g2, want_dx, dx, want_dk, dkp, want
     dpw1 = dpwp.reshape(-1)
     # 3x3 kernel gradients of separable tiles (whole output rows) in the vector micro-kernel
     fast_dk = sep and want_dk and dk.shape[0] == 3 and dk.shape[1] == 3
-    pr = (dk.shape[0] - 1) * dh  # rows of dD before a tile that the gather of its dx rows reads
+    pr = ((dk.shape[0] - 1) * dh + sh - 1) // sh  # rows of dD before a tile that the gather of its dx rows reads
     cp = pr * ow_size if gather else 0
     wpk1 = wpk.reshape(-1)
     last = 0
@@ -633,9 +638,9 @@ def dwsep_backward_nhwc(x, dk, wmat, wmat_t, g2, want_dx, dx, want_dk, dkp, want
                                 dk3_packed_rows(xs_scr[chunk], nin, wp, dd1, cp * cm, nrt, ow_size, sh, sw, dh, dw, cm,
                                                 dka.reshape(-1), 0)
                             if gather:
-                                dx_gather_rows(dd1, p0 // ow_size, npx // ow_size, oh_size, ow_size, wf, bt, dh, dw,
-                                               pt, (dk.shape[1] - 1) * dw - pl, dk.shape[0], dk.shape[1], wp2,
-                                               xs2[chunk], dxn)
+                                dx_gather_rows(dd1, p0 // ow_size, npx // ow_size, pr, oh_size, ow_size, wf, bt, sh,
+                                               sw, dh, dw, pt, (dk.shape[1] - 1) * dw - pl, dk.shape[0],
+                                               dk.shape[1], wp2, xs2[chunk], dxn)
                             if (want_dx and not gather) or (want_dk and not fast_dk):
                                 dwb_nhwc_pixels(xn, dk, dd, dm, p0, p1, ow_size, sh, sw, dh, dw, pt, pl,
                                                 want_dk and not fast_dk, dka, want_dx and not gather, dxn, own_end,

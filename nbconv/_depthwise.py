@@ -407,6 +407,33 @@ def pack_rows(xn, dm, pr0, nrows, pt, pl, wp, lanes, xs):
 
 
 @jit
+def pack_rows_spread(t, sh, sw, pr0, nrows, pl, wp, lanes, xs):
+    """:func:`pack_rows` (``dm == 1``, no top padding) of ``t`` spread out by ``(sh, sw)``: padded row ``u`` is
+    row ``u // sh`` of ``t`` where ``sh`` divides it and zeros elsewhere, column ``col - pl`` likewise by ``sw``
+    (the zero-inserted image a strided convolution's input gradient is a plain convolution of).  Packed rows
+    ``pr0 .. pr0+nrows-1``, laid out as :func:`pack_rows` lays them."""
+    h, w, c = t.shape
+    nb = (c + lanes - 1) // lanes
+    zero = xs.dtype.type(0)
+    for r in range(nrows):
+        u = pr0 + r
+        ih = u // sh
+        inside = u % sh == 0 and ih < h
+        for b in range(nb):
+            row = xs[(b * nrows + r) * wp * lanes:(b * nrows + r + 1) * wp * lanes]
+            for i in range(wp * lanes):
+                row[i] = zero
+        if not inside:
+            continue
+        src = t[ih].reshape(-1)
+        col0 = pl if pl >= 0 else pl + (-pl + sw - 1) // sw * sw
+        for col in range(col0, min(wp, pl + w * sw), sw):
+            s0 = (col - pl) // sw * c
+            for b in range(nb):
+                copy_vector(src, s0 + b * lanes, xs, ((b * nrows + r) * wp + col) * lanes, min(lanes, c - b * lanes))
+
+
+@jit
 def dw_packed_rows(xs, nin, wp, wt, bt, act, nrows, ow_n, sh, sw, dh, dw, kh_n, kw_n, cm, dst, channel_major, ldd):
     """Depthwise output rows from channel-blocked packed rows (:func:`pack_rows`), by vector micro-kernels.
 

@@ -139,10 +139,12 @@ def packed_size(g, th, wp):
 
 def dx_gather(g, th):
     """``(wp2, xs2 elements)`` of :func:`nbconv._backward.dx_gather_rows` for tiles of ``th`` output rows: the
-    packed width of the full convolution with the flipped kernel, and its packed rows."""
+    packed width of the full convolution with the flipped kernel, and its packed rows (the ``dx`` rows a tile
+    owns, at most ``(th + 1) * sh`` for the last one of an image, plus ``(KH-1)*dh``)."""
     p = (g.kh - 1) * g.dh
     wp2 = (g.w + (g.kw - 1) * g.dw) | 1
-    return wp2, (th + 2 * p) * wp2 * _round_up(g.c, 16)
+    rows = max((th + 1) * g.sh, g.h - (g.oh - th) * g.sh + g.pt) + p
+    return wp2, rows * wp2 * _round_up(g.c, 16)
 
 
 def _even_parts(n_img, size, most, threads, fewest, t):

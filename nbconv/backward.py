@@ -222,9 +222,9 @@ def _dwsep_backward(g, xc, dkc, wc, gc, want_dx, want_dk, want_pw, want_b, compu
     sep = wc.shape[0] > 0
     f = wc.shape[1] if sep else cm
     nchunks, tile_p, th, xs_size = _plan.dwsep_backward(g, f, sep, want_pw, want_dk, compute.itemsize)
-    # NHWC separable at unit strides, dm 1: each tile's own dx rows, complete, by the forward's micro-kernels
-    gather = g.channels_last and sep and want_dx and g.dm == 1 and g.sh == g.sw == 1
-    carry = (g.kh - 1) * g.dh * g.ow if gather else 0
+    # NHWC separable, dm 1: each tile's own dx rows, complete, by the forward's micro-kernels
+    gather = g.channels_last and sep and want_dx and g.dm == 1
+    carry = -(-(g.kh - 1) * g.dh // g.sh) * g.ow if gather else 0
     hr = max(1, (g.kh - 1) * g.dh - g.sh + 1)
     one = (1,) * 3
     dx_dtype = _dtypes.BITS if gather and result == _dtypes.BFLOAT16 else compute
