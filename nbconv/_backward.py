@@ -22,10 +22,10 @@ Input gradient (row ownership + halo)
     chunk order (:func:`add_halos`).  No two chunks ever write the
     same element, and the result does not depend on thread scheduling.
 
-    The NHWC separable kernel at unit strides and ``dm == 1`` gathers
-    instead (:func:`dx_gather_rows`): a tile also holds ``dD`` of the
-    ``(KH-1)*dh`` output rows before it, so it computes its owned ``dx``
-    rows complete and stores each once; no zeroing, no halo.
+    The NHWC separable kernel with ``dm == 1`` gathers instead
+    (:func:`dx_gather_rows`): a tile also holds ``dD`` of the
+    ``ceil((KH-1)*dh / sh)`` output rows before it, so it computes its
+    owned ``dx`` rows complete and stores each once; no zeroing, no halo.
 
 Weight and bias gradients
     Reduced over batch and space into per-chunk partial sums
