@@ -616,14 +616,14 @@ def dwsep_backward_nhwc(x, dk, wmat, wmat_t, g2, want_dx, dx, want_dk, dkp, want
                             dpw_tile(d1, cm, f, npx, g1, grow * gw, dpw1, chunk * cm * f, dtb[chunk], pscr[chunk])
                         if want_dx or want_dk:
                             if gather and p0 == a * ow_size:
-                                # the chunk's first tile in this image: dD of the P rows before it (zeros above
+                                # the chunk's first tile in this image: dD of the pr rows before it (zeros above
                                 # the image), which another chunk computes too
                                 z = min(pr, max(0, pr - a))
                                 _zero(dd1[:z * ow_size * cm])
                                 dd_tile((pr - z) * ow_size, cm, f, g1, (grow - (pr - z) * ow_size) * gw, wt1, wpk1,
                                         dd1, z * ow_size * cm)
                             elif gather:
-                                # the previous tile's last P rows move to the front
+                                # the previous tile's last pr rows move to the front
                                 for i in range(cp * cm):
                                     dd1[i] = dd1[last * cm + i]
                             dd_tile(npx, cm, f, g1, grow * gw, wt1, wpk1, dd1, cp * cm)
