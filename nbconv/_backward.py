@@ -80,9 +80,8 @@ def _chunk_rows(chunk, nchunks, rows):
 
 
 @jit
-def _zero_owned_nhwc(dx, r0, r1, oh_size, sh, pt, zero_rows):
-    """Zero the ``dx`` rows owned by output rows ``[r0, r1)`` (if ``zero_rows``: a caller that stores every owned
-    row need not).
+def _zero_owned_nhwc(dx, r0, r1, oh_size, sh, pt):
+    """Zero the ``dx`` rows owned by output rows ``[r0, r1)``.
 
     Returns ``(n, first row not owned)`` of the image whose rows the chunk's
     last taps can spill past, or ``(-1, 0)`` when the chunk ends an image.
@@ -95,7 +94,7 @@ def _zero_owned_nhwc(dx, r0, r1, oh_size, sh, pt, zero_rows):
         ia = row_start(a, oh_size, h, sh, pt)
         ib = row_start(b, oh_size, h, sh, pt)
         dxn = dx[n]
-        for ih in range(ia, ib if zero_rows else ia):
+        for ih in range(ia, ib):
             r = dxn[ih].reshape(-1)
             for i in range(r.shape[0]):
                 r[i] = zero
@@ -576,8 +575,9 @@ def dwsep_backward_nhwc(x, dk, wmat, wmat_t, g2, want_dx, dx, want_dk, dkp, want
         hal = halo[chunk]
         hn = -1
         hrow = 0
-        if want_dx and r1 > r0:
-            hn, hrow = _zero_owned_nhwc(dx, r0, r1, oh_size, sh, pt, not gather)
+        if want_dx and r1 > r0 and not gather:
+            # (the gather stores every owned row, complete)
+            hn, hrow = _zero_owned_nhwc(dx, r0, r1, oh_size, sh, pt)
             _zero(hal)
         halo_pos[chunk, 0] = hn
         halo_pos[chunk, 1] = hrow
