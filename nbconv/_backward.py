@@ -261,7 +261,9 @@ def dx_gather_rows(ddb, a, nrt, cr, oh_size, ow_size, wf, bt, sh, sw, dh, dw, pt
     h, wd, c = dxn.shape
     p = (kh_n - 1) * dh
     o0 = max(0, pt - a * sh)
-    o1 = min(nrt * sh if a + nrt < oh_size else h, h - a * sh + pt)
+    o1 = h - a * sh + pt  # the image's last output rows own the rest of the image
+    if a + nrt < oh_size:
+        o1 = min(o1, nrt * sh)
     if o1 <= o0:
         return
     lanes = VECTOR_BYTES // max(xs2.itemsize, 4)

@@ -76,6 +76,12 @@ FD_CASES = [
     (1, 5, 6, 2, 2, (3, 2), 1, (1, 2), (1, 2)),
     (3, 4, 5, 1, 1, (5, 3), 1, (2, 1), ((4, 3), (1, 1))),  # large dilated kernel: spills across many row chunks
 ]
+# the image's last output rows own every input row left, some above their first tap (top padding): the separable
+# kernel's gather stores them all
+FD_ONE_TILE = [
+    (2, 1, 3, 2, 1, (2, 2), 1, 1, ((1, 0), (1, 0))),
+    (1, 2, 4, 3, 1, (3, 3), 2, 1, ((2, 0), (1, 1))),
+]
 
 
 def _geom_kwargs(case, data_format):
@@ -103,7 +109,7 @@ def test_depthwise_backward_finite_differences(rng, case, data_format):
 
 
 @pytest.mark.parametrize("data_format", FORMATS)
-@pytest.mark.parametrize("case", FD_CASES[1::2], ids=[str(c) for c in FD_CASES[1::2]])
+@pytest.mark.parametrize("case", FD_CASES[1::2] + FD_ONE_TILE, ids=[str(c) for c in FD_CASES[1::2] + FD_ONE_TILE])
 def test_separable_backward_finite_differences(rng, case, data_format):
     n, h, w, c, dm, (kh, kw), *_ = case
     f = 3
