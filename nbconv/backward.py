@@ -255,11 +255,12 @@ def _dwsep_backward(g, xc, dkc, wc, gc, want_dx, want_dk, want_pw, want_b, compu
         pairs_pw, pairs_dd = bits and sep and want_pw, bits and sep and (want_dx or want_dk)
         dtb = np.empty((nchunks, cm * tile_p if pairs_pw else 1), _dtypes.BITS)
         pscr = np.empty((nchunks, panel_scratch(tile_p) if pairs_pw else 1), _dtypes.BITS)
-        wpk = pack_pairs(_dtypes.bits(_transposed(wc))) if pairs_dd else np.empty((1, 1), _dtypes.BITS)
+        wc_t = _transposed(wc)
+        wpk = pack_pairs(_dtypes.bits(wc_t)) if pairs_dd else np.empty((1, 1), _dtypes.BITS)
         wp2, xs2_size = _plan.dx_gather(g, th) if gather else (1, 1)
         wf = _compile.operand(np.ascontiguousarray(dkc[::-1, ::-1]).reshape(g.kh * g.kw, cm)) if gather else wt
         with BLAS_THREADS:
-            launch(dwsep_backward_nhwc, _threads(nchunks), xc, dkc, wc, _transposed(wc), gc.reshape(-1, f), want_dx,
+            launch(dwsep_backward_nhwc, _threads(nchunks), xc, dkc, wc, wc_t, gc.reshape(-1, f), want_dx,
                    dx, want_dk, dkp, want_pw, dpwp, want_b, dbp, halo, halo_pos, g.sh, g.sw, g.dh, g.dw, g.pt, g.pl,
                    g.oh, g.ow, tile_p, nchunks, dscr, ddscr, ibuf, consts, GEMM_CHARS, wt, np.zeros(cm, compute), xs,
                    _plan.packed_width(g), gscr, gather, wf, wp2, np.empty((nchunks, xs2_size), compute), wpk, dtb,
