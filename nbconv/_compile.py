@@ -195,6 +195,11 @@ def _stub(name, d, *args):
     _LOCAL.record.append((name, _signature(d, args)))
 
 
+def recording():
+    """Whether this thread replays a call in record mode (:func:`record_calls`)."""
+    return _LOCAL.record is not None
+
+
 def k(dispatcher):
     """The callable to launch ``dispatcher`` with: itself, or while recording a stub that notes the signature."""
     if _LOCAL.record is None:

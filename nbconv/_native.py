@@ -49,11 +49,11 @@ from numba.extending import intrinsic
 from . import _cache, _compile, _dtypes
 from ._jit import jit
 from ._threads import CAPTURE, POOL, get_num_threads
-from ._sync import (GEN, INJOB, JOBFN, JOINING, LEAD, MBOX, NATIVE, NATIVE_SLEEP, NONCE_SLOT, PARTS, SIG_SLOTS,
-                    SOLO, atomic_load, atomic_store, call_job, pause, try_lock, unlock)
+from ._sync import (AFTER_JOB, GEN, INJOB, JOBFN, JOINING, LEAD, MBOX, NATIVE, NATIVE_SLEEP, NONCE_SLOT, PARTS,
+                    SIG_SLOTS, SOLO, SPIN, SPIN_NATIVE, atomic_load, atomic_store, call_job, pause, try_lock, unlock)
 
-__all__ = ["Unsupported", "NativeCall", "capture", "run_template", "ffi_handler", "tf_compute", "tf_library",
-           "available", "entry_built", "build_in_background", "NONCE"]
+__all__ = ["Unsupported", "NotReady", "NativeCall", "capture", "run_template", "ffi_handler", "tf_compute",
+           "tf_library", "available", "entry_built", "build_in_background", "NONCE"]
 
 #: a random value in ``sig`` and in every template: a template made by another process is refused
 NONCE = int.from_bytes(os.urandom(7), "little")
@@ -78,6 +78,10 @@ class Unsupported(Exception):
     """The call cannot run natively (the message says why); the caller keeps its Python path."""
 
 
+class NotReady(Unsupported):
+    """The call could run natively once code compiling in the background is ready."""
+
+
 @intrinsic
 def as_ptr(typingctx, addr):
     """An int64 address as a ``void *`` (for :func:`numba.carray`)."""
@@ -95,9 +99,13 @@ def _words(addr, n):
 
 
 @jit
-def run_template(t, ptrs):
+def run_template(t, ptrs, from_python):
     """Run the captured job of template ``t`` on the buffers whose data addresses are ``ptrs`` (arguments, then
-    results, scratch last); returns :data:`OK` or an error code.  Types and shapes were checked by the caller."""
+    results, scratch last); returns :data:`OK` or an error code.  Types and shapes were checked by the caller.
+
+    After the job the helpers spin for the pool's whole window if ``from_python`` (a replayed call,
+    :mod:`nbconv._replay`: the caller's next call may come after a gap), else for the short window after a
+    framework's op (:func:`nbconv._sync.helper_wait`)."""
     sig = _words(t[T_SIG], SIG_SLOTS)
     if sig[NONCE_SLOT] != t[T_NONCE]:
         return E_NONCE
@@ -134,6 +142,7 @@ def run_template(t, ptrs):
         box[M_SCHED_AT + GEN] = gen
         sig[JOINING] = threads
         sig[JOBFN] = t[T_FN]
+        sig[AFTER_JOB] = sig[SPIN] if from_python else sig[SPIN_NATIVE]
         atomic_store(sig, NATIVE, gen)  # the job's enter() publishes the generation: helpers then find it
         call_job(t[T_FN], addr, LEAD)
         # a helper that entered late still runs the kernel's preamble (its own scratch rows): the buffers must
@@ -189,7 +198,7 @@ class NativeCall:
         """Run natively on NumPy ``arrays`` into ``out`` (tests and the capture's own check)."""
         scratch = np.empty(self.scratch_bytes, np.uint8)
         ptrs = np.array([a.__array_interface__["data"][0] for a in (*arrays, out, scratch)], np.int64)
-        err = run_template(self.template, ptrs)
+        err = run_template(self.template, ptrs, False)
         if err != OK:
             raise RuntimeError(f"nbconv: native call failed with code {err}")
         return out
@@ -273,7 +282,7 @@ def capture(fn, arrays, out, other=None):
             kernel.compile(sig)
         elif _compile._load_cached(kernel, sig) is None:
             _compile.submit([(_compile._name(kernel), sig)])
-            raise Unsupported("the kernel is not compiled yet (it is compiling in the background)")
+            raise NotReady("the kernel is not compiled yet (it is compiling in the background)")
     job = _job(kernel, tuple(specs))
     template = _template(payload, slot, patches, threads, job.address, nbuf,
                          [(b.dtype, b.shape) for b in (*arrays, out)] + [(np.dtype(np.uint8), (scratch_bytes,))])
@@ -361,7 +370,7 @@ def _job(kernel, specs):
     name = f"job_{digest}"
     if name not in _JOBS and _compile.get_mode() == "background" and not entry_built(name):
         _build_in_background(name, f"from nbconv import _native; _native.load_job({path!r})")
-        raise Unsupported("the native job is compiling in the background")
+        raise NotReady("the native job is compiling in the background")
     return load_job(path)
 
 
@@ -516,7 +525,7 @@ def _ffi_call(frame):
                 return _error(frame, E_SHAPE, _MESSAGE_BUFFERS)
         c += 2 + rank
         ptrs[i] = b[BUFFER_DATA // 8]
-    err = run_template(t, ptrs)
+    err = run_template(t, ptrs, False)
     if err != OK:
         return _error(frame, err, _MESSAGE_BUFFERS)
     return 0
@@ -639,7 +648,7 @@ def _tf_run(ctx, status, t, n, slot, tensors):
         tensors[n + j] = ten
         ptrs[nargs + j] = _TF_TensorData(ten)
         c += 2 + rank
-    return run_template(t, ptrs)
+    return run_template(t, ptrs, False)
 
 
 @functools.lru_cache(maxsize=None)

@@ -33,7 +33,9 @@ only phase of a one-phase kernel) ``P`` counters, one per share.  ``sig``
 slots: ``[0]`` the generation of the last call, ``[SPIN]`` how long helpers
 spin, in cycle-counter ticks, ``[JOINING]`` the participants of the last
 call (a helper of a higher index keeps spinning without the GIL),
-``[SPIN_NATIVE]`` the (shorter) spin window after a native job,
+``[SPIN_NATIVE]`` the (shorter) spin window after a framework's native job,
+``[AFTER_JOB]`` the window after the last native job (``[SPIN]`` for a call
+replayed from Python, :mod:`nbconv._replay`; else ``[SPIN_NATIVE]``),
 ``[SLEEPERS]`` helpers in the futex, ``[BELL]`` the futex word,
 ``[BUSY]`` 1 while a call uses the helpers, ``[NATIVE]`` the generation of
 the last native job (-1 while a leader rewrites the mailbox), ``[MBOX]`` the
@@ -58,14 +60,15 @@ from ._simd import _X86
 __all__ = ["ACTIVE", "GEN", "PARTS", "PHASE1_DONE", "PHASE1", "PHASE2", "SPIN", "HELPER", "LEAD", "LEAD_BUMPED",
            "SOLO", "helper_lead", "new_sched", "atomic_add", "atomic_load", "pause", "cycles", "now", "cycles_per_ms",
            "enter", "claim", "done", "wait_at_least", "leave", "wait_change", "JOINING", "SLEEPERS", "BELL", "BUSY",
-           "NATIVE", "MBOX", "JOBFN", "INJOB", "SPIN_NATIVE", "SIG_SLOTS", "NONCE_SLOT", "atomic_store", "NATIVE_SLEEP",
-           "atomic_cas", "call_job", "ring", "try_lock", "unlock", "helper_wait"]
+           "NATIVE", "MBOX", "JOBFN", "INJOB", "SPIN_NATIVE", "AFTER_JOB", "SIG_SLOTS", "NONCE_SLOT", "atomic_store",
+           "NATIVE_SLEEP", "atomic_cas", "call_job", "ring", "try_lock", "unlock", "helper_wait"]
 
 ACTIVE, GEN, PARTS, PHASE1_DONE = 0, 1, 2, 3
 _COUNTERS = 4
 #: the phases of :func:`claim`
 PHASE1, PHASE2 = 0, 1
 SPIN, JOINING, SLEEPERS, BELL, BUSY, NATIVE, MBOX, JOBFN, INJOB, SPIN_NATIVE = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
+AFTER_JOB = 11
 #: the length of the pool's ``sig`` array
 SIG_SLOTS = 16
 #: the process's nonce (nbconv._native: templates of another process are refused)
@@ -281,11 +284,12 @@ def helper_wait(sig, seen, spun, index):
     """Helper ``index``'s wait for its next Python call after the call ``seen``: spins for the spin window (not
     again if ``spun``: the last kernel's :func:`leave` did), sleeps in the futex, runs native jobs on the way.
 
-    After a native job it spins only ``sig[SPIN_NATIVE]`` cycles (for the
-    framework's next call of ours in a row): the framework that called it
-    (XLA, TensorFlow) runs its own ops next, on its own threads, and a helper
-    spinning beside them for the whole window slowed converted models by
-    5-20 %.
+    After a native job it spins ``sig[AFTER_JOB]`` cycles: after a framework's
+    only ``sig[SPIN_NATIVE]`` (for the framework's next call of ours in a
+    row), since the framework that called it (XLA, TensorFlow) runs its own
+    ops next, on its own threads, and a helper spinning beside them for the
+    whole window slowed converted models by 5-20 %; after a call replayed
+    from Python the whole window, as after any Python call.
 
     Returns the generation of a call for this helper that is not a native
     job (its kernel and arguments are in Python), or -1 where helpers sleep
@@ -309,7 +313,7 @@ def helper_wait(sig, seen, spun, index):
             if atomic_load(sig, NATIVE) == gen and atomic_load(sig, 0) == gen:
                 call_job(atomic_load(sig, JOBFN), atomic_load(sig, MBOX), SOLO | (index << 2))
             atomic_add(sig, INJOB, -1)
-            window = sig[SPIN_NATIVE]
+            window = sig[AFTER_JOB]
             continue
         if not NATIVE_SLEEP:
             return -1

@@ -8,9 +8,9 @@ import numba
 import numpy as np
 
 from . import _compile
-from ._sync import (BUSY, GEN, JOINING, LEAD, LEAD_BUMPED, MBOX, NATIVE_SLEEP, NONCE_SLOT, SIG_SLOTS, SLEEPERS,
-                    SOLO, SPIN, SPIN_NATIVE, cycles_per_ms, helper_lead, helper_wait, new_sched, now, ring, try_lock,
-                    unlock)
+from ._sync import (AFTER_JOB, BUSY, GEN, JOINING, LEAD, LEAD_BUMPED, MBOX, NATIVE_SLEEP, NONCE_SLOT, SIG_SLOTS,
+                    SLEEPERS, SOLO, SPIN, SPIN_NATIVE, cycles_per_ms, helper_lead, helper_wait, new_sched, now, ring,
+                    try_lock, unlock)
 
 __all__ = ["get_num_threads", "set_num_threads", "num_threads", "planning_threads", "POOL", "SPIN_ENV", "launch"]
 
@@ -154,7 +154,7 @@ class _Pool:
         per_ms = cycles_per_ms()  # measured here, not in the call that started the helpers
         spin = int(SPIN_MS * per_ms)
         self.sig[SPIN] = spin
-        self.sig[SPIN_NATIVE] = min(spin, int(NATIVE_SPIN_MS * per_ms))
+        self.sig[SPIN_NATIVE] = self.sig[AFTER_JOB] = min(spin, int(NATIVE_SPIN_MS * per_ms))
         seen = int(self.sig[0])
         spun = False  # the spin window after the last job has passed (inside its kernel)
         while pid == os.getpid():
