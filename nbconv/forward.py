@@ -9,7 +9,7 @@ import threading
 
 import numpy as np
 
-from . import _args, _compile, _dtypes, _fallback, _plan, packing
+from . import _args, _compile, _dtypes, _fallback, _plan, _replay, packing
 from ._depthwise import depthwise_packed
 from ._gemm import panel_scratch
 from ._pointwise import pointwise_nchw, pointwise_nhwc
@@ -55,6 +55,11 @@ def _workspace(*specs):
         views.clear()
     views[specs] = arrays
     return arrays
+
+
+def _scratch(nbytes):
+    """The calling thread's workspace as one byte buffer of at least ``nbytes`` (a replayed call's scratch)."""
+    return _workspace(((nbytes,), np.uint8))[0]
 
 
 def _bias_array(bias, dtype):
@@ -137,6 +142,7 @@ def _result(shape, dt, out, inputs):
 
 
 @_compile.entry(_fallback.depthwise_conv2d)
+@_replay.replayable(_scratch)
 def depthwise_conv2d(x, kernel, bias=None, *, strides=_args.DEFAULT, padding="valid", dilation_rate=_args.DEFAULT,
                      data_format="channels_last", activation=None, out=None, precision=None, output_dtype=None,
                      **aliases):
@@ -198,6 +204,7 @@ def depthwise_conv2d(x, kernel, bias=None, *, strides=_args.DEFAULT, padding="va
 
 
 @_compile.entry(_fallback.pointwise_conv2d)
+@_replay.replayable(_scratch)
 def pointwise_conv2d(x, kernel, bias=None, *, data_format="channels_last", activation=None, out=None,
                      precision=None, output_dtype=None):
     """Pointwise (1x1) 2-D convolution.
@@ -268,6 +275,7 @@ def pointwise_conv2d(x, kernel, bias=None, *, data_format="channels_last", activ
 
 
 @_compile.entry(_fallback.separable_conv2d)
+@_replay.replayable(_scratch)
 def separable_conv2d(x, depthwise_kernel, pointwise_kernel, bias=None, *, strides=_args.DEFAULT, padding="valid",
                      dilation_rate=_args.DEFAULT, data_format="channels_last", activation=None, depthwise_bias=None,
                      depthwise_activation=None, out=None, precision=None, output_dtype=None, **aliases):

@@ -1,0 +1,208 @@
+"""Repeated forward calls replayed from a captured template, past the Python side of the call.
+
+A public forward call spends 15 us in Python before its kernel starts (its
+argument checks, planning, allocation and the kernel's dispatch), and after
+a few milliseconds of idle time 50-200 us: every page of interpreter and
+NumPy code it touches has to be fetched again (docs/tuning.md, "Replayed
+calls").  Layers called in a loop, a server answering requests, and a
+framework calling a layer between its own ops repeat the same call with new
+data.  So the third call with the same *key* -- the inputs' types, shapes,
+dtypes and strides, the other arguments, the thread count and the planner's
+tunables, which together decide everything the Python side does -- is
+captured as a native call (:func:`nbconv._native.capture`: the kernel's
+arguments as a template, every buffer located in the inputs, the output or
+the scratch workspace), checked against the Python call bit for bit, and
+from then on each call with that key only allocates its output and runs the
+template (:func:`nbconv._native.run_template`).
+
+Calls that cannot be replayed keep the Python path: an ``out=`` argument,
+an input that is not a plain NumPy array (lists, packed weights), an
+argument that is not hashable, and any call the capture refuses (one that
+computes on its inputs in Python, such as channels_first or cast inputs).
+A capture that waits on a kernel still compiling in the background is tried
+again :data:`RETRY` calls later.  ``NBCONV_REPLAY=0`` turns replay off.
+"""
+import collections
+import functools
+import os
+import threading
+
+import numpy as np
+
+from . import _compile, _native, _plan
+from ._threads import CAPTURE, POOL, get_num_threads
+
+__all__ = ["replayable", "ENV", "AFTER", "RETRY", "clear"]
+
+#: environment variable: "0" runs every call through its Python path
+ENV = "NBCONV_REPLAY"
+#: calls with one key that run in Python before the next is captured (a one-off call never pays a capture)
+AFTER = 2
+#: calls to wait before a capture that found a kernel still compiling is tried again
+RETRY = 32
+#: keys remembered, least recently used forgotten first
+KEYS = 256
+
+_ENABLED = os.environ.get(ENV, "1") != "0" and _native.available()
+# compiled by the background child with the kernels, never in a caller's first replay
+_compile.companions((_native.run_template, (np.zeros(1, np.int64), np.zeros(1, np.int64), True)))
+#: the planner's own tunables: calls under :func:`nbconv._plan.override` (tests) keep the Python path
+_DEFAULT_TUNABLES = _plan.tunables()
+_TABLE = collections.OrderedDict()
+_LOCK = threading.Lock()
+
+
+class _Entry:
+    __slots__ = ("seen", "call", "shape", "dtype", "aligned", "dead", "retry_at")
+
+    def __init__(self):
+        self.seen, self.call, self.dead, self.retry_at = 1, None, False, 0
+
+
+def clear():
+    """Forget every captured call (tests; a process that changed what its calls must do)."""
+    with _LOCK:
+        _TABLE.clear()
+
+
+def _plain(value):
+    """``value`` tagged with its type (and its items', for a tuple): ``1`` and ``1.0``, or ``True``, compare equal
+    but are not the same argument (the Python path may refuse one of them); raises TypeError if unhashable."""
+    if type(value) is tuple:
+        return tuple, tuple(_plain(v) for v in value)
+    hash(value)
+    return type(value), value
+
+
+def _describe(value, arrays):
+    """``value``'s part of a key: an array's (shape, dtype, strides), noted in ``arrays``; else the value itself,
+    tagged with its type; None when the call cannot be replayed (an array subclass, an unhashable value)."""
+    if type(value) is np.ndarray:
+        arrays.append(value)
+        return value.shape, value.dtype, value.strides
+    if isinstance(value, np.ndarray):
+        return None
+    try:
+        return _plain(value)
+    except TypeError:
+        return None
+
+
+def _key(fn, args, kwargs):
+    arrays = []
+    parts = [fn, get_num_threads()]
+    for a in args:
+        d = _describe(a, arrays)
+        if d is None:
+            return None, None
+        parts.append(d)
+    for name, value in kwargs.items():
+        d = _describe(value, arrays)
+        if d is None:
+            return None, None
+        parts.append((name, d))
+    return tuple(parts), arrays
+
+
+def _address(a):
+    return a.__array_interface__["data"][0]
+
+
+def _empty(entry):
+    if not entry.aligned:
+        return np.empty(entry.shape, entry.dtype)
+    nbytes = int(np.prod(entry.shape, dtype=np.int64)) * entry.dtype.itemsize
+    buf = np.empty(nbytes + 64, np.uint8)
+    start = -_address(buf) % 64
+    return buf[start:start + nbytes].view(entry.dtype).reshape(entry.shape)
+
+
+def _run(call, arrays, workspace, out):
+    """Run the captured ``call`` on ``arrays`` into ``out``."""
+    scratch = workspace(call.scratch_bytes)
+    ptrs = np.array([_address(a) for a in arrays] + [_address(out), _address(scratch)], np.int64)
+    err = _native.run_template(call.template, ptrs, True)
+    if err != _native.OK:
+        raise RuntimeError(f"nbconv: a replayed call failed with code {err}")
+    return out
+
+
+def _capture(entry, fn, args, kwargs, arrays, workspace):
+    """This call's result from its Python path, capturing it on the way (see the module notes) unless the
+    capture is refused: ``entry`` then replays the key's next calls, is marked dead, or waits to try again."""
+    slots = [i for i, a in enumerate(args) if type(a) is np.ndarray]
+    slots += [name for name, value in kwargs.items() if type(value) is np.ndarray]
+
+    def call(*arrs, out):
+        a, kw = list(args), dict(kwargs)
+        kw.pop("out", None)  # an explicit out=None
+        for slot, arr in zip(slots, arrs):
+            if isinstance(slot, int):
+                a[slot] = arr
+            else:
+                kw[slot] = arr
+        return fn(*a, **kw, out=out)
+
+    expected = fn(*args, **kwargs)
+    if type(expected) is not np.ndarray or not expected.flags.c_contiguous:
+        entry.dead = True
+        return expected
+    try:
+        if _compile.get_mode() != "sync" and not _compile.companions_ready(submit=True):
+            raise _native.NotReady("the replay's own function is compiling in the background")
+        captured = _native.capture(call, arrays, np.empty_like(expected))
+        entry.shape, entry.dtype = expected.shape, expected.dtype
+        entry.aligned = _plan.stream(expected.nbytes)
+        # every byte of the result must be the kernel's: a result converted in Python after the kernel (which
+        # the capture does not see) would be left as this filler
+        got = _empty(entry)
+        got.view(np.uint8)[...] = 0xFF
+        _run(captured, arrays, workspace, got)
+        if not np.array_equal(expected.view(np.uint8), got.view(np.uint8)):
+            raise _native.Unsupported("the replay differs from the Python call")
+        entry.call = captured  # last: another thread may replay the key from now on
+    except _native.NotReady:
+        entry.call = None
+        entry.retry_at = entry.seen + RETRY
+    except _native.Unsupported:
+        entry.call, entry.dead = None, True
+    return expected
+
+
+def replayable(workspace):
+    """Decorate a public forward function ``fn(..., out=None, ...)`` so that repeated calls replay (module
+    notes); ``workspace(nbytes)`` returns the calling thread's scratch buffer of at least ``nbytes`` bytes."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            if (not _ENABLED or kwargs.get("out") is not None or CAPTURE.calls is not None
+                    or _compile.recording() or _plan.tunables() is not _DEFAULT_TUNABLES):
+                return fn(*args, **kwargs)
+            key, arrays = _key(fn, args, kwargs)
+            if key is None:
+                return fn(*args, **kwargs)
+            try:
+                entry = _TABLE.get(key)
+            except TypeError:  # a value whose hash() works but whose comparison does not
+                return fn(*args, **kwargs)
+            if entry is not None and entry.call is not None:
+                POOL.wake()
+                POOL.ensure_started()
+                return _run(entry.call, arrays, workspace, _empty(entry))
+            if entry is None:
+                with _LOCK:
+                    _TABLE[key] = _Entry()
+                    if len(_TABLE) > KEYS:
+                        _TABLE.popitem(last=False)
+                return fn(*args, **kwargs)
+            entry.seen += 1
+            with _LOCK:
+                if key in _TABLE:
+                    _TABLE.move_to_end(key)
+            if entry.dead or entry.seen <= AFTER or entry.seen < entry.retry_at:
+                return fn(*args, **kwargs)
+            return _capture(entry, fn, args, kwargs, arrays, workspace)
+
+        return call
+
+    return decorate

@@ -1,0 +1,154 @@
+"""Replayed forward calls (nbconv._replay): repeated calls with new data against the float64 reference."""
+import threading
+
+import numpy as np
+import pytest
+
+import nbconv
+from nbconv import _replay
+from reference import assert_close, depthwise_ref, pointwise_ref, random_array, separable_ref
+
+pytestmark = pytest.mark.skipif(not _replay._ENABLED, reason="replay needs native calls (Linux futex)")
+
+CALLS = _replay.AFTER + 3  # the Python calls, the capture, then replays
+
+
+@pytest.fixture(autouse=True)
+def fresh_table():
+    _replay.clear()
+    yield
+    _replay.clear()
+
+
+def _entry(fn, *args, **kwargs):
+    key, _ = _replay._key(fn.__wrapped__.__wrapped__, args, kwargs)
+    return _replay._TABLE.get(key)
+
+
+def _separable_case(rng, n=1, h=9, c=24, f=40, dtype=np.float32):
+    return (random_array(rng, (n, h, h, c), dtype), random_array(rng, (3, 3, c, 1), dtype),
+            random_array(rng, (1, 1, c, f), dtype), random_array(rng, (f,), dtype))
+
+
+@pytest.mark.parametrize("strides, activation", [(1, None), (2, "relu")])
+def test_separable_replays_new_data(rng, strides, activation):
+    shapes = _separable_case(rng)
+    kw = dict(strides=strides, padding="same", activation=activation)
+    for i in range(CALLS):
+        # new values every call, same shapes: a replay must read this call's arrays
+        x, dk, pk, b = (random_array(rng, a.shape) for a in shapes)
+        originals = [a.copy() for a in (x, dk, pk, b)]
+        y = nbconv.separable_conv2d(x, dk, pk, b, **kw)
+        assert_close(y, separable_ref(x, dk, pk, b, **kw))
+        for a, o in zip((x, dk, pk, b), originals):
+            np.testing.assert_array_equal(a, o)  # inputs are never modified
+    entry = _entry(nbconv.separable_conv2d, x, dk, pk, b, **kw)
+    assert entry is not None and entry.call is not None and entry.seen == _replay.AFTER + 1
+
+
+def test_depthwise_and_pointwise_replay(rng):
+    x = random_array(rng, (2, 11, 11, 16))
+    k = random_array(rng, (3, 3, 16, 1))
+    w = random_array(rng, (1, 1, 16, 24))
+    for _ in range(CALLS):
+        x = random_array(rng, x.shape)
+        assert_close(nbconv.depthwise_conv2d(x, k, padding="same"), depthwise_ref(x, k, padding="same"))
+        assert_close(nbconv.pointwise_conv2d(x, w, activation="relu6"),
+                     pointwise_ref(x, w, activation="relu6"))
+    assert _entry(nbconv.depthwise_conv2d, x, k, padding="same").call is not None
+    assert _entry(nbconv.pointwise_conv2d, x, w, activation="relu6").call is not None
+
+
+def test_large_output_replays_aligned(rng):
+    # an output large enough for non-temporal stores: the replay allocates it 64-byte aligned too
+    x, dk, pk, _ = _separable_case(rng, n=4, h=56, c=32, f=256)
+    for _ in range(CALLS):
+        x = random_array(rng, x.shape)
+        y = nbconv.separable_conv2d(x, dk, pk, padding="same", out=None)  # an explicit out=None replays too
+        assert_close(y, separable_ref(x, dk, pk, padding="same"))
+    assert _entry(nbconv.separable_conv2d, x, dk, pk, padding="same", out=None).aligned
+    assert y.__array_interface__["data"][0] % 64 == 0
+
+
+def test_bfloat16_calls_give_the_python_result(rng):
+    # replayed or not (calls that convert an operand first launch two kernels and keep the Python path), a
+    # repeated bfloat16 call returns the Python call's result bit for bit
+    bf16 = nbconv.as_bfloat16(np.zeros(1, np.float32)).dtype
+    x, dk, pk, _ = _separable_case(rng, c=32, f=64)
+    pk = pk.astype(bf16)
+    python_path = nbconv.separable_conv2d.__wrapped__.__wrapped__
+    for depthwise in (dk, dk.astype(bf16)):
+        for _ in range(CALLS):
+            x = random_array(rng, x.shape).astype(bf16)
+            y = nbconv.separable_conv2d(x, depthwise, pk, padding="same")
+            expected = python_path(x, depthwise, pk, padding="same")
+            assert y.dtype == expected.dtype
+            np.testing.assert_array_equal(y.view(np.uint8), expected.view(np.uint8))
+
+
+def test_thread_count_is_part_of_the_key(rng):
+    x, dk, pk, _ = _separable_case(rng, h=20, c=32, f=64)
+    expected = separable_ref(x, dk, pk, padding="same")
+    for threads in (1, nbconv.get_num_threads(), 1):
+        with nbconv.num_threads(threads):
+            for _ in range(CALLS):
+                assert_close(nbconv.separable_conv2d(x, dk, pk, padding="same"), expected)
+
+
+def test_calls_that_keep_the_python_path(rng):
+    x, dk, pk, _ = _separable_case(rng)
+    out = np.empty((1, 9, 9, 40), np.float32)
+    for _ in range(CALLS):
+        nbconv.separable_conv2d(x, dk, pk, padding="same", out=out)  # out=: never replayed
+        nbconv.separable_conv2d(x.tolist(), dk, pk, padding="same")  # a list: no key
+        nbconv.separable_conv2d(x, dk, pk, padding="same", strides=[1, 1])  # an unhashable option
+    assert len(_replay._TABLE) == 0
+    # float16 input is computed in float32, cast in Python first: the capture refuses it
+    x16 = x.astype(np.float16)
+    for _ in range(CALLS):
+        assert_close(nbconv.separable_conv2d(x16, dk, pk, padding="same"), separable_ref(x16, dk, pk, padding="same"))
+    entry = _entry(nbconv.separable_conv2d, x16, dk, pk, padding="same")
+    assert entry.call is None and entry.dead
+
+
+def test_channels_first_replays(rng):
+    x, dk, pk, b = _separable_case(rng, n=2)
+    kw = dict(padding="same", data_format="channels_first")
+    for _ in range(CALLS):
+        xt = random_array(rng, (2, 24, 9, 9))
+        assert_close(nbconv.separable_conv2d(xt, dk, pk, b, **kw), separable_ref(xt, dk, pk, b, **kw))
+    assert _entry(nbconv.separable_conv2d, xt, dk, pk, b, **kw).call is not None
+
+
+def test_bad_input_still_raises_after_replays(rng):
+    x, dk, pk, _ = _separable_case(rng)
+    for _ in range(CALLS):
+        nbconv.separable_conv2d(x, dk, pk, padding="same", strides=(1, 1))
+    # equal to the replayed call's arguments in Python's eyes (1.0 == 1), but not valid ones
+    with pytest.raises((TypeError, ValueError), match="strides"):
+        nbconv.separable_conv2d(x, dk, pk, padding="same", strides=(1.0, 1.0))
+    with pytest.raises(ValueError, match="pointwise_kernel"):
+        nbconv.separable_conv2d(x, dk, pk[:, :, :-1], padding="same")
+    for _ in range(CALLS):  # a key whose calls raise is never captured
+        with pytest.raises(ValueError, match="padding"):
+            nbconv.separable_conv2d(x, dk, pk, padding="full")
+
+
+def test_concurrent_replays(rng):
+    x, dk, pk, b = _separable_case(rng, h=28, c=32, f=64)
+    for _ in range(CALLS):
+        nbconv.separable_conv2d(x, dk, pk, b, padding="same")
+    inputs = [random_array(np.random.default_rng(i), x.shape) for i in range(4)]
+    results = [None] * len(inputs)
+
+    def work(i):
+        for _ in range(10):
+            results[i] = nbconv.separable_conv2d(inputs[i], dk, pk, b, padding="same")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for xi, y in zip(inputs, results):
+        assert_close(y, separable_ref(xi, dk, pk, b, padding="same"))
