@@ -61,3 +61,35 @@ def plan_override():
 
     with contextlib.ExitStack() as stack:
         yield lambda **changes: stack.enter_context(_plan.override(**changes))
+
+
+@pytest.fixture
+def in_fork():
+    """``in_fork(child)`` runs ``child()`` (returning bytes) in a forked child process and returns those bytes;
+    the test fails if the child hangs for two minutes.  Skips where there is no ``fork()``."""
+    import time
+
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork() on this platform")
+
+    def run(child):
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover  (the child reports through the pipe)
+            try:
+                os.write(write, child())
+            finally:
+                os._exit(0)
+        os.close(write)
+        deadline = time.monotonic() + 120
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                pytest.fail("the forked child hung")
+            time.sleep(0.05)
+        try:
+            return os.read(read, 64)
+        finally:
+            os.close(read)
+
+    return run

@@ -155,35 +155,19 @@ def test_concurrent_replays(rng):
 
 
 @pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # jax, imported by other tests, warns; unused here
-def test_forked_child_replays(rng):
+def test_forked_child_replays(rng, in_fork):
     """A call replayed in the parent replays in a forked child (whose helpers start anew), right and without
     hanging."""
-    import os
-    import time
-
-    if not hasattr(os, "fork"):
-        pytest.skip("no fork() on this platform")
     x, dk, pk, b = _separable_case(rng, h=28, c=32, f=64)
     for _ in range(CALLS):
         nbconv.separable_conv2d(x, dk, pk, b, padding="same")
     assert _entry(nbconv.separable_conv2d, x, dk, pk, b, padding="same").call is not None
     inputs = [random_array(rng, x.shape) for _ in range(3)]
     expected = [separable_ref(xi, dk, pk, b, padding="same") for xi in inputs]
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover  (the child reports through the pipe)
-        try:
-            ok = all(np.allclose(nbconv.separable_conv2d(xi, dk, pk, b, padding="same"), e, rtol=1e-4, atol=1e-4)
-                     for xi, e in zip(inputs, expected))
-            os.write(write, b"ok" if ok else b"wrong")
-        finally:
-            os._exit(0)
-    os.close(write)
-    deadline = time.monotonic() + 120
-    while os.waitpid(pid, os.WNOHANG) == (0, 0):
-        if time.monotonic() > deadline:
-            os.kill(pid, 9)
-            pytest.fail("the forked child hung in a replayed call")
-        time.sleep(0.05)
-    assert os.read(read, 16) == b"ok"
-    os.close(read)
+
+    def child():
+        ok = all(np.allclose(nbconv.separable_conv2d(xi, dk, pk, b, padding="same"), e, rtol=1e-4, atol=1e-4)
+                 for xi, e in zip(inputs, expected))
+        return b"ok" if ok else b"wrong"
+
+    assert in_fork(child) == b"ok"

@@ -188,34 +188,18 @@ def test_concurrent_callers_each_get_their_result(rng):
 
 @needs_two
 @pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # jax, imported by other tests, warns; unused here
-def test_forked_child_calls_with_its_own_helpers(rng):
+def test_forked_child_calls_with_its_own_helpers(rng, in_fork):
     """A child forked after the helpers started (they do not survive fork) computes right, without hanging."""
-    import os
-    import time
-
-    if not hasattr(os, "fork"):
-        pytest.skip("no fork() on this platform")
     args, expected = _separable_case(rng)
     assert_close(nbconv.separable_conv2d(*args, padding="same"), expected)  # the parent's helpers are running
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover  (the child reports through the pipe)
-        try:
-            with nbconv.num_threads(2):
-                ok = all(np.allclose(nbconv.separable_conv2d(*args, padding="same"), expected, rtol=1e-4,
-                                     atol=1e-4) for _ in range(3))
-            os.write(write, b"ok" if ok else b"wrong")
-        finally:
-            os._exit(0)
-    os.close(write)
-    deadline = time.monotonic() + 120
-    while os.waitpid(pid, os.WNOHANG) == (0, 0):
-        if time.monotonic() > deadline:
-            os.kill(pid, 9)
-            pytest.fail("the forked child hung in its nbconv call")
-        time.sleep(0.05)
-    assert os.read(read, 16) == b"ok"
-    os.close(read)
+
+    def child():
+        with nbconv.num_threads(2):
+            ok = all(np.allclose(nbconv.separable_conv2d(*args, padding="same"), expected, rtol=1e-4, atol=1e-4)
+                     for _ in range(3))
+        return b"ok" if ok else b"wrong"
+
+    assert in_fork(child) == b"ok"
 
 
 @needs_two
