@@ -7,8 +7,8 @@ NumPy code it touches has to be fetched again (docs/tuning.md, "Replayed
 calls").  Layers called in a loop, a server answering requests, and a
 framework calling a layer between its own ops repeat the same call with new
 data.  So the third call with the same *key* -- the inputs' types, shapes,
-dtypes and strides, the other arguments, the thread count and the planner's
-tunables, which together decide everything the Python side does -- is
+dtypes and strides, the other arguments (each tagged with its type) and the
+thread count, which together decide everything the Python side does -- is
 captured as a native call (:func:`nbconv._native.capture`: the kernel's
 arguments as a template, every buffer located in the inputs, the output or
 the scratch workspace), checked against the Python call bit for bit, and
@@ -17,8 +17,9 @@ template (:func:`nbconv._native.run_template`).
 
 Calls that cannot be replayed keep the Python path: an ``out=`` argument,
 an input that is not a plain NumPy array (lists, packed weights), an
-argument that is not hashable, and any call the capture refuses (one that
-computes on its inputs in Python, such as channels_first or cast inputs).
+argument that is not hashable, calls under :func:`nbconv._plan.override`,
+and any call the capture refuses (one that computes on its inputs in Python
+or launches two kernels: float16 inputs, bfloat16 depthwise weights).
 A capture that waits on a kernel still compiling in the background is tried
 again :data:`RETRY` calls later.  ``NBCONV_REPLAY=0`` turns replay off.
 """
@@ -53,7 +54,7 @@ _LOCK = threading.Lock()
 
 
 class _Entry:
-    __slots__ = ("seen", "call", "shape", "dtype", "aligned", "dead", "retry_at")
+    __slots__ = ("seen", "call", "shape", "dtype", "dead", "retry_at")
 
     def __init__(self):
         self.seen, self.call, self.dead, self.retry_at = 1, None, False, 0
@@ -108,15 +109,6 @@ def _address(a):
     return a.__array_interface__["data"][0]
 
 
-def _empty(entry):
-    if not entry.aligned:
-        return np.empty(entry.shape, entry.dtype)
-    nbytes = int(np.prod(entry.shape, dtype=np.int64)) * entry.dtype.itemsize
-    buf = np.empty(nbytes + 64, np.uint8)
-    start = -_address(buf) % 64
-    return buf[start:start + nbytes].view(entry.dtype).reshape(entry.shape)
-
-
 def _run(call, arrays, workspace, out):
     """Run the captured ``call`` on ``arrays`` into ``out``."""
     scratch = workspace(call.scratch_bytes)
@@ -127,7 +119,7 @@ def _run(call, arrays, workspace, out):
     return out
 
 
-def _capture(entry, fn, args, kwargs, arrays, workspace):
+def _capture(entry, fn, args, kwargs, arrays, workspace, new_result):
     """This call's result from its Python path, capturing it on the way (see the module notes) unless the
     capture is refused: ``entry`` then replays the key's next calls, is marked dead, or waits to try again."""
     slots = [i for i, a in enumerate(args) if type(a) is np.ndarray]
@@ -152,10 +144,9 @@ def _capture(entry, fn, args, kwargs, arrays, workspace):
             raise _native.NotReady("the replay's own function is compiling in the background")
         captured = _native.capture(call, arrays, np.empty_like(expected))
         entry.shape, entry.dtype = expected.shape, expected.dtype
-        entry.aligned = _plan.stream(expected.nbytes)
         # every byte of the result must be the kernel's: a result converted in Python after the kernel (which
         # the capture does not see) would be left as this filler
-        got = _empty(entry)
+        got = new_result(entry.shape, entry.dtype)
         got.view(np.uint8)[...] = 0xFF
         _run(captured, arrays, workspace, got)
         if not np.array_equal(expected.view(np.uint8), got.view(np.uint8)):
@@ -169,9 +160,10 @@ def _capture(entry, fn, args, kwargs, arrays, workspace):
     return expected
 
 
-def replayable(workspace):
+def replayable(workspace, new_result):
     """Decorate a public forward function ``fn(..., out=None, ...)`` so that repeated calls replay (module
-    notes); ``workspace(nbytes)`` returns the calling thread's scratch buffer of at least ``nbytes`` bytes."""
+    notes); ``workspace(nbytes)`` returns the calling thread's scratch buffer of at least ``nbytes`` bytes,
+    ``new_result(shape, dtype)`` a result array as the function allocates it."""
     def decorate(fn):
         @functools.wraps(fn)
         def call(*args, **kwargs):
@@ -188,7 +180,7 @@ def replayable(workspace):
             if entry is not None and entry.call is not None:
                 POOL.wake()
                 POOL.ensure_started()
-                return _run(entry.call, arrays, workspace, _empty(entry))
+                return _run(entry.call, arrays, workspace, new_result(entry.shape, entry.dtype))
             if entry is None:
                 with _LOCK:
                     _TABLE[key] = _Entry()
@@ -201,7 +193,7 @@ def replayable(workspace):
                     _TABLE.move_to_end(key)
             if entry.dead or entry.seen <= AFTER or entry.seen < entry.retry_at:
                 return fn(*args, **kwargs)
-            return _capture(entry, fn, args, kwargs, arrays, workspace)
+            return _capture(entry, fn, args, kwargs, arrays, workspace, new_result)
 
         return call
 

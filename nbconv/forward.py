@@ -1,8 +1,10 @@
 """Public forward functions: depthwise, pointwise and fused separable 2-D convolution on NumPy arrays.
 
 Each function normalises and validates its arguments (:mod:`nbconv._args`),
-picks the kernel and its tiling, allocates the output and calls the kernel.
-Nothing here loops over data.
+picks the kernel and its tiling, allocates the output and calls the kernel;
+from the third call with the same shapes and options a captured call replaces
+all of that but the allocation (:mod:`nbconv._replay`).  Nothing here loops
+over data.
 """
 import math
 import threading
@@ -122,27 +124,30 @@ def _finish(res, dt, out=None):
 
 
 def _result(shape, dt, out, inputs):
-    """The array the kernel writes: the caller's ``out`` (validated) if the kernel can write it, else a new one.
-
-    A new array large enough for non-temporal stores (:func:`nbconv._plan.stream`)
-    starts on a 64-byte boundary: only whole aligned vectors are stored so.
-    """
+    """The array the kernel writes: the caller's ``out`` (validated) if the kernel can write it, else a new one
+    (:func:`_new_result`)."""
     _args.check_out(out, shape, dt.result, inputs)
     store = dt.store
     if out is not None and out.dtype == store:
         return out
     if out is not None and store == _dtypes.BITS:
         return out.view(store)
-    nbytes = math.prod(shape) * store.itemsize
+    return _new_result(shape, store)
+
+
+def _new_result(shape, dtype):
+    """A new result array, starting on a 64-byte boundary if it is large enough for non-temporal stores
+    (:func:`nbconv._plan.stream`): only whole aligned vectors are stored so."""
+    nbytes = math.prod(shape) * dtype.itemsize
     if not _plan.stream(nbytes):
-        return np.empty(shape, store)
+        return np.empty(shape, dtype)
     buf = np.empty(nbytes + 64, np.uint8)
     start = -buf.ctypes.data % 64
-    return buf[start:start + nbytes].view(store).reshape(shape)
+    return buf[start:start + nbytes].view(dtype).reshape(shape)
 
 
 @_compile.entry(_fallback.depthwise_conv2d)
-@_replay.replayable(_scratch)
+@_replay.replayable(_scratch, _new_result)
 def depthwise_conv2d(x, kernel, bias=None, *, strides=_args.DEFAULT, padding="valid", dilation_rate=_args.DEFAULT,
                      data_format="channels_last", activation=None, out=None, precision=None, output_dtype=None,
                      **aliases):
@@ -204,7 +209,7 @@ def depthwise_conv2d(x, kernel, bias=None, *, strides=_args.DEFAULT, padding="va
 
 
 @_compile.entry(_fallback.pointwise_conv2d)
-@_replay.replayable(_scratch)
+@_replay.replayable(_scratch, _new_result)
 def pointwise_conv2d(x, kernel, bias=None, *, data_format="channels_last", activation=None, out=None,
                      precision=None, output_dtype=None):
     """Pointwise (1x1) 2-D convolution.
@@ -275,7 +280,7 @@ def pointwise_conv2d(x, kernel, bias=None, *, data_format="channels_last", activ
 
 
 @_compile.entry(_fallback.separable_conv2d)
-@_replay.replayable(_scratch)
+@_replay.replayable(_scratch, _new_result)
 def separable_conv2d(x, depthwise_kernel, pointwise_kernel, bias=None, *, strides=_args.DEFAULT, padding="valid",
                      dilation_rate=_args.DEFAULT, data_format="channels_last", activation=None, depthwise_bias=None,
                      depthwise_activation=None, out=None, precision=None, output_dtype=None, **aliases):
