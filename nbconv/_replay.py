@@ -110,13 +110,11 @@ def _address(a):
 
 
 def _run(call, arrays, workspace, out):
-    """Run the captured ``call`` on ``arrays`` into ``out``."""
+    """Run the captured ``call`` on ``arrays`` into ``out``; False if the template refused to run (another
+    process's, or its mailbox overwritten: the caller then takes the Python path)."""
     scratch = workspace(call.scratch_bytes)
     ptrs = np.array([_address(a) for a in arrays] + [_address(out), _address(scratch)], np.int64)
-    err = _native.run_template(call.template, ptrs, True)
-    if err != _native.OK:
-        raise RuntimeError(f"nbconv: a replayed call failed with code {err}")
-    return out
+    return _native.run_template(call.template, ptrs, True) == _native.OK
 
 
 def _capture(entry, fn, args, kwargs, arrays, workspace, new_result):
@@ -148,8 +146,8 @@ def _capture(entry, fn, args, kwargs, arrays, workspace, new_result):
         # the capture does not see) would be left as this filler
         got = new_result(entry.shape, entry.dtype)
         got.view(np.uint8)[...] = 0xFF
-        _run(captured, arrays, workspace, got)
-        if not np.array_equal(expected.view(np.uint8), got.view(np.uint8)):
+        if not (_run(captured, arrays, workspace, got)
+                and np.array_equal(expected.view(np.uint8), got.view(np.uint8))):
             raise _native.Unsupported("the replay differs from the Python call")
         entry.call = captured  # last: another thread may replay the key from now on
     except _native.NotReady:
@@ -180,7 +178,11 @@ def replayable(workspace, new_result):
             if entry is not None and entry.call is not None:
                 POOL.wake()
                 POOL.ensure_started()
-                return _run(entry.call, arrays, workspace, new_result(entry.shape, entry.dtype))
+                out = new_result(entry.shape, entry.dtype)
+                if _run(entry.call, arrays, workspace, out):
+                    return out
+                entry.call, entry.dead = None, True
+                return fn(*args, **kwargs)
             if entry is None:
                 with _LOCK:
                     _TABLE[key] = _Entry()

@@ -171,3 +171,25 @@ def test_forked_child_replays(rng, in_fork):
         return b"ok" if ok else b"wrong"
 
     assert in_fork(child) == b"ok"
+
+
+def test_a_template_that_refuses_to_run_falls_back(rng):
+    """A replay whose template refuses to run (here: the pool's nonce changed, as in a process that did not make
+    it) gives the Python call's result and stops replaying its key."""
+    from nbconv._sync import NONCE_SLOT
+    from nbconv._threads import POOL
+
+    x, dk, pk, _ = _separable_case(rng)
+    for _ in range(CALLS):
+        nbconv.separable_conv2d(x, dk, pk, padding="same")
+    entry = _entry(nbconv.separable_conv2d, x, dk, pk, padding="same")
+    assert entry.call is not None
+    nonce = int(POOL.sig[NONCE_SLOT])
+    POOL.sig[NONCE_SLOT] = nonce + 1
+    try:
+        x = random_array(rng, x.shape)
+        y = nbconv.separable_conv2d(x, dk, pk, padding="same")
+    finally:
+        POOL.sig[NONCE_SLOT] = nonce
+    assert_close(y, separable_ref(x, dk, pk, padding="same"))
+    assert entry.call is None and entry.dead
