@@ -19,7 +19,7 @@ Calls that cannot be replayed keep the Python path: an ``out=`` argument,
 an input that is not a plain NumPy array (lists, packed weights), an
 argument that is not hashable, calls under :func:`nbconv._plan.override`,
 and any call the capture refuses (one that computes on its inputs in Python
-or launches two kernels: float16 inputs, bfloat16 depthwise weights).
+or launches two kernels: float16 inputs, bfloat16 depthwise weights beside a float32 bias).
 A capture that waits on a kernel still compiling in the background is tried
 again :data:`RETRY` calls later.  ``NBCONV_REPLAY=0`` turns replay off.
 """

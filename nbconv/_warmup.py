@@ -43,6 +43,11 @@ def _bf16_calls():
                     for weights in (pw, nbconv.pack_pointwise_kernel(pw)):
                         yield nbconv.pointwise_conv2d, (x, weights), dict(data_format=fmt, output_dtype=out)
                     yield nbconv.depthwise_conv2d, (x, dk), dict(conv, output_dtype=out)
+                # bfloat16 biases (a bfloat16 model's own), read as bits by the kernels
+                for weights in (pk, nbconv.pack_pointwise_kernel(pk)):
+                    yield nbconv.separable_conv2d, (x, dk, weights, np.zeros(f, bf16)), conv
+                for weights in (pw, nbconv.pack_pointwise_kernel(pw)):
+                    yield nbconv.pointwise_conv2d, (x, weights, np.zeros(f, bf16)), dict(data_format=fmt)
                 if n == 1 and h == 6:
                     # float32 rounded to bfloat16, and the backward (float32 on the widened operands)
                     x32 = np.zeros(x.shape, np.float32)

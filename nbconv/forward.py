@@ -86,12 +86,21 @@ def _packed_dtype(xc, dt):
     return _dtypes.BITS if xc.dtype == _dtypes.BITS else dt.act
 
 
+def _as_bits(dt, *arrays):
+    """Whether bfloat16 products take these operands (None for absent ones) as their bfloat16 bits: every one is
+    bfloat16, so the micro-kernels widen them as they load (no conversion launch, and the call stays replayable)."""
+    return dt.bf16 and all(a is None or a.dtype == _dtypes.BFLOAT16 for a in arrays)
+
+
 def _dw_operands(g, kernel, bias, dt):
     """Depthwise operands ``(wt, bt)``: weights per tap ``(KH*KW, C*dm)`` and the bias (zeros for none), for
     :func:`nbconv._depthwise.dw_packed_rows`, in ``dt.act`` (float32 for bfloat16 products; the weights as
-    given, not rounded)."""
+    given, not rounded), or as bfloat16 bits where both are bfloat16 (:func:`_as_bits`)."""
     cm = g.c * g.dm
-    wt = _dtypes.operand(kernel.reshape(g.kh * g.kw, cm), dt.act)
+    wmat = kernel.reshape(g.kh * g.kw, cm)
+    if _as_bits(dt, kernel, bias):
+        return _dtypes.bits(wmat), (_dtypes.bits(bias) if bias is not None else np.zeros(cm, _dtypes.BITS))
+    wt = _dtypes.operand(wmat, dt.act)
     bt = _bias_array(bias, dt.act) if bias is not None else np.zeros(cm, dt.act)
     return wt, bt
 
@@ -258,7 +267,8 @@ def pointwise_conv2d(x, kernel, bias=None, *, data_format="channels_last", activ
     if res.size == 0:
         return _finish(res, dt, out)
     xc = _x_operand(x, dt)
-    bc = _bias_array(bias, dt.act)
+    # a bfloat16 bias of bfloat16 products as its bits (the NHWC branch's micro-kernels widen it)
+    bc = _dtypes.bits(bias) if bias is not None and _as_bits(dt, bias) else _bias_array(bias, dt.act)
     stream = _plan.stream(res.nbytes)
     if channels_last or dt.bf16:
         # bfloat16 products take NHWC pixels (pairs of channels side by side): NCHW goes through a transposed copy
@@ -343,8 +353,10 @@ def separable_conv2d(x, depthwise_kernel, pointwise_kernel, bias=None, *, stride
     if res.size == 0:
         return _finish(res, dt, out)
     xc = _x_operand(x, dt)
-    bc = _bias_array(bias, dt.act)
     wt, bt = _dw_operands(g, dk, dbias, dt)
+    # a bfloat16 bias as its bits only beside bfloat16 depthwise operands (one more kernel signature, not three)
+    bc = _dtypes.bits(bias) if bias is not None and wt.dtype == _dtypes.BITS and _as_bits(dt, bias) else \
+        _bias_array(bias, dt.act)
     plan = _plan.separable(g, f, dt.act.itemsize, packing.packed_align(pointwise_kernel, dt), dt.bf16)
     # fused mode with NCHW input reads the float weights as the GEMM's A operand, unpacked
     wc, packed_k = _pointwise_operand(pointwise_kernel, wmat, dt, channels_last or plan.shared or dt.bf16)

@@ -37,6 +37,10 @@ def _f64(a):
     return None if a is None else np.asarray(a).astype(np.float64)
 
 
+def _abs(a):
+    return None if a is None else np.abs(_f64(a))
+
+
 def _check_separable(y, x, dk, pk, bias=None, dbias=None, bf16_output=True, **kwargs):
     """``y`` against the reference of the (bfloat16-valued) operands, within the derived bound."""
     ref = separable_ref(_f64(x), _f64(dk), _f64(pk), _f64(bias), depthwise_bias=_f64(dbias), **kwargs)
@@ -82,6 +86,49 @@ def test_separable_bias_and_activations(rng, data_format, activation, depthwise_
     y = nbconv.separable_conv2d(x, dk, pk, bias, depthwise_bias=dbias, **kwargs)
     assert y.dtype == BF16
     _check_separable(y, x, dk, pk, bias, dbias, **kwargs)
+
+
+@pytest.mark.parametrize("data_format", FORMATS)
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+def test_bfloat16_weights_and_biases(rng, data_format, with_bias, packed):
+    """A bfloat16 model's own operands (depthwise weights and biases in bfloat16, which the kernels read as bits)
+    against the reference, and bit for bit what the same values give as float32 operands."""
+    x, dk, pk, kwargs = _geometry_inputs(rng, (2, 9, 8, 12, 2, 40, 3, (2, 1), 1, "same"), data_format)
+    x, dk, pk = _bf16(x * 4, dk, pk)
+    bias, dbias = _bf16(random_array(rng, (40,), np.float32, -3, 3), random_array(rng, (24,), np.float32, -2, 2))
+    if not with_bias:
+        bias = dbias = None
+    weights = nbconv.pack_pointwise_kernel(pk) if packed else pk
+    kwargs.update(activation="relu6", depthwise_activation="relu")
+    y = nbconv.separable_conv2d(x, dk, weights, bias, depthwise_bias=dbias, **kwargs)
+    assert y.dtype == BF16
+    _check_separable(y, x, dk, pk, bias, dbias, **kwargs)
+    f32 = [None if a is None else a.astype(np.float32) for a in (dk, bias, dbias)]
+    same = nbconv.separable_conv2d(x, f32[0], weights, f32[1], depthwise_bias=f32[2], precision="bfloat16",
+                                    output_dtype=BF16, **kwargs)
+    np.testing.assert_array_equal(y.view(np.uint16), same.view(np.uint16))
+
+    conv = {k: kwargs[k] for k in ("strides", "padding", "dilation_rate", "data_format")}
+    d = nbconv.depthwise_conv2d(x, dk, dbias, activation="relu", **conv)
+    assert d.dtype == BF16
+    ref = depthwise_ref(_f64(x), _f64(dk), _f64(dbias), activation="relu", **conv)
+    bound = 10 * U_F32 * depthwise_ref(np.abs(_f64(x)), np.abs(_f64(dk)), _abs(dbias), **conv)
+    assert_within(d, ref, bound, U_BF16)
+    same = nbconv.depthwise_conv2d(x, f32[0], f32[2], activation="relu", precision="bfloat16", output_dtype=BF16,
+                                   **conv)
+    np.testing.assert_array_equal(d.view(np.uint16), same.view(np.uint16))
+
+    w = pk.reshape(1, 1, 24, 40)
+    p = nbconv.pointwise_conv2d(d, nbconv.pack_pointwise_kernel(w) if packed else w, bias,
+                                data_format=data_format, activation="relu6")
+    assert p.dtype == BF16
+    ref = pointwise_ref(_f64(d), _f64(w), _f64(bias), data_format=data_format, activation="relu6")
+    bound = 25 * U_F32 * pointwise_ref(np.abs(_f64(d)), np.abs(_f64(w)), _abs(bias), data_format=data_format)
+    assert_within(p, ref, bound, U_BF16)
+    same = nbconv.pointwise_conv2d(d, w, f32[1], data_format=data_format, activation="relu6", precision="bfloat16",
+                                   output_dtype=BF16)
+    np.testing.assert_array_equal(p.view(np.uint16), same.view(np.uint16))
 
 
 # rows of 32+ output pixels, NHWC, dm = 1: the bits read in place where the taps stay inside the input

@@ -95,8 +95,9 @@ def test_native_call_float64(rng, case):
 
 
 def test_native_call_bfloat16(rng):
-    """bfloat16 activations with a mixed policy's float32 weights, bfloat16 products; bfloat16 weights are
-    widened by a kernel launch of their own first, so that call stays in Python."""
+    """bfloat16 activations with a mixed policy's float32 weights, bfloat16 products; a bfloat16 model's own
+    weights, read as bits by the same single launch; bfloat16 depthwise weights beside a float32 depthwise bias
+    are widened by a kernel launch of their own first, so that call stays in Python."""
     case = ("separable", (1, 20, 40, 32), 3, 48, 1, dict(padding="same", activation="relu"))
 
     def operands():
@@ -114,8 +115,13 @@ def test_native_call_bfloat16(rng):
     ref = separable_ref(*f64, padding="same", activation="relu")
     bound, _ = bf16_separable_bound(*f64, padding="same")
     assert_within(got, ref, bound, U_BF16)
-    with pytest.raises(_native.Unsupported, match="launches 2 kernels"):
-        _capture("separable", [x, dk.astype(BF16), pk.astype(BF16), b], kw)
+    own = [x, dk.astype(BF16), pk.astype(BF16), b.astype(BF16)]
+    fn, call, out = _capture("separable", own, kw)
+    got = call(*own, out=np.empty_like(out))
+    assert np.array_equal(got.view(np.uint16), fn(*own).view(np.uint16))
+    dbias = np.zeros(32, np.float32)  # widened, and the weights beside it: two launches before the kernel's
+    with pytest.raises(_native.Unsupported, match="launches 3 kernels"):
+        _capture("separable", own, dict(kw, depthwise_bias=dbias))
 
 
 def test_refuses_python_work_on_inputs(rng):

@@ -71,19 +71,30 @@ def test_large_output_replays_aligned(rng):
 
 
 def test_bfloat16_calls_give_the_python_result(rng):
-    # replayed or not (calls that convert an operand first launch two kernels and keep the Python path), a
-    # repeated bfloat16 call returns the Python call's result bit for bit
+    # a repeated bfloat16 call returns the Python call's result bit for bit, replayed or not: float32 depthwise
+    # weights make it a float32 call on the input widened first (two launches: not replayed); a bfloat16 model's
+    # own operands are read as bits by one kernel, and replay
     bf16 = nbconv.as_bfloat16(np.zeros(1, np.float32)).dtype
-    x, dk, pk, _ = _separable_case(rng, c=32, f=64)
+    x, dk, pk, b = _separable_case(rng, c=32, f=64)
     pk = pk.astype(bf16)
     python_path = nbconv.separable_conv2d.__wrapped__.__wrapped__
-    for depthwise in (dk, dk.astype(bf16)):
+    for depthwise, bias in ((dk, None), (dk.astype(bf16), None), (dk.astype(bf16), b.astype(bf16))):
         for _ in range(CALLS):
             x = random_array(rng, x.shape).astype(bf16)
-            y = nbconv.separable_conv2d(x, depthwise, pk, padding="same")
-            expected = python_path(x, depthwise, pk, padding="same")
+            y = nbconv.separable_conv2d(x, depthwise, pk, bias, padding="same")
+            expected = python_path(x, depthwise, pk, bias, padding="same")
             assert y.dtype == expected.dtype
             np.testing.assert_array_equal(y.view(np.uint8), expected.view(np.uint8))
+        entry = _entry(nbconv.separable_conv2d, x, depthwise, pk, bias, padding="same")
+        assert (entry.call is not None) == (depthwise.dtype == bf16)
+    dkb, bb = dk.astype(bf16), b[:32].astype(bf16)
+    for _ in range(CALLS):
+        x = random_array(rng, x.shape).astype(bf16)
+        y = nbconv.depthwise_conv2d(x, dkb, bb, padding="same")
+        np.testing.assert_array_equal(y.view(np.uint8),
+                                      nbconv.depthwise_conv2d.__wrapped__.__wrapped__(x, dkb, bb, padding="same")
+                                      .view(np.uint8))
+    assert _entry(nbconv.depthwise_conv2d, x, dkb, bb, padding="same").call is not None
 
 
 def test_thread_count_is_part_of_the_key(rng):
