@@ -194,11 +194,15 @@ class NativeCall:
         self.constants = constants
         self.buffers = buffers
 
+    def run(self, arrays, out, scratch, from_python):
+        """Run natively on NumPy ``arrays`` into ``out`` with ``scratch`` (at least :attr:`scratch_bytes` bytes);
+        returns :data:`OK` or :func:`run_template`'s error code (``from_python``: see there)."""
+        ptrs = np.array([a.__array_interface__["data"][0] for a in (*arrays, out, scratch)], np.int64)
+        return run_template(self.template, ptrs, from_python)
+
     def __call__(self, *arrays, out):
         """Run natively on NumPy ``arrays`` into ``out`` (tests and the capture's own check)."""
-        scratch = np.empty(self.scratch_bytes, np.uint8)
-        ptrs = np.array([a.__array_interface__["data"][0] for a in (*arrays, out, scratch)], np.int64)
-        err = run_template(self.template, ptrs, False)
+        err = self.run(arrays, out, np.empty(self.scratch_bytes, np.uint8), False)
         if err != OK:
             raise RuntimeError(f"nbconv: native call failed with code {err}")
         return out

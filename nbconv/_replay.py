@@ -105,16 +105,11 @@ def _key(fn, args, kwargs):
     return tuple(parts), arrays
 
 
-def _address(a):
-    return a.__array_interface__["data"][0]
-
-
 def _run(call, arrays, workspace, out):
-    """Run the captured ``call`` on ``arrays`` into ``out``; False if the template refused to run (another
-    process's, or its mailbox overwritten: the caller then takes the Python path)."""
-    scratch = workspace(call.scratch_bytes)
-    ptrs = np.array([_address(a) for a in arrays] + [_address(out), _address(scratch)], np.int64)
-    return _native.run_template(call.template, ptrs, True) == _native.OK
+    """Run the captured ``call`` on ``arrays`` into ``out`` in the calling thread's workspace; False if the
+    template refused to run (another process's, or its mailbox overwritten: the caller then takes the Python
+    path)."""
+    return call.run(arrays, out, workspace(call.scratch_bytes), True) == _native.OK
 
 
 def _capture(entry, fn, args, kwargs, arrays, workspace, new_result):
