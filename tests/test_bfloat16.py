@@ -91,10 +91,12 @@ def test_separable_bias_and_activations(rng, data_format, activation, depthwise_
 @pytest.mark.parametrize("data_format", FORMATS)
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("packed", [False, True])
-def test_bfloat16_weights_and_biases(rng, data_format, with_bias, packed):
+@pytest.mark.parametrize("geom", [(2, 9, 8, 12, 2, 40, 3, (2, 1), 1, "same"), (1, 12, 40, 24, 1, 40, 5, 1, 2, "valid")],
+                         ids=["3x3-dm2", "5x5-d2"])
+def test_bfloat16_weights_and_biases(rng, data_format, with_bias, packed, geom):
     """A bfloat16 model's own operands (depthwise weights and biases in bfloat16, which the kernels read as bits)
     against the reference, and bit for bit what the same values give as float32 operands."""
-    x, dk, pk, kwargs = _geometry_inputs(rng, (2, 9, 8, 12, 2, 40, 3, (2, 1), 1, "same"), data_format)
+    x, dk, pk, kwargs = _geometry_inputs(rng, geom, data_format)
     x, dk, pk = _bf16(x * 4, dk, pk)
     bias, dbias = _bf16(random_array(rng, (40,), np.float32, -3, 3), random_array(rng, (24,), np.float32, -2, 2))
     if not with_bias:
@@ -113,7 +115,7 @@ def test_bfloat16_weights_and_biases(rng, data_format, with_bias, packed):
     d = nbconv.depthwise_conv2d(x, dk, dbias, activation="relu", **conv)
     assert d.dtype == BF16
     ref = depthwise_ref(_f64(x), _f64(dk), _f64(dbias), activation="relu", **conv)
-    bound = 10 * U_F32 * depthwise_ref(np.abs(_f64(x)), np.abs(_f64(dk)), _abs(dbias), **conv)
+    bound = (geom[6] ** 2 + 1) * U_F32 * depthwise_ref(np.abs(_f64(x)), np.abs(_f64(dk)), _abs(dbias), **conv)
     assert_within(d, ref, bound, U_BF16)
     same = nbconv.depthwise_conv2d(x, f32[0], f32[2], activation="relu", precision="bfloat16", output_dtype=BF16,
                                    **conv)
