@@ -92,6 +92,14 @@ def _as_bits(dt, *arrays):
     return dt.bf16 and all(a is None or a.dtype == _dtypes.BFLOAT16 for a in arrays)
 
 
+def _pointwise_bias(bias, dt, bits=True):
+    """The pointwise bias as the kernels read it: a bfloat16 bias of bfloat16 products as its bits where ``bits``
+    (the GEMM epilogue widens it), else :func:`_bias_array` in ``dt.act``."""
+    if bits and bias is not None and _as_bits(dt, bias):
+        return _dtypes.bits(bias)
+    return _bias_array(bias, dt.act)
+
+
 def _dw_operands(g, kernel, bias, dt):
     """Depthwise operands ``(wt, bt)``: weights per tap ``(KH*KW, C*dm)`` and the bias (zeros for none), for
     :func:`nbconv._depthwise.dw_packed_rows`, in ``dt.act`` (float32 for bfloat16 products; the weights as
@@ -267,8 +275,7 @@ def pointwise_conv2d(x, kernel, bias=None, *, data_format="channels_last", activ
     if res.size == 0:
         return _finish(res, dt, out)
     xc = _x_operand(x, dt)
-    # a bfloat16 bias of bfloat16 products as its bits (the NHWC branch's micro-kernels widen it)
-    bc = _dtypes.bits(bias) if bias is not None and _as_bits(dt, bias) else _bias_array(bias, dt.act)
+    bc = _pointwise_bias(bias, dt)  # bfloat16 products take the NHWC branch below, whose epilogue widens bits
     stream = _plan.stream(res.nbytes)
     if channels_last or dt.bf16:
         # bfloat16 products take NHWC pixels (pairs of channels side by side): NCHW goes through a transposed copy
@@ -354,9 +361,8 @@ def separable_conv2d(x, depthwise_kernel, pointwise_kernel, bias=None, *, stride
         return _finish(res, dt, out)
     xc = _x_operand(x, dt)
     wt, bt = _dw_operands(g, dk, dbias, dt)
-    # a bfloat16 bias as its bits only beside bfloat16 depthwise operands (one more kernel signature, not three)
-    bc = _dtypes.bits(bias) if bias is not None and wt.dtype == _dtypes.BITS and _as_bits(dt, bias) else \
-        _bias_array(bias, dt.act)
+    # bits only beside bits depthwise operands: one more kernel signature, not three
+    bc = _pointwise_bias(bias, dt, wt.dtype == _dtypes.BITS)
     plan = _plan.separable(g, f, dt.act.itemsize, packing.packed_align(pointwise_kernel, dt), dt.bf16)
     # fused mode with NCHW input reads the float weights as the GEMM's A operand, unpacked
     wc, packed_k = _pointwise_operand(pointwise_kernel, wmat, dt, channels_last or plan.shared or dt.bf16)
