@@ -340,7 +340,14 @@ def _first_valid(offset, step, limit, lo, hi):
 
 @jit
 def pack_rows(xn, dm, pr0, nrows, pt, pl, wp, lanes, xs):
-    """Zero-padded, channel-blocked copy of padded-input rows ``pr0 .. pr0+nrows-1`` of one NHWC image.
+    """:func:`pack_rows_blocks` of every block of channels."""
+    pack_rows_blocks(xn, dm, pr0, nrows, pt, pl, wp, lanes, xs, 0, (xn.shape[2] * dm + lanes - 1) // lanes)
+
+
+@jit
+def pack_rows_blocks(xn, dm, pr0, nrows, pt, pl, wp, lanes, xs, b0, b1):
+    """Zero-padded, channel-blocked copy of padded-input rows ``pr0 .. pr0+nrows-1`` of one NHWC image, blocks
+    ``b0 .. b1-1`` of ``lanes`` channels (the others are left as they are).
 
     Parameters
     ----------
@@ -366,7 +373,6 @@ def pack_rows(xn, dm, pr0, nrows, pt, pl, wp, lanes, xs):
     """
     h, w, c = xn.shape
     cm = c * dm
-    nb = (cm + lanes - 1) // lanes
     zero = xs.dtype.type(0)
     # pl < 0: the packed columns start inside the input (a strip at the right edge, :func:`_dw_strip`)
     col0 = min(max(pl, 0), wp)
@@ -377,7 +383,7 @@ def pack_rows(xn, dm, pr0, nrows, pt, pl, wp, lanes, xs):
     for r in range(nrows):
         ih = pr0 + r - pt
         inside = 0 <= ih < h and col0 < col1
-        for b in range(nb):
+        for b in range(b0, b1):
             row = xs[(b * nrows + r) * wp * lanes:(b * nrows + r + 1) * wp * lanes]
             if not inside:
                 for i in range(wp * lanes):
@@ -394,14 +400,14 @@ def pack_rows(xn, dm, pr0, nrows, pt, pl, wp, lanes, xs):
             src = xn[ih].reshape(-1)
             for col in range(col0, col1):
                 s0 = (col - pl) * c
-                for b in range(nb):
+                for b in range(b0, b1):
                     copy_vector(src, s0 + b * lanes, xs, ((b * nrows + r) * wp + col) * lanes,
                                 min(lanes, cm - b * lanes))
             continue
         src = xn[ih].reshape(-1)
         for col in range(col0, col1):
             s0 = (col - pl) * c
-            for b in range(nb):
+            for b in range(b0, b1):
                 gather_vector(src, s0, src_of, b * lanes, xs, ((b * nrows + r) * wp + col) * lanes,
                               min(lanes, cm - b * lanes))
 
@@ -435,6 +441,14 @@ def pack_rows_spread(t, sh, sw, pr0, nrows, pl, wp, lanes, xs):
 
 @jit
 def dw_packed_rows(xs, nin, wp, wt, bt, act, nrows, ow_n, sh, sw, dh, dw, kh_n, kw_n, cm, dst, channel_major, ldd):
+    """:func:`dw_packed_rows_blocks` of every block of channels."""
+    dw_packed_rows_blocks(xs, nin, wp, wt, bt, act, nrows, ow_n, sh, sw, dh, dw, kh_n, kw_n, cm, dst, channel_major,
+                          ldd, 0, cm)
+
+
+@jit
+def dw_packed_rows_blocks(xs, nin, wp, wt, bt, act, nrows, ow_n, sh, sw, dh, dw, kh_n, kw_n, cm, dst, channel_major,
+                          ldd, ca, cb):
     """Depthwise output rows from channel-blocked packed rows (:func:`pack_rows`), by vector micro-kernels.
 
     Parameters
@@ -449,6 +463,8 @@ def dw_packed_rows(xs, nin, wp, wt, bt, act, nrows, ow_n, sh, sw, dh, dw, kh_n, 
     dst : ndarray, flat
         Receives ``nrows*ow_n`` pixels of ``cm`` channels, row-major, or with
         ``channel_major`` pixel ``q`` of channel ``j`` at ``dst[j*ldd + q]``.
+    ca, cb : int
+        The channels computed, ``ca .. cb-1`` (``ca`` a multiple of the vector width); others are not written.
 
     Notes
     -----
@@ -466,8 +482,8 @@ def dw_packed_rows(xs, nin, wp, wt, bt, act, nrows, ow_n, sh, sw, dh, dw, kh_n, 
     # per output row stores a handful there before the next vector of channels moves to the next set
     rows = max(1, nrows) if channel_major else _rows_per_call(cm, dst.itemsize, nrows)
     for r0 in range(0, nrows, rows):
-        for c0 in range(0, cm, lanes):
-            nch = min(lanes, cm - c0)
+        for c0 in range(ca, cb, lanes):
+            nch = min(lanes, cb - c0)
             if channel_major:
                 _dw_call(kind + 4, nch < lanes, xs, c0 * nin * wp, xrs, rs, cs, ps, wt, c0, cm, kh_n, kw_n, bt,
                          c0, dst, c0 * ldd, ow_n, ldd, nrows, ow_n, nch, act)
@@ -477,19 +493,18 @@ def dw_packed_rows(xs, nin, wp, wt, bt, act, nrows, ow_n, sh, sw, dh, dw, kh_n, 
 
 
 @jit
-def pack_rows_nchw(xn, dm, pr0, nrows, pt, pl, wp, lanes, xs):
-    """:func:`pack_rows` for one NCHW image ``xn`` of shape (C, H, W): the same channel-blocked layout.
+def pack_rows_nchw(xn, dm, pr0, nrows, pt, pl, wp, lanes, xs, b0, b1):
+    """:func:`pack_rows_blocks` for one NCHW image ``xn`` of shape (C, H, W): the same channel-blocked layout.
 
     The transpose happens here, once per input row, so NCHW tiles run the
     same micro-kernels as NHWC ones.
     """
     c, h, w = xn.shape
     cm = c * dm
-    nb = (cm + lanes - 1) // lanes
     zero = xs.dtype.type(0)
     col0 = min(pl, wp)
     col1 = min(pl + w, wp)
-    for b in range(nb):
+    for b in range(b0, b1):
         j1 = min(lanes, cm - b * lanes)
         for r in range(nrows):
             row = xs[(b * nrows + r) * wp * lanes:(b * nrows + r + 1) * wp * lanes]
@@ -542,9 +557,10 @@ def _rows_per_call(cm, itemsize, nrows):
 
 
 @jit
-def _dw_strip(xn, wt, bt, act, r0, nr, sh, sw, dh, dw, pt, pl, kh_n, kw_n, ow_n, o0, o1, xs, dst, doff):
+def _dw_strip(xn, wt, bt, act, r0, nr, sh, sw, dh, dw, pt, pl, kh_n, kw_n, ow_n, o0, o1, xs, dst, doff, ca, cb):
     """Output columns ``o0 .. o1-1`` of rows ``r0 .. r0+nr-1`` of one NHWC image (``dm == 1``), from a strip of
-    packed columns: the edges of :func:`_dw_rows_direct`, whose taps reach into the padding.  ``dst`` as there."""
+    packed columns: the edges of :func:`_dw_rows_direct`, whose taps reach into the padding.  ``dst``, ``ca``
+    and ``cb`` as there."""
     if o1 <= o0:
         return
     c = xn.shape[2]
@@ -552,19 +568,21 @@ def _dw_strip(xn, wt, bt, act, r0, nr, sh, sw, dh, dw, pt, pl, kh_n, kw_n, ow_n,
     start = o0 * sw
     wq = (o1 - 1 - o0) * sw + (kw_n - 1) * dw + 1
     nin = (nr - 1) * sh + (kh_n - 1) * dh + 1
-    pack_rows(xn, 1, r0 * sh, nin, pt, pl - start, wq, lanes, xs)
+    pack_rows_blocks(xn, 1, r0 * sh, nin, pt, pl - start, wq, lanes, xs, ca // lanes, (cb + lanes - 1) // lanes)
     kind = _kind(kh_n, kw_n, sw, dw)
-    for c0 in range(0, c, lanes):
-        nch = min(lanes, c - c0)
+    for c0 in range(ca, cb, lanes):
+        nch = min(lanes, cb - c0)
         _dw_call(kind, nch < lanes, xs, c0 * nin * wq, sh * wq * lanes, dh * wq * lanes, dw * lanes, sw * lanes, wt,
                  c0, c, kh_n, kw_n, bt, c0, dst, doff + o0 * c + c0, ow_n * c, c, nr, o1 - o0, nch, act)
 
 
 @jit
-def _dw_rows_direct(xn, wt, bt, act, r0, nr, sh, sw, dh, dw, pt, pl, kh_n, kw_n, ow_n, ca, cb, xs, dst, doff):
-    """Output rows ``r0 .. r0+nr-1`` of one NHWC image (``dm == 1``) whose taps all fall inside the input rows.
+def _dw_rows_direct(xn, wt, bt, act, r0, nr, sh, sw, dh, dw, pt, pl, kh_n, kw_n, ow_n, qa, qb, xs, dst, doff, ca,
+                    cb):
+    """Output rows ``r0 .. r0+nr-1`` of one NHWC image (``dm == 1``) whose taps all fall inside the input rows,
+    channels ``ca .. cb-1``.
 
-    Columns ``ca .. cb-1`` (taps inside the input columns too) read ``xn``
+    Columns ``qa .. qb-1`` (taps inside the input columns too) read ``xn``
     in place, one vector of channels at a time; the columns either side
     go through :func:`_dw_strip`.  Pixel ``q`` of row ``r`` is stored at
     ``dst[doff + ((r - r0)*ow_n + q)*C + j]``.
@@ -576,33 +594,38 @@ def _dw_rows_direct(xn, wt, bt, act, r0, nr, sh, sw, dh, dw, pt, pl, kh_n, kw_n,
     rows = _rows_per_call(c, dst.itemsize, nr)
     for q0 in range(0, nr, rows):
         nq = min(rows, nr - q0)
-        base = ((r0 + q0) * sh - pt) * w * c + (ca * sw - pl) * c
-        for c0 in range(0, c, lanes):
-            nch = min(lanes, c - c0)
+        base = ((r0 + q0) * sh - pt) * w * c + (qa * sw - pl) * c
+        for c0 in range(ca, cb, lanes):
+            nch = min(lanes, cb - c0)
             _dw_call(kind, nch < lanes, x1, base + c0, sh * w * c, dh * w * c, dw * c, sw * c, wt, c0, c, kh_n, kw_n,
-                     bt, c0, dst, doff + (q0 * ow_n + ca) * c + c0, ow_n * c, c, nq, cb - ca, nch, act)
-    _dw_strip(xn, wt, bt, act, r0, nr, sh, sw, dh, dw, pt, pl, kh_n, kw_n, ow_n, 0, ca, xs, dst, doff)
-    _dw_strip(xn, wt, bt, act, r0, nr, sh, sw, dh, dw, pt, pl, kh_n, kw_n, ow_n, cb, ow_n, xs, dst, doff)
+                     bt, c0, dst, doff + (q0 * ow_n + qa) * c + c0, ow_n * c, c, nq, qb - qa, nch, act)
+    _dw_strip(xn, wt, bt, act, r0, nr, sh, sw, dh, dw, pt, pl, kh_n, kw_n, ow_n, 0, qa, xs, dst, doff, ca, cb)
+    _dw_strip(xn, wt, bt, act, r0, nr, sh, sw, dh, dw, pt, pl, kh_n, kw_n, ow_n, qb, ow_n, xs, dst, doff, ca, cb)
 
 
 @jit
 def dw_rows_packed(x, n, channels_last, channel_major, wt, bt, act, dm, r0, nr, sh, sw, dh, dw, pt, pl, kh_n, kw_n,
-                    ow_n, wp, xs, dst, doff, ldd):
+                   ow_n, wp, xs, dst, doff, ldd, ca=0, cb=-1):
     """:func:`dw_tile` through packed rows: every input row the tile reads copied channel-blocked into ``xs``
     (which then holds them for a caller that reads them again, as the separable backward does)."""
+    cm = wt.shape[1]
+    cb = cm if cb < 0 else cb
+    lanes = VECTOR_BYTES // max(xs.itemsize, 4)
     nin = (nr - 1) * sh + (kh_n - 1) * dh + 1
+    b0, b1 = ca // lanes, (cb + lanes - 1) // lanes
     if channels_last:
-        pack_rows(x[n], dm, r0 * sh, nin, pt, pl, wp, VECTOR_BYTES // max(xs.itemsize, 4), xs)
+        pack_rows_blocks(x[n], dm, r0 * sh, nin, pt, pl, wp, lanes, xs, b0, b1)
     else:
-        pack_rows_nchw(x[n], dm, r0 * sh, nin, pt, pl, wp, VECTOR_BYTES // max(xs.itemsize, 4), xs)
-    dw_packed_rows(xs, nin, wp, wt, bt, act, nr, ow_n, sh, sw, dh, dw, kh_n, kw_n, wt.shape[1], dst[doff:],
-                   channel_major, ldd)
+        pack_rows_nchw(x[n], dm, r0 * sh, nin, pt, pl, wp, lanes, xs, b0, b1)
+    dw_packed_rows_blocks(xs, nin, wp, wt, bt, act, nr, ow_n, sh, sw, dh, dw, kh_n, kw_n, cm, dst[doff:],
+                          channel_major, ldd, ca, cb)
 
 
 @jit
 def dw_tile(x, n, channels_last, channel_major, wt, bt, act, dm, r0, nr, sh, sw, dh, dw, pt, pl, kh_n, kw_n, ow_n, wp,
-            xs, dst, doff, ldd):
-    """Depthwise output rows ``r0 .. r0+nr-1`` of image ``n``, all channels.
+            xs, dst, doff, ldd, ca=0, cb=-1):
+    """Depthwise output rows ``r0 .. r0+nr-1`` of image ``n``, output channels ``ca .. cb-1`` (all by default;
+    ``ca`` a multiple of the vector width): a task of a call split by channels as well as rows.
 
     ``x`` is NHWC if ``channels_last``, else NCHW.  The tile is stored
     pixel-major, ``dst[doff + q*C*dm + j]``, or if ``channel_major``
@@ -618,28 +641,29 @@ def dw_tile(x, n, channels_last, channel_major, wt, bt, act, dm, r0, nr, sh, sw,
     cheaper for 2-byte elements (half a line per pixel and channel vector,
     and the copy would widen them), dearer for float32 (docs/tuning.md).
     """
+    cb = wt.shape[1] if cb < 0 else cb
     if channels_last and not channel_major and dm == 1 and x.itemsize == 2 and ow_n >= DIRECT_MIN_WIDTH:
         xn = x[n]
         a, b = _first_valid(-pt, sh, xn.shape[0] - (kh_n - 1) * dh, r0, r0 + nr)
-        ca, cb = _first_valid(-pl, sw, xn.shape[1] - (kw_n - 1) * dw, 0, ow_n)
-        if b > a and 2 * (cb - ca) >= ow_n:
+        qa, qb = _first_valid(-pl, sw, xn.shape[1] - (kw_n - 1) * dw, 0, ow_n)
+        if b > a and 2 * (qb - qa) >= ow_n:
             row = ow_n * xn.shape[2]
             if a > r0:
                 dw_rows_packed(x, n, True, False, wt, bt, act, 1, r0, a - r0, sh, sw, dh, dw, pt, pl, kh_n, kw_n,
-                                ow_n, wp, xs, dst, doff, ldd)
-            _dw_rows_direct(xn, wt, bt, act, a, b - a, sh, sw, dh, dw, pt, pl, kh_n, kw_n, ow_n, ca, cb, xs, dst,
-                            doff + (a - r0) * row)
+                               ow_n, wp, xs, dst, doff, ldd, ca, cb)
+            _dw_rows_direct(xn, wt, bt, act, a, b - a, sh, sw, dh, dw, pt, pl, kh_n, kw_n, ow_n, qa, qb, xs, dst,
+                            doff + (a - r0) * row, ca, cb)
             if r0 + nr > b:
                 dw_rows_packed(x, n, True, False, wt, bt, act, 1, b, r0 + nr - b, sh, sw, dh, dw, pt, pl, kh_n,
-                                kw_n, ow_n, wp, xs, dst, doff + (b - r0) * row, ldd)
+                               kw_n, ow_n, wp, xs, dst, doff + (b - r0) * row, ldd, ca, cb)
             return
     dw_rows_packed(x, n, channels_last, channel_major, wt, bt, act, dm, r0, nr, sh, sw, dh, dw, pt, pl, kh_n, kw_n,
-                    ow_n, wp, xs, dst, doff, ldd)
+                   ow_n, wp, xs, dst, doff, ldd, ca, cb)
 
 
 @jit
 def depthwise_packed(x, channels_last, wt, bt, act, out1, dm, sh, sw, dh, dw, pt, pl, kh_n, kw_n, oh_n, ow_n, wp, th,
-                     nchunks, xs_scr, sched, sig, lead):
+                     cg, nchunks, xs_scr, sched, sig, lead):
     """Depthwise convolution from packed rows, NHWC or NCHW, run by the calling thread and the pool's helpers.
 
     Parameters
@@ -655,17 +679,18 @@ def depthwise_packed(x, channels_last, wt, bt, act, out1, dm, sh, sw, dh, dw, pt
 
     Notes
     -----
-    Tasks ``(n, tile of th output rows)`` in ``nchunks`` chunks that the
-    participants claim; each task packs its input rows into its chunk's
-    scratch and writes its own output rows (NCHW: its own pixel range of
-    every channel plane).
+    Tasks ``(n, tile of th output rows, group of cg channels)`` in
+    ``nchunks`` chunks that the participants claim; each task packs its
+    channels of its input rows into its chunk's scratch and writes its own
+    part of the output (NCHW: its own pixel range of its channel planes).
     """
     enter(sched, sig, lead)
     n_img = x.shape[0]
     cm = wt.shape[1]
     ohw = oh_n * ow_n
     rtiles = (oh_n + th - 1) // th
-    ntasks = n_img * rtiles
+    groups = (cm + cg - 1) // cg
+    ntasks = n_img * rtiles * groups
     while True:
         chunk = claim(sched, PHASE2, nchunks, lead)
         if chunk < 0:
@@ -674,10 +699,12 @@ def depthwise_packed(x, channels_last, wt, bt, act, out1, dm, sh, sw, dh, dw, pt
         t1 = (chunk + 1) * ntasks // nchunks
         xs = xs_scr[chunk]
         for t in range(t0, t1):
-            n = t // rtiles
-            r0 = (t - n * rtiles) * th
+            tile = t // groups
+            ca = (t - tile * groups) * cg
+            n = tile // rtiles
+            r0 = (tile - n * rtiles) * th
             nr = min(th, oh_n - r0)
             doff = (n * oh_n + r0) * ow_n * cm if channels_last else n * cm * ohw + r0 * ow_n
             dw_tile(x, n, channels_last, not channels_last, wt, bt, act, dm, r0, nr, sh, sw, dh, dw, pt, pl, kh_n,
-                    kw_n, ow_n, wp, xs, out1, doff, ohw)
+                    kw_n, ow_n, wp, xs, out1, doff, ohw, ca, min(cm, ca + cg))
     leave(sched, sig, lead)

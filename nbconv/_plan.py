@@ -52,9 +52,15 @@ class Tunables:
     filter_block: int = 512
     #: tasks per thread from which an uneven share no longer matters
     even_tasks: int = 8
-    #: forward: fewest depthwise row tiles per thread (a thread that joins late still finds work; more tiles
-    #: repack the input rows they share)
+    #: forward: fewest depthwise tasks per thread (a thread that joins late still finds work), made of channel
+    #: groups before thinner row tiles (which repack the input rows they share)
     depthwise_tiles_per_thread: int = 4
+    #: forward: channels per depthwise channel group are a multiple of this (whole vectors, and whole cache lines
+    #: of a bfloat16 result)
+    channel_group: int = 32
+    #: forward: a depthwise multiply-add costs about this many of a GEMM's, for the one-thread threshold
+    #: (``tiny_macs``): packing its input rows and loading its taps, against a GEMM's register reuse
+    depthwise_mac_cost: int = 4
     #: forward: multiply-adds below which a call runs as one task, on the calling thread
     tiny_macs: int = 1 << 19
     #: forward: outputs of at least this many bytes are written with non-temporal stores
@@ -196,6 +202,29 @@ def _row_tiles(g, cm, itemsize, threads, min_tiles, budget, t):
     return _even_parts(g.n, g.oh, th, threads, min_tiles, t)
 
 
+def _dw_tasks(g, cm, itemsize, threads, t):
+    """``(th, cg)`` of a depthwise phase: tiles of ``th`` output rows (as many as the cache budget allows) and
+    channel groups of ``cg`` channels, at least ``depthwise_tiles_per_thread`` tasks per thread where the
+    channels allow it (a group per vector pair and thread at most), thinner row tiles beyond that.  Channel
+    groups split the work without repacking the input rows that neighbouring row tiles share: a 7x7 image cut
+    into 1-row tiles packs each input row three times."""
+    fewest = t.depthwise_tiles_per_thread * threads if threads > 1 else 1
+    th = _row_tiles(g, cm, itemsize, threads, 1, t.fused_tile_bytes, t)
+    tiles = g.n * -(-g.oh // th)
+    units = -(-cm // t.channel_group)
+    groups = 1
+    if tiles < fewest and units > 1:
+        groups = min(units, -(-fewest // tiles))
+        # an even share between threads where the group count allows it
+        while groups < units and (tiles * groups) % threads:
+            groups += 1
+    cg = -(-units // groups) * t.channel_group
+    groups = -(-cm // cg)
+    if tiles * groups < fewest:
+        th = _row_tiles(g, cm, itemsize, threads, -(-fewest // groups), t.fused_tile_bytes, t)
+    return th, cg
+
+
 def row_tiles(g, cm, itemsize, threads, min_tiles):
     """:func:`_row_tiles` with the forward's tile budget."""
     t = _CURRENT[0]
@@ -211,11 +240,12 @@ def stream(nbytes):
 # --- forward -----------------------------------------------------------------------------------------------
 
 class DepthwisePlan(NamedTuple):
-    """:func:`nbconv._depthwise.depthwise_packed`'s launch: ``th`` output rows per task, in ``nchunks`` chunks
-    with ``xs_shape`` of packed-row scratch."""
+    """:func:`nbconv._depthwise.depthwise_packed`'s launch: tasks of ``th`` output rows and ``cg`` channels, in
+    ``nchunks`` chunks with ``xs_shape`` of packed-row scratch."""
 
     threads: int
     th: int
+    cg: int
     nchunks: int
     xs_shape: tuple
 
@@ -235,6 +265,7 @@ class SeparablePlan(NamedTuple):
 
     threads: int
     th: int
+    cg: int
     shared: bool
     gn: int
     tile_p: int
@@ -254,10 +285,10 @@ def depthwise(g, itemsize):
 @functools.lru_cache(maxsize=256)
 def _depthwise(g, itemsize, t):
     cm = g.c * g.dm
-    threads = _threads_for(g.n * g.oh * g.ow * cm * g.kh * g.kw, t)
-    th = _row_tiles(g, cm, itemsize, threads, t.depthwise_tiles_per_thread * threads, t.fused_tile_bytes, t)
-    chunks = nchunks(g.n * -(-g.oh // th), threads)
-    return DepthwisePlan(threads, th, chunks, (chunks, packed_size(g, th, packed_width(g))))
+    threads = _threads_for(g.n * g.oh * g.ow * cm * g.kh * g.kw * t.depthwise_mac_cost, t)
+    th, cg = _dw_tasks(g, cm, itemsize, threads, t)
+    chunks = nchunks(g.n * -(-g.oh // th) * -(-cm // cg), threads)
+    return DepthwisePlan(threads, th, cg, chunks, (chunks, packed_size(g, th, packed_width(g))))
 
 
 def pointwise(n, hw, k, f, by_image, align):
@@ -291,8 +322,8 @@ def _separable(g, f, itemsize, align, bf16, t):
     if shared:
         # small images: depthwise for all rows first (parallel over rows), then GEMM tiles x filter blocks;
         # NHWC pixels of all images are one GEMM
-        th = _row_tiles(g, cm, itemsize, threads, t.depthwise_tiles_per_thread * threads, t.fused_tile_bytes, t)
-        chunks1 = nchunks(g.n * -(-g.oh // th), threads)
+        th, cg = _dw_tasks(g, cm, itemsize, threads, t)
+        chunks1 = nchunks(g.n * -(-g.oh // th) * -(-cm // cg), threads)
         gn = 1 if g.channels_last else g.n
         tile_p, fb, ntasks = _gemm(gn, g.n * g.oh * g.ow // gn, f, threads, align, t)
     else:
@@ -301,12 +332,12 @@ def _separable(g, f, itemsize, align, bf16, t):
         # fewer output rows than threads: split the filters too (tiles recomputed per block)
         fb = f if tiles >= threads else _filter_blocks(tiles, f, threads, align, t)
         tile_p, ntasks = th * g.ow, tiles * -(-f // fb)
-        chunks1, gn = 0, g.n
+        chunks1, gn, cg = 0, g.n, cm
     chunks = nchunks(ntasks, threads)
     d_shape = (1, g.n * g.oh * g.ow * cm) if shared else (chunks, th * g.ow * cm)
     t_shape = (chunks, tile_p * fb if (shared or bf16) and not g.channels_last else 0)
     xs_shape = (max(chunks, chunks1), packed_size(g, th, packed_width(g)))
-    return SeparablePlan(threads, th, shared, gn, tile_p, fb, chunks1, chunks, xs_shape, d_shape, t_shape)
+    return SeparablePlan(threads, th, cg, shared, gn, tile_p, fb, chunks1, chunks, xs_shape, d_shape, t_shape)
 
 
 # --- backward ----------------------------------------------------------------------------------------------

@@ -48,8 +48,8 @@ def _tile_product(channels_last, transposed, n, p0, npx, f0, nf, cm, f, ohw, d, 
 
 @jit
 def separable(x, channels_last, wt, bt, dact, wmat, bias, act, out1, dm, sh, sw, dh, dw, pt, pl, kh_n, kw_n, oh_n, ow_n,
-              wp, th, shared, gn, tile_p, fb, nchunks1, nchunks, xs_scr, d_scr, t_scr, stream, packed_k, p_scr, sched,
-              sig, lead):
+              wp, th, cg, shared, gn, tile_p, fb, nchunks1, nchunks, xs_scr, d_scr, t_scr, stream, packed_k, p_scr,
+              sched, sig, lead):
     """Fused separable convolution, run by the calling thread and the pool's helpers at once.
 
     Parameters
@@ -71,6 +71,8 @@ def separable(x, channels_last, wt, bt, dact, wmat, bias, act, out1, dm, sh, sw,
         The output, ``(N, OH, OW, F)`` or ``(N, F, OH, OW)`` in C order.
     th : int
         Output rows per depthwise tile.
+    cg : int
+        Shared mode: channels per phase-1 task (phase 1 runs over row tiles and groups of ``cg`` channels).
     shared : bool
         Shared mode (see the module notes); ``tile_p`` is then the GEMM tile
         in pixels, and ``nchunks1`` the chunk count of phase 1.
@@ -100,7 +102,7 @@ def separable(x, channels_last, wt, bt, dact, wmat, bias, act, out1, dm, sh, sw,
     (filter blocks innermost, so a chunk reuses its depthwise tile across
     them), grouped into ``nchunks`` contiguous chunks, each owning its
     scratch rows; every participant claims chunks until none is left.
-    Shared mode: phase 1 over ``(n, tile of th rows)``, then, once all its
+    Shared mode: phase 1 over ``(n, tile of th rows, group of cg channels)``, then, once all its
     chunks are done, phase 2 over ``(GEMM, tile of tile_p pixels, block of
     fb filters)``.  Tasks write disjoint parts of the output (and of the
     shared buffer).
@@ -125,7 +127,8 @@ def separable(x, channels_last, wt, bt, dact, wmat, bias, act, out1, dm, sh, sw,
     w1 = wmat.reshape(-1)
     ldd = th * ow_n  # the row stride of a channel-major fused tile
     if shared:
-        ntasks1 = n_img * rtiles
+        groups = (cm + cg - 1) // cg
+        ntasks1 = n_img * rtiles * groups
         dall = d_scr[0]
         while True:
             chunk = claim(sched, PHASE1, nchunks1, lead)
@@ -133,11 +136,13 @@ def separable(x, channels_last, wt, bt, dact, wmat, bias, act, out1, dm, sh, sw,
                 break
             xs = xs_scr[chunk]
             for t in range(chunk * ntasks1 // nchunks1, (chunk + 1) * ntasks1 // nchunks1):
-                n = t // rtiles
-                r0 = (t - n * rtiles) * th
+                tile = t // groups
+                ca = (t - tile * groups) * cg
+                n = tile // rtiles
+                r0 = (tile - n * rtiles) * th
                 nr = min(th, oh_n - r0)
                 dw_tile(x, n, channels_last, False, wt, bt, dact, dm, r0, nr, sh, sw, dh, dw, pt, pl, kh_n, kw_n, ow_n,
-                        wp, xs, dall, (n * oh_n + r0) * ow_n * cm, 0)
+                        wp, xs, dall, (n * oh_n + r0) * ow_n * cm, 0, ca, min(cm, ca + cg))
             done(sched, PHASE1_DONE)
         # phase 2 reads every row of phase 1, whoever computed it
         wait_at_least(sched, PHASE1_DONE, nchunks1)

@@ -221,7 +221,7 @@ def depthwise_conv2d(x, kernel, bias=None, *, strides=_args.DEFAULT, padding="va
     wt, bt = _dw_operands(g, kernel, bias, dt)
     (xs,) = _workspace((plan.xs_shape, _packed_dtype(xc, dt)))
     launch(depthwise_packed, plan.threads, xc, channels_last, wt, bt, act, res.reshape(-1), g.dm, g.sh, g.sw, g.dh,
-           g.dw, g.pt, g.pl, g.kh, g.kw, g.oh, g.ow, _plan.packed_width(g), plan.th, plan.nchunks, xs)
+           g.dw, g.pt, g.pl, g.kh, g.kw, g.oh, g.ow, _plan.packed_width(g), plan.th, plan.cg, plan.nchunks, xs)
     return _finish(res, dt, out)
 
 
@@ -370,6 +370,6 @@ def separable_conv2d(x, depthwise_kernel, pointwise_kernel, bias=None, *, stride
                                   (plan.d_shape, _dtypes.BITS if dt.bf16 else dt.act), (plan.t_shape, dt.act),
                                   ((plan.nchunks, _panel_scratch(dt, packed_k, cm)), _dtypes.BITS))
     launch(separable, plan.threads, xc, channels_last, wt, bt, dact, wc, bc, act, res.reshape(-1), g.dm, g.sh, g.sw,
-           g.dh, g.dw, g.pt, g.pl, g.kh, g.kw, g.oh, g.ow, _plan.packed_width(g), plan.th, plan.shared, plan.gn,
+           g.dh, g.dw, g.pt, g.pl, g.kh, g.kw, g.oh, g.ow, _plan.packed_width(g), plan.th, plan.cg, plan.shared, plan.gn,
            plan.tile_p, plan.fb, plan.nchunks1, plan.nchunks, xs, d, tt, _plan.stream(res.nbytes), packed_k, p_scr)
     return _finish(res, dt, out)

@@ -5,8 +5,8 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 import nbconv
-from reference import (assert_close, depthwise_ref, output_size, pair, random_array, resolve_padding,
-                       separable_ref, tolerance_for)
+from reference import (assert_close, assert_within, bf16_separable_bound, depthwise_ref, output_size, pair,
+                       random_array, resolve_padding, separable_ref, tolerance_for)
 
 FORMATS = ["channels_last", "channels_first"]
 
@@ -252,7 +252,7 @@ def test_pack_rows_layout(rng, dtype, channels_last, c, dm):
     span, or a read of padding from outside the input, shows as a changed
     guard or a NaN in the packed rows.
     """
-    from nbconv._depthwise import pack_rows, pack_rows_nchw
+    from nbconv._depthwise import pack_rows, pack_rows_blocks, pack_rows_nchw
     from nbconv._simd import lanes_of
 
     lanes = lanes_of(dtype)
@@ -263,7 +263,10 @@ def test_pack_rows_layout(rng, dtype, channels_last, c, dm):
     nb = -(-cm // lanes)
     span = nb * nrows * wp * lanes
     buf = np.full(span + 2 * lanes, np.nan, dtype)
-    (pack_rows if channels_last else pack_rows_nchw)(x, dm, pr0, nrows, pt, pl, wp, lanes, buf[lanes:lanes + span])
+    if channels_last:
+        pack_rows(x, dm, pr0, nrows, pt, pl, wp, lanes, buf[lanes:lanes + span])
+    else:
+        pack_rows_nchw(x, dm, pr0, nrows, pt, pl, wp, lanes, buf[lanes:lanes + span], 0, nb)
     assert np.isnan(buf[:lanes]).all() and np.isnan(buf[lanes + span:]).all()
 
     xh = x if channels_last else x.transpose(1, 2, 0)
@@ -276,3 +279,55 @@ def test_pack_rows_layout(rng, dtype, channels_last, c, dm):
                 for k in range(cm):
                     expected[k // lanes, r, col, k % lanes] = xh[ih, iw, k // dm]
     np.testing.assert_array_equal(buf[lanes:lanes + span].reshape(expected.shape), expected)
+
+    # one task's blocks of channels only (a call split by channel groups): the others stay as they were
+    if nb > 1:
+        b0, b1 = 1, nb
+        buf[:] = np.nan
+        (pack_rows_blocks if channels_last else pack_rows_nchw)(x, dm, pr0, nrows, pt, pl, wp, lanes,
+                                                               buf[lanes:lanes + span], b0, b1)
+        got = buf[lanes:lanes + span].reshape(expected.shape)
+        assert np.isnan(buf[:lanes]).all() and np.isnan(buf[lanes + span:]).all()
+        assert np.isnan(got[:b0]).all()
+        np.testing.assert_array_equal(got[b0:b1], expected[b0:b1])
+
+
+# (N, H, W, C, dm, k, strides, dilation, padding): a few row tiles at most, so the tasks are channel groups
+GROUP_GEOMETRIES = [
+    (1, 7, 7, 72, 1, 3, 1, 1, "same"),          # 72 channels: groups of 16, the last one a masked half vector
+    (1, 6, 9, 20, 3, 3, 2, 1, "same"),          # C*dm = 60 from a depth multiplier
+    (2, 5, 40, 48, 1, 3, 1, 1, "same"),         # 40-pixel rows: bfloat16 input read in place, with strips
+    (1, 5, 6, 33, 1, 5, 1, 2, 2),               # the general micro-kernel, 33 channels
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, "bfloat16"])
+@pytest.mark.parametrize("data_format", FORMATS)
+@pytest.mark.parametrize("geom", GROUP_GEOMETRIES, ids=str)
+def test_depthwise_channel_groups(rng, geom, data_format, dtype):
+    """Calls with few row tiles split their tasks by groups of channels (``_plan.Tunables.channel_group``),
+    alone and in the fused kernel's shared phase: every group packs and computes only its channels, each
+    output element written once, as in one task."""
+    from nbconv import _plan
+
+    x, kernel, kwargs = _inputs(rng, geom, data_format)
+    bias = random_array(rng, (kernel.shape[2] * kernel.shape[3],))
+    pointwise = random_array(rng, (1, 1, bias.shape[0], 24))
+    if dtype == "bfloat16":
+        x, kernel, bias, pointwise = (nbconv.as_bfloat16(a) for a in (x, kernel, bias, pointwise))
+    ref = [np.asarray(a, np.float64) for a in (x, kernel, bias, pointwise)]
+    with _plan.override(threads=2, tiny_macs=0, channel_group=16):
+        plan = _plan.depthwise(nbconv._args.depthwise_geometry(x, kernel, kwargs["strides"], kwargs["padding"],
+                                                               kwargs["dilation_rate"],
+                                                               data_format == "channels_last"), 4)
+        assert plan.cg < bias.shape[0]
+        y = nbconv.depthwise_conv2d(x, kernel, bias, activation="relu", output_dtype=np.float32, **kwargs)
+        z = nbconv.separable_conv2d(x, kernel, pointwise, output_dtype=np.float32, **kwargs)
+    # the depthwise part computes in float32 from the bfloat16 values; the pointwise part's bfloat16 products
+    # have their derived bound
+    assert_close(y, depthwise_ref(ref[0], ref[1], ref[2], activation="relu", **kwargs))
+    if dtype == "bfloat16":
+        bound, _ = bf16_separable_bound(ref[0], ref[1], ref[3], **kwargs)
+        assert_within(z, separable_ref(ref[0], ref[1], ref[3], **kwargs), bound, 0.0)
+    else:
+        assert_close(z, separable_ref(ref[0], ref[1], ref[3], **kwargs))
