@@ -370,6 +370,7 @@ def separable_conv2d(x, depthwise_kernel, pointwise_kernel, bias=None, *, stride
                                   (plan.d_shape, _dtypes.BITS if dt.bf16 else dt.act), (plan.t_shape, dt.act),
                                   ((plan.nchunks, _panel_scratch(dt, packed_k, cm)), _dtypes.BITS))
     launch(separable, plan.threads, xc, channels_last, wt, bt, dact, wc, bc, act, res.reshape(-1), g.dm, g.sh, g.sw,
-           g.dh, g.dw, g.pt, g.pl, g.kh, g.kw, g.oh, g.ow, _plan.packed_width(g), plan.th, plan.cg, plan.shared, plan.gn,
-           plan.tile_p, plan.fb, plan.nchunks1, plan.nchunks, xs, d, tt, _plan.stream(res.nbytes), packed_k, p_scr)
+           g.dh, g.dw, g.pt, g.pl, g.kh, g.kw, g.oh, g.ow, _plan.packed_width(g), plan.th, plan.cg, plan.shared,
+           plan.gn, plan.tile_p, plan.fb, plan.nchunks1, plan.nchunks, xs, d, tt, _plan.stream(res.nbytes), packed_k,
+           p_scr)
     return _finish(res, dt, out)
