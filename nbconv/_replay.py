@@ -15,10 +15,13 @@ the scratch workspace), checked against the Python call bit for bit, and
 from then on each call with that key only allocates its output and runs the
 template (:func:`nbconv._native.run_template`).
 
-Calls that cannot be replayed keep the Python path: an ``out=`` argument,
-an input that is not a plain NumPy array (lists, packed weights), an
-argument that is not hashable, calls under :func:`nbconv._plan.override`,
-and any call the capture refuses (one that computes on its inputs in Python
+Packed pointwise weights (:class:`nbconv.PackedPointwiseKernel`) are keyed
+by their arrays' shapes and dtypes like plain ones, and an ``out=`` array by
+its shape, dtype, strides and writeability (a replayed call writes into it,
+after checking that it shares no memory with the inputs).  Calls that
+cannot be replayed keep the Python path: an input that is not a plain NumPy
+array (lists, subclasses), an argument that is not hashable, calls under
+:func:`nbconv._plan.override`, and any call the capture refuses (one that computes on its inputs in Python
 or launches two kernels: float16 inputs, bfloat16 depthwise weights beside a float32 bias).
 A capture that waits on a kernel still compiling in the background is tried
 again :data:`RETRY` calls later.  ``NBCONV_REPLAY=0`` turns replay off.
@@ -31,6 +34,7 @@ import threading
 import numpy as np
 
 from . import _compile, _native, _plan
+from .packing import PackedPointwiseKernel
 from ._threads import CAPTURE, POOL, get_num_threads
 
 __all__ = ["replayable", "ENV", "AFTER", "RETRY", "clear"]
@@ -76,11 +80,15 @@ def _plain(value):
 
 
 def _describe(value, arrays):
-    """``value``'s part of a key: an array's (shape, dtype, strides), noted in ``arrays``; else the value itself,
-    tagged with its type; None when the call cannot be replayed (an array subclass, an unhashable value)."""
+    """``value``'s part of a key: an array's (shape, dtype, strides), noted in ``arrays``; packed weights' two
+    arrays likewise; else the value itself, tagged with its type; None when the call cannot be replayed (an
+    array subclass, an unhashable value)."""
     if type(value) is np.ndarray:
         arrays.append(value)
         return value.shape, value.dtype, value.strides
+    if type(value) is PackedPointwiseKernel:
+        parts = [_describe(a, arrays) for a in _packed_arrays(value)]
+        return None if None in parts else (PackedPointwiseKernel, value.compute_dtype, *parts)
     if isinstance(value, np.ndarray):
         return None
     try:
@@ -89,7 +97,13 @@ def _describe(value, arrays):
         return None
 
 
+def _packed_arrays(packed):
+    # the plain kernel too: calls computing in another dtype read it instead of the panels
+    return packed._kernel, packed._panels
+
+
 def _key(fn, args, kwargs):
+    """``(key, arrays)`` of a call (module notes): ``arrays`` its input arrays in order (not ``out``)."""
     arrays = []
     parts = [fn, get_num_threads()]
     for a in args:
@@ -98,11 +112,23 @@ def _key(fn, args, kwargs):
             return None, None
         parts.append(d)
     for name, value in kwargs.items():
-        d = _describe(value, arrays)
+        if name == "out":
+            if value is None:
+                continue
+            if type(value) is not np.ndarray:
+                return None, None
+            d = value.shape, value.dtype, value.strides, value.flags.writeable
+        else:
+            d = _describe(value, arrays)
         if d is None:
             return None, None
         parts.append((name, d))
     return tuple(parts), arrays
+
+
+def _out_overlaps(out, arrays):
+    """Whether ``out`` may share memory with an input (the Python path then refuses it, or copies)."""
+    return any(np.may_share_memory(out, a) for a in arrays)
 
 
 def _run(call, arrays, workspace, out):
@@ -115,17 +141,21 @@ def _run(call, arrays, workspace, out):
 def _capture(entry, fn, args, kwargs, arrays, workspace, new_result):
     """This call's result from its Python path, capturing it on the way (see the module notes) unless the
     capture is refused: ``entry`` then replays the key's next calls, is marked dead, or waits to try again."""
-    slots = [i for i, a in enumerate(args) if type(a) is np.ndarray]
-    slots += [name for name, value in kwargs.items() if type(value) is np.ndarray]
+    # (position or name, packed weights' compute dtype or None) of each argument holding arrays, in key order
+    slots = [(i, _compute_of(a)) for i, a in enumerate(args) if type(a) in (np.ndarray, PackedPointwiseKernel)]
+    slots += [(name, _compute_of(v)) for name, v in kwargs.items()
+              if name != "out" and type(v) in (np.ndarray, PackedPointwiseKernel)]
 
     def call(*arrs, out):
         a, kw = list(args), dict(kwargs)
-        kw.pop("out", None)  # an explicit out=None
-        for slot, arr in zip(slots, arrs):
+        kw.pop("out", None)
+        arrs = list(arrs)
+        for slot, compute in slots:
+            value = arrs.pop(0) if compute is None else PackedPointwiseKernel(arrs.pop(0), arrs.pop(0), compute)
             if isinstance(slot, int):
-                a[slot] = arr
+                a[slot] = value
             else:
-                kw[slot] = arr
+                kw[slot] = value
         return fn(*a, **kw, out=out)
 
     expected = fn(*args, **kwargs)
@@ -153,6 +183,10 @@ def _capture(entry, fn, args, kwargs, arrays, workspace, new_result):
     return expected
 
 
+def _compute_of(value):
+    return value.compute_dtype if type(value) is PackedPointwiseKernel else None
+
+
 def replayable(workspace, new_result):
     """Decorate a public forward function ``fn(..., out=None, ...)`` so that repeated calls replay (module
     notes); ``workspace(nbytes)`` returns the calling thread's scratch buffer of at least ``nbytes`` bytes,
@@ -160,8 +194,8 @@ def replayable(workspace, new_result):
     def decorate(fn):
         @functools.wraps(fn)
         def call(*args, **kwargs):
-            if (not _ENABLED or kwargs.get("out") is not None or CAPTURE.calls is not None
-                    or _compile.recording() or _plan.tunables() is not _DEFAULT_TUNABLES):
+            if (not _ENABLED or CAPTURE.calls is not None or _compile.recording()
+                    or _plan.tunables() is not _DEFAULT_TUNABLES):
                 return fn(*args, **kwargs)
             key, arrays = _key(fn, args, kwargs)
             if key is None:
@@ -171,9 +205,13 @@ def replayable(workspace, new_result):
             except TypeError:  # a value whose hash() works but whose comparison does not
                 return fn(*args, **kwargs)
             if entry is not None and entry.call is not None:
+                out = kwargs.get("out")
+                if out is not None and _out_overlaps(out, arrays):
+                    return fn(*args, **kwargs)
                 POOL.wake()
                 POOL.ensure_started()
-                out = new_result(entry.shape, entry.dtype)
+                if out is None:
+                    out = new_result(entry.shape, entry.dtype)
                 if _run(entry.call, arrays, workspace, out):
                     return out
                 entry.call, entry.dead = None, True

@@ -106,11 +106,68 @@ def test_thread_count_is_part_of_the_key(rng):
                 assert_close(nbconv.separable_conv2d(x, dk, pk, padding="same"), expected)
 
 
-def test_calls_that_keep_the_python_path(rng):
-    x, dk, pk, _ = _separable_case(rng)
+def test_out_replays_into_the_callers_array(rng):
+    """``out=`` calls replay into the given array (returned as is), new data and a new array each call."""
+    x, dk, pk, b = _separable_case(rng)
+    for _ in range(CALLS):
+        x = random_array(rng, x.shape)
+        out = np.full((1, 9, 9, 40), np.nan, np.float32)
+        assert nbconv.separable_conv2d(x, dk, pk, b, padding="same", activation="relu", out=out) is out
+        assert_close(out, separable_ref(x, dk, pk, b, padding="same", activation="relu"))
+        d = np.full((1, 9, 9, 24), np.nan, np.float32)
+        assert nbconv.depthwise_conv2d(x, dk, strides=1, padding="same", out=d) is d
+        assert_close(d, depthwise_ref(x, dk, padding="same"))
+    assert _entry(nbconv.separable_conv2d, x, dk, pk, b, padding="same", activation="relu", out=out).call is not None
+    assert _entry(nbconv.depthwise_conv2d, x, dk, strides=1, padding="same", out=d).call is not None
+
+
+def test_out_checks_still_apply_after_replays(rng):
+    """A replayed key's ``out=`` is still refused when it is an input's own memory (same shape, dtype and
+    strides as the replayed one), read-only, or of another shape: the Python path's errors."""
+    x, dk, pk, _ = _separable_case(rng, c=40)
+    original = x.copy()
     out = np.empty((1, 9, 9, 40), np.float32)
     for _ in range(CALLS):
-        nbconv.separable_conv2d(x, dk, pk, padding="same", out=out)  # out=: never replayed
+        nbconv.separable_conv2d(x, dk, pk, padding="same", out=out)
+    assert _entry(nbconv.separable_conv2d, x, dk, pk, padding="same", out=out).call is not None
+    # the same key (shape, dtype, strides, writeable) as the replayed out, but the input's own memory
+    with pytest.raises(ValueError, match="out"):
+        nbconv.separable_conv2d(x, dk, pk, padding="same", out=x)
+    frozen = np.empty_like(out)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="out"):
+        nbconv.separable_conv2d(x, dk, pk, padding="same", out=frozen)
+    with pytest.raises(ValueError, match="out"):
+        nbconv.separable_conv2d(x, dk, pk, padding="same", out=np.empty((1, 9, 9, 41), np.float32))
+    np.testing.assert_array_equal(x, original)  # the refused out=x wrote nothing
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_packed_weights_replay(rng, bf16):
+    """Packed pointwise weights are keyed by their arrays like plain ones: another packed kernel of the same
+    shape replays with its own weights, bit for bit the plain weights' result."""
+    def arr(shape):
+        a = random_array(rng, shape)
+        return nbconv.as_bfloat16(a) if bf16 else a
+
+    x, dk, pk, b = (arr(a.shape) for a in _separable_case(rng, c=32, f=48))
+    for _ in range(CALLS):
+        x, w = arr(x.shape), arr(pk.shape)
+        packed = nbconv.pack_pointwise_kernel(w)
+        y = nbconv.separable_conv2d(x, dk, packed, b, padding="same")
+        z = nbconv.pointwise_conv2d(x, packed)
+        np.testing.assert_array_equal(y, nbconv.separable_conv2d(x, dk, w, b, padding="same"))
+        np.testing.assert_array_equal(z, nbconv.pointwise_conv2d(x, w))
+        if not bf16:
+            assert_close(y, separable_ref(x, dk, w, b, padding="same"))
+            assert_close(z, pointwise_ref(x, w))
+    assert _entry(nbconv.separable_conv2d, x, dk, packed, b, padding="same").call is not None
+    assert _entry(nbconv.pointwise_conv2d, x, packed).call is not None
+
+
+def test_calls_that_keep_the_python_path(rng):
+    x, dk, pk, _ = _separable_case(rng)
+    for _ in range(CALLS):
         nbconv.separable_conv2d(x.tolist(), dk, pk, padding="same")  # a list: no key
         nbconv.separable_conv2d(x, dk, pk, padding="same", strides=[1, 1])  # an unhashable option
     assert len(_replay._TABLE) == 0
