@@ -204,10 +204,10 @@ def _row_tiles(g, cm, itemsize, threads, min_tiles, budget, t):
 
 def _dw_tasks(g, cm, itemsize, threads, t):
     """``(th, cg)`` of a depthwise phase: tiles of ``th`` output rows (as many as the cache budget allows) and
-    channel groups of ``cg`` channels, at least ``depthwise_tiles_per_thread`` tasks per thread where the
-    channels allow it (a group per vector pair and thread at most), thinner row tiles beyond that.  Channel
-    groups split the work without repacking the input rows that neighbouring row tiles share: a 7x7 image cut
-    into 1-row tiles packs each input row three times."""
+    groups of ``cg`` channels (a multiple of ``channel_group``), at least ``depthwise_tiles_per_thread`` tasks
+    per thread where the channels allow it, thinner row tiles beyond that.  Channel groups split the work
+    without repacking the input rows that neighbouring row tiles share: a 7x7 image cut into 1-row tiles packs
+    each input row three times."""
     fewest = t.depthwise_tiles_per_thread * threads if threads > 1 else 1
     th = _row_tiles(g, cm, itemsize, threads, 1, t.fused_tile_bytes, t)
     tiles = g.n * -(-g.oh // th)

@@ -102,6 +102,10 @@ def _packed_arrays(packed):
     return packed._kernel, packed._panels
 
 
+def _compute_of(value):
+    return value.compute_dtype if type(value) is PackedPointwiseKernel else None
+
+
 def _key(fn, args, kwargs):
     """``(key, arrays)`` of a call (module notes): ``arrays`` its input arrays in order (not ``out``)."""
     arrays = []
@@ -181,10 +185,6 @@ def _capture(entry, fn, args, kwargs, arrays, workspace, new_result):
     except _native.Unsupported:
         entry.call, entry.dead = None, True
     return expected
-
-
-def _compute_of(value):
-    return value.compute_dtype if type(value) is PackedPointwiseKernel else None
 
 
 def replayable(workspace, new_result):
