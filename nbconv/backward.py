@@ -367,12 +367,25 @@ def _sep_backward_whole(g, xc, dk, wc, gc, want_dx, want_dk, want_pw, want_b, co
     cm, f = wc.shape
     buf = _intermediate((g.n, g.oh, g.ow, cm), compute)
     dpw = db = dx = ddk = None
+    # bfloat16 x and grad_output may come as their bits (:func:`_x_and_grad`): D's depthwise widens x as it
+    # loads it, and the products read G as it lies (no float32 copy of either, nor G rounded back)
+    bits = gc.dtype == _dtypes.BITS
     if want_pw:
-        _forward.depthwise_conv2d(xc, dk, strides=strides, padding=padding, dilation_rate=dilation, out=buf)
+        xd = _dtypes.from_bits(xc) if bits else xc
+        _forward.depthwise_conv2d(xd, dk, strides=strides, padding=padding, dilation_rate=dilation, out=buf,
+                                  output_dtype=compute)
     g2 = gc.reshape(-1, f)
-    gb = _dtypes.from_bits(_dtypes.bits(gc)) if bf16 and (want_pw or want_dx or want_dk) else None
+    if bits:
+        gb = _dtypes.from_bits(gc)
+    else:
+        gb = _dtypes.from_bits(_dtypes.bits(gc)) if bf16 and (want_pw or want_dx or want_dk) else None
     if want_pw or want_b:
-        if want_pw and bf16:
+        if want_pw and bits:
+            # (the kernel's float32 G is for the bias, summed here from the bits)
+            dpw, _ = _weight_grad_bf16(buf.reshape(-1, cm), np.zeros((1, f), compute), gb.reshape(-1, f), False,
+                                       compute)
+            db = _bias_grad(g2, compute) if want_b else None
+        elif want_pw and bf16:
             dpw, db = _weight_grad_bf16(buf.reshape(-1, cm), g2, gb.reshape(-1, f), want_b, compute)
         elif want_pw:
             dpw, db = _weight_grad(buf.reshape(-1, cm), g2, want_b, compute)
@@ -383,7 +396,7 @@ def _sep_backward_whole(g, xc, dk, wc, gc, want_dx, want_dk, want_pw, want_b, co
             _forward.pointwise_conv2d(gb, _transposed(wc), out=buf, precision="bfloat16", output_dtype=compute)
         else:
             _forward.pointwise_conv2d(gc, _transposed(wc), out=buf)
-        dx, ddk = _dw_grads_nhwc(g, xc, dk, buf, want_dx, want_dk, compute)
+        dx, ddk = _dw_grads_nhwc(g, xc, _dtypes.operand(dk, compute), buf, want_dx, want_dk, compute)
     return dx, ddk, dpw, db
 
 
@@ -397,7 +410,8 @@ def _dw_grads_nhwc(g, xc, dk, gd, want_dx, want_dk, compute):
     kernel flipped and the complementary padding, so it runs in the
     forward's micro-kernels.  Other cases take the scalar scatter kernel.
     ``xc`` and ``gd`` may be bfloat16 bits when the kernel gradient, if
-    wanted, is 3x3 (the scatter kernel reads ``x`` as it lies).
+    wanted, is 3x3 (the scatter kernel reads ``x`` as it lies); bits ``xc``
+    beside a float ``gd`` are widened for the scatter kernel.
     """
     gd = _compile.typed(gd)
     bits = gd.dtype == _dtypes.BITS
@@ -425,6 +439,9 @@ def _dw_grads_nhwc(g, xc, dk, gd, want_dx, want_dk, compute):
         else:
             dx = _forward.depthwise_conv2d(gd, flipped, padding=flip_pad, dilation_rate=(g.dh, g.dw))
     slow_dx, slow_dk = want_dx and not fast_dx, want_dk and not fast_dk
+    if (slow_dx or slow_dk) and xc.dtype == _dtypes.BITS and not bits:
+        # the scatter kernel reads x and gd in one dtype (bits x beside a float32 gd: the whole-intermediate path)
+        xc = _dtypes.operand(_dtypes.from_bits(xc), compute)
     if slow_dx or slow_dk:
         no_pw = np.empty((0, 0), compute)
         sdx, sdk, _, _ = _dwsep_backward(g, xc, _internal_dk(dk, g, compute), no_pw, gd,
@@ -670,12 +687,13 @@ def separable_conv2d_backward(grad_output, x, depthwise_kernel, pointwise_kernel
             np.zeros(f, result) if want_b else None,
         )
     whole = _plan.whole_intermediate(g, f, compute.itemsize)
-    # the whole-intermediate path takes them widened (its two products round them to bfloat16 pairs again)
-    xc, gc = _x_and_grad(g, x, grad_output, act, output, want_dk, compute, g.channels_last and not whole)
+    # the whole-intermediate path takes bits only where every operand is bfloat16 (its depthwise recompute reads
+    # x and the kernel as bits), else widened (its two products round them to bfloat16 pairs again)
+    xc, gc = _x_and_grad(g, x, grad_output, act, output, want_dk, compute, g.channels_last and (bf16 or not whole))
     wc = _dtypes.operand(wmat, compute)
     if whole:
-        dx, ddk, dpw, db = _sep_backward_whole(g, xc, _dtypes.operand(dk, compute), wc, gc, want_dx, want_dk,
-                                               want_pw, want_b, compute, bf16)
+        dx, ddk, dpw, db = _sep_backward_whole(g, xc, dk if bf16 else _dtypes.operand(dk, compute), wc, gc, want_dx,
+                                               want_dk, want_pw, want_b, compute, bf16)
     else:
         dx, ddk, dpw, db = _dwsep_backward(g, xc, _internal_dk(dk, g, compute), wc, gc, want_dx, want_dk, want_pw,
                                            want_b, compute, result)

@@ -388,20 +388,23 @@ def test_separable_backward_within_the_bfloat16_bound(rng, shape):
 @pytest.mark.parametrize("wrt", [("x", "kernel", "pointwise_kernel", "bias"), ("x",), ("kernel",),
                                  ("pointwise_kernel", "bias")], ids="+".join)
 @pytest.mark.parametrize("case", ["3x3", "3x3-stride1", "5x5", "relu", "relu6"])
-@pytest.mark.parametrize("kind", ["separable", "depthwise"])
+@pytest.mark.parametrize("kind", ["separable", "depthwise", "separable-whole"])
 def test_backward_of_bfloat16_inputs_read_as_bits(rng, monkeypatch, kind, wrt, case):
-    """NHWC backward, the tiled kernels: bfloat16 ``x`` and ``grad_output`` (relu's derivative applied on the
-    bits) go in as they are and are widened as they are read, or are widened whole first (a 5x5 kernel gradient
-    reads ``x`` outside the packed rows).  Small tiles, several per chunk and several chunks; stride 1 takes the
-    input gradient through the forward's micro-kernels.  Against float64 jax gradients: the depthwise backward
-    and the bias sums in float32 arithmetic, within 2^-8 of the result plus float32 sums; the separable
-    products of bits multiply bfloat16 pairs (``D`` rounded), within the bound of
+    """NHWC backward, the tiled kernels and (separable-whole) the whole-intermediate path: bfloat16 ``x`` and
+    ``grad_output`` (relu's derivative applied on the bits) go in as they are and are widened as they are read,
+    or are widened whole first (a 5x5 kernel gradient reads ``x`` outside the packed rows).  Small tiles, several
+    per chunk and several chunks; stride 1 takes the input gradient through the forward's micro-kernels (the
+    whole path's stride (2, 1) input gradient widens ``x`` for the scatter kernel).  Against float64 jax
+    gradients: the depthwise backward and the bias sums in float32 arithmetic, within 2^-8 of the result plus
+    float32 sums; the separable products of bits multiply bfloat16 pairs (``D`` rounded), within the bound of
     :func:`test_separable_backward_within_the_bfloat16_bound`."""
     import keras
 
     from nbconv import _plan
     from nbconv import backward as backward_module
 
+    whole = kind == "separable-whole"
+    kind = "separable" if whole else kind
     names = {"separable": ("x", "depthwise_kernel", "pointwise_kernel", "bias"), "depthwise": ("x", "kernel", "bias")}
     wrt = tuple(n.replace("kernel", "depthwise_kernel") if kind == "separable" and n == "kernel" else n for n in wrt)
     wrt = tuple(n for n in wrt if n in names[kind])
@@ -424,14 +427,21 @@ def test_backward_of_bfloat16_inputs_read_as_bits(rng, monkeypatch, kind, wrt, c
     real = backward_module._dtypes.operand
     monkeypatch.setattr(backward_module._dtypes, "operand",
                         lambda a, *r: (widened.append(1) if a is g else None) or real(a, *r))
+    whole_calls = []  # the dtype of grad_output as the whole-intermediate path gets it
+    real_whole = backward_module._sep_backward_whole
+    monkeypatch.setattr(backward_module, "_sep_backward_whole",
+                        lambda g_, xc, dk_, wc, gc, *r: whole_calls.append(gc.dtype) or real_whole(g_, xc, dk_, wc,
+                                                                                                    gc, *r))
     opts = dict(activation=act, output=y if act else None, wrt=wrt, **kw)
-    with _plan.override(backward_tile_bytes=12 * 4 * 16):
+    tunables = dict(whole_weight_bytes=0) if whole else dict(backward_tile_bytes=12 * 4 * 16)
+    with _plan.override(**tunables):
         if kind == "separable":
             got = nbconv.separable_conv2d_backward(g, x, dk, pk, **opts)
         else:
             got = nbconv.depthwise_conv2d_backward(g, x, dk, **opts)
     dk_name = "depthwise_kernel" if kind == "separable" else "kernel"
     assert bool(widened) == (case == "5x5" and dk_name in wrt)
+    assert whole_calls == ([np.dtype(np.float32 if widened else np.uint16)] if whole else [])
 
     def fn(a, c, *rest):
         if kind == "separable":
