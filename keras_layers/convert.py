@@ -432,7 +432,8 @@ def _make_plan(model, fold_batchnorm):
     return graph, plan
 
 
-#: Keras layers after ours that fold into our op at inference in a TensorFlow graph (layers._Epilogue)
+#: Keras layers after ours that fold into our op at inference in a TensorFlow graph or a jax jit trace
+#: (layers._Epilogue)
 _EPILOGUE_CLASSES = {keras.layers.BatchNormalization: _layers.BatchNormalization, keras.layers.ReLU: _layers.ReLU,
                      keras.layers.Activation: _layers.Activation}
 
@@ -518,7 +519,8 @@ def _epilogue_notes(names):
         return []
     return [f"{len(names)} batch norm / activation layer(s) that nbconv layers feed are keras_layers' "
             "BatchNormalization / ReLU / Activation (same config and weights): at inference in a TensorFlow graph "
-            "they fold into the nbconv op (one op instead of two or three passes over the result)"]
+            "or a jax jit trace they fold into the nbconv op (one op instead of two or three passes over the "
+            "result)"]
 
 
 # --- convert -------------------------------------------------------------------------------------------------

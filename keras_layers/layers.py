@@ -27,6 +27,7 @@ numpy bridges keep freed memory in the process) and the measurements behind
 them: ``docs/keras.md``.
 """
 import inspect
+import weakref
 
 import keras
 from keras import activations, ops
@@ -58,8 +59,9 @@ def _split_activation(activation):
 
 
 def _own_value(variable):
-    """A variable's own value, not cast to the layer's compute dtype (a mixed policy's float32 weights)."""
-    if _AutocastScope is None:
+    """A variable's own value, not cast to the layer's compute dtype (a mixed policy's float32 weights); a
+    tensor (the folded weights of :class:`_Epilogue`) as it is."""
+    if _AutocastScope is None or not isinstance(variable, keras.Variable):
         return variable
     with _AutocastScope(None):
         # ``.value``, not ops.convert_to_tensor: a TF variable is a tensor to Keras's TF backend, which returns it
@@ -124,9 +126,13 @@ def _channels_axis_ok(bn, data_format):
 class _Epilogue:
     """How to compute a layer's output again with an inference-mode batch norm and an activation folded in.
 
-    nbconv's layers attach one to their output (``_nbconv_epilogue``) where
-    the bridge builds a graph that drops unused stateless ops (TensorFlow's
-    ``tf.function``: :func:`keras_layers.backend.tensorflow.prunes_unused`).
+    nbconv's layers attach one to their output (``_nbconv_epilogue``, or a
+    side table for jax's tracers, which take no attributes) where the bridge
+    builds a graph that drops unused stateless ops (TensorFlow's
+    ``tf.function``, a ``jax.jit`` trace: ``prunes_unused`` of
+    :mod:`keras_layers.backend.tensorflow` and :mod:`keras_layers.backend.jax`).
+    Float32 layers and a mixed policy's (bfloat16 compute, float32 variables:
+    the folded weights are rounded once, as the kernel packs them).
     The :class:`BatchNormalization`, :class:`ReLU` and :class:`Activation`
     that :func:`keras_layers.convert` puts after them then return the fused
     op's output instead of computing on the input: their own pass over the
@@ -145,7 +151,7 @@ class _Epilogue:
         # the bridge first: on the eager backends (every torch call) nothing else is asked
         bridge = _backend.bridge()
         prunes = getattr(bridge, "prunes_unused", None)
-        if (prunes is not None and prunes() and _float32(layer)
+        if (prunes is not None and prunes(inputs) and _foldable(layer)
                 and _split_activation(layer.activation) == ("linear", None)
                 and not bridge.needs_gradient([inputs] + [v.value for v in variables])):
             _tag(out, cls(layer, kind, inputs, variables))
@@ -155,7 +161,7 @@ class _Epilogue:
         """Whether ``bn`` (inference mode) folds into this op at a profit."""
         layer = self.layer
         if (self.bn is not None or self.activation != "linear" or not _channels_axis_ok(bn, layer.data_format)
-                or not _float32(bn)):
+                or not _foldable(bn) or bn.compute_dtype != layer.compute_dtype):
             return False
         if self.kind == "depthwise":
             return True  # a few weights per channel against a pass over the result
@@ -177,13 +183,14 @@ class _Epilogue:
         kernel = weights[-2] if layer.use_bias else weights[-1]
         bias = weights[-1] if layer.use_bias else None
         if bn is not None:
-            mean, var = bn.moving_mean.value, bn.moving_variance.value
+            # (not cast to a mixed policy's bfloat16: the folded weights are rounded once, by the kernel)
+            mean, var = _own_value(bn.moving_mean), _own_value(bn.moving_variance)
             scale = ops.rsqrt(ops.add(var, bn.epsilon))
             if bn.scale:
-                scale = ops.multiply(scale, bn.gamma.value)
+                scale = ops.multiply(scale, _own_value(bn.gamma))
             shift = ops.negative(ops.multiply(mean, scale))
             if bn.center:
-                shift = ops.add(shift, bn.beta.value)
+                shift = ops.add(shift, _own_value(bn.beta))
             if self.kind == "depthwise":  # output channel c * depth_multiplier + m
                 kernel = ops.multiply(kernel, ops.reshape(scale, tuple(kernel.shape[2:])))
             else:
@@ -196,26 +203,46 @@ class _Epilogue:
         return out
 
 
-def _float32(layer):
-    return keras.backend.standardize_dtype(layer.compute_dtype) == "float32"
+def _foldable(layer):
+    """float32, or a mixed policy's bfloat16 compute on float32 variables (the batch norm's statistics and the
+    folded weights stay float32 until the kernel rounds them)."""
+    compute = keras.backend.standardize_dtype(layer.compute_dtype)
+    return compute == "float32" or (
+        compute == "bfloat16" and keras.backend.standardize_dtype(layer.variable_dtype) == "float32")
+
+
+#: id(tensor) -> (weak reference, epilogue) for tensors that take no attributes (jax tracers); an entry goes
+#: with its tensor
+_TAGS = {}
 
 
 def _tag(tensor, epilogue):
     try:
         tensor._nbconv_epilogue = epilogue
-    except AttributeError:  # a tensor type that takes no attributes: nothing folds into its op
-        pass
+    except AttributeError:
+        key = id(tensor)
+        try:
+            ref = weakref.ref(tensor, lambda r, key=key: _TAGS.pop(key, None) if _TAGS.get(key, (r,))[0] is r
+                              else None)
+        except TypeError:  # neither attributes nor weak references: nothing folds into its op
+            return tensor
+        _TAGS[key] = (ref, epilogue)
     return tensor
 
 
 def _epilogue_of(inputs):
-    return getattr(inputs, "_nbconv_epilogue", None)
+    epilogue = getattr(inputs, "_nbconv_epilogue", None)
+    if epilogue is None:
+        ref, tagged = _TAGS.get(id(inputs), (None, None))
+        epilogue = tagged if ref is not None and ref() is inputs else None
+    return epilogue
 
 
 def _folding_activation(layer, inputs):
     """``(epilogue, "relu" or "relu6")`` where activation ``layer`` folds into the op that made ``inputs``."""
     epilogue, name = _epilogue_of(inputs), _fused_activation(layer)
-    if epilogue is None or name not in ("relu", "relu6") or not _float32(layer):
+    if (epilogue is None or name not in ("relu", "relu6") or not _foldable(layer)
+            or layer.compute_dtype != epilogue.layer.compute_dtype):
         return None, None
     return epilogue, name
 

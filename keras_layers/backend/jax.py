@@ -31,6 +31,8 @@ import numpy as np
 
 from . import _common
 
+from jax.interpreters.partial_eval import DynamicJaxprTracer as _JaxprTracer
+
 try:
     from jax.experimental.buffer_callback import buffer_callback as _buffer_callback
 except ImportError:  # jax < 0.7
@@ -181,6 +183,13 @@ def apply(cfg, *tensors):
     jax arrays."""
     tensors = tuple(jnp.asarray(t) for t in tensors)
     return _op(cfg)(*tensors)
+
+
+def prunes_unused(tensor):
+    """Whether ops on ``tensor`` whose results nothing uses are dropped before they run: a ``jax.jit`` trace
+    (Keras's predict step), whose unused custom calls and callbacks XLA removes (neither has side effects).
+    Not under autodiff or vmap (a tensor of another tracer), nor eagerly."""
+    return isinstance(tensor, _JaxprTracer)
 
 
 def needs_gradient(tensors):

@@ -291,9 +291,10 @@ def apply(cfg, *tensors):
     return _op(cfg, _watched(tensors))(*tensors)
 
 
-def prunes_unused():
-    """Whether ops built now whose results nothing uses are dropped before they run (a ``tf.function``'s graph:
-    TensorFlow prunes unused stateless ops), so a layer may offer an alternative op (``keras_layers.layers``)."""
+def prunes_unused(tensor):
+    """Whether ops built now on ``tensor`` whose results nothing uses are dropped before they run (a
+    ``tf.function``'s graph: TensorFlow prunes unused stateless ops), so a layer may offer an alternative op
+    (``keras_layers.layers``)."""
     return not tf.executing_eagerly()
 
 

@@ -1,5 +1,5 @@
-"""Batch norms and activations after nbconv's layers, folded into their op at inference in a TensorFlow graph
-(``keras_layers.layers._Epilogue``).  Keras's own layers (the original model) are the reference."""
+"""Batch norms and activations after nbconv's layers, folded into their op at inference in a TensorFlow graph or a
+jax jit trace (``keras_layers.layers._Epilogue``).  Keras's own layers (the original model) are the reference."""
 import collections
 import os
 import tempfile
@@ -67,9 +67,31 @@ def test_convert_puts_the_folding_subclasses_after_our_layers(model):
     assert "fold into the nbconv op" in str(converted.nbconv_report)
 
 
-def test_predict_matches_keras_and_folds_in_tensorflow_graphs(model, x16, monkeypatch):
-    """predict (a tf.function on TensorFlow) equals the original's; on TensorFlow the three chains fold, and the
-    ops they replace are pruned: each layer's forward runs once per call, not twice."""
+#: backends whose predict step drops unused ops (a tf.function, a jax.jit trace): the batch norms fold there
+FOLDS = ("tensorflow", "jax")
+
+
+def _count_forward_runs(monkeypatch, runs):
+    """The host-call forward, so that each run of an op can be counted from Python (appended to ``runs``)."""
+    if BACKEND == "tensorflow":
+        from keras_layers.backend import tensorflow as bridge
+
+        monkeypatch.setattr(bridge, "_native_forward", lambda cfg, args: None)
+        forward = bridge._forward
+        monkeypatch.setattr(bridge, "_forward", lambda cfg, *a: runs.append(cfg.kind) or forward(cfg, *a))
+    elif BACKEND == "jax":
+        from keras_layers.backend import _common
+        from keras_layers.backend import jax as bridge
+
+        monkeypatch.setattr(bridge, "ffi_ready", lambda: False)
+        forward = _common.forward
+        monkeypatch.setattr(_common, "forward", lambda cfg, *a, **k: runs.append(cfg.kind) or forward(cfg, *a, **k))
+
+
+def test_predict_matches_keras_and_folds_in_traced_graphs(model, x16, monkeypatch):
+    """predict equals the original's; where it runs a graph that drops unused ops (TensorFlow's tf.function,
+    jax's jit) the three chains fold, and the ops they replace are dropped: each layer's forward runs once per
+    call, not twice."""
     converted = convert(model)
     folded, runs = [], []
     original_output = _layers._Epilogue._output
@@ -79,17 +101,11 @@ def test_predict_matches_keras_and_folds_in_tensorflow_graphs(model, x16, monkey
         return original_output(self, bn, activation)
 
     monkeypatch.setattr(_layers._Epilogue, "_output", spy)
-    if BACKEND == "tensorflow":
-        from keras_layers.backend import tensorflow as bridge
-
-        # the host-call forward, so that a run of each op can be counted from Python
-        monkeypatch.setattr(bridge, "_native_forward", lambda cfg, args: None)
-        forward = bridge._forward
-        monkeypatch.setattr(bridge, "_forward", lambda cfg, *a: runs.append(cfg.kind) or forward(cfg, *a))
+    _count_forward_runs(monkeypatch, runs)
     want = model.predict(x16, verbose=0, batch_size=2)
     got = converted.predict(x16, verbose=0, batch_size=2)
     _close(got, want)
-    if BACKEND != "tensorflow":
+    if BACKEND not in FOLDS:
         assert folded == []  # eager backends would compute both ops
         return
     # separable: BN, then relu; depthwise: BN, then relu6; the last separable: its BN only (per trace)
@@ -103,6 +119,35 @@ def test_predict_matches_keras_and_folds_in_tensorflow_graphs(model, x16, monkey
     got = converted.predict(x16, verbose=0, batch_size=2)
     _close(got, want)
     assert sorted(runs) == ["depthwise", "depthwise", "separable", "separable"]
+
+
+def test_mixed_bfloat16_folds_too(x16, monkeypatch):
+    """Under mixed_bfloat16 (bfloat16 compute, float32 variables) the batch norms fold as well, their statistics
+    and the folded weights in float32 until the kernel rounds the weights.  Against the float32 original with the
+    same weights: within 6 bfloat16 units of the largest output (Keras's own layers under the policy: about 2)."""
+    old = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        converted = convert(_model())
+    finally:
+        keras.config.set_dtype_policy(old)
+    folded, runs = [], []
+    original_output = _layers._Epilogue._output
+    monkeypatch.setattr(_layers._Epilogue, "_output",
+                        lambda self, bn, act: folded.append(self.kind) or original_output(self, bn, act))
+    _count_forward_runs(monkeypatch, runs)
+    want = _model().predict(x16, verbose=0, batch_size=2)  # float32, the same (seeded) weights
+    got = converted.predict(x16, verbose=0, batch_size=2)
+    for g, w in zip(got, want):
+        g, w = np.asarray(keras.ops.convert_to_numpy(g), np.float32), keras.ops.convert_to_numpy(w)
+        assert np.abs(g - w).max() <= 6 * 2.0 ** -8 * np.abs(w).max()
+    if BACKEND in FOLDS:
+        assert len(folded) >= 5
+        runs.clear()
+        converted.predict(x16, verbose=0, batch_size=2)
+        assert sorted(runs) == ["depthwise", "depthwise", "separable", "separable"]
+    else:
+        assert folded == []
 
 
 def test_the_layers_called_alone_or_in_another_model_do_not_fold(model, x16):
