@@ -46,7 +46,8 @@ SUITE_TITLES = {
     "backward": "Forward + backward (all gradients), batch 8",
     "bf16": "bfloat16: MobileNetV1 + Xception separable layers, bfloat16 in and out, products summed in float32",
     "bf16_backward": "bfloat16: forward + backward (all gradients), batch 8",
-    "keras_model": "Keras model of MobileNetV1's 13 separable blocks (SeparableConv2D + BatchNorm + ReLU), "
+    "keras_model": "Keras model of MobileNetV1's 13 separable blocks (SeparableConv2D + BatchNorm + ReLU; the nbconv "
+                   "layers' model uses keras_layers' drop-ins of all three, as keras_layers.convert does), "
                    "112x112x32 input, jax backend",
     "keras_model_tensorflow": "The same Keras model on the tensorflow backend",
     "keras_model_torch": "The same Keras model on the torch backend",

@@ -188,20 +188,22 @@ class NbConv(Contender):
         raise Unsupported(f"op {case.op}")
 
     def _model(self, case):
-        """The 13 blocks as direct calls, batch norm folded into the bias, ReLU fused: the bridge's lower bound."""
+        """The 13 blocks as direct calls, batch norm folded into the bias, ReLU fused: the bridge's lower bound.
+        Under mixed_bfloat16 the calls the layers make: bfloat16 activations, float32 weights, bfloat16 products."""
         import nbconv
         rng = np.random.default_rng(0)
-        x = rng.standard_normal((case.n, case.h, case.w, case.c), dtype=np.float32)
+        (x,) = _as_case_dtype(case, rng.standard_normal((case.n, case.h, case.w, case.c), dtype=np.float32))
         blocks = []
         for hw, c, f, s in MOBILENET_BLOCKS:
             blocks.append((rng.standard_normal((3, 3, c, 1), dtype=np.float32) / 3,
                            rng.standard_normal((1, 1, c, f), dtype=np.float32) / np.float32(math.sqrt(c)),
                            rng.standard_normal(f, dtype=np.float32) * np.float32(0.1), s))
+        mixed = dict(precision="bfloat16", output_dtype=x.dtype) if case.bf16 else {}
 
         def run():
             y = x
             for dk, pk, b, s in blocks:
-                y = nbconv.separable_conv2d(y, dk, pk, b, strides=s, padding="same", activation="relu")
+                y = nbconv.separable_conv2d(y, dk, pk, b, strides=s, padding="same", activation="relu", **mixed)
             return y
         return Bench(run, check=False)
 
@@ -620,6 +622,11 @@ class KerasModel(Keras):
         import keras
         return keras.layers.SeparableConv2D
 
+    def _epilogue_classes(self):
+        """(BatchNormalization, ReLU) classes after each convolution."""
+        import keras
+        return keras.layers.BatchNormalization, keras.layers.ReLU
+
     def setup(self, case):
         model, x = self._build(case)
         if case.op in ("model_predict", "model_bare"):
@@ -635,6 +642,7 @@ class KerasModel(Keras):
         if case.op not in MODEL_OPS:
             raise Unsupported(f"op {case.op}")
         cls = self._layer_class()
+        bn_cls, relu_cls = self._epilogue_classes()
         keras.utils.set_random_seed(0)
         if case.bf16 and self.backend != "jax":
             raise Unsupported("mixed_bfloat16 is measured on the jax backend")
@@ -647,8 +655,8 @@ class KerasModel(Keras):
             for hw, c, f, s in MOBILENET_BLOCKS:
                 y = cls(f, 3, strides=s, padding="same", use_bias=bare, activation="relu" if bare else None)(y)
                 if not bare:
-                    y = keras.layers.BatchNormalization()(y)
-                    y = keras.layers.ReLU()(y)
+                    y = bn_cls()(y)
+                    y = relu_cls()(y)
             model = keras.Model(inp, y)
         finally:
             keras.config.set_dtype_policy(policy)
@@ -676,6 +684,12 @@ class NbConvLayers(KerasModel):
     def _layer_class(self):
         import keras_layers
         return keras_layers.SeparableConv2D
+
+    def _epilogue_classes(self):
+        """keras_layers' drop-ins (what ``keras_layers.convert`` puts after our layers): at inference they fold
+        into the op where the backend drops unused ops (jax's jit, TensorFlow's tf.function)."""
+        import keras_layers
+        return keras_layers.BatchNormalization, keras_layers.ReLU
 
     def setup(self, case):
         if case.op != "model_bare":
