@@ -372,8 +372,9 @@ def _sep_backward_whole(g, xc, dk, wc, gc, want_dx, want_dk, want_pw, want_b, co
     bits = gc.dtype == _dtypes.BITS
     if want_pw:
         xd = _dtypes.from_bits(xc) if bits else xc
+        # (with bits, the depthwise weights as given: a mixed policy's float32 ones are not rounded)
         _forward.depthwise_conv2d(xd, dk, strides=strides, padding=padding, dilation_rate=dilation, out=buf,
-                                  output_dtype=compute)
+                                  precision="bfloat16" if bits else None, output_dtype=compute)
     g2 = gc.reshape(-1, f)
     if bits:
         gb = _dtypes.from_bits(gc)
@@ -672,8 +673,10 @@ def separable_conv2d_backward(grad_output, x, depthwise_kernel, pointwise_kernel
     grad_output = _check_grad_output(grad_output, g.out_shape(f), "separable_conv2d")
     act, output = _activation_mask(activation, output, grad_output)
     compute, result = _args.dtypes_for(grad_output, x, dk, pk, precision="float32")
-    # bfloat16 inputs: the two pointwise products of the backward multiply bfloat16 pairs too
-    bf16 = _args.dtypes_for(grad_output, x, dk, pk).bf16
+    # bfloat16 activations (x and grad_output; the weights bfloat16 too, or a mixed policy's float32 ones, rounded
+    # as they are packed): the two pointwise products of the backward multiply bfloat16 pairs, as the tiled
+    # kernel's do on the bits
+    bf16 = x.dtype == _dtypes.BFLOAT16 and grad_output.dtype == _dtypes.BFLOAT16
 
     want_dx, want_dk = "x" in names, "depthwise_kernel" in names
     want_pw, want_b = "pointwise_kernel" in names, "bias" in names

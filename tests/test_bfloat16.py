@@ -360,19 +360,24 @@ def _jax_grads(fn, args, cot):
 @pytest.mark.parametrize("shape", [(2, 8, 7, 6, 2, 9, (2, 1)), (2, 6, 36, 24, 1, 40, 1), (1, 5, 66, 17, 1, 30, 2),
                                    (1, 7, 7, 300, 1, 250, 1), (2, 9, 9, 256, 1, 300, 1),
                                    (2, 8, 7, 130, 2, 260, (2, 1))], ids=str)
-def test_separable_backward_within_the_bfloat16_bound(rng, shape):
+@pytest.mark.parametrize("weights", ["bfloat16", "float32"])
+def test_separable_backward_within_the_bfloat16_bound(rng, shape, weights):
     """bfloat16 inputs, NHWC: both pointwise products of the backward multiply bfloat16 pairs (dD = G W^T and
-    dW = D^T G, with D and G rounded), in the tiled kernel and with the intermediate held whole.  Against
-    float64 jax gradients of the same (bfloat16-valued) operands; the bound is each gradient's map applied to
-    absolute values (the same jax gradient of |x|, |dk|, |pk| with cotangent |G|), times 3 * 2^-8 for the
-    operands' roundings and the float32 sums, plus 2^-8 of |ref| for the rounded result."""
+    dW = D^T G, with D and G rounded), in the tiled kernel and with the intermediate held whole; also with
+    float32 weights beside bfloat16 activations (a mixed policy's), the pointwise weights rounded as they are
+    packed, the depthwise ones used as given, float32 gradients.  Against float64 jax gradients of the same
+    operands; the bound is each gradient's map applied to absolute values (the same jax gradient of |x|, |dk|,
+    |pk| with cotangent |G|), times 3 * 2^-8 for the operands' roundings and the float32 sums, plus 2^-8 of
+    |ref| for the rounded result."""
     import keras
 
     n, h, w, c, dm, f, strides = shape
     kwargs = dict(strides=strides, padding="same", dilation_rate=1, data_format="channels_last")
     x, dk, pk = _bf16(random_array(rng, (n, h, w, c)), random_array(rng, (3, 3, c, dm)),
                       random_array(rng, (1, 1, c * dm, f)))
-    y = nbconv.separable_conv2d(x, dk, pk, **kwargs)
+    if weights == "float32":
+        dk, pk = random_array(rng, dk.shape), random_array(rng, pk.shape)
+    y = nbconv.separable_conv2d(x, dk, pk, precision="bfloat16", output_dtype=BF16, **kwargs)
     g = _bf16(random_array(rng, y.shape))[0]
     got = nbconv.separable_conv2d_backward(g, x, dk, pk, **kwargs)
 
@@ -381,8 +386,8 @@ def test_separable_backward_within_the_bfloat16_bound(rng, shape):
     ref = _jax_grads(fn, [_f64(x), _f64(dk), _f64(pk)], _f64(g))
     bound = _jax_grads(fn, [np.abs(_f64(x)), np.abs(_f64(dk)), np.abs(_f64(pk))], np.abs(_f64(g)))
     for name, actual, want, b in zip(("x", "depthwise_kernel", "pointwise_kernel"), got, ref, bound):
-        assert actual.dtype == BF16, name
-        assert_within(actual, want, 3 * U_BF16 * b, U_BF16)
+        assert actual.dtype == (BF16 if weights == "bfloat16" else np.float32), name
+        assert_within(actual, want, 3 * U_BF16 * b, U_BF16 if weights == "bfloat16" else U_F32)
 
 
 @pytest.mark.parametrize("wrt", [("x", "kernel", "pointwise_kernel", "bias"), ("x",), ("kernel",),
