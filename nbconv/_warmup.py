@@ -57,6 +57,11 @@ def _bf16_calls():
                     # the backward: float32 on the widened operands, or (NHWC, large weights) bfloat16 products
                     y = _fallback.separable_conv2d(x, dk, pk, **conv)
                     yield nbconv.separable_conv2d_backward, (y, x, dk, pk), conv
+                    # a mixed policy's calls (keras_layers under mixed_bfloat16): float32 weights and bias
+                    dk32, pk32 = np.zeros(dk.shape, np.float32), np.zeros(pk.shape, np.float32)
+                    yield nbconv.separable_conv2d, (x, dk32, pk32, np.zeros(f, np.float32)), dict(
+                        conv, precision="bfloat16", output_dtype=bf16)
+                    yield nbconv.separable_conv2d_backward, (y, x, dk32, pk32), conv
 
 
 def _calls():
