@@ -690,8 +690,8 @@ def separable_conv2d_backward(grad_output, x, depthwise_kernel, pointwise_kernel
             np.zeros(f, result) if want_b else None,
         )
     whole = _plan.whole_intermediate(g, f, compute.itemsize)
-    # the whole-intermediate path takes bits only where every operand is bfloat16 (its depthwise recompute reads
-    # x and the kernel as bits), else widened (its two products round them to bfloat16 pairs again)
+    # the whole-intermediate path takes them as bits for bfloat16 products only (its depthwise recompute widens x
+    # as it loads it), else widened
     xc, gc = _x_and_grad(g, x, grad_output, act, output, want_dk, compute, g.channels_last and (bf16 or not whole))
     wc = _dtypes.operand(wmat, compute)
     if whole:
