@@ -330,9 +330,13 @@ def _weight_grad(x2, g2, want_b, compute):
 
 def _weight_grad_bf16(d2, g2, g2b, want_b, compute):
     """:func:`_weight_grad` with bfloat16 products: ``(d2.T @ g2b, column sums of g2 or None)``; ``d2`` float32
-    ``(P, K)``, ``g2b`` the bfloat16 ``(P, F)`` gradient (``g2`` in float32 for the bias)."""
+    ``(P, K)``, ``g2b`` the bfloat16 ``(P, F)`` gradient (``g2`` in float32 for the bias, or None: the bias is then
+    summed from ``g2b``'s bits)."""
     p, k = d2.shape
-    f = g2.shape[1]
+    f = g2b.shape[1]
+    if g2 is None:
+        db = _bias_grad(_dtypes.bits(g2b), compute) if want_b else None
+        return _weight_grad_bf16(d2, np.zeros((1, f), compute), g2b, False, compute)[0], db
     dt = np.empty((k, p), _dtypes.BITS)
     _transpose_into(d2, dt)
     mb, nb, parts = _plan.weight_grad_parts(k, f)
@@ -381,13 +385,9 @@ def _sep_backward_whole(g, xc, dk, wc, gc, want_dx, want_dk, want_pw, want_b, co
     else:
         gb = _dtypes.from_bits(_dtypes.bits(gc)) if bf16 and (want_pw or want_dx or want_dk) else None
     if want_pw or want_b:
-        if want_pw and bits:
-            # (the kernel's float32 G is for the bias, summed here from the bits)
-            dpw, _ = _weight_grad_bf16(buf.reshape(-1, cm), np.zeros((1, f), compute), gb.reshape(-1, f), False,
-                                       compute)
-            db = _bias_grad(g2, compute) if want_b else None
-        elif want_pw and bf16:
-            dpw, db = _weight_grad_bf16(buf.reshape(-1, cm), g2, gb.reshape(-1, f), want_b, compute)
+        if want_pw and bf16:
+            dpw, db = _weight_grad_bf16(buf.reshape(-1, cm), None if bits else g2, gb.reshape(-1, f), want_b,
+                                        compute)
         elif want_pw:
             dpw, db = _weight_grad(buf.reshape(-1, cm), g2, want_b, compute)
         else:
