@@ -310,7 +310,8 @@ def _idle(raw_dir, meta, stat):
             if ex.get("idle_ms") is not None and ex.get("case"):
                 times.setdefault(ex["case"], {}).setdefault(tag, {})[f"{ex['idle_ms']:g}"] = b["stats"][stat] * 1e3
     rows = [{"case": c.to_dict(), "ms": times[c.id]} for c in _cases.CASES if c.id in times]
-    return {"gaps_ms": gaps, "rounds": idle.get("rounds"), "runs": idle["runs"], "rows": rows}
+    return {"gaps_ms": gaps, "rounds": idle.get("rounds"), "passes": idle.get("passes"), "runs": idle["runs"],
+            "rows": rows}
 
 
 def _idle_summary(idle):
@@ -727,9 +728,12 @@ def _idle_table(report):
             t1 = r["ms"].get("nbconv.idle.t1", {}).get(gap)
             line += [f"{min(peers) / nb:.2f}x" if nb and peers else "-", f"{t1 / nb:.2f}x" if nb and t1 else "-"]
             body.append(line)
+    passes = idle.get("passes") or 1
     note = (f"{report['meta'].get('stat', 'median')} of {idle.get('rounds')} calls per gap, each after sleeping "
-            f"that long (not timed), every contender in its own process after the main passes; 'vs best' = t(best "
-            f"of torch and ONNX Runtime)/t(nbconv), '2 threads/1' = t(nbconv, 1 thread)/t(nbconv)")
+            f"that long (not timed), every contender in its own process after the main passes"
+            + (f", in {passes} alternating passes (per case the faster counts)" if passes > 1 else "")
+            + "; 'vs best' = t(best "
+            "of torch and ONNX Runtime)/t(nbconv), '2 threads/1' = t(nbconv, 1 thread)/t(nbconv)")
     return head, body, note
 
 

@@ -384,3 +384,37 @@ def test_models_speedups_prefer_the_paired_timing(tmp_path):
     results = {r["target"]: r for r in rep["summary"]["targets"]}
     assert results["models_torch_fit"]["value"] == pytest.approx(0.8) and not results["models_torch_fit"]["met"]
     assert results["models_torch_folded"]["value"] == pytest.approx(4.0)
+
+
+def test_idle_runs_alternate_passes_and_keep_the_faster(tmp_path, monkeypatch):
+    """The idle runs make as many passes as the main runs, every contender once per pass in turn, and per case
+    keep the pass with the lower median (as the main passes do)."""
+    import argparse
+
+    from benchmarks import __main__ as runner
+
+    big = "mobilenet:b1-56x128-128-s1"
+    order = []
+    # per run tag: (gap 0, gap 20) medians in seconds
+    times = {"nbconv.idle": (1e-3, 3e-3), "nbconv.idle.pass2": (2e-3, 1.5e-3),
+             "onnxruntime.idle": (1e-3, 1e-3), "onnxruntime.idle.pass2": (0.9e-3, 1.2e-3)}
+
+    def fake_run(args, raw, suites, passthrough, show, name, tag, label, extra):
+        order.append(tag)
+        assert extra["NBCONV_BENCH_IDLE_MS"] == "0,20"
+        benches = [{"fullname": f"test_case[{big}-idle{g}]", "extra_info": {"case": big, "idle_ms": g},
+                    "stats": {"median": t, "min": t, "rounds": 7}} for g, t in zip((0, 20), times[tag])]
+        (tmp_path / f"{tag}.json").write_text(json.dumps({"benchmarks": benches}))
+        return 0, 1.0
+
+    monkeypatch.setattr(runner, "_run_contender", fake_run)
+    args = argparse.Namespace(idle="0,20", idle_rounds=None, quick=False, stat="median", threads=2)
+    meta = {"passes": 2, "seconds": {}}
+    selected = [c for c in cases.CASES if c.id == big]
+    runner._idle_runs(args, str(tmp_path), [], [], False, ["nbconv", "onnxruntime"], selected, meta)
+    assert order == ["nbconv.idle", "onnxruntime.idle", "nbconv.idle.pass2", "onnxruntime.idle.pass2"]
+    assert meta["idle"]["passes"] == 2 and set(meta["idle"]["runs"]) == {"nbconv.idle", "onnxruntime.idle"}
+    for tag, expected in (("nbconv.idle", (1e-3, 1.5e-3)), ("onnxruntime.idle", (0.9e-3, 1e-3))):
+        merged = json.loads((tmp_path / f"{tag}.json").read_text())["benchmarks"]
+        got = {b["extra_info"]["idle_ms"]: b["stats"]["median"] for b in merged}
+        assert (got[0], got[20]) == expected
