@@ -397,6 +397,7 @@ def test_idle_runs_alternate_passes_and_keep_the_faster(tmp_path, monkeypatch):
     order = []
     # per run tag: (gap 0, gap 20) medians in seconds
     times = {"nbconv.idle": (1e-3, 3e-3), "nbconv.idle.pass2": (2e-3, 1.5e-3),
+             "nbconv.idle.t1": (2e-3, 3e-3), "nbconv.idle.t1.pass2": (2e-3, 3e-3),
              "onnxruntime.idle": (1e-3, 1e-3), "onnxruntime.idle.pass2": (0.9e-3, 1.2e-3)}
 
     def fake_run(args, raw, suites, passthrough, show, name, tag, label, extra):
@@ -412,8 +413,10 @@ def test_idle_runs_alternate_passes_and_keep_the_faster(tmp_path, monkeypatch):
     meta = {"passes": 2, "seconds": {}}
     selected = [c for c in cases.CASES if c.id == big]
     runner._idle_runs(args, str(tmp_path), [], [], False, ["nbconv", "onnxruntime"], selected, meta)
-    assert order == ["nbconv.idle", "onnxruntime.idle", "nbconv.idle.pass2", "onnxruntime.idle.pass2"]
-    assert meta["idle"]["passes"] == 2 and set(meta["idle"]["runs"]) == {"nbconv.idle", "onnxruntime.idle"}
+    assert order == ["nbconv.idle", "nbconv.idle.t1", "onnxruntime.idle",
+                     "nbconv.idle.pass2", "nbconv.idle.t1.pass2", "onnxruntime.idle.pass2"]
+    assert meta["idle"]["passes"] == 2
+    assert set(meta["idle"]["runs"]) == {"nbconv.idle", "nbconv.idle.t1", "onnxruntime.idle"}
     for tag, expected in (("nbconv.idle", (1e-3, 1.5e-3)), ("onnxruntime.idle", (0.9e-3, 1e-3))):
         merged = json.loads((tmp_path / f"{tag}.json").read_text())["benchmarks"]
         got = {b["extra_info"]["idle_ms"]: b["stats"]["median"] for b in merged}
