@@ -157,10 +157,10 @@ def _dw_microkernel(masked, steps, channel_major=False):
                     for p in range(DW_PIXELS):
                         dp = vb.at(d0, builder.mul(const(p), dps))
                         if npix is None:
-                            vb.store(outs[p], dp, mask)
+                            vb.store(outs[p], dp, mask, result=True)
                         else:
                             with builder.if_then(builder.icmp_signed("<", const(p), npix)):
-                                vb.store(outs[p], dp, mask)
+                                vb.store(outs[p], dp, mask, result=True)
 
             nfull = builder.sdiv(own, const(DW_PIXELS))
             rest = builder.sub(own, builder.mul(nfull, const(DW_PIXELS)))

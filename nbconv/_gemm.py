@@ -118,13 +118,13 @@ def _microkernel(rows, nv, masked):
                                 builder.store(builder.fadd(val, vb.splat(vb.at(bptr_, r))), accs[r][j])
                             builder.store(vb.activation(builder.load(accs[r][j]), act), accs[r][j])
                         if masked:
-                            vb.store(builder.load(accs[r][j]), p, mask)
+                            vb.store(builder.load(accs[r][j]), p, mask, result=True)
                         else:
                             with builder.if_else(streaming) as (then, otherwise):
                                 with then:
                                     vb.store_stream(builder.load(accs[r][j]), p)
                                 with otherwise:
-                                    vb.store(builder.load(accs[r][j]), p)
+                                    vb.store(builder.load(accs[r][j]), p, result=True)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -438,13 +438,13 @@ def _microkernel_bf16(rows, nv, masked, packed):
                             builder.store(builder.fadd(val, vb.splat(vb.at(bptr_, r))), accs[r][j])
                         val = vb.activation(builder.load(accs[r][j]), act)
                         if masked:
-                            vb.store(val, p, mask)
+                            vb.store(val, p, mask, result=True)
                         else:
                             with builder.if_else(streaming) as (then, otherwise):
                                 with then:
                                     vb.store_stream(val, p)
                                 with otherwise:
-                                    vb.store(val, p)
+                                    vb.store(val, p, result=True)
             return context.get_dummy_value()
 
         return sig, codegen

@@ -50,7 +50,8 @@ if _bf16_mode not in _BF16_MODES:
     raise ValueError(f"Expected the environment variable {BF16_ENV} to be one of {_BF16_MODES}. "
                      f"Received: {_bf16_mode!r}")
 #: bfloat16 pair products by AVX512_BF16's VDPBF16PS (else by FMAs on the widened halves: the same sums,
-#: except that VDPBF16PS reads denormal inputs as zero and flushes denormal results)
+#: except that VDPBF16PS reads denormal inputs as zero and flushes denormal results), and bfloat16 results
+#: rounded by VCVTNEPS2BF16 (which flushes denormal results too)
 NATIVE_BF16 = AVX512 and _has("avx512bf16") and _bf16_mode == "auto"
 
 
@@ -129,8 +130,8 @@ class VectorBuilder:
     def round_bf16(self, v):
         """bfloat16 bits (i16 elements) of float32 ``v``: round to nearest, ties to even; NaN stays a (quiet) NaN.
 
-        Integer arithmetic, so every CPU rounds alike (AVX512_BF16's
-        ``VCVTNEPS2BF16`` would also flush denormals).
+        Integer arithmetic, so every CPU rounds operands alike (AVX512_BF16's
+        ``VCVTNEPS2BF16`` would also flush denormals; :meth:`round_result` uses it for results).
         """
         b = self.builder
         vector = isinstance(v.type, ir.VectorType)
@@ -142,6 +143,22 @@ class VectorBuilder:
         nan = b.icmp_unsigned(">", b.and_(bits, self._i32s(wide, 0x7FFFFFFF)), self._i32s(wide, 0x7F800000))
         quiet = b.or_(bits, self._i32s(wide, 0x400000))
         return b.trunc(b.lshr(b.select(nan, quiet, rounded), self._i32s(wide, 16)), narrow)
+
+    def round_result(self, v):
+        """bfloat16 bits (i16 elements) of a computed float32 result ``v``: ``VCVTNEPS2BF16`` where
+        :data:`NATIVE_BF16` (one instruction where :meth:`round_bf16` takes eight; it also flushes results below
+        2^-126 to zero, as VDPBF16PS does its products' inputs), else :meth:`round_bf16`.
+
+        For what the kernels compute (their stored results); casts and copies of operands round with
+        :meth:`round_bf16`, so the values a call computes on match NumPy's casts on every CPU.
+        """
+        count = v.type.count if isinstance(v.type, ir.VectorType) else 0
+        if not NATIVE_BF16 or count not in (8, 16):
+            return self.round_bf16(v)
+        b = self.builder
+        fn = cgutils.get_or_insert_function(b.module, ir.FunctionType(ir.VectorType(BFLOAT, count), [v.type]),
+                                            f"llvm.x86.avx512bf16.cvtneps2bf16.{32 * count}")
+        return b.bitcast(b.call(fn, [v]), ir.VectorType(I16, count))
 
     @staticmethod
     def _i32s(ty, value):
@@ -225,10 +242,11 @@ class VectorBuilder:
             return self.builder.load(vp, align=self._align.constant)
         return self.builder.call(self._mload, [vp, self._align, mask, self.zero])
 
-    def store(self, value, ptr, mask=None):
-        """Store vector ``value`` at element pointer ``ptr`` (rounded to bfloat16 for ``uint16`` elements)."""
+    def store(self, value, ptr, mask=None, result=False):
+        """Store vector ``value`` at element pointer ``ptr`` (rounded to bfloat16 for ``uint16`` elements: by
+        :meth:`round_result` if ``value`` is a kernel's ``result``, else by :meth:`round_bf16`)."""
         if self.is_bf16(ptr):
-            self._store_bits(self.round_bf16(value), ptr, mask)
+            self._store_bits(self.round_result(value) if result else self.round_bf16(value), ptr, mask)
             return
         vp = self.builder.bitcast(ptr, self.vptr)
         if mask is None:
@@ -237,7 +255,8 @@ class VectorBuilder:
             self.builder.call(self._mstore, [value, vp, self._align, mask])
 
     def store_stream(self, value, ptr):
-        """Store a whole vector at element pointer ``ptr``, non-temporally where ``ptr`` is aligned to the vector.
+        """Store a whole vector at element pointer ``ptr``, non-temporally where ``ptr`` is aligned to the vector
+        (a kernel's result: bfloat16 elements rounded by :meth:`round_result`).
 
         A non-temporal store bypasses the caches and skips reading the line
         first; only an aligned vector can be stored so (x86 ``vmovntps``), an
@@ -245,7 +264,7 @@ class VectorBuilder:
         """
         b = self.builder
         if self.is_bf16(ptr):
-            value = self.round_bf16(value)
+            value = self.round_result(value)
         size = value.type.count * (2 if self.is_bf16(ptr) else self._align.constant)
         vp = b.bitcast(ptr, value.type.as_pointer())
         aligned = b.icmp_unsigned("==", b.and_(b.ptrtoint(ptr, I64), self.const(size - 1)), self.const(0))
@@ -257,9 +276,10 @@ class VectorBuilder:
                 b.store(value, vp, align=2 if self.is_bf16(ptr) else self._align.constant)
 
     def store_narrow(self, value, ptr, mask=None):
-        """Store a vector of any width (``value``'s own) at element pointer ``ptr``, lanes off in ``mask`` untouched."""
+        """Store a kernel's result, a vector of any width (``value``'s own), at element pointer ``ptr``, lanes off in
+        ``mask`` untouched (bfloat16 elements rounded by :meth:`round_result`)."""
         if self.is_bf16(ptr):
-            self._store_bits(self.round_bf16(value), ptr, mask)
+            self._store_bits(self.round_result(value), ptr, mask)
             return
         vty = value.type
         vp = self.builder.bitcast(ptr, vty.as_pointer())

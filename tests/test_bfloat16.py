@@ -330,8 +330,8 @@ def test_rounding_to_nearest_even_and_large_values():
 
 
 def test_denormals():
-    """bfloat16 denormals (below 2^-126): the products of VDPBF16PS read them as zero (documented); elsewhere they
-    are kept."""
+    """bfloat16 denormals (below 2^-126): the products of VDPBF16PS read them as zero, and results stored as
+    bfloat16 flush to zero where VCVTNEPS2BF16 rounds them (both documented); elsewhere they are kept."""
     tiny = np.float32(2.0 ** -130)
     x = np.full((1, 2, 2, 4), tiny, np.float32).astype(BF16)
     w = np.ones((4, 3), BF16)
@@ -343,6 +343,15 @@ def test_denormals():
     # the depthwise part computes in float32 FMAs and keeps them
     d = nbconv.depthwise_conv2d(x, np.ones((1, 1, 4, 1), BF16), output_dtype=np.float32)
     assert np.allclose(d, float(tiny), rtol=1e-6, atol=0)
+    d16 = nbconv.depthwise_conv2d(x, np.ones((1, 1, 4, 1), BF16))
+    assert d16.dtype == BF16
+    if _simd.NATIVE_BF16:
+        assert np.all(d16.astype(np.float32) == 0)
+    else:
+        assert np.array_equal(d16.view(np.uint16), x.view(np.uint16))
+    # casts round as NumPy does on every CPU: a denormal stays one
+    cast = nbconv.as_bfloat16(np.full(3, tiny))
+    assert np.array_equal(cast.view(np.uint16), np.full(3, tiny).astype(BF16).view(np.uint16))
 
 
 def _jax_grads(fn, args, cot):
