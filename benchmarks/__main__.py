@@ -341,9 +341,8 @@ def _idle_runs(args, raw, suites, passthrough, show, names, selected, meta):
         return
     rounds = args.idle_rounds or (10 if args.quick else 25)
     meta["idle"]["rounds"] = rounds
-    # as many alternating passes as the main runs, the faster per case: a contender's single process of about
-    # 35 s would otherwise be ranked by the spell it fell in (a 2-thread run once measured slower than the 1-thread
-    # one on the same shape)
+    # alternating passes, the faster per case, as the main runs: one process per contender would rank it by
+    # the spell of drift it fell in
     passes = meta.get("passes") or 1
     meta["idle"]["passes"] = passes
     runs = [(tag, name, threads) for tag, name, threads in IDLE_RUNS if name in names]
