@@ -247,15 +247,59 @@ def _folding_activation(layer, inputs):
     return epilogue, name
 
 
+class _TrainEpilogue:
+    """A relu or relu6 after a training-mode batch norm computed by nbconv (:func:`_train_batchnorm`), fused into
+    its op: the op runs again with the activation, the moving averages are assigned again from its moments, and
+    the first op, no longer used, is pruned from the compiled step (the bridge tags only there:
+    ``prunes_unused_in_training``)."""
+
+    def __init__(self, layer, inputs, moving):
+        self.layer, self.inputs, self.moving = layer, inputs, moving
+
+    def with_activation(self, name):
+        return _train_batchnorm(self.layer, self.inputs, None, name, self.moving)
+
+
+def _train_batchnorm(layer, inputs, mask, activation="linear", moving=None):
+    """The training-mode output of batch norm ``layer`` by nbconv's kernels where the bridge has them (jax: XLA's
+    own passes over a large activation are the slow part of a training step there), its moving averages updated
+    as Keras's layer updates them; None where Keras's ``call`` computes it (a mask, renorm, synchronized
+    moments, another axis than the last, other dtypes)."""
+    fn = getattr(_backend.bridge(), "batch_norm_train", None)
+    ndim = len(inputs.shape)
+    if (fn is None or mask is not None or layer.renorm or layer.synchronized or ndim < 2
+            or layer.axis % ndim != ndim - 1 or not _foldable(layer)
+            or keras.backend.standardize_dtype(inputs.dtype) not in ("float32", "bfloat16")):
+        return None
+    c = inputs.shape[-1]
+    gamma = _own_value(layer.gamma) if layer.scale else ops.ones((c,), "float32")
+    beta = _own_value(layer.beta) if layer.center else ops.zeros((c,), "float32")
+    x = inputs if keras.backend.standardize_dtype(layer.compute_dtype) == "float32" else ops.cast(inputs, "bfloat16")
+    y, mean, variance = fn(x, gamma, beta, layer.epsilon, activation)
+    # the averages as they were before this step (a fused activation's second call assigns them again)
+    moving = moving or (_own_value(layer.moving_mean), _own_value(layer.moving_variance))
+    layer.moving_mean.assign(moving[0] * layer.momentum + mean * (1.0 - layer.momentum))
+    layer.moving_variance.assign(moving[1] * layer.momentum + variance * (1.0 - layer.momentum))
+    out = ops.cast(y, layer.compute_dtype)
+    if activation == "linear" and _backend.bridge().prunes_unused_in_training(inputs):
+        _tag(out, _TrainEpilogue(layer, inputs, moving))
+    return out
+
+
 @keras.saving.register_keras_serializable(package="nbconv")
 class BatchNormalization(keras.layers.BatchNormalization):
-    """``keras.layers.BatchNormalization``; at inference inside a TensorFlow graph, folded into the nbconv layer
-    that feeds it (:class:`_Epilogue`).  :func:`keras_layers.convert` puts it after nbconv's layers."""
+    """``keras.layers.BatchNormalization``; at inference inside a TensorFlow graph or a jax trace, folded into the
+    nbconv layer that feeds it (:class:`_Epilogue`); in training on jax, computed by nbconv's kernels
+    (:func:`nbconv.batch_norm_train`).  :func:`keras_layers.convert` puts it after nbconv's layers."""
 
     def call(self, inputs, training=None, mask=None):
         epilogue = _epilogue_of(inputs)
         if epilogue is not None and not (training and self.trainable) and epilogue.folds(self):
             return epilogue.with_batchnorm(self)
+        if training and self.trainable:
+            out = _train_batchnorm(self, inputs, mask)
+            if out is not None:
+                return out
         return super().call(inputs, training=training, mask=mask)
 
 

@@ -6,6 +6,8 @@ depthwise_conv2d, pointwise_conv2d, separable_conv2d
     Forward convolutions (Keras weight layouts, NHWC or NCHW).
 depthwise_conv2d_backward, pointwise_conv2d_backward, separable_conv2d_backward
     Their gradients (named tuples DepthwiseConv2DGrads, PointwiseConv2DGrads, SeparableConv2DGrads).
+batch_norm_train, batch_norm_train_backward
+    Training-mode batch normalisation over the channels (the layer after a convolution) and its gradient.
 pack_pointwise_kernel, PackedPointwiseKernel
     Pointwise weights packed once for many forward calls (inference with fixed weights).
 get_num_threads, set_num_threads, num_threads
@@ -27,6 +29,7 @@ from .backward import (
     separable_conv2d_backward,
 )
 from .forward import depthwise_conv2d, pointwise_conv2d, separable_conv2d
+from .norm import BatchNormGrads, batch_norm_train, batch_norm_train_backward
 from .packing import PackedPointwiseKernel, pack_pointwise_kernel
 
 __all__ = [
@@ -39,6 +42,9 @@ __all__ = [
     "DepthwiseConv2DGrads",
     "PointwiseConv2DGrads",
     "SeparableConv2DGrads",
+    "batch_norm_train",
+    "batch_norm_train_backward",
+    "BatchNormGrads",
     "pack_pointwise_kernel",
     "PackedPointwiseKernel",
     "get_num_threads",

@@ -231,3 +231,56 @@ def separable_conv2d_backward(grad_output, x, depthwise_kernel, pointwise_kernel
     return SeparableConv2DGrads(_cast(dx if dx is None else _from_nhwc(dx, channels_last), result),
                                 _cast(ddk, result), _cast(dpw if dpw is None else dpw.reshape(pk.shape), result),
                                 _cast(db, result))
+
+
+def _norm_compute(x):
+    return np.dtype(np.float64) if x.dtype == np.float64 else np.dtype(np.float32)
+
+
+def _norm_result(values, dtype, out):
+    values = _dtypes.as_dtype(values, dtype)
+    if out is None:
+        return values
+    out[...] = values
+    return out
+
+
+def batch_norm_train(x, gamma=None, beta=None, *, epsilon=1e-3, activation=None, out=None):
+    x = np.asarray(x)
+    compute = _norm_compute(x)
+    xc = _dtypes.as_dtype(x, compute)
+    axes = tuple(range(x.ndim - 1))
+    mean = xc.mean(axis=axes, dtype=np.float64)
+    var = np.square(xc - mean).mean(axis=axes)
+    scale = 1.0 / np.sqrt(var + epsilon)
+    if gamma is not None:
+        scale = scale * _dtypes.as_dtype(np.asarray(gamma), compute)
+    y = (xc - mean.astype(compute)) * scale.astype(compute)
+    if beta is not None:
+        y = y + _dtypes.as_dtype(np.asarray(beta), compute)
+    y = _activate(y.astype(compute), _args.normalize_activation(activation))
+    return _norm_result(y, x.dtype, out), mean.astype(compute), var.astype(compute)
+
+
+def batch_norm_train_backward(grad_output, x, mean, variance, gamma=None, *, epsilon=1e-3, activation=None,
+                              output=None, out=None):
+    from .norm import BatchNormGrads
+
+    x = np.asarray(x)
+    compute = _norm_compute(x)
+    xc = _dtypes.as_dtype(x, compute).reshape(-1, x.shape[-1])
+    g = _dtypes.as_dtype(np.asarray(grad_output), compute).reshape(xc.shape)
+    act = _args.normalize_activation(activation)
+    if act:
+        g = _act_grad(g, _dtypes.as_dtype(np.asarray(output), compute).reshape(xc.shape), act, compute)
+    mean = _dtypes.as_dtype(np.asarray(mean), np.float64)
+    rstd = 1.0 / np.sqrt(_dtypes.as_dtype(np.asarray(variance), np.float64) + epsilon)
+    gam = np.ones_like(rstd) if gamma is None else _dtypes.as_dtype(np.asarray(gamma), np.float64)
+    p = xc.shape[0]
+    sg = g.sum(axis=0, dtype=np.float64)
+    sgx = (g * (xc - mean.astype(compute))).sum(axis=0, dtype=np.float64)
+    k1 = gam * rstd
+    dx = k1.astype(compute) * g - (k1 * rstd * rstd * sgx / p).astype(compute) * (xc - mean.astype(compute)) \
+        - (k1 * sg / p).astype(compute)
+    return BatchNormGrads(_norm_result(dx.reshape(x.shape), x.dtype, out), (sgx * rstd).astype(compute),
+                          sg.astype(compute))

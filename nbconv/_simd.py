@@ -358,6 +358,21 @@ def copy_vector(typingctx, src, soff, dst, doff, n):
 
 
 @intrinsic
+def store_result_vector(typingctx, src, soff, dst, doff, n):
+    """:func:`convert_vector` for a kernel's float32 result: bfloat16 bits rounded by
+    :meth:`VectorBuilder.round_result` (one instruction where the CPU has AVX512_BF16)."""
+    sig = types.void(src, soff, dst, doff, n)
+
+    def codegen(context, builder, signature, args):
+        vb = VectorBuilder(context, builder, signature, args, signature.args[0].dtype)
+        mask = vb.mask(vb.int64(4))
+        vb.store(vb.load(vb.at(vb.data(0), vb.int64(1)), mask), vb.at(vb.data(2), vb.int64(3)), mask, result=True)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
 def convert_vector(typingctx, src, soff, dst, doff, n):
     """``dst[doff + j] = src[soff + j]`` for ``j < n <= lanes``, converting between float32 and bfloat16 bits
     (``uint16``, rounded to nearest even); masked, nothing past ``n`` is read or written."""

@@ -64,9 +64,25 @@ def _bf16_calls():
                     yield nbconv.separable_conv2d_backward, (y, x, dk32, pk32), conv
 
 
+def _norm_calls():
+    """The training-mode batch norm (keras_layers' BatchNormalization on jax): float32 and bfloat16, linear and
+    with an activation, on one thread and several."""
+    import nbconv
+
+    for dtype in (np.float32, nbconv.as_bfloat16(np.zeros(1, np.float32)).dtype):
+        for shape in ((2, 6, 6, 8), (8, 40, 40, 64)):
+            x = np.zeros(shape, dtype)
+            gamma, beta = np.ones(shape[-1], np.float32), np.zeros(shape[-1], np.float32)
+            y, mean, var = _fallback.batch_norm_train(x, gamma, beta)
+            for act in (None, "relu"):
+                yield nbconv.batch_norm_train, (x, gamma, beta), dict(activation=act)
+                yield nbconv.batch_norm_train_backward, (x, x, mean, var, gamma), dict(activation=act, output=y)
+
+
 def _calls():
     import nbconv
 
+    yield from _norm_calls()
     yield from _bf16_calls()
     for dtype in (np.float32, np.float64):
         for channels_last in (True, False):

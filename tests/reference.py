@@ -28,6 +28,8 @@ __all__ = [
     "bf16_round",
     "bf16_separable_bound",
     "assert_within",
+    "batch_norm_ref",
+    "batch_norm_grad_ref",
 ]
 
 
@@ -263,3 +265,41 @@ def assert_within(actual, expected, bound, rel_out=0.0):
     worst = np.argmax(err / limit) if err.size else 0
     assert np.all(err <= limit), (f"error {err[worst]:.3g} > bound {limit[worst]:.3g} "
                                   f"({int(np.sum(err > limit))} of {err.size} elements)")
+
+
+# --- batch normalisation (training mode) ----------------------------------------------------------------------
+
+def batch_norm_ref(x, gamma=None, beta=None, epsilon=1e-3, activation=None):
+    """``(y, mean, variance)`` in float64: moments per channel (last axis) over all the other axes, the biased
+    variance, ``y = act((x - mean) / sqrt(variance + epsilon) * gamma + beta)``."""
+    x = np.asarray(x, dtype=np.float64)
+    axes = tuple(range(x.ndim - 1))
+    mean = x.mean(axis=axes)
+    variance = ((x - mean) ** 2).mean(axis=axes)
+    y = (x - mean) / np.sqrt(variance + epsilon)
+    if gamma is not None:
+        y = y * np.asarray(gamma, dtype=np.float64)
+    if beta is not None:
+        y = y + np.asarray(beta, dtype=np.float64)
+    return activate(y, activation), mean, variance
+
+
+def batch_norm_grad_ref(grad_output, x, gamma=None, epsilon=1e-3, activation=None, beta=None):
+    """``(dx, dgamma, dbeta)`` of :func:`batch_norm_ref` (the textbook formula, through the batch's moments), in
+    float64; the activation's derivative read off the reference output (0 where it is 0 or 6)."""
+    x = np.asarray(x, dtype=np.float64)
+    c = x.shape[-1]
+    y, mean, variance = batch_norm_ref(x, gamma, beta, epsilon, activation)
+    g = np.asarray(grad_output, dtype=np.float64)
+    if activation in ("relu", "relu6"):
+        g = np.where((y > 0) & ((y < 6) if activation == "relu6" else True), g, 0.0)
+    g2, x2 = g.reshape(-1, c), x.reshape(-1, c)
+    m = x2.shape[0]
+    rstd = 1.0 / np.sqrt(variance + epsilon)
+    xhat = (x2 - mean) * rstd
+    gam = np.ones(c) if gamma is None else np.asarray(gamma, dtype=np.float64)
+    dbeta = g2.sum(axis=0)
+    dgamma = (g2 * xhat).sum(axis=0)
+    dxhat = g2 * gam
+    dx = rstd / m * (m * dxhat - dxhat.sum(axis=0) - xhat * (dxhat * xhat).sum(axis=0))
+    return dx.reshape(x.shape), dgamma, dbeta

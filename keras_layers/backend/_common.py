@@ -254,3 +254,14 @@ def backward(cfg, wrt, grad_output, y, *arrays):
         ref = inputs[name]
         out.append(_dtypes.as_dtype(np.asarray(getattr(grads, name)), ref.dtype).reshape(ref.shape))
     return tuple(out)
+
+
+def batch_norm_forward(epsilon, activation, x, gamma, beta, out=None):
+    """``(y, mean, variance)`` of a training-mode batch norm over the last axis (:func:`nbconv.batch_norm_train`)."""
+    return nbconv.batch_norm_train(x, gamma, beta, epsilon=epsilon, activation=activation, out=out)
+
+
+def batch_norm_backward(epsilon, activation, grad_output, x, mean, variance, gamma, y, out=None):
+    """``(dx, dgamma, dbeta)`` of :func:`batch_norm_forward` (:func:`nbconv.batch_norm_train_backward`)."""
+    return tuple(nbconv.batch_norm_train_backward(grad_output, x, mean, variance, gamma, epsilon=epsilon,
+                                                  activation=activation, output=y, out=out))

@@ -112,8 +112,8 @@ def _host_call(fn, result, *args, writes_out=False):
 
     ``fn`` returns an ndarray, or a tuple of them when ``result`` is a tuple;
     its results are fresh arrays (they may only alias its inputs while it runs).
-    With ``writes_out``, ``fn`` also takes ``out=``, XLA's output buffer, and
-    writes the (single) result there: no copy.
+    With ``writes_out``, ``fn`` also takes ``out=``, XLA's buffer for the
+    (first) result, and writes that result there: no copy.
     """
     if _buffer_callback is None:
         return jax.pure_callback(fn, result, *args, vmap_method="sequential")
@@ -121,13 +121,16 @@ def _host_call(fn, result, *args, writes_out=False):
 
     def callback(ctx, out, *buffers):
         # the buffers are XLA's own, valid during this call only: nothing read from them may outlive it
-        if writes_out and not many:
-            dst = np.asarray(out)
+        outs = out if many else (out,)
+        if writes_out:
+            dst = np.asarray(outs[0])
             if dst.flags.c_contiguous and dst.flags.writeable:
-                fn(*[np.asarray(b) for b in buffers], out=dst)
+                values = fn(*[np.asarray(b) for b in buffers], out=dst)
+                for d, src in zip(outs[1:], values[1:] if many else ()):
+                    np.copyto(np.asarray(d), src, casting="no")
                 return
         values = fn(*[np.asarray(b) for b in buffers])
-        for dst, src in zip(out if many else (out,), values if many else (values,)):
+        for dst, src in zip(outs, values if many else (values,)):
             np.copyto(np.asarray(dst), src, casting="no")
 
     return _buffer_callback(callback, result, vmap_method="sequential")(*args)
@@ -181,6 +184,42 @@ def _op(cfg):
     return op
 
 
+@functools.lru_cache(maxsize=None)
+def _batch_norm_op(epsilon, activation):
+    def forward(x, gamma, beta):
+        c = (x.shape[-1],)
+        return _host_call(functools.partial(_common.batch_norm_forward, epsilon, activation),
+                          (_sds(x), jax.ShapeDtypeStruct(c, np.float32), jax.ShapeDtypeStruct(c, np.float32)),
+                          x, gamma, beta, writes_out=True)
+
+    @jax.custom_vjp
+    def op(x, gamma, beta):
+        return forward(x, gamma, beta)
+
+    def fwd(x, gamma, beta):
+        y, mean, var = forward(x, gamma, beta)
+        return (y, mean, var), (x, gamma, mean, var, y)
+
+    def bwd(res, cts):
+        # the moments reach the loss only through y: the caller stops their gradient (batch_norm_train)
+        x, gamma, mean, var, y = res
+        return _host_call(functools.partial(_common.batch_norm_backward, epsilon, activation),
+                          (_sds(x), _sds(gamma), _sds(gamma)), cts[0], x, mean, var, gamma, y, writes_out=True)
+
+    op.defvjp(fwd, bwd)
+    return op
+
+
+def batch_norm_train(x, gamma, beta, epsilon, activation="linear"):
+    """``(y, mean, variance)``: training-mode batch norm over the last axis of ``x`` (float32 or bfloat16), with
+    float32 ``gamma`` and ``beta``, by nbconv's kernels in host callbacks (XLA's own reductions and element-wise
+    passes over a large activation take 3-6x as long on the CPU).  The moments come without gradient (a layer's
+    moving averages take them)."""
+    y, mean, var = _batch_norm_op(float(epsilon), activation)(jnp.asarray(x), jnp.asarray(gamma, jnp.float32),
+                                                               jnp.asarray(beta, jnp.float32))
+    return y, jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
+
+
 def apply(cfg, *tensors):
     """Run the op described by ``cfg`` on ``tensors`` (x, kernel(s)[, bias]): float32, float64 or bfloat16
     jax arrays."""
@@ -193,6 +232,18 @@ def prunes_unused(tensor):
     (Keras's predict step), whose unused custom calls and callbacks XLA removes (neither has side effects).
     Not under autodiff or vmap (a tensor of another tracer), nor eagerly."""
     return isinstance(tensor, _JaxprTracer)
+
+
+def prunes_unused_in_training(tensor):
+    """Whether unused ops on ``tensor`` are dropped where a gradient may be taken: a jit trace, seen through the
+    tracers of autodiff (Keras's jitted ``train_step``); not eagerly, where every op runs."""
+    for _ in range(8):
+        if isinstance(tensor, _JaxprTracer):
+            return True
+        tensor = getattr(tensor, "primal", None)
+        if tensor is None:
+            return False
+    return False
 
 
 def needs_gradient(tensors):
