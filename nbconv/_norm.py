@@ -4,77 +4,185 @@ Four pool kernels, each a pass over rows in blocks of :data:`ROWS` that the
 participants claim (:mod:`nbconv._sync`): the per-channel sums of a block
 (:func:`bn_stats`, :func:`bn_grad_stats`, added in block order by the
 caller), and the element-wise passes (:func:`bn_apply`,
-:func:`bn_grad_apply`).  Rows are float32, or bfloat16 bits (``uint16``)
-widened a row at a time into the participant's scratch and rounded back as
-they are stored; the arithmetic is float32.
+:func:`bn_grad_apply`).  Each runs a vector micro-kernel over a block's rows:
+float32, or bfloat16 bits (``uint16``) widened as they are loaded and
+rounded as they are stored; the arithmetic is float32.  Each walks its
+rows in L1-sized chunks, one vector (the sums: :data:`GROUP` vectors, their
+sums in registers) of channels at a time.
 """
+from llvmlite import ir
 from numba import types
-from numba.extending import overload
+from numba.core import cgutils
+from numba.extending import intrinsic
 
-from ._backward import g_rows
 from ._elementwise import LINEAR, RELU
 from ._jit import jit
-from ._simd import VECTOR_BYTES, store_result_vector
+from ._simd import VectorBuilder
 from ._sync import PHASE2, claim, enter, leave
 
 #: rows per task: a block's float32 partial sums add at most this many terms
 ROWS = 256
-#: elements of bfloat16 bits widened (or rounded) at a time: whole rows, at least one
-WIDEN = 4096
+#: vectors of channels whose sums stay in registers down a block's rows
+GROUP = 4
+#: elements of the rows a micro-kernel walks once per vector (or group) of channels before the next rows (a
+#: chunk stays in L1 for the next vector's pass): bfloat16 rows in such chunks, except in the backward's
+#: element-wise pass (three streams in), float32 rows one by one (measured: docs/tuning.md)
+CHUNK_BF16 = 4096
 
 
-def out_row(y1, off, ws):
-    """Where the rows of ``y1`` from ``off`` are computed: ``(y1, off)`` for a float ``y1``; ``(ws, 0)`` for
-    bfloat16 bits, then stored by :func:`flush_row` (a separate scratch: computing in the widened input rows
-    defeats the vectoriser, which cannot prove the two views the same)."""
-    raise NotImplementedError("compiled callers only")
+def _row_chunks(vb, nrows, c, chunk):
+    """``(count, rows)``: the rows in chunks of ``chunk`` elements (one row at least)."""
+    b = vb.builder
+    q = b.sdiv(chunk, c)
+    rows = b.select(b.icmp_signed("<", q, vb.const(1)), vb.const(1), q)
+    return b.sdiv(b.add(nrows, b.sub(rows, vb.const(1))), rows), rows
 
 
-@overload(out_row)
-def _out_row(y1, off, ws):
-    if y1.dtype == types.uint16:
-        def scratch(y1, off, ws):
-            return ws, 0
-        return scratch
-
-    def in_place(y1, off, ws):
-        return y1, off
-    return in_place
+def _chunk_rows(vb, index, rows, nrows):
+    """``(first row, row count)`` of chunk ``index``."""
+    b = vb.builder
+    r0 = b.mul(index, rows)
+    left = b.sub(nrows, r0)
+    return r0, b.select(b.icmp_signed("<", left, rows), left, rows)
 
 
-def flush_row(ws, woff, y1, off, n):
-    """Store ``n`` elements computed in ``ws`` from ``woff`` into bfloat16 bits ``y1`` from ``off`` (a result:
-    rounded to nearest even, by one instruction where the CPU has AVX512_BF16); nothing for a float ``y1``
-    (computed in place)."""
-    raise NotImplementedError("compiled callers only")
+def _keep(vb, y, act):
+    """Lanes where the activation with code ``act`` passes the gradient at output ``y`` (NaN: none)."""
+    b = vb.builder
+    pos = b.fcmp_ordered(">", y, vb.zero)
+    below6 = b.fcmp_ordered("<", y, ir.Constant(vb.vty, [6.0] * vb.lanes))
+    on = ir.Constant(ir.VectorType(ir.IntType(1), vb.lanes), [1] * vb.lanes)
+    keep = b.select(b.icmp_signed("==", act, vb.const(RELU)), pos, b.and_(pos, below6))
+    return b.select(b.icmp_signed("==", act, vb.const(LINEAR)), on, keep)
 
 
-@overload(flush_row)
-def _flush_row(ws, woff, y1, off, n):
-    if y1.dtype == types.uint16:
-        def rounded(ws, woff, y1, off, n):
-            lanes = VECTOR_BYTES // 4
-            for i in range(0, n, lanes):
-                store_result_vector(ws, woff + i, y1, off + i, min(lanes, n - i))
-        return rounded
+def _sums_codegen(grad):
+    """Codegen of the column sums down ``nrows`` rows of ``C`` channels (row stride ``C``) from element ``off``:
+    ``s[j] += sum a``, ``q[j] += sum a * b`` where (forward) ``a = b = x - centre`` or (backward) ``a`` is the
+    gradient where the activation passes it and ``b = x - centre``."""
 
-    def nothing(ws, woff, y1, off, n):
-        return None
-    return nothing
+    def codegen(context, builder, signature, args):
+        vb = VectorBuilder(context, builder, signature, args, signature.args[0].dtype)
+        chunk_elems = vb.int64(len(args) - 1)
+        if grad:  # (g, y, x, off, nrows, c, centre, act, s, q, chunk)
+            g0, y0, x0 = (vb.data(i) for i in range(3))
+            off, nrows, c, centre, act, s, q = vb.int64(3), vb.int64(4), vb.int64(5), vb.data(6), vb.int64(7), \
+                vb.data(8), vb.data(9)
+        else:  # (x, off, nrows, c, centre, s, q, chunk)
+            x0 = vb.data(0)
+            off, nrows, c, centre, s, q = vb.int64(1), vb.int64(2), vb.int64(3), vb.data(4), vb.data(5), vb.data(6)
+        step = GROUP * vb.lanes
+        ngroups = builder.sdiv(builder.add(c, vb.const(step - 1)), vb.const(step))
+        nchunks, rows = _row_chunks(vb, nrows, c, chunk_elems)
+        with cgutils.for_range(builder, builder.mul(nchunks, ngroups)) as it:
+            chunk = builder.sdiv(it.index, ngroups)
+            r0, nr = _chunk_rows(vb, chunk, rows, nrows)
+            j0 = builder.mul(builder.sub(it.index, builder.mul(chunk, ngroups)), vb.const(step))
+            # lanes past the last channel are masked off (a whole vector of them touches no memory)
+            masks = [vb.mask(builder.sub(c, builder.add(j0, vb.const(k * vb.lanes)))) for k in range(GROUP)]
+            centres = [vb.load(vb.at(centre, j0, k * vb.lanes), masks[k]) for k in range(GROUP)]
+            acc_s, acc_q = vb.accumulators(GROUP), vb.accumulators(GROUP)
+            with cgutils.for_range(builder, nr) as row:
+                base = builder.add(builder.add(off, builder.mul(builder.add(r0, row.index), c)), j0)
+                for k in range(GROUP):
+                    at = builder.add(base, vb.const(k * vb.lanes))
+                    d = builder.fsub(vb.load(vb.at(x0, at), masks[k]), centres[k])
+                    if grad:
+                        gv = vb.load(vb.at(g0, at), masks[k])
+                        a = builder.select(_keep(vb, vb.load(vb.at(y0, at), masks[k]), act), gv, vb.zero)
+                    else:
+                        a = d
+                    builder.store(builder.fadd(builder.load(acc_s[k]), a), acc_s[k])
+                    builder.store(vb.fma(a, d, builder.load(acc_q[k])), acc_q[k])
+            for k in range(GROUP):
+                for slots, dst in ((acc_s, s), (acc_q, q)):
+                    p = vb.at(dst, j0, k * vb.lanes)
+                    vb.store(builder.fadd(vb.load(p, masks[k]), builder.load(slots[k])), p, masks[k])
+        return context.get_dummy_value()
+
+    return codegen
+
+
+@intrinsic
+def _moments_rows(typingctx, x, off, nrows, c, centre, s, q, chunk):
+    """``s[j] += sum_r (x[off + r*c + j] - centre[j])`` and ``q[j] +=`` the sum of the squares, ``r < nrows``,
+    ``j < c``, the rows walked in chunks of ``chunk`` elements (:data:`CHUNK_BF16`); ``x`` float32 or bfloat16
+    bits, the rest float32."""
+    return types.void(x, off, nrows, c, centre, s, q, chunk), _sums_codegen(False)
+
+
+@intrinsic
+def _grad_sums_rows(typingctx, g, y, x, off, nrows, c, centre, act, s, q, chunk):
+    """``s[j] += sum_r t``, ``q[j] += sum_r t * (x - centre[j])`` with ``t`` the gradient ``g`` where the
+    activation ``act`` passes it at the output ``y`` (any array for a linear one), else 0; ``chunk`` as for
+    :func:`_moments_rows`."""
+    return types.void(g, y, x, off, nrows, c, centre, act, s, q, chunk), _sums_codegen(True)
+
+
+def _elementwise_codegen(grad):
+    """Codegen of the element-wise passes over ``nrows`` rows of ``C`` channels from element ``off``:
+    (forward) ``y = act((x - centre) * scale + beta)``; (backward) ``dx = k1 * t + k2 * (x - centre) + k3`` with
+    ``t`` as in :func:`_grad_sums_rows`.  Results are stored rounded where the output is bfloat16."""
+
+    def codegen(context, builder, signature, args):
+        vb = VectorBuilder(context, builder, signature, args, signature.args[0].dtype)
+        chunk_elems = vb.int64(len(args) - 1)
+        if grad:  # (g, y, x, off, nrows, c, centre, k1, k2, k3, act, dx, chunk)
+            g0, y0, x0 = (vb.data(i) for i in range(3))
+            off, nrows, c, centre = vb.int64(3), vb.int64(4), vb.int64(5), vb.data(6)
+            k1, k2, k3, act, out = vb.data(7), vb.data(8), vb.data(9), vb.int64(10), vb.data(11)
+        else:  # (x, off, nrows, c, centre, scale, beta, act, y, chunk)
+            x0 = vb.data(0)
+            off, nrows, c, centre = vb.int64(1), vb.int64(2), vb.int64(3), vb.data(4)
+            scale, beta, act, out = vb.data(5), vb.data(6), vb.int64(7), vb.data(8)
+        nvec = builder.sdiv(builder.add(c, vb.const(vb.lanes - 1)), vb.const(vb.lanes))
+        nchunks, rows = _row_chunks(vb, nrows, c, chunk_elems)
+        with cgutils.for_range(builder, builder.mul(nchunks, nvec)) as it:
+            chunk = builder.sdiv(it.index, nvec)
+            r0, nr = _chunk_rows(vb, chunk, rows, nrows)
+            j = builder.mul(builder.sub(it.index, builder.mul(chunk, nvec)), vb.const(vb.lanes))
+            mask = vb.mask(builder.sub(c, j))
+            cv = vb.load(vb.at(centre, j), mask)
+            if grad:
+                a, b_, d_ = (vb.load(vb.at(p, j), mask) for p in (k1, k2, k3))
+            else:
+                sc, be = vb.load(vb.at(scale, j), mask), vb.load(vb.at(beta, j), mask)
+            with cgutils.for_range(builder, nr) as row:
+                at = builder.add(builder.add(off, builder.mul(builder.add(r0, row.index), c)), j)
+                d = builder.fsub(vb.load(vb.at(x0, at), mask), cv)
+                if grad:
+                    gv = vb.load(vb.at(g0, at), mask)
+                    t = builder.select(_keep(vb, vb.load(vb.at(y0, at), mask), act), gv, vb.zero)
+                    value = vb.fma(a, t, vb.fma(b_, d, d_))
+                else:
+                    value = vb.activation(vb.fma(d, sc, be), act)
+                vb.store(value, vb.at(out, at), mask, result=True)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+@intrinsic
+def _affine_rows(typingctx, x, off, nrows, c, centre, scale, beta, act, y, chunk):
+    """``y[off + r*c + j] = act((x[...] - centre[j]) * scale[j] + beta[j])``, ``r < nrows``, ``j < c``; ``x``
+    and ``y`` float32 or bfloat16 bits (rounded as a result is), the rest float32; ``chunk`` as for
+    :func:`_moments_rows`."""
+    return types.void(x, off, nrows, c, centre, scale, beta, act, y, chunk), _elementwise_codegen(False)
+
+
+@intrinsic
+def _grad_affine_rows(typingctx, g, y, x, off, nrows, c, centre, k1, k2, k3, act, dx, chunk):
+    """``dx[...] = k1[j] * t + k2[j] * (x[...] - centre[j]) + k3[j]`` with ``t`` as in :func:`_grad_sums_rows`."""
+    return types.void(g, y, x, off, nrows, c, centre, k1, k2, k3, act, dx, chunk), _elementwise_codegen(True)
 
 
 @jit
-def _keep(y, act):
-    """Whether the activation passes the gradient at output ``y`` (NaN: no, as for the conv kernels)."""
-    if act == LINEAR:
-        return True
-    if act == RELU:
-        return y > 0
-    return 0 < y < 6
+def _chunk(x2):
+    return CHUNK_BF16 if x2.itemsize == 2 else 1
 
 
 @jit
-def bn_stats(x2, shift, parts, xscr, sched, sig, lead):
+def bn_stats(x2, shift, parts, sched, sig, lead):
     """Per-block shifted sums: ``parts[b, 0, j]`` the sum of ``x[r, j] - shift[j]`` over the rows ``r`` of
     block ``b``, ``parts[b, 1, j]`` the sum of their squares.
 
@@ -85,15 +193,12 @@ def bn_stats(x2, shift, parts, xscr, sched, sig, lead):
         Subtracted before summing (a row of ``x``): the variance is then a
         difference of moments about a point near the mean.
     parts : ndarray of shape (ceil(P / ROWS), 2, C), float32
-    xscr : ndarray of shape (participants, max(C, WIDEN)), float32
-        Where bfloat16 rows are widened.
     """
     rows, c = x2.shape
     nblocks = parts.shape[0]
     x1 = x2.reshape(-1)
-    step = max(1, WIDEN // c)
+    chunk = _chunk(x2)
     enter(sched, sig, lead)
-    xs = xscr[min(lead >> 2, xscr.shape[0] - 1)]
     while True:
         b = claim(sched, PHASE2, nblocks, lead)
         if b < 0:
@@ -103,80 +208,43 @@ def bn_stats(x2, shift, parts, xscr, sched, sig, lead):
         for j in range(c):
             s[j] = 0
             q[j] = 0
-        end = min(rows, (b + 1) * ROWS)
-        for r in range(b * ROWS, end, step):
-            nr = min(step, end - r)
-            src, off = g_rows(x1, r * c, nr * c, xs)
-            for i in range(nr):
-                row = src[off + i * c:off + i * c + c]
-                for j in range(c):
-                    d = row[j] - shift[j]
-                    s[j] += d
-                    q[j] += d * d
+        r0 = b * ROWS
+        _moments_rows(x1, r0 * c, min(rows, r0 + ROWS) - r0, c, shift, s, q, chunk)
     leave(sched, sig, lead)
 
 
 @jit
-def bn_apply(x2, mean, scale, beta, act, y2, xscr, yscr, sched, sig, lead):
+def bn_apply(x2, mean, scale, beta, act, y2, sched, sig, lead):
     """``y[r, j] = act((x[r, j] - mean[j]) * scale[j] + beta[j])``; ``y2`` float32 or bfloat16 bits, of the shape
-    of ``x2``; ``xscr``, ``yscr`` of shape (participants, max(C, WIDEN)) float32: where bfloat16 rows are
-    widened, and computed before they are rounded into ``y2``."""
+    of ``x2``."""
     rows, c = x2.shape
     nblocks = (rows + ROWS - 1) // ROWS
     x1 = x2.reshape(-1)
     y1 = y2.reshape(-1)
-    zero = mean.dtype.type(0)
-    six = mean.dtype.type(6)
-    step = max(1, WIDEN // c)
+    chunk = _chunk(x2)
     enter(sched, sig, lead)
-    me = min(lead >> 2, xscr.shape[0] - 1)
-    xs = xscr[me]
-    ys = yscr[me]
     while True:
         b = claim(sched, PHASE2, nblocks, lead)
         if b < 0:
             break
-        end = min(rows, (b + 1) * ROWS)
-        for r in range(b * ROWS, end, step):
-            nr = min(step, end - r)
-            src, off = g_rows(x1, r * c, nr * c, xs)
-            dst, doff = out_row(y1, r * c, ys)
-            for i in range(nr):
-                row = src[off + i * c:off + i * c + c]
-                o = dst[doff + i * c:doff + i * c + c]
-                if act == LINEAR:
-                    for j in range(c):
-                        o[j] = (row[j] - mean[j]) * scale[j] + beta[j]
-                elif act == RELU:
-                    for j in range(c):
-                        t = (row[j] - mean[j]) * scale[j] + beta[j]
-                        o[j] = zero if t < zero else t
-                else:
-                    for j in range(c):
-                        t = (row[j] - mean[j]) * scale[j] + beta[j]
-                        o[j] = zero if t < zero else (six if t > six else t)
-            flush_row(dst, doff, y1, r * c, nr * c)
+        r0 = b * ROWS
+        _affine_rows(x1, r0 * c, min(rows, r0 + ROWS) - r0, c, mean, scale, beta, act, y1, chunk)
     leave(sched, sig, lead)
 
 
 @jit
-def bn_grad_stats(g2, y2, x2, mean, act, parts, gscr, yscr, xscr, sched, sig, lead):
+def bn_grad_stats(g2, y2, x2, mean, act, parts, sched, sig, lead):
     """Per-block sums of the backward: ``parts[b, 0, j]`` the sum of ``g`` and ``parts[b, 1, j]`` of
     ``g * (x - mean)`` over the rows of block ``b``, where ``g`` is ``grad_output`` where the activation passes
-    it (read off the output ``y2``; not read for a linear one), else 0.  ``g2``, ``y2``, ``x2`` of shape (P, C),
-    float32 or bfloat16 bits each; scratch as :func:`bn_apply`'s."""
+    it (read off the output ``y2``; for a linear one any array of the shape, unread in effect), else 0.  ``g2``,
+    ``y2``, ``x2`` of shape (P, C), float32 or bfloat16 bits each."""
     rows, c = x2.shape
     nblocks = parts.shape[0]
     g1 = g2.reshape(-1)
     y1 = y2.reshape(-1)
     x1 = x2.reshape(-1)
-    zero = mean.dtype.type(0)
-    step = max(1, WIDEN // c)
+    chunk = _chunk(x2)
     enter(sched, sig, lead)
-    me = min(lead >> 2, xscr.shape[0] - 1)
-    gs = gscr[me]
-    ys = yscr[me]
-    xs = xscr[me]
     while True:
         b = claim(sched, PHASE2, nblocks, lead)
         if b < 0:
@@ -186,68 +254,26 @@ def bn_grad_stats(g2, y2, x2, mean, act, parts, gscr, yscr, xscr, sched, sig, le
         for j in range(c):
             s[j] = 0
             q[j] = 0
-        end = min(rows, (b + 1) * ROWS)
-        for r in range(b * ROWS, end, step):
-            nr = min(step, end - r)
-            gsrc, goff = g_rows(g1, r * c, nr * c, gs)
-            xsrc, xoff = g_rows(x1, r * c, nr * c, xs)
-            ysrc, yoff = g_rows(y1, r * c, nr * c if act != LINEAR else 0, ys)
-            for i in range(nr):
-                grow = gsrc[goff + i * c:goff + i * c + c]
-                xrow = xsrc[xoff + i * c:xoff + i * c + c]
-                if act == LINEAR:
-                    for j in range(c):
-                        s[j] += grow[j]
-                        q[j] += grow[j] * (xrow[j] - mean[j])
-                else:
-                    yrow = ysrc[yoff + i * c:yoff + i * c + c]
-                    for j in range(c):
-                        t = grow[j] if _keep(yrow[j], act) else zero
-                        s[j] += t
-                        q[j] += t * (xrow[j] - mean[j])
+        r0 = b * ROWS
+        _grad_sums_rows(g1, y1, x1, r0 * c, min(rows, r0 + ROWS) - r0, c, mean, act, s, q, chunk)
     leave(sched, sig, lead)
 
 
 @jit
-def bn_grad_apply(g2, y2, x2, mean, k1, k2, k3, act, dx2, gscr, yscr, xscr, dscr, sched, sig, lead):
+def bn_grad_apply(g2, y2, x2, mean, k1, k2, k3, act, dx2, sched, sig, lead):
     """``dx[r, j] = k1[j] * g[r, j] + k2[j] * (x[r, j] - mean[j]) + k3[j]``, ``g`` as in :func:`bn_grad_stats`;
-    ``dx2`` float32 or bfloat16 bits of the shape of ``x2`` (computed in ``dscr`` first)."""
+    ``dx2`` float32 or bfloat16 bits of the shape of ``x2``."""
     rows, c = x2.shape
     nblocks = (rows + ROWS - 1) // ROWS
     g1 = g2.reshape(-1)
     y1 = y2.reshape(-1)
     x1 = x2.reshape(-1)
     d1 = dx2.reshape(-1)
-    zero = mean.dtype.type(0)
-    step = max(1, WIDEN // c)
     enter(sched, sig, lead)
-    me = min(lead >> 2, xscr.shape[0] - 1)
-    gs = gscr[me]
-    ys = yscr[me]
-    xs = xscr[me]
-    ds = dscr[me]
     while True:
         b = claim(sched, PHASE2, nblocks, lead)
         if b < 0:
             break
-        end = min(rows, (b + 1) * ROWS)
-        for r in range(b * ROWS, end, step):
-            nr = min(step, end - r)
-            gsrc, goff = g_rows(g1, r * c, nr * c, gs)
-            xsrc, xoff = g_rows(x1, r * c, nr * c, xs)
-            ysrc, yoff = g_rows(y1, r * c, nr * c if act != LINEAR else 0, ys)
-            dst, doff = out_row(d1, r * c, ds)
-            for i in range(nr):
-                grow = gsrc[goff + i * c:goff + i * c + c]
-                xrow = xsrc[xoff + i * c:xoff + i * c + c]
-                o = dst[doff + i * c:doff + i * c + c]
-                if act == LINEAR:
-                    for j in range(c):
-                        o[j] = k1[j] * grow[j] + k2[j] * (xrow[j] - mean[j]) + k3[j]
-                else:
-                    yrow = ysrc[yoff + i * c:yoff + i * c + c]
-                    for j in range(c):
-                        t = grow[j] if _keep(yrow[j], act) else zero
-                        o[j] = k1[j] * t + k2[j] * (xrow[j] - mean[j]) + k3[j]
-            flush_row(dst, doff, d1, r * c, nr * c)
+        r0 = b * ROWS
+        _grad_affine_rows(g1, y1, x1, r0 * c, min(rows, r0 + ROWS) - r0, c, mean, k1, k2, k3, act, d1, 1)
     leave(sched, sig, lead)

@@ -13,7 +13,7 @@ import numpy as np
 
 from . import _args, _compile, _dtypes, _fallback, _plan
 from ._compile import operand
-from ._norm import ROWS, WIDEN, bn_apply, bn_grad_apply, bn_grad_stats, bn_stats
+from ._norm import ROWS, bn_apply, bn_grad_apply, bn_grad_stats, bn_stats
 from ._threads import POOL, launch
 
 __all__ = ["batch_norm_train", "batch_norm_train_backward", "BatchNormGrads"]
@@ -75,15 +75,10 @@ def _launch_rows(kernel, p, c, *args):
     return threads
 
 
-def _scratch(threads, c, count):
-    """``count`` per-participant float32 rows where the kernels widen or round bfloat16 (see :mod:`nbconv._norm`)."""
-    return [np.empty((max(1, threads), max(c, WIDEN)), np.float32) for _ in range(count)]
-
-
 def _block_sums(kernel, p, c, *args):
     """Per-channel ``(sum of term 0, sum of term 1)`` of a sums kernel, its block partials added in float64."""
     parts = np.empty((-(-p // ROWS), 2, c), np.float32)
-    _launch_rows(kernel, p, c, *args[:-1], parts, *args[-1])
+    _launch_rows(kernel, p, c, *args, parts)
     total = parts.sum(axis=0, dtype=np.float64)
     return total[0], total[1]
 
@@ -150,9 +145,7 @@ def batch_norm_train(x, gamma=None, beta=None, *, epsilon=1e-3, activation=None,
     p = x2.shape[0]
     # the first row: moments about a point near the mean (no cancellation when the mean dwarfs the spread)
     shift = _dtypes.to_float32(_dtypes.from_bits(x2[:1]) if store == _dtypes.BITS else x2[:1]).reshape(c)
-    threads = min(_plan.pool_threads(), -(-p // ROWS))
-    (xs,) = _scratch(threads, c, 1)
-    s, q = _block_sums(bn_stats, p, c, x2, shift, (xs,))
+    s, q = _block_sums(bn_stats, p, c, x2, shift)
     m = s / p
     var = np.maximum(q / p - m * m, 0.0)
     mean = shift + m
@@ -161,8 +154,7 @@ def batch_norm_train(x, gamma=None, beta=None, *, epsilon=1e-3, activation=None,
         scale = scale * _dtypes.to_float32(gamma)
     beta32 = np.zeros(c, np.float32) if beta is None else operand(_dtypes.to_float32(beta), np.float32)
     mean32 = mean.astype(np.float32)
-    xs, ys = _scratch(threads, c, 2)
-    _launch_rows(bn_apply, p, c, x2, mean32, scale.astype(np.float32), beta32, act, y.reshape(p, c), xs, ys)
+    _launch_rows(bn_apply, p, c, x2, mean32, scale.astype(np.float32), beta32, act, y.reshape(p, c))
     if out is None and store == _dtypes.BITS:
         y = _dtypes.from_bits(y)
     return (out if out is not None else y), mean32, var.astype(np.float32)
@@ -235,18 +227,15 @@ def batch_norm_train_backward(grad_output, x, mean, variance, gamma=None, *, eps
     g2 = _rows(grad_output, _dtypes.BITS if grad_output.dtype == _dtypes.BFLOAT16 else _dtypes.FLOAT32)
     y2 = x2 if not act else _rows(output, _dtypes.BITS if output.dtype == _dtypes.BFLOAT16 else _dtypes.FLOAT32)
     mean32 = operand(_dtypes.to_float32(mean), np.float32)
-    threads = min(_plan.pool_threads(), -(-p // ROWS))
-    gs, ys, xs = _scratch(threads, c, 3)
-    sg, sgx = _block_sums(bn_grad_stats, p, c, g2, y2, x2, mean32, act, (gs, ys, xs))
+    sg, sgx = _block_sums(bn_grad_stats, p, c, g2, y2, x2, mean32, act)
     rstd = 1.0 / np.sqrt(_dtypes.to_float32(variance).astype(np.float64) + epsilon)
     g = np.ones(c) if gamma is None else _dtypes.to_float32(gamma).astype(np.float64)
     dgamma = sgx * rstd
     k1 = g * rstd
     k2 = -k1 * rstd * rstd * sgx / p
     k3 = -k1 * sg / p
-    (ds,) = _scratch(threads, c, 1)
     _launch_rows(bn_grad_apply, p, c, g2, y2, x2, mean32, k1.astype(np.float32), k2.astype(np.float32),
-                 k3.astype(np.float32), act, dx.reshape(p, c), gs, ys, xs, ds)
+                 k3.astype(np.float32), act, dx.reshape(p, c))
     if out is None and store == _dtypes.BITS:
         dx = _dtypes.from_bits(dx)
     return BatchNormGrads(out if out is not None else dx, dgamma.astype(np.float32), sg.astype(np.float32))

@@ -6,13 +6,13 @@ import pytest
 
 import nbconv
 from nbconv import _fallback
-from nbconv._norm import ROWS, WIDEN
+from nbconv._norm import GROUP, ROWS
 from reference import batch_norm_grad_ref, batch_norm_ref, bf16_round
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 #: (..., C): one block, rows not a multiple of the block, many blocks (both threads), one row, channels past a
-#: vector, channels of several widening chunks
-SHAPES = [(2, 5, 7, 3), (3, 9, 16), (ROWS + 37, 17), (8, 12, 12, 64), (1, 1, 1, 1), (5, 2 * WIDEN + 40),
+#: vector, channels of several register groups
+SHAPES = [(2, 5, 7, 3), (3, 9, 16), (ROWS + 37, 17), (8, 12, 12, 64), (1, 1, 1, 1), (5, 3 * GROUP * 16 + 40),
           (4, 7, 7, 512)]
 ACTS = [None, "relu", "relu6"]
 
