@@ -274,7 +274,8 @@ def _train_batchnorm(layer, inputs, mask, activation="linear", moving=None):
     c = inputs.shape[-1]
     gamma = _own_value(layer.gamma) if layer.scale else ops.ones((c,), "float32")
     beta = _own_value(layer.beta) if layer.center else ops.zeros((c,), "float32")
-    x = inputs if keras.backend.standardize_dtype(layer.compute_dtype) == "float32" else ops.cast(inputs, "bfloat16")
+    # float32, or a mixed policy's bfloat16: the kernels read it as it is and compute in float32
+    x = ops.cast(inputs, keras.backend.standardize_dtype(layer.compute_dtype))
     y, mean, variance = fn(x, gamma, beta, layer.epsilon, activation)
     # the averages as they were before this step (a fused activation's second call assigns them again)
     moving = moving or (_own_value(layer.moving_mean), _own_value(layer.moving_variance))
