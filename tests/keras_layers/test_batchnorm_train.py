@@ -13,6 +13,8 @@ from test_convert import randomize
 
 BACKEND = keras.backend.backend()
 
+pytestmark = pytest.mark.skipif(BACKEND == "numpy", reason="Keras's numpy backend does not train")
+
 
 def _model(own, activation, branch):
     """Conv -> BatchNorm -> activation layer (-> also an Add of the batch norm's output) -> pool -> Dense."""
