@@ -72,7 +72,6 @@ def _launch_rows(kernel, p, c, *args):
     nblocks = -(-p // ROWS)
     threads = max(1, min(nblocks, _plan.pool_threads(), (p * c) // _SOLO_ELEMENTS))
     launch(kernel, threads, *args)
-    return threads
 
 
 def _block_sums(kernel, p, c, *args):
