@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._dtypes import BFLOAT16, BITS
+from ._dtypes import BITS, bfloat16, is_bf16
 
 __all__ = [
     "DEFAULT",
@@ -178,7 +178,7 @@ def normalize_activation(activation, name="activation"):
         ) from None
 
 
-_FLOATS = (np.dtype(np.float16), BFLOAT16, np.dtype(np.float32), np.dtype(np.float64))
+_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))  # and bfloat16
 _F16, _F32, _F64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
 #: ``precision=`` values: the products' precision (None: the inputs' own)
 PRECISIONS = (None, "float32", "bfloat16")
@@ -187,7 +187,7 @@ PRECISIONS = (None, "float32", "bfloat16")
 def as_float_array(value, name):
     """``np.asarray(value)``, checked to be float16, bfloat16, float32 or float64 (no copy when it already is)."""
     arr = value if type(value) is np.ndarray else np.asarray(value)
-    if arr.dtype not in _FLOATS:
+    if arr.dtype not in _FLOATS and not is_bf16(arr.dtype):
         raise TypeError(
             f"Expected `{name}` to be a floating-point array (float16, bfloat16, float32 or float64). "
             f"Received: {name} with dtype {arr.dtype}"
@@ -208,18 +208,18 @@ class Dtypes(NamedTuple):
     @property
     def bf16(self):
         """Whether the pointwise products multiply bfloat16 pairs."""
-        return self.compute == BFLOAT16
+        return is_bf16(self.compute)
 
     @property
     def act(self):
         """What the kernels compute and keep their scratch in: float32 for bfloat16 products."""
-        return _F32 if self.compute == BFLOAT16 else self.compute
+        return _F32 if is_bf16(self.compute) else self.compute
 
     @property
     def store(self):
         """The dtype of the array the kernel writes: bfloat16 bits (``uint16``) for a bfloat16 result of bfloat16
         products, else :attr:`act` (cast to the result afterwards when that differs)."""
-        return BITS if self.compute == BFLOAT16 and self.result == BFLOAT16 else self.act
+        return BITS if is_bf16(self.compute) and is_bf16(self.result) else self.act
 
 
 def _output_dtype(output_dtype):
@@ -227,7 +227,7 @@ def _output_dtype(output_dtype):
         dtype = np.dtype(output_dtype)
     except TypeError:
         dtype = None
-    if dtype not in _FLOATS:
+    if dtype not in _FLOATS and not is_bf16(dtype):
         raise TypeError(f"Expected `output_dtype` to be None, float16, bfloat16, float32 or float64. "
                         f"Received: output_dtype={output_dtype!r}")
     return dtype
@@ -250,7 +250,7 @@ def dtypes_for(*arrays, biases=(), precision=None, output_dtype=None):
     and a float32 bias of bfloat16 layers (as frameworks keep it) should not turn the call into float32.
     """
     promoted = _promoted(arrays)
-    if promoted != BFLOAT16 and any(b is not None for b in biases):
+    if not is_bf16(promoted) and any(b is not None for b in biases):
         promoted = _promoted(arrays + tuple(biases))
     if precision not in PRECISIONS:
         raise ValueError(f"Expected `precision` to be one of {PRECISIONS}. Received: precision={precision!r}")
@@ -262,7 +262,7 @@ def dtypes_for(*arrays, biases=(), precision=None, output_dtype=None):
                              "Received: float64 inputs")
         compute = _F64
     else:
-        compute = BFLOAT16 if precision == "bfloat16" else _F32
+        compute = bfloat16() if precision == "bfloat16" else _F32
     result = promoted if output_dtype is None else _output_dtype(output_dtype)
     return Dtypes(compute, result)
 

@@ -98,7 +98,7 @@ def _finish(y, result, out):
 def _operand(a, dt):
     """``a`` in the arithmetic's dtype, rounded to bfloat16 first for bfloat16 products."""
     if dt.bf16:
-        a = np.asarray(a).astype(_dtypes.BFLOAT16)
+        a = np.asarray(a).astype(_dtypes.bfloat16())
     return np.asarray(a, dtype=dt.act)
 
 

@@ -69,9 +69,14 @@ M_ARGS_AT = M_SCHED_AT + 4 + 2 * _MAX_PARTS
 #: error codes of :func:`run_template`
 OK, E_NONCE, E_BUFFERS, E_DTYPE, E_SHAPE = 0, 1, 2, 3, 4
 
-#: XLA FFI data types of the buffers nbconv's ops take and return
-XLA_DTYPES = {np.dtype(np.float32): 11, np.dtype(np.float64): 12, _dtypes.BFLOAT16: 16, np.dtype(np.uint8): 6,
-              np.dtype(np.uint16): 7}
+#: XLA FFI data types of the buffers nbconv's ops take and return (and bfloat16's, :func:`xla_dtype`)
+XLA_DTYPES = {np.dtype(np.float32): 11, np.dtype(np.float64): 12, np.dtype(np.uint8): 6, np.dtype(np.uint16): 7}
+XLA_BF16 = 16
+
+
+def xla_dtype(dtype):
+    """XLA FFI's code of ``dtype``, 0 for one nbconv's ops do not take."""
+    return XLA_BF16 if _dtypes.is_bf16(dtype) else XLA_DTYPES.get(np.dtype(dtype), 0)
 
 
 class Unsupported(Exception):
@@ -315,7 +320,7 @@ def _template(payload, length, patches, threads, fn, nbuf, buffers):
         words += list(p)
     words[T_CHECK] = len(words)
     for dtype, shape in buffers:
-        words += [XLA_DTYPES.get(np.dtype(dtype), 0), len(shape), *shape]
+        words += [xla_dtype(dtype), len(shape), *shape]
     mailbox = [payload.get(i, 0) for i in range(length)]
     mailbox[M_FN], mailbox[M_SIG] = fn, POOL.sig.ctypes.data
     words[T_PAYLOAD], words[T_PAYLOAD_LEN] = len(words), length

@@ -171,11 +171,11 @@ def _x_and_grad(g, x, grad_output, act, output, want_dk, compute, nhwc_kernels):
     kernel gradient must be 3x3 (the scatter kernel reads ``x`` as it lies), and a relu mask needs a bfloat16
     ``output``.  Otherwise both are widened whole to ``compute`` first.
     """
-    if (nhwc_kernels and x.dtype == _dtypes.BFLOAT16 and grad_output.dtype == _dtypes.BFLOAT16
+    if (nhwc_kernels and _dtypes.is_bf16(x.dtype) and _dtypes.is_bf16(grad_output.dtype)
             and (not want_dk or (g.kh, g.kw) == (3, 3))):
         if act == 0:
             return _dtypes.bits(x), _dtypes.bits(grad_output)
-        if output.dtype == _dtypes.BFLOAT16:
+        if _dtypes.is_bf16(output.dtype):
             return _dtypes.bits(x), _masked_bits(grad_output, act, output)
     return _dtypes.operand(x, compute), _masked(_dtypes.operand(grad_output, compute), act, output, compute)
 
@@ -227,7 +227,7 @@ def _dwsep_backward(g, xc, dkc, wc, gc, want_dx, want_dk, want_pw, want_b, compu
     carry = -(-(g.kh - 1) * g.dh // g.sh) * g.ow if gather else 0
     hr = max(1, (g.kh - 1) * g.dh - g.sh + 1)
     one = (1,) * 3
-    dx_dtype = _dtypes.BITS if gather and result == _dtypes.BFLOAT16 else compute
+    dx_dtype = _dtypes.BITS if gather and _dtypes.is_bf16(result) else compute
     dx = np.empty(xc.shape, dx_dtype) if want_dx else np.empty((1,) * 4, compute)
     halo_shape = (nchunks, hr, g.w, g.c) if g.channels_last else (nchunks, g.c, hr, g.w)
     # (a dummy of dx's dtype where the gather stores dx: the kernel's scatter path compiles for it)
@@ -676,7 +676,7 @@ def separable_conv2d_backward(grad_output, x, depthwise_kernel, pointwise_kernel
     # bfloat16 activations (x and grad_output; the weights bfloat16 too, or a mixed policy's float32 ones, rounded
     # as they are packed): the two pointwise products of the backward multiply bfloat16 pairs, as the tiled
     # kernel's do on the bits
-    bf16 = x.dtype == _dtypes.BFLOAT16 and grad_output.dtype == _dtypes.BFLOAT16
+    bf16 = _dtypes.is_bf16(x.dtype) and _dtypes.is_bf16(grad_output.dtype)
 
     want_dx, want_dk = "x" in names, "depthwise_kernel" in names
     want_pw, want_b = "pointwise_kernel" in names, "bias" in names

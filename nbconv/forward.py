@@ -89,7 +89,7 @@ def _packed_dtype(xc, dt):
 def _as_bits(dt, *arrays):
     """Whether bfloat16 products take these operands (None for absent ones) as their bfloat16 bits: every one is
     bfloat16, so the micro-kernels widen them as they load (no conversion launch, and the call stays replayable)."""
-    return dt.bf16 and all(a is None or a.dtype == _dtypes.BFLOAT16 for a in arrays)
+    return dt.bf16 and all(a is None or _dtypes.is_bf16(a.dtype) for a in arrays)
 
 
 def _pointwise_bias(bias, dt, bits=True):
@@ -123,7 +123,7 @@ def _pointwise_operand(given, wmat, dt, as_b):
     panels = packing.packed_panels(given, kind) if as_b else None
     if panels is not None:
         return panels, wmat.shape[0]
-    if dt.bf16 and wmat.dtype != _dtypes.BFLOAT16:
+    if dt.bf16 and not _dtypes.is_bf16(wmat.dtype):
         kind = _dtypes.FLOAT32
     return _dtypes.operand(wmat, kind), 0
 

@@ -58,7 +58,7 @@ def _check_epsilon(epsilon):
 
 def _store_dtype(x):
     """The dtype the kernels read and write ``x`` in, or None where NumPy computes (float64)."""
-    if x.dtype == _dtypes.BFLOAT16:
+    if _dtypes.is_bf16(x.dtype):
         return _dtypes.BITS
     return None if x.dtype == np.float64 else _dtypes.FLOAT32
 
@@ -223,8 +223,8 @@ def batch_norm_train_backward(grad_output, x, mean, variance, gamma=None, *, eps
     dx = _output(x, out, store)
     x2 = _rows(x, store)
     p = x2.shape[0]
-    g2 = _rows(grad_output, _dtypes.BITS if grad_output.dtype == _dtypes.BFLOAT16 else _dtypes.FLOAT32)
-    y2 = x2 if not act else _rows(output, _dtypes.BITS if output.dtype == _dtypes.BFLOAT16 else _dtypes.FLOAT32)
+    g2 = _rows(grad_output, _dtypes.BITS if _dtypes.is_bf16(grad_output.dtype) else _dtypes.FLOAT32)
+    y2 = x2 if not act else _rows(output, _dtypes.BITS if _dtypes.is_bf16(output.dtype) else _dtypes.FLOAT32)
     mean32 = operand(_dtypes.to_float32(mean), np.float32)
     sg, sgx = _block_sums(bn_grad_stats, p, c, g2, y2, x2, mean32, act)
     rstd = 1.0 / np.sqrt(_dtypes.to_float32(variance).astype(np.float64) + epsilon)

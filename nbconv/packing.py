@@ -136,7 +136,7 @@ def pack_view(kernel, precision=None, snapshot=False):
     matrix = _args.pointwise_matrix(kernel, kernel.shape[-2], "kernel")
     compute = _args.dtypes_for(kernel, precision=precision).compute
     # the panels stay writeable (private, never written): kernels are compiled for writeable operands
-    if compute == _dtypes.BFLOAT16:
+    if _dtypes.is_bf16(compute):
         panels = pack_pairs(_dtypes.bits(matrix).reshape(matrix.shape))
     else:
         panels = pack_b(_dtypes.operand(matrix, compute), compute).reshape(matrix.shape)

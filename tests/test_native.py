@@ -220,7 +220,7 @@ class _Frame:
             dims = np.array(a.shape, np.int64)
             s = np.zeros(_native.BUFFER_SIZE // 8, np.int64)
             s[0] = _native.BUFFER_SIZE
-            s.view(np.int32)[_native.BUFFER_DTYPE // 4] = _native.XLA_DTYPES[a.dtype]
+            s.view(np.int32)[_native.BUFFER_DTYPE // 4] = _native.xla_dtype(a.dtype)
             s[_native.BUFFER_DATA // 8] = a.ctypes.data
             s[_native.BUFFER_RANK // 8] = a.ndim
             s[_native.BUFFER_DIMS // 8] = dims.ctypes.data
@@ -413,7 +413,8 @@ def test_ffi_layout_matches_jaxlib_header():
     assert enum["XLA_FFI_AttrType_ARRAY"] == n.FFI_ATTR_ARRAY
     assert enum["XLA_FFI_DataType_S64"] == n.FFI_S64
     assert enum["XLA_FFI_Error_Code_INVALID_ARGUMENT"] == n.FFI_INVALID_ARGUMENT
-    for dtype, code in n.XLA_DTYPES.items():
+    for dtype, code in [*n.XLA_DTYPES.items(), (np.dtype(ml_dtypes.bfloat16), n.XLA_BF16)]:
+        assert n.xla_dtype(dtype) == code
         name = {"float32": "F32", "float64": "F64", "bfloat16": "BF16", "uint8": "U8", "uint16": "U16"}[dtype.name]
         assert enum[f"XLA_FFI_DataType_{name}"] == code
     major = int(re.search(r"#define XLA_FFI_API_MAJOR (\d+)", text).group(1))

@@ -254,3 +254,43 @@ def test_kernels_run_in_process_after_threads_used(rng):
     expected = separable_ref(x, dk, pk, padding="same")
     assert_close(out["y"], expected)
     assert_close(nbconv.separable_conv2d(x, dk, pk, padding="same"), expected)
+
+
+def test_import_leaves_ml_dtypes_alone_until_bfloat16_is_used():
+    """``import nbconv`` does not import ml_dtypes (about half a second here); a bfloat16 array made after it
+    still takes the bfloat16 path, and float32 precision='bfloat16' imports it on demand."""
+    proc = run_script("""
+        import sys
+        import numpy as np
+        import nbconv
+        from reference import separable_ref
+        assert "ml_dtypes" not in sys.modules
+        rng = np.random.default_rng(0)
+        x = rng.uniform(-1, 1, (1, 9, 9, 8)).astype(np.float32)
+        dk = rng.uniform(-1, 1, (3, 3, 8, 1)).astype(np.float32)
+        pk = rng.uniform(-1, 1, (1, 1, 8, 16)).astype(np.float32)
+        y = nbconv.separable_conv2d(x, dk, pk, padding="same")
+        assert y.dtype == np.float32 and "ml_dtypes" not in sys.modules
+        ref = separable_ref(x, dk, pk, padding="same")
+        assert np.abs(y - ref).max() <= 1e-4 * np.abs(ref).max()
+        import ml_dtypes
+        bf = ml_dtypes.bfloat16
+        yb = nbconv.separable_conv2d(x.astype(bf), dk.astype(bf), pk.astype(bf), padding="same")
+        assert yb.dtype == np.dtype(bf), yb.dtype
+        refb = separable_ref(*(a.astype(bf).astype(np.float32) for a in (x, dk, pk)), padding="same")
+        assert np.abs(yb.astype(np.float32) - refb).max() <= 3e-2 * np.abs(refb).max()
+        print("ALL OK")
+    """)
+    check(proc)
+    proc = run_script("""
+        import sys
+        import numpy as np
+        import nbconv
+        x = np.ones((1, 5, 5, 8), np.float32)
+        y = nbconv.separable_conv2d(x, np.ones((3, 3, 8, 1), np.float32), np.ones((1, 1, 8, 4), np.float32),
+                                    precision="bfloat16", output_dtype="float32")
+        assert "ml_dtypes" in sys.modules and y.dtype == np.float32 and np.all(y == 72), y
+        print("ALL OK")
+    """)
+    check(proc)
+
