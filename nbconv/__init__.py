@@ -17,7 +17,8 @@ as_bfloat16
 """
 __version__ = "0.1.0"  # first: the kernel cache is keyed on it (nbconv._cache)
 
-from . import _runtime  # noqa: F401  (threading layer and BLAS symbols, before any kernel compiles)
+from . import _runtime  # (threading layer and BLAS symbols, before any kernel compiles)
+from . import _cache
 from ._dtypes import as_bfloat16
 from ._threads import get_num_threads, num_threads, set_num_threads
 from .backward import (
@@ -31,6 +32,11 @@ from .backward import (
 from .forward import depthwise_conv2d, pointwise_conv2d, separable_conv2d
 from .norm import BatchNormGrads, batch_norm_train, batch_norm_train_backward
 from .packing import PackedPointwiseKernel, pack_pointwise_kernel
+
+if _cache.holds_kernels():
+    # Numba's start-up before the first kernel it loads, overlapped with what the caller does next (a cold cache's
+    # first calls are NumPy's, which the thread would only slow down)
+    _runtime.warm_up(_runtime.fill_target_context)
 
 __all__ = [
     "depthwise_conv2d",

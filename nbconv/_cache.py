@@ -114,6 +114,15 @@ def cache_dir():
     raise OSError("no writable directory for nbconv's kernel cache; set NBCONV_CACHE_DIR")
 
 
+def holds_kernels():
+    """Whether the cache directory holds any compiled kernel (an index file of Numba's)."""
+    try:
+        with os.scandir(cache_dir()) as entries:
+            return any(e.name.endswith(".nbi") for e in entries)
+    except OSError:
+        return False
+
+
 def _prune(base, keep, idle_s=24 * 3600):
     """Drop the kernels of other versions of this very source tree (its ``__pycache__`` is nobody else's)
     once unused for a day: a process of the old sources may still be compiling into them."""

@@ -540,12 +540,18 @@ def _ffi_call(frame):
     return 0
 
 
-@functools.lru_cache(maxsize=None)
+_HANDLER = []
+_HANDLER_LOCK = threading.Lock()
+
+
 def ffi_handler():
-    """The compiled ``XLA_FFI_Error *handler(XLA_FFI_CallFrame *)`` (a Numba cfunc; ``.address``)."""
-    handler = _handler_cfunc()
-    _mark_built("ffi")
-    return handler
+    """The compiled ``XLA_FFI_Error *handler(XLA_FFI_CallFrame *)`` (a Numba cfunc; ``.address``), built or loaded
+    once (a bridge's warm-up thread may be loading it as a trace asks for it)."""
+    with _HANDLER_LOCK:
+        if not _HANDLER:
+            _HANDLER.append(_handler_cfunc())
+            _mark_built("ffi")
+        return _HANDLER[0]
 
 
 def available():

@@ -24,6 +24,16 @@ BLAS
     (leading dimensions and ``beta`` let tiles write straight into strided
     outputs; every other product uses :mod:`nbconv._gemm`).  The function addresses are bound to LLVM symbols here,
     so kernels that call them can still be cached on disk.
+
+Warm-up
+    The first kernel a process loads from the disk cache waits about 0.1 s
+    for Numba to fill its target context (its registries of typing and
+    lowering functions), and a Keras bridge's first trace for its native
+    entry point: :func:`warm_up` starts that work on a thread at import where
+    the cache holds kernels (on a cold one NumPy answers the first calls, and
+    the thread would only contend with them), so it overlaps with what the
+    caller does before its first call (loading data, building a model).  A
+    ``fork()`` and the interpreter's exit wait for it.
 """
 import ctypes
 import os
@@ -36,7 +46,8 @@ import numba
 from numba import types
 from numba.core.extending import get_cython_function_address
 
-__all__ = ["THREADING_LAYER", "BLAS_THREADS", "sgemm", "dgemm", "sched_yield", "syscall", "SYS_FUTEX"]
+__all__ = ["THREADING_LAYER", "BLAS_THREADS", "sgemm", "dgemm", "sched_yield", "syscall", "SYS_FUTEX", "warm_up",
+           "join_warm_up", "fill_target_context"]
 
 
 def _preload_tbb():
@@ -164,3 +175,50 @@ class _BlasThreads:
 
 
 BLAS_THREADS = _BlasThreads()
+
+
+# --- warm-up ----------------------------------------------------------------
+_WARMING = []
+_WARMING_LOCK = threading.Lock()
+
+
+def warm_up(task):
+    """Run ``task()`` on a thread of its own (set-up the first call would otherwise wait for; see the module
+    docstring), unless ``NBCONV_WARM_UP=0``.  Its errors are dropped: the first call does the same work and
+    reports them."""
+    if os.environ.get("NBCONV_WARM_UP", "1") == "0":
+        return
+
+    def run():
+        try:
+            task()
+        except Exception:  # noqa: BLE001  (a head start only)
+            pass
+
+    # not a daemon: the interpreter's exit must not tear down Numba's objects under LLVM work in progress
+    thread = threading.Thread(target=run, name="nbconv-warm-up")
+    with _WARMING_LOCK:
+        _WARMING.append(thread)
+    thread.start()
+
+
+def join_warm_up():
+    """Wait for the warm-up threads (before a ``fork()``: a child must not inherit Numba's compile lock held)."""
+    with _WARMING_LOCK:
+        threads, _WARMING[:] = list(_WARMING), []
+    for thread in threads:
+        if thread is not threading.current_thread():
+            thread.join()
+
+
+def fill_target_context():
+    """What Numba does before it loads its first cached function in a process (its target context's registries)."""
+    from numba.core.compiler_lock import global_compiler_lock
+    from numba.core.registry import cpu_target
+
+    with global_compiler_lock:
+        cpu_target.target_context.refresh()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=join_warm_up)

@@ -294,3 +294,31 @@ def test_import_leaves_ml_dtypes_alone_until_bfloat16_is_used():
     """)
     check(proc)
 
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX only")
+def test_fork_right_after_import_waits_for_the_warm_up():
+    """The warm-up thread started at import may hold Numba's compile lock: a child forked at once still loads
+    and runs kernels (the fork waits for the thread), and so does the parent."""
+    proc = run_script("""
+        import os
+        import numpy as np
+        import nbconv
+        from nbconv import _runtime
+
+        def compute():
+            return nbconv.separable_conv2d(np.ones((1, 6, 6, 8), np.float32), np.ones((3, 3, 8, 1), np.float32),
+                                           np.ones((1, 1, 8, 4), np.float32))
+
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os._exit(0 if np.all(compute() == 72) else 3)
+            except BaseException:
+                os._exit(4)
+        _, status = os.waitpid(pid, 0)
+        print("CHILD", os.waitstatus_to_exitcode(status))
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert np.all(compute() == 72) and not _runtime._WARMING
+        print("ALL OK")
+    """)
+    check(proc)

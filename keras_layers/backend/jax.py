@@ -83,6 +83,19 @@ def ffi_ready():
     return True
 
 
+def _load_handler():
+    """Load the FFI handler from the disk cache ahead of the first trace (:func:`nbconv._runtime.warm_up`): the
+    first load of a process takes about 0.2 s, mostly Numba filling its target context."""
+    from nbconv import _compile, _native, _runtime
+
+    if (os.environ.get(FFI_ENV, "1") != "0" and _native.available() and hasattr(getattr(jax, "ffi", None), "ffi_call")
+            and (_compile.get_mode() == "sync" or _native.entry_built("ffi"))):
+        _runtime.warm_up(_native.ffi_handler)
+
+
+_load_handler()
+
+
 def native_forward():
     """Whether the forward runs as compiled code called by XLA (:func:`ffi_ready`)."""
     return ffi_ready()
