@@ -64,14 +64,13 @@ def ffi_ready():
         return False
     from nbconv import _compile, _native
 
-    ffi = getattr(jax, "ffi", None)
-    if (os.environ.get(FFI_ENV, "1") == "0" or not _native.available() or ffi is None
-            or not hasattr(ffi, "ffi_call")):
+    if not _ffi_possible():
         _OFF.append(True)
         return False
     if _compile.get_mode() == "background" and not _native.entry_built("ffi"):
         _native.build_in_background("ffi")
         return False
+    ffi = jax.ffi
     try:
         ffi.register_ffi_target(FFI_TARGET, ffi.pycapsule(_native.ffi_handler().address), platform="cpu")
     except Exception as exc:  # noqa: BLE001  (an XLA that refuses the handler: the callback still works)
@@ -83,13 +82,21 @@ def ffi_ready():
     return True
 
 
-def _load_handler():
-    """Load the FFI handler from the disk cache ahead of the first trace (:func:`nbconv._runtime.warm_up`): the
-    first load of a process takes about 0.2 s, mostly Numba filling its target context."""
-    from nbconv import _compile, _native, _runtime
+def _ffi_possible():
+    """Whether this jax has XLA's FFI, nbconv's native calls run here, and ``NBCONV_JAX_FFI`` allows them."""
+    from nbconv import _native
 
-    if (os.environ.get(FFI_ENV, "1") != "0" and _native.available() and hasattr(getattr(jax, "ffi", None), "ffi_call")
-            and (_compile.get_mode() == "sync" or _native.entry_built("ffi"))):
+    ffi = getattr(jax, "ffi", None)
+    return (os.environ.get(FFI_ENV, "1") != "0" and _native.available() and ffi is not None
+            and hasattr(ffi, "ffi_call"))
+
+
+def _load_handler():
+    """Load a cached FFI handler ahead of the first trace (:func:`nbconv._runtime.warm_up`): the first load of a
+    process takes about 0.2 s, mostly Numba filling its target context."""
+    from nbconv import _native, _runtime
+
+    if _ffi_possible() and _native.entry_built("ffi"):
         _runtime.warm_up(_native.ffi_handler)
 
 
