@@ -178,16 +178,21 @@ def normalize_activation(activation, name="activation"):
         ) from None
 
 
-_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))  # and bfloat16
+_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 _F16, _F32, _F64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
 #: ``precision=`` values: the products' precision (None: the inputs' own)
 PRECISIONS = (None, "float32", "bfloat16")
 
 
+def _is_float(dtype):
+    """float16, bfloat16, float32 or float64."""
+    return dtype in _FLOATS or is_bf16(dtype)
+
+
 def as_float_array(value, name):
     """``np.asarray(value)``, checked to be float16, bfloat16, float32 or float64 (no copy when it already is)."""
     arr = value if type(value) is np.ndarray else np.asarray(value)
-    if arr.dtype not in _FLOATS and not is_bf16(arr.dtype):
+    if not _is_float(arr.dtype):
         raise TypeError(
             f"Expected `{name}` to be a floating-point array (float16, bfloat16, float32 or float64). "
             f"Received: {name} with dtype {arr.dtype}"
@@ -227,7 +232,7 @@ def _output_dtype(output_dtype):
         dtype = np.dtype(output_dtype)
     except TypeError:
         dtype = None
-    if dtype not in _FLOATS and not is_bf16(dtype):
+    if not _is_float(dtype):
         raise TypeError(f"Expected `output_dtype` to be None, float16, bfloat16, float32 or float64. "
                         f"Received: output_dtype={output_dtype!r}")
     return dtype
